@@ -1,0 +1,154 @@
+"""What a run does: CompressionConfig, Policy (validated where built) and the placement rules
+that turn the six percentages into a tier for every weight tensor and a split of every cache and
+activation tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Tier(str, Enum):
+    GPU = "gpu"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+TIERS = (Tier.GPU, Tier.CPU, Tier.DISK)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Group-wise quantization: `num_bits` per value, groups of `group_size` along `group_dim`."""
+    num_bits: int = 4
+    group_size: int = 64
+    group_dim: int = 0
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if not 2 <= self.num_bits <= 8:
+            raise ValueError(f"CompressionConfig.num_bits must be in 2..8, got {self.num_bits}")
+        if self.group_size < 1:
+            raise ValueError(f"CompressionConfig.group_size must be >= 1, got {self.group_size}")
+
+
+def _check_percent(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise ValueError(f"Policy.{name} must be a number in 0..100, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    gpu_batch_size: int
+    num_gpu_batches: int
+    w_gpu_percent: float
+    w_cpu_percent: float
+    cache_gpu_percent: float
+    cache_cpu_percent: float
+    act_gpu_percent: float
+    act_cpu_percent: float
+    overlap: bool = True
+    sep_layer: bool = True
+    pin_weight: bool = True
+    cpu_cache_compute: bool = False
+    attn_sparsity: float = 1.0
+    compress_weight: bool = False
+    comp_weight_config: CompressionConfig = field(default_factory=lambda: CompressionConfig(4, 64, 0, False))
+    compress_cache: bool = False
+    comp_cache_config: CompressionConfig = field(default_factory=lambda: CompressionConfig(4, 64, 2, False))
+
+    def __post_init__(self):
+        for name in ("gpu_batch_size", "num_gpu_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Policy.{name} must be an integer >= 1, got {value!r}")
+        for what in ("w", "cache", "act"):
+            gpu, cpu = f"{what}_gpu_percent", f"{what}_cpu_percent"
+            _check_percent(gpu, getattr(self, gpu))
+            _check_percent(cpu, getattr(self, cpu))
+            if getattr(self, gpu) + getattr(self, cpu) > 100:
+                raise ValueError(f"Policy.{gpu} + Policy.{cpu} must be at most 100 (the rest goes "
+                                 f"to disk), got {getattr(self, gpu)} + {getattr(self, cpu)}")
+        if not 0 < self.attn_sparsity <= 1:
+            raise ValueError(f"Policy.attn_sparsity must be in (0, 1], got {self.attn_sparsity!r}")
+        if self.compress_cache and self.comp_cache_config.group_dim != 2:
+            raise ValueError("Policy.comp_cache_config.group_dim must be 2 (groups along the hidden "
+                             f"dimension of a (batch, seq, hidden) cache), got {self.comp_cache_config.group_dim}")
+
+    @property
+    def w_disk_percent(self) -> float:
+        return 100 - self.w_gpu_percent - self.w_cpu_percent
+
+    @property
+    def cache_disk_percent(self) -> float:
+        return 100 - self.cache_gpu_percent - self.cache_cpu_percent
+
+    @property
+    def act_disk_percent(self) -> float:
+        return 100 - self.act_gpu_percent - self.act_cpu_percent
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def percent(self) -> tuple[float, ...]:
+        return (self.w_gpu_percent, self.w_cpu_percent, self.cache_gpu_percent,
+                self.cache_cpu_percent, self.act_gpu_percent, self.act_cpu_percent)
+
+    def weight_percents(self) -> tuple[float, float, float]:
+        return self.w_gpu_percent, self.w_cpu_percent, self.w_disk_percent
+
+    def cache_percents(self) -> tuple[float, float, float]:
+        return self.cache_gpu_percent, self.cache_cpu_percent, self.cache_disk_percent
+
+    def act_percents(self) -> tuple[float, float, float]:
+        return self.act_gpu_percent, self.act_cpu_percent, self.act_disk_percent
+
+
+def place_weights(sizes: list[list[int]], percents: tuple[float, float, float]) -> list[list[Tier]]:
+    """Give every weight tensor a tier so the whole model's split follows `percents`.
+
+    `sizes[layer][t]` is the byte size of tensor t of a layer. Tensors are walked in model order
+    and each goes to the tier whose share of the running total holds its midpoint; the running
+    total spans all layers (error diffusion), so the achieved split is within one tensor of the
+    request for the whole model, and each layer still gets its share as closely as its tensors allow.
+    """
+    shares = {tier: pct / 100 for tier, pct in zip(TIERS, percents)}
+    done = {tier: 0 for tier in TIERS}
+    seen = 0
+    placement = []
+    for layer in sizes:
+        row = []
+        for size in layer:
+            seen += size
+            for tier in TIERS:  # the first tier still below its share at this tensor's midpoint
+                if shares[tier] > 0 and done[tier] + size / 2 <= shares[tier] * seen:
+                    break
+            else:  # rounding left every tier full: the one furthest behind its share
+                tier = max((t for t in TIERS if shares[t] > 0),
+                           key=lambda t: shares[t] * seen - done[t])
+            done[tier] += size
+            row.append(tier)
+        placement.append(row)
+    return placement
+
+
+def split_rows(n: int, percents: tuple[float, float, float]) -> list[tuple[Tier, int, int]]:
+    """Split `n` rows (a batch) over the tiers by percentage: [(tier, start, stop)], empty parts dropped.
+
+    The GPU and CPU parts are rounded to whole rows; the disk takes the rest.
+    """
+    gpu = round(n * percents[0] / 100)
+    cpu = min(n - gpu, round(n * (percents[0] + percents[1]) / 100) - gpu)
+    cuts = [(Tier.GPU, 0, gpu), (Tier.CPU, gpu, gpu + cpu), (Tier.DISK, gpu + cpu, n)]
+    return [c for c in cuts if c[2] > c[1]]
+
+
+def parse_percent(values) -> tuple[float, ...]:
+    """The six `--percent` numbers, as given on a command line."""
+    values = [float(v) for v in values]
+    if len(values) != 6:
+        raise ValueError(f"--percent takes six numbers (w_gpu w_cpu cache_gpu cache_cpu act_gpu "
+                         f"act_cpu), got {len(values)}")
+    return tuple(int(v) if v.is_integer() else v for v in values)
