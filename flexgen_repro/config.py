@@ -13,6 +13,8 @@ import numpy as np
 
 # name -> (num_hidden_layers, n_head, hidden_size, ffn_embed_dim)
 OPT_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    # not a released model: a CPU-sized shape for the smoke suite and tests (dummy weights only)
+    "opt-tiny": (2, 4, 64, 256),
     "opt-125m": (12, 12, 768, 3072),
     "opt-350m": (24, 16, 1024, 4096),
     "opt-1.3b": (24, 32, 2048, 8192),

@@ -1,0 +1,211 @@
+"""The three-tier execution environment: GPU, CPU and disk devices, the mixed (row-split) device,
+and the copy channels (one background thread, and one CUDA stream where CUDA exists, per kind of
+transfer) that overlap weight loads, cache loads and cache stores with compute.
+
+On a machine without CUDA the GPU tier is backed by host memory, so every policy runs anywhere.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from flexgen_repro.devices.storage import (DiskFile, PackedStore, PlainStore, RowSplit, Segment,
+                                           Stored, new_disk_file)
+from flexgen_repro.policy import Tier, split_rows
+
+
+class MemDevice:
+    """GPU or CPU memory. CPU tensors are pinned (when asked) only where CUDA exists."""
+
+    def __init__(self, tier: Tier, device: torch.device, can_pin: bool):
+        self.tier, self.dev, self.can_pin = tier, device, can_pin
+
+    def alloc(self, shape, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+        pin = pin and self.can_pin and self.dev.type == "cpu"
+        return torch.empty(tuple(shape), dtype=dtype, device=self.dev, pin_memory=pin)
+
+    def put(self, t: torch.Tensor, pin: bool = False) -> Stored:
+        buf = self.alloc(t.shape, t.dtype, pin)
+        buf.copy_(t)
+        return Stored(self.tier, buf)
+
+
+class DiskDevice:
+    """Tensors as files in the offload folder; files it wrote are removed on close."""
+
+    tier = Tier.DISK
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._owned: list[str] = []
+        self._lock = threading.Lock()
+
+    def alloc(self, shape, dtype: torch.dtype, pin: bool = False) -> DiskFile:
+        os.makedirs(self.folder, exist_ok=True)
+        f = new_disk_file(self.folder, shape, dtype)
+        with self._lock:
+            self._owned.append(f.path)
+        return f
+
+    def put(self, t: torch.Tensor, pin: bool = False) -> Stored:
+        f = self.alloc(t.shape, t.dtype)
+        f.write(Ellipsis, t)
+        return Stored(Tier.DISK, f)
+
+    def free(self, f: DiskFile) -> None:
+        """Remove one file this device wrote."""
+        with self._lock:
+            if f.path in self._owned:
+                self._owned.remove(f.path)
+        if os.path.exists(f.path):
+            os.remove(f.path)
+
+    def close(self) -> None:
+        with self._lock:
+            owned, self._owned = self._owned, []
+        for path in owned:
+            if os.path.exists(path):
+                os.remove(path)
+
+
+class MixedDevice:
+    """Tensors whose batch rows are split over the three tiers by percentage."""
+
+    def __init__(self, env: "ExecutionEnv"):
+        self.env = env
+
+    def alloc(self, shape, dtype: torch.dtype, percents, pin: bool = False,
+              compression=None) -> RowSplit:
+        """A (rows, seq, *rest) tensor, rows split by `percents` (gpu, cpu, disk)."""
+        segments = []
+        for tier, start, stop in split_rows(shape[0], percents):
+            seg_shape = (stop - start,) + tuple(shape[1:])
+            device = self.env.device(tier)
+            if compression is None:
+                store = PlainStore(device.alloc(seg_shape, dtype, pin))
+            else:
+                store = self._packed_store(device, seg_shape, dtype, compression, pin)
+            segments.append(Segment(tier, start, stop, store))
+        return RowSplit(tuple(shape), segments)
+
+    def free(self, t: RowSplit) -> None:
+        """Release a row-split tensor's disk files now (memory parts go with the last reference)."""
+        for seg in t.segments:
+            stores = seg.store.stores.values() if isinstance(seg.store, PackedStore) else [seg.store]
+            for store in stores:
+                if isinstance(store.buf, DiskFile):
+                    self.env.disk.free(store.buf)
+
+    @staticmethod
+    def _packed_store(device, shape, dtype, config, pin) -> PackedStore:
+        from flexgen_repro.compression import compress
+        probe = compress(torch.zeros((1, 1) + tuple(shape[2:]), dtype=torch.float32), config)
+        stores = {}
+        for name, comp in probe.components().items():
+            comp_shape = tuple(shape[:2]) + tuple(comp.shape[2:])
+            comp_dtype = comp.dtype if comp.dtype == torch.uint8 else dtype
+            stores[name] = PlainStore(device.alloc(comp_shape, comp_dtype, pin))
+        return PackedStore(stores, (tuple(shape), dtype, config))
+
+
+class Channel:
+    """One background copy thread (and CUDA stream): jobs run in order; errors reach the caller.
+
+    `submit` returns a Future; `result()` re-raises a failed job's exception in the caller, so a
+    failing copy never hangs the run. Without overlap, jobs run inline in the caller.
+    """
+
+    def __init__(self, name: str, use_cuda: bool, inline: bool):
+        self.name, self.inline = name, inline
+        self.stream = torch.cuda.Stream() if use_cuda and not inline else None
+        self._pool = None if inline else ThreadPoolExecutor(1, thread_name_prefix=f"copy-{name}")
+
+    def submit(self, fn, *args) -> Future:
+        if self.inline:
+            fut: Future = Future()
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # surfaced by result(), like a threaded job
+                fut.set_exception(e)
+            return fut
+        ready = None
+        if self.stream is not None:  # the job must see what compute has produced so far
+            ready = torch.cuda.Event()
+            ready.record()
+        return self._pool.submit(self._run, fn, args, ready)
+
+    def _run(self, fn, args, ready):
+        if self.stream is None:
+            return fn(*args)
+        with torch.cuda.stream(self.stream):
+            if ready is not None:
+                self.stream.wait_event(ready)
+            out = fn(*args)
+        self.stream.synchronize()
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+class ExecutionEnv:
+    """The GPU, CPU, disk and mixed devices plus the copy channels. A context manager."""
+
+    CHANNELS = ("weight", "cache_load", "cache_store")
+
+    def __init__(self, gpu: MemDevice, cpu: MemDevice, disk: DiskDevice, own_dir: str | None):
+        self.gpu, self.cpu, self.disk = gpu, cpu, disk
+        self.mixed = MixedDevice(self)
+        self._own_dir = own_dir
+        self._channels: dict[str, Channel] = {}
+
+    @classmethod
+    def create(cls, offload_dir: str | None = None, gpu_device: str | None = None) -> "ExecutionEnv":
+        """Make the tiers. `offload_dir` None: a temporary folder (removed on close)."""
+        cuda = torch.cuda.is_available() and gpu_device != "cpu"
+        gdev = torch.device(gpu_device or "cuda:0") if cuda else torch.device("cpu")
+        own_dir = None
+        if offload_dir is None:
+            offload_dir = own_dir = tempfile.mkdtemp(prefix="flexgen_offload_")
+        offload_dir = os.path.abspath(os.path.expanduser(offload_dir))
+        return cls(MemDevice(Tier.GPU, gdev, False), MemDevice(Tier.CPU, torch.device("cpu"), cuda),
+                   DiskDevice(offload_dir), own_dir)
+
+    @property
+    def has_cuda(self) -> bool:
+        return self.gpu.dev.type == "cuda"
+
+    def device(self, tier: Tier):
+        return {Tier.GPU: self.gpu, Tier.CPU: self.cpu, Tier.DISK: self.disk}[Tier(tier)]
+
+    def channel(self, name: str, overlap: bool = True) -> Channel:
+        """The copy channel `name`; a new set is made when `overlap` changes."""
+        key = f"{name}:{overlap}"
+        if key not in self._channels:
+            self._channels[key] = Channel(name, self.has_cuda, inline=not overlap)
+        return self._channels[key]
+
+    def close_copy_threads(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
+
+    def close(self) -> None:
+        """Join the copy threads and remove every file the disk tier wrote."""
+        self.close_copy_threads()
+        self.disk.close()
+        if self._own_dir and os.path.isdir(self._own_dir):
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+
+    def __enter__(self) -> "ExecutionEnv":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,209 @@
+"""Where bytes live: tensor handles on the GPU, CPU and disk tiers, and row-split (mixed) tensors.
+
+A weight is a `Stored` handle at its home tier; `load(device)` brings it to a compute device.
+A KV cache or an activation is a `RowSplit`: its batch rows are cut over the tiers by the policy's
+percentages, each part a `Segment` that can be written at sequence positions and read back.
+Compressed tensors keep their packed components (data, scale, mn) as plain tensors on the same tier.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from flexgen_repro.policy import Tier
+
+_NP_OF_TORCH = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
+                torch.uint8: np.uint8, torch.int64: np.int64}
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU NumPy view of `t` (bfloat16 is kept as raw int16 bits, NumPy has no bfloat16)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `to_numpy` for a tensor meant to be `dtype`."""
+    if dtype == torch.bfloat16 and a.dtype == np.int16:
+        return torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+
+
+def _storage_np_dtype(dtype: torch.dtype):
+    return np.int16 if dtype == torch.bfloat16 else _NP_OF_TORCH[dtype]
+
+
+@dataclass
+class DiskFile:
+    """A tensor kept as a raw file (np.memmap) in the offload folder."""
+    path: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    owned: bool = True  # written by us (removed on close), or a read-only weight-folder file
+    npy: bool = False   # an np.save file (weight folder) rather than a raw memmap
+
+    def memmap(self, mode: str = "r+") -> np.ndarray:
+        if self.npy:
+            return np.load(self.path, mmap_mode="r")
+        return np.memmap(self.path, dtype=_storage_np_dtype(self.dtype), mode=mode, shape=self.shape)
+
+    def read(self, index=None) -> torch.Tensor:
+        arr = self.memmap("r")
+        arr = arr if index is None else arr[index]
+        return from_numpy(np.array(arr), self.dtype)
+
+    def write(self, index, value: torch.Tensor) -> None:
+        arr = self.memmap("r+")
+        arr[index] = to_numpy(value)
+        arr.flush()
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def new_disk_file(folder: str, shape, dtype: torch.dtype, prefix: str = "t") -> DiskFile:
+    path = os.path.join(folder, f"{prefix}-{uuid.uuid4().hex[:12]}.bin")
+    np.memmap(path, dtype=_storage_np_dtype(dtype), mode="w+", shape=tuple(shape)).flush()
+    return DiskFile(path, tuple(shape), dtype)
+
+
+@dataclass
+class Stored:
+    """One tensor at its home tier: `data` is a torch tensor (gpu/cpu) or a DiskFile (disk).
+
+    For a compressed tensor, `parts` holds the packed components and `meta` rebuilds it.
+    """
+    tier: Tier
+    data: object = None
+    parts: dict[str, "Stored"] = field(default_factory=dict)
+    meta: object = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.parts:
+            return sum(p.nbytes for p in self.parts.values())
+        if isinstance(self.data, DiskFile):
+            return self.data.nbytes
+        return self.data.numel() * self.data.element_size()
+
+    def load(self, device: torch.device, pin: bool = False):
+        """This tensor on `device` (a torch.Tensor, or a CompressedTensor when compressed)."""
+        if self.parts:
+            from flexgen_repro.compression import CompressedTensor
+            comps = {name: p.load(device, pin) for name, p in self.parts.items()}
+            return CompressedTensor.from_components(comps, self.meta)
+        if isinstance(self.data, DiskFile):
+            t = self.data.read()
+            if pin and device.type == "cuda":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+        if self.data.device == device:
+            return self.data
+        return self.data.to(device, non_blocking=True)
+
+
+class Segment:
+    """Rows [start, stop) of a row-split tensor, stored on one tier, shaped (rows, seq, *rest)."""
+
+    def __init__(self, tier: Tier, start: int, stop: int, store):
+        self.tier, self.start, self.stop, self.store = tier, start, stop, store
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def write(self, pos: int, value) -> None:
+        """Write `value` (rows, n, ...) at sequence positions [pos, pos + n)."""
+        self.store.write(pos, value)
+
+    def read(self, length: int, device: torch.device):
+        """Positions [0, length) on `device`."""
+        return self.store.read(length, device)
+
+
+class PlainStore:
+    """Segment storage as one dense tensor on GPU/CPU memory or in a disk file."""
+
+    def __init__(self, buf):
+        self.buf = buf  # torch.Tensor or DiskFile, shape (rows, seq, *rest)
+
+    def write(self, pos: int, value: torch.Tensor) -> None:
+        n = value.shape[1]
+        if isinstance(self.buf, DiskFile):
+            self.buf.write((slice(None), slice(pos, pos + n)), value)
+        else:
+            self.buf[:, pos:pos + n].copy_(value, non_blocking=True)
+
+    def read(self, length: int, device: torch.device) -> torch.Tensor:
+        if isinstance(self.buf, DiskFile):
+            return self.buf.read((slice(None), slice(0, length))).to(device)
+        view = self.buf[:, :length]
+        return view if view.device == device else view.to(device, non_blocking=True)
+
+    @property
+    def nbytes(self) -> int:
+        if isinstance(self.buf, DiskFile):
+            return self.buf.nbytes
+        return self.buf.numel() * self.buf.element_size()
+
+
+class PackedStore:
+    """Segment storage of a compressed tensor: one PlainStore per packed component.
+
+    Requires groups along a dimension after the sequence dim, so positions slice every component.
+    """
+
+    def __init__(self, stores: dict[str, PlainStore], meta):
+        self.stores, self.meta = stores, meta  # meta: (rows, seq, *rest) shape, dtype, config
+
+    def write(self, pos: int, value: torch.Tensor) -> None:
+        from flexgen_repro.compression import compress
+        shape, dtype, config = self.meta
+        packed = compress(value, config)
+        for name, comp in packed.components().items():
+            self.stores[name].write(pos, comp)
+
+    def read(self, length: int, device: torch.device):
+        from flexgen_repro.compression import CompressedTensor
+        shape, dtype, config = self.meta
+        comps = {name: s.read(length, device) for name, s in self.stores.items()}
+        return CompressedTensor.from_components(
+            comps, ((shape[0], length) + tuple(shape[2:]), dtype, config))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.stores.values())
+
+
+@dataclass
+class RowSplit:
+    """A tensor whose batch rows are cut over the tiers (the mixed device's tensor)."""
+    shape: tuple[int, ...]
+    segments: list[Segment]
+
+    def write(self, pos: int, value) -> None:
+        for seg in self.segments:
+            seg.write(pos, value[seg.start:seg.stop])
+
+    def read_all(self, length: int, device: torch.device) -> torch.Tensor:
+        """All rows, positions [0, length), dense on `device` (compressed parts decompressed)."""
+        from flexgen_repro.compression import decompress
+        parts = []
+        for seg in self.segments:
+            t = seg.read(length, device)
+            parts.append(t if isinstance(t, torch.Tensor) else decompress(t))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    @property
+    def nbytes_by_tier(self) -> dict[Tier, int]:
+        out = {t: 0 for t in Tier}
+        for seg in self.segments:
+            out[seg.tier] += seg.store.nbytes
+        return out

@@ -1,0 +1,1 @@
+"""OPT as layers sharing one interface, the attention maths, and weights at home."""

@@ -1,0 +1,70 @@
+"""The one interface every OPT layer implements, and what a step tells a layer.
+
+A layer declares its weights (`specs`), and computes `forward` on the compute device given its
+loaded weights; it never moves bytes itself. The driver (schedule.py) loads weights and caches,
+calls `forward`, and stores what comes back.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One weight tensor of a layer: short key, weight-folder file name, shape, init kind."""
+    key: str
+    file: str
+    shape: tuple[int, ...]
+    kind: str  # "matrix", "bias", "ln_weight", "ln_bias", "embed"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class CachePart:
+    """The previous keys and values of rows [start, stop), loaded where attention runs on them."""
+    start: int
+    stop: int
+    device: torch.device
+    k: object  # torch.Tensor (rows, len, hidden) or CompressedTensor
+    v: object
+
+
+@dataclass
+class StepInfo:
+    """What one (token, GPU batch) step needs besides weights and cache."""
+    i: int                                   # token index: 0 is prefill
+    prompt_len: int
+    mask: torch.Tensor                       # (b, cur_len) bool: real (not padding) positions
+    positions: torch.Tensor                  # (b, s) position ids of this step's tokens
+    attn_sparsity: float = 1.0
+    pick: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits (b, vocab) -> ids (b,)
+    want_logits: bool = False                # OutputEmbed returns logits of every position
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.i == 0
+
+
+class Layer(ABC):
+    """InputEmbed, SelfAttention, MLP, TransformerLayer and OutputEmbed share this interface."""
+
+    has_cache = False
+
+    @abstractmethod
+    def specs(self) -> list[WeightSpec]:
+        """The weights this layer reads, in model order."""
+
+    @abstractmethod
+    def forward(self, x, w: dict, step: StepInfo, cache: list[CachePart] | None = None):
+        """Compute on loaded weights `w`. Layers with a cache return (out, (k_new, v_new))."""

@@ -1,0 +1,161 @@
+"""OPT as layers: InputEmbed, SelfAttention, MLP, TransformerLayer (both), OutputEmbed.
+
+Maths follows transformers' OPTForCausalLM (pre-layer-norm, ReLU, learned positions offset by 2,
+output projection tied to the token embedding). Weights arrive loaded on the compute device,
+plain or compressed; `linear` dequantizes compressed weights (fused kernel where available).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flexgen_repro.config import OptConfig
+from flexgen_repro.model.attention_math import decode_attention, prefill_attention
+from flexgen_repro.model.base import CachePart, Layer, StepInfo, WeightSpec
+from flexgen_repro.weights.layout import layer_tensor_names
+
+
+def dense(w):
+    """A loaded weight as a dense tensor (decompressing a CompressedTensor)."""
+    if isinstance(w, torch.Tensor):
+        return w
+    from flexgen_repro.compression import decompress
+    return decompress(w)
+
+
+def linear(x: torch.Tensor, w, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T + b, with `w` plain or compressed."""
+    if not isinstance(w, torch.Tensor):
+        from flexgen_repro import kernels
+        if kernels.available() and x.is_cuda:
+            return kernels.dequant_linear(x, w, dense(b) if b is not None else None)
+        w = dense(w)
+    return F.linear(x, w, None if b is None else dense(b))
+
+
+def layer_norm(x: torch.Tensor, w, b, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), dense(w), dense(b), eps)
+
+
+class InputEmbed(Layer):
+    def __init__(self, config: OptConfig):
+        self.config = config
+
+    def specs(self) -> list[WeightSpec]:
+        c = self.config
+        return [WeightSpec("w_token", "decoder.embed_tokens.weight", (c.vocab_size, c.hidden_size), "embed"),
+                WeightSpec("w_pos", "decoder.embed_positions.weight", (c.max_seq_len + 2, c.hidden_size), "embed")]
+
+    def forward(self, ids, w, step, cache=None):
+        # ids: (b, s) int64 -> (b, s, h)
+        return F.embedding(ids, dense(w["w_token"])) + F.embedding(step.positions + 2, dense(w["w_pos"]))
+
+
+class SelfAttention(Layer):
+    has_cache = True
+
+    def __init__(self, config: OptConfig, index: int):
+        self.config, self.index = config, index
+
+    def specs(self) -> list[WeightSpec]:
+        h = self.config.hidden_size
+        names = layer_tensor_names(self.index)
+        out = []
+        for proj in ("q", "k", "v", "out"):
+            out.append(WeightSpec(f"w_{proj}", names[f"w_{proj}"], (h, h), "matrix"))
+            out.append(WeightSpec(f"b_{proj}", names[f"b_{proj}"], (h,), "bias"))
+        out.append(WeightSpec("w_ln_attn", names["w_ln_attn"], (h,), "ln_weight"))
+        out.append(WeightSpec("b_ln_attn", names["b_ln_attn"], (h,), "ln_bias"))
+        return out
+
+    def forward(self, x, w, step: StepInfo, cache: list[CachePart] | None = None):
+        # x: (b, s, h)
+        c = self.config
+        hn = layer_norm(x, w["w_ln_attn"], w["b_ln_attn"], c.layer_norm_eps)
+        q = linear(hn, w["w_q"], w["b_q"]) * c.head_dim ** -0.5
+        k = linear(hn, w["w_k"], w["b_k"])
+        v = linear(hn, w["w_v"], w["b_v"])
+        if step.is_prefill:
+            attn = prefill_attention(q, k, v, step.mask, c.n_head)
+        else:
+            attn = self._decode(q, k, v, step, cache)
+        out = linear(attn, w["w_out"], w["b_out"]) + x
+        return out, (k, v)
+
+    def _decode(self, q, k_new, v_new, step: StepInfo, cache: list[CachePart]) -> torch.Tensor:
+        """Attention of the new token over each cache part, where that part is computed."""
+        outs = []
+        for part in cache:
+            rows = slice(part.start, part.stop)
+            dev, dt = part.device, q.dtype if part.device == q.device else torch.float32
+            k_all = torch.cat([dense(part.k).to(dt), k_new[rows].to(dev, dt)], dim=1)
+            v_all = torch.cat([dense(part.v).to(dt), v_new[rows].to(dev, dt)], dim=1)
+            out = decode_attention(q[rows].to(dev, dt), k_all, v_all, step.mask[rows].to(dev),
+                                   self.config.n_head, step.attn_sparsity)
+            outs.append(out.to(q.device, q.dtype))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+class MLP(Layer):
+    def __init__(self, config: OptConfig, index: int):
+        self.config, self.index = config, index
+
+    def specs(self) -> list[WeightSpec]:
+        h, f = self.config.hidden_size, self.config.ffn_embed_dim
+        n = layer_tensor_names(self.index)
+        return [WeightSpec("w_fc1", n["w_fc1"], (f, h), "matrix"), WeightSpec("b_fc1", n["b_fc1"], (f,), "bias"),
+                WeightSpec("w_fc2", n["w_fc2"], (h, f), "matrix"), WeightSpec("b_fc2", n["b_fc2"], (h,), "bias"),
+                WeightSpec("w_ln_mlp", n["w_ln_mlp"], (h,), "ln_weight"),
+                WeightSpec("b_ln_mlp", n["b_ln_mlp"], (h,), "ln_bias")]
+
+    def forward(self, x, w, step, cache=None):
+        hn = layer_norm(x, w["w_ln_mlp"], w["b_ln_mlp"], self.config.layer_norm_eps)
+        return linear(torch.relu(linear(hn, w["w_fc1"], w["b_fc1"])), w["w_fc2"], w["b_fc2"]) + x
+
+
+class TransformerLayer(Layer):
+    """Attention then MLP as one layer (sep_layer=False): one weight load covers both."""
+    has_cache = True
+
+    def __init__(self, config: OptConfig, index: int):
+        self.attention, self.mlp = SelfAttention(config, index), MLP(config, index)
+
+    def specs(self) -> list[WeightSpec]:
+        return self.attention.specs() + self.mlp.specs()
+
+    def forward(self, x, w, step, cache=None):
+        x, kv = self.attention.forward(x, w, step, cache)
+        return self.mlp.forward(x, w, step), kv
+
+
+class OutputEmbed(Layer):
+    def __init__(self, config: OptConfig):
+        self.config = config
+
+    def specs(self) -> list[WeightSpec]:
+        c = self.config
+        return [WeightSpec("w_ln", "decoder.layer_norm.weight", (c.hidden_size,), "ln_weight"),
+                WeightSpec("b_ln", "decoder.layer_norm.bias", (c.hidden_size,), "ln_bias"),
+                WeightSpec("w_token", "decoder.embed_tokens.weight", (c.vocab_size, c.hidden_size), "embed")]
+
+    def forward(self, x, w, step: StepInfo, cache=None):
+        """(b, s, h) -> next ids (b,), or with `step.want_logits` the logits (b, s, vocab)."""
+        if not step.want_logits:
+            x = x[:, -1:]
+        hn = layer_norm(x, w["w_ln"], w["b_ln"], self.config.layer_norm_eps)
+        logits = linear(hn, w["w_token"], None)
+        if step.want_logits:
+            return logits
+        return step.pick(logits[:, -1])
+
+
+def build_layers(config: OptConfig, sep_layer: bool) -> list[Layer]:
+    """The model in execution order."""
+    layers: list[Layer] = [InputEmbed(config)]
+    for i in range(config.num_hidden_layers):
+        if sep_layer:
+            layers += [SelfAttention(config, i), MLP(config, i)]
+        else:
+            layers.append(TransformerLayer(config, i))
+    layers.append(OutputEmbed(config))
+    return layers

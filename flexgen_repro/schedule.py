@@ -1,0 +1,208 @@
+"""One generation driver over (token i, layer j, GPU batch k), and the orderings of its steps.
+
+Steps: load_weight (once per layer, shared by every GPU batch), load_cache, compute (which loads
+and stores the hidden state), store_cache. Orderings:
+- normal: each step in turn, copies inline: no overlap.
+- overlap: while (i, j, k) computes, the next layer's weights and the next step's cache load on
+  their own copy channels, and the previous step's cache stores on a third. With one GPU batch
+  this is the paper's single-batch overlap; with several, one weight load serves every batch.
+Dependencies are futures: compute waits for exactly the loads it needs, a cache load waits for the
+store of the same (layer, batch), and a failed copy re-raises here.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+
+import numpy as np
+import torch
+
+from flexgen_repro.model.base import CachePart, StepInfo
+from flexgen_repro.policy import Tier
+
+
+class BlockRun:
+    """Generates `gen_len` tokens for one block of gpu_batch_size x num_gpu_batches prompts."""
+
+    def __init__(self, lm, input_ids: np.ndarray, gen_len: int, pick, stop: int | None,
+                 want_logits: bool = False):
+        self.lm, self.env, self.policy, self.config = lm, lm.env, lm.policy, lm.config
+        self.layers, self.gen_len, self.pick, self.stop = lm.layers, gen_len, pick, stop
+        self.want_logits = want_logits
+        self.B, self.K = self.policy.gpu_batch_size, self.policy.num_gpu_batches
+        self.prompt_len = input_ids.shape[1]
+        self.pad = self.config.pad_token_id
+        self.output_ids = np.full((self.B * self.K, self.prompt_len + gen_len), self.pad, np.int64)
+        self.output_ids[:, :self.prompt_len] = input_ids
+        overlap = self.policy.overlap
+        self.ch = {name: self.env.channel(name, overlap) for name in self.env.CHANNELS}
+        self.weights: dict[int, Future] = {}
+        self.cache_loads: dict[tuple[int, int], Future] = {}
+        self.cache_stores: dict[tuple[int, int], Future] = {}
+        self.cache_home: dict[tuple[int, int], tuple] = {}
+        self.hidden: dict[int, object] = {}
+        self.steps: dict[int, StepInfo] = {}
+        self.stopped = np.zeros(self.B * self.K, dtype=bool)
+        self.logits = np.zeros((self.B * self.K, self.prompt_len, self.config.vocab_size),
+                               np.float32) if want_logits else None
+        self.step_times: list[float] = []
+
+    # ---- the steps -------------------------------------------------------------------------
+    def load_weight(self, j: int) -> None:
+        if j in self.weights or j >= len(self.layers):
+            return
+        home, gpu, pin = self.lm.weight_home[j], self.env.gpu.dev, self.policy.pin_weight
+        self.weights[j] = self.ch["weight"].submit(
+            lambda: {key: stored.load(gpu, pin) for key, stored in home.items()})
+
+    def load_cache(self, i: int, j: int, k: int) -> None:
+        if i == 0 or i >= self.gen_len or j >= len(self.layers) or not self.layers[j].has_cache:
+            return
+        if (j, k) in self.cache_loads:
+            return
+        pending = self.cache_stores.get((j, k))
+        length = self.prompt_len + i - 1
+        self.cache_loads[(j, k)] = self.ch["cache_load"].submit(
+            self._read_cache, self.cache_home[(j, k)], length, pending)
+
+    def _read_cache(self, home, length: int, pending: Future | None) -> list[CachePart]:
+        if pending is not None:
+            pending.result()
+        k_home, v_home = home
+        parts = []
+        for ks, vs in zip(k_home.segments, v_home.segments):
+            on_cpu = self.policy.cpu_cache_compute and ks.tier != Tier.GPU
+            dev = self.env.cpu.dev if on_cpu else self.env.gpu.dev
+            parts.append(CachePart(ks.start, ks.stop, dev, ks.read(length, dev), vs.read(length, dev)))
+        return parts
+
+    def store_cache(self, i: int, j: int, k: int, kv) -> None:
+        if (j, k) not in self.cache_home:
+            shape = (self.B, self.prompt_len + self.gen_len, self.config.hidden_size)
+            comp = self.policy.comp_cache_config if self.policy.compress_cache else None
+            self.cache_home[(j, k)] = tuple(
+                self.env.mixed.alloc(shape, self.lm.dtype, self.policy.cache_percents(), False, comp)
+                for _ in range(2))
+        pos = 0 if i == 0 else self.prompt_len + i - 1
+        home = self.cache_home[(j, k)]
+        self.cache_stores[(j, k)] = self.ch["cache_store"].submit(
+            lambda: (home[0].write(pos, kv[0]), home[1].write(pos, kv[1])))
+
+    def load_hidden(self, i: int, j: int, k: int):
+        rows = slice(k * self.B, (k + 1) * self.B)
+        if j == 0:
+            cols = slice(0, self.prompt_len) if i == 0 else slice(self.prompt_len + i - 1, self.prompt_len + i)
+            return torch.from_numpy(self.output_ids[rows, cols]).to(self.env.gpu.dev)
+        h = self.hidden.pop(k)
+        if isinstance(h, torch.Tensor):
+            return h
+        x = h.read_all(h.shape[1], self.env.gpu.dev)
+        self.env.mixed.free(h)
+        return x
+
+    def store_hidden(self, i: int, j: int, k: int, out) -> None:
+        if j == len(self.layers) - 1:
+            if self.want_logits:
+                self.logits[k * self.B:(k + 1) * self.B] = out.float().cpu().numpy()
+            else:
+                self.output_ids[k * self.B:(k + 1) * self.B, self.prompt_len + i] = out.cpu().numpy()
+            return
+        pct = self.policy.act_percents()
+        if pct[0] == 100:
+            self.hidden[k] = out
+            return
+        home = self.env.mixed.alloc(tuple(out.shape), out.dtype, pct)
+        home.write(0, out)
+        self.hidden[k] = home
+
+    def step_info(self, i: int, k: int) -> StepInfo:
+        """Mask and positions of GPU batch k at token i (made once, at the first layer)."""
+        if (i, k) not in self.steps:
+            rows = slice(k * self.B, (k + 1) * self.B)
+            ids = self.output_ids[rows, :self.prompt_len]
+            mask = np.concatenate([ids != self.pad, np.ones((self.B, i), bool)], axis=1)
+            pos = np.cumsum(mask, axis=1) * mask - 1
+            pos = pos if i == 0 else pos[:, -1:]
+            dev = self.env.gpu.dev
+            self.steps.pop((i - 1, k), None)
+            self.steps[(i, k)] = StepInfo(i, self.prompt_len, torch.from_numpy(mask).to(dev),
+                                          torch.from_numpy(pos).to(dev), self.policy.attn_sparsity,
+                                          self.pick, self.want_logits)
+        return self.steps[(i, k)]
+
+    def compute(self, i: int, j: int, k: int) -> None:
+        layer = self.layers[j]
+        w = self.weights[j].result()
+        cache = self.cache_loads.pop((j, k)).result() if layer.has_cache and i > 0 else None
+        x = self.load_hidden(i, j, k)
+        out = layer.forward(x, w, self.step_info(i, k), cache)
+        if layer.has_cache:
+            out, kv = out
+            self.store_cache(i, j, k, kv)
+        self.store_hidden(i, j, k, out)
+        if k == self.K - 1:
+            del self.weights[j]
+        if self.env.has_cuda:  # buffers loaded on copy streams are freed only after their use
+            torch.cuda.current_stream().synchronize()
+
+    # ---- orderings -------------------------------------------------------------------------
+    def run(self) -> np.ndarray:
+        n_layers = len(self.layers)
+        for i in range(self.gen_len):
+            t0 = time.perf_counter()
+            for j in range(n_layers):
+                for k in range(self.K):
+                    if self.policy.overlap:
+                        self._overlap_step(i, j, k)
+                    else:
+                        self._normal_step(i, j, k)
+            self._finish_token(i)
+            self.step_times.append(time.perf_counter() - t0)
+            if self.want_logits or (self.stop is not None and self.stopped.all()):
+                break
+        self._drain()
+        return self.output_ids
+
+    def _normal_step(self, i: int, j: int, k: int) -> None:
+        self.load_weight(j)
+        self.load_cache(i, j, k)
+        self.compute(i, j, k)
+
+    def _overlap_step(self, i: int, j: int, k: int) -> None:
+        n_layers = len(self.layers)
+        self.load_weight(j)                         # only the very first step waits for this
+        self.load_cache(i, j, k)
+        if k == 0:                                  # next layer's weights, shared by all batches
+            self.load_weight(j + 1) if j + 1 < n_layers else self._next_token_weights(i)
+        ni, nj, nk = (i, j, k + 1) if k + 1 < self.K else (i, j + 1, 0)
+        if nj == n_layers:
+            ni, nj = i + 1, 0
+        if ni == i:                                 # next step's cache (same token only)
+            self.load_cache(ni, nj, nk)
+        self.compute(i, j, k)
+
+    def _next_token_weights(self, i: int) -> None:
+        if i + 1 < self.gen_len:
+            self.load_weight(0)
+
+    def _finish_token(self, i: int) -> None:
+        if self.stop is None or self.want_logits:
+            return
+        col = self.prompt_len + i
+        self.output_ids[self.stopped, col] = self.pad
+        self.stopped |= self.output_ids[:, col] == self.stop
+
+    def _drain(self) -> None:
+        """Wait for every copy still in flight (raising the first failure), drop the buffers."""
+        futures = list(self.weights.values()) + list(self.cache_loads.values()) + \
+            list(self.cache_stores.values())
+        self.weights.clear()
+        self.cache_loads.clear()
+        for fut in futures:
+            fut.result()
+        self.cache_stores.clear()
+        for home in self.cache_home.values():
+            for t in home:
+                self.env.mixed.free(t)
+        self.cache_home.clear()
+        self.hidden.clear()

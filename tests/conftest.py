@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random OPTs built with transformers, saved as a checkpoint and as a
+weight folder (fp16 files, as prepare-weights writes them)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from flexgen_repro.weights.layout import hf_key_to_file_name, weight_dir
+
+
+def make_hf_opt(hidden=32, layers=2, heads=4, ffn=64, vocab=128, seed=0, max_pos=64):
+    """A random OPTForCausalLM in float32 whose weights are exactly representable in fp16."""
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(seed)
+    cfg = OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                    ffn_dim=ffn, vocab_size=vocab, max_position_embeddings=max_pos,
+                    word_embed_proj_dim=hidden, do_layer_norm_before=True, pad_token_id=1,
+                    bos_token_id=2, eos_token_id=2, dropout=0.0, attention_dropout=0.0)
+    model = OPTForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            # larger than OPT's init so that random logits are well separated (no argmax ties),
+            # then rounded through fp16 so the fp16 weight folder holds exactly these values
+            p.copy_((p + torch.randn_like(p) * 0.05).half().float())
+    return model
+
+
+def save_weight_folder(model, root: str, name: str) -> str:
+    folder = weight_dir(root, name)
+    os.makedirs(folder, exist_ok=True)
+    for key, t in model.state_dict().items():
+        fname = hf_key_to_file_name(key)
+        if fname is None:
+            continue
+        with open(os.path.join(folder, fname), "wb") as f:
+            np.save(f, t.detach().cpu().numpy().astype(np.float16))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory):
+    """(hf_model, hf_checkpoint_dir, weight_root): the checkpoint folder's name is the model name."""
+    root = tmp_path_factory.mktemp("tiny_opt")
+    model = make_hf_opt()
+    ckpt = os.path.join(root, "hf", "tiny-opt")
+    model.save_pretrained(ckpt)
+    weights = os.path.join(root, "weights")
+    save_weight_folder(model, weights, "tiny-opt")
+    return model, ckpt, weights
+
+
+def hf_greedy(model, prompts: np.ndarray, gen_len: int, pad: int = 1, eos=None) -> np.ndarray:
+    ids = torch.from_numpy(prompts)
+    mask = (ids != pad).long()
+    kwargs = dict(max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False, pad_token_id=pad)
+    if eos is not None:
+        kwargs.update(eos_token_id=eos, min_new_tokens=0)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, **kwargs)
+    out = out.numpy()
+    if out.shape[1] < prompts.shape[1] + gen_len:  # every row stopped early
+        fill = np.full((out.shape[0], prompts.shape[1] + gen_len - out.shape[1]), pad)
+        out = np.concatenate([out, fill], axis=1)
+    return out
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0, pad_rows: int = 0) -> np.ndarray:
+    """Random prompts; the first `pad_rows` rows are left-padded by different amounts."""
+    rng = np.random.default_rng(seed)
+    p = rng.integers(3, vocab, size=(n, length))
+    for r in range(min(pad_rows, n)):
+        p[r, : (r % (length - 1)) + 1] = 1
+    return p
