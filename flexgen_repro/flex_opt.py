@@ -1,0 +1,183 @@
+"""`python -m flexgen_repro.flex_opt`: the original FlexGen benchmark command line.
+
+Runs a warm-up (prefill only), then the measured generation of gpu_batch_size x num_gpu_batches
+prompts, prints the original's log text, appends it to --log-file and writes one JSON record.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from flexgen_repro.config import get_opt_config
+from flexgen_repro.devices.env import ExecutionEnv
+from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_record
+from flexgen_repro.model.weight_home import DUMMY
+from flexgen_repro.opt_lm import OptLM
+from flexgen_repro.policy import CompressionConfig, Policy, parse_percent
+
+
+def str2bool(v: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flexgen_repro.flex_opt", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="facebook/opt-6.7b", help="model name or HF checkpoint folder")
+    p.add_argument("--path", default="~/opt_weights",
+                   help="folder holding <name>-np/, or _DUMMY_ for dummy weights")
+    p.add_argument("--offload-dir", default="~/flexllmgen_offload_dir", help="disk tier folder")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--gpu-batch-size", type=int, default=4)
+    p.add_argument("--num-gpu-batches", type=int, default=1)
+    p.add_argument("--percent", nargs="+", default=["100", "0", "100", "0", "100", "0"],
+                   help="w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu (the rest of each goes to "
+                        "disk), or `auto` to use the cost model's choice")
+    p.add_argument("--sep-layer", type=str2bool, nargs="?", const=True, default=True)
+    p.add_argument("--pin-weight", type=str2bool, nargs="?", const=True, default=True)
+    p.add_argument("--cpu-cache-compute", "--cpu", dest="cpu_cache_compute", action="store_true")
+    p.add_argument("--attn-sparsity", type=float, default=1.0)
+    p.add_argument("--compress-weight", action="store_true")
+    p.add_argument("--compress-cache", action="store_true")
+    p.add_argument("--overlap", type=str2bool, nargs="?", const=True, default=True)
+    p.add_argument("--log-file", default="auto", help="text log (appended); `auto` names it after the run")
+    p.add_argument("--json-file", default=None, help="write the run's JSON record here")
+    p.add_argument("--verbose", type=int, default=2)
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    p.add_argument("--gpu-mem-gb", type=float, default=None,
+                   help="cap this process's GPU memory (16 emulates the paper's T4)")
+    p.add_argument("--hardware", default="local", help="cost-model profile for --percent auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false")
+    return p
+
+
+def policy_from_args(args, config) -> Policy:
+    comp = dict(compress_weight=args.compress_weight, compress_cache=args.compress_cache,
+                comp_weight_config=CompressionConfig(4, 64, 0, False),
+                comp_cache_config=CompressionConfig(4, 64, 2, False))
+    if [v.lower() for v in args.percent] == ["auto"]:
+        return _auto_policy(args, config)
+    pct = parse_percent(args.percent)
+    return Policy(gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
+                  w_gpu_percent=pct[0], w_cpu_percent=pct[1], cache_gpu_percent=pct[2],
+                  cache_cpu_percent=pct[3], act_gpu_percent=pct[4], act_cpu_percent=pct[5],
+                  overlap=args.overlap, sep_layer=args.sep_layer, pin_weight=args.pin_weight,
+                  cpu_cache_compute=args.cpu_cache_compute, attn_sparsity=args.attn_sparsity, **comp)
+
+
+def _auto_policy(args, config) -> Policy:
+    """The cost model's best policy for this machine's profile (the one place the CLI asks it)."""
+    import dataclasses
+
+    from flexgen_repro.cost_model.hardware import load_profile
+    from flexgen_repro.cost_model.search import best_policy
+    profile = load_profile(args.hardware)
+    kwargs = {"gpu_mem_gb": args.gpu_mem_gb} if args.gpu_mem_gb else {}
+    result = best_policy(config, profile, args.prompt_len, args.gen_len,
+                         compress=args.compress_weight or args.compress_cache, **kwargs)
+    print(f"--percent auto chose: {result.policy} (predicted {result.predicted_throughput:.2f} token/s)")
+    return dataclasses.replace(result.policy, overlap=args.overlap, sep_layer=args.sep_layer,
+                               pin_weight=args.pin_weight, attn_sparsity=args.attn_sparsity)
+
+
+def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int) -> np.ndarray:
+    """Token ids for benchmarking (no tokenizer needed); no padding."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, min(vocab, 50000), size=(n, prompt_len), dtype=np.int64)
+
+
+def _git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+
+
+def run(args) -> dict:
+    config = get_opt_config(args.model, dtype=args.dtype)
+    if args.gpu_mem_gb and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GB / total))
+    policy = policy_from_args(args, config)
+    num_prompts = policy.block_size
+    prompts = synthetic_prompts(num_prompts, args.prompt_len, config.vocab_size, args.seed)
+    with ExecutionEnv.create(args.offload_dir) as env:
+        lm = OptLM(config, env, args.path, policy)
+        if args.warmup:
+            lm.generate(prompts, max_new_tokens=1)
+        with PeakMemory() as peak:
+            lm.generate(prompts, max_new_tokens=args.gen_len)
+    metrics = RunMetrics(num_prompts, args.prompt_len, args.gen_len, lm.times.prefill_s,
+                         lm.times.decode_s, peak.gpu_peak_bytes / GB, peak.cpu_peak_bytes / GB)
+    sizes = (config.model_bytes(), config.cache_bytes(num_prompts, args.prompt_len + args.gen_len),
+             config.hidden_bytes(num_prompts, args.prompt_len + args.gen_len))
+    text = log_text(metrics, *sizes)
+    record = dict(
+        model=config.name, path="_DUMMY_" if args.path == DUMMY else args.path,
+        
+        percent=" ".join(f"{v:g}" for v in policy.percent), gpu_batch_size=policy.gpu_batch_size,
+        num_gpu_batches=policy.num_gpu_batches, compress_weight=policy.compress_weight,
+        compress_cache=policy.compress_cache, cpu_cache_compute=policy.cpu_cache_compute,
+        overlap=policy.overlap, sep_layer=policy.sep_layer, pin_weight=policy.pin_weight,
+        attn_sparsity=policy.attn_sparsity, dtype=args.dtype, gpu_mem_cap_gb=args.gpu_mem_gb,
+        model_size_gb=sizes[0] / GB, cache_size_gb=sizes[1] / GB, hidden_size_gb=sizes[2] / GB,
+        weight_placement=lm.weight_placement, device=device_name(), torch_version=torch.__version__,
+        python_version=platform.python_version(), commit=_git_commit(), measured=True,
+        decode_step_s=lm.times.decode_steps,
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **metrics.as_dict())
+    record["log_text"] = text
+    return record
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        record = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.verbose >= 1:
+        print(record["log_text"])
+        placed = ", ".join(f"{t} {p:.1f}%" for t, p in record["weight_placement"].items())
+        print(f"weights placed: {placed}")
+    log_file = args.log_file
+    if log_file == "auto":
+        log_file = (f"fo-{record['model']}-gbs{record['gpu_batch_size']}-ngbs{record['num_gpu_batches']}-"
+                    f"prompt{record['prompt_len']}-gen{record['gen_len']}-percent-"
+                    f"{record['percent'].replace(' ', '-')}.log")
+    if log_file:
+        with open(log_file, "a") as f:
+            f.write(f"model: {record['model']}, percent: {record['percent']}, "
+                    f"gpu batch: {record['gpu_batch_size']}x{record['num_gpu_batches']}\n"
+                    f"{record['log_text']}\n")
+    if args.json_file:
+        write_record(args.json_file, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
