@@ -140,10 +140,10 @@ class BlockRun:
             out, kv = out
             self.store_cache(i, j, k, kv)
         self.store_hidden(i, j, k, out)
+        if self.env.has_cuda and self.policy.overlap:
+            _mark_used_on_current_stream(w, cache)
         if k == self.K - 1:
             del self.weights[j]
-        if self.env.has_cuda:  # buffers loaded on copy streams are freed only after their use
-            torch.cuda.current_stream().synchronize()
 
     # ---- orderings -------------------------------------------------------------------------
     def run(self) -> np.ndarray:
@@ -206,3 +206,16 @@ class BlockRun:
                 self.env.mixed.free(t)
         self.cache_home.clear()
         self.hidden.clear()
+
+
+def _mark_used_on_current_stream(w: dict, cache) -> None:
+    """Tensors loaded on a copy stream are used on the compute stream: tell the caching allocator,
+    so their memory is not handed to the next load before the compute that reads them is done."""
+    current = torch.cuda.current_stream()
+    tensors = list(w.values())
+    for part in cache or ():
+        tensors += [part.k, part.v]
+    for t in tensors:
+        for piece in (t.components().values() if hasattr(t, "components") else [t]):
+            if piece.is_cuda:
+                piece.record_stream(current)

@@ -26,12 +26,16 @@ class DummySource:
         g = torch.Generator().manual_seed(seed)
         self.pool = torch.randn(self.POOL, generator=g) * DUMMY_STD
 
-    def make(self, spec: WeightSpec, dtype: torch.dtype) -> torch.Tensor:
+    def make(self, spec: WeightSpec, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """Values for `spec`; on a CUDA `device` they are drawn there directly (fast)."""
         if spec.kind == "ln_weight":
-            return torch.ones(spec.shape, dtype=dtype)
-        if spec.kind in ("ln_bias", "bias"):
-            return self._tiled(spec, dtype) * 0.1
-        return self._tiled(spec, dtype)
+            return torch.ones(spec.shape, dtype=dtype, device=device)
+        scale = 0.1 if spec.kind in ("ln_bias", "bias") else 1.0
+        if device is not None and torch.device(device).type == "cuda":
+            g = torch.Generator(device=device).manual_seed(zlib.crc32(spec.file.encode()))
+            t = torch.randn(spec.shape, generator=g, device=device, dtype=torch.float32)
+            return (t * (DUMMY_STD * scale)).to(dtype)
+        return (self._tiled(spec, dtype) * scale).to(device or "cpu")
 
     def _tiled(self, spec: WeightSpec, dtype: torch.dtype) -> torch.Tensor:
         start = zlib.crc32(spec.file.encode()) % self.POOL
@@ -104,7 +108,7 @@ class WeightLoader:
             return Stored(Tier.DISK, DiskFile(os.path.join(self.folder, spec.file), spec.shape,
                                               self.dtype, owned=False, npy=True))
         if tier == Tier.GPU and self.dummy is not None:
-            return Stored(Tier.GPU, self.dummy.make(spec, self.dtype).to(self.env.gpu.dev))
+            return Stored(Tier.GPU, self.dummy.make(spec, self.dtype, self.env.gpu.dev))
         return device.put(self._values(spec), pin)
 
     def _folder_file_usable(self, spec: WeightSpec) -> bool:
