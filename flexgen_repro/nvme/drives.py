@@ -140,7 +140,7 @@ def soft_problems(drive: BlockDevice) -> list[str]:
     """Reasons to stop unless --force: existing data that erasing would destroy."""
     problems: list[str] = []
     if drive.fstype:
-        problems.append(f"{drive.path} holds a {drive.fstype} signature (existing data); "
+        problems.append(f"{drive.path} holds existing data (signature: {drive.fstype}); "
                         "pass --force to erase it")
     parts = [c.name for c in drive.children if c.type == "part"]
     if parts:

@@ -140,32 +140,36 @@ def _mount_sources(devices: list[BlockDevice], state: SystemState, target: str) 
     return found | ({state.target_source} if state.target_source else set())
 
 
+def _planned_sources(opts: Options, drives: list[str]) -> set[str]:
+    """The names the planned drive/volume goes by in lsblk and findmnt."""
+    if opts.cloud == "aws":
+        return {drives[0]}
+    return {_volume(opts, drives), f"/dev/mapper/{dm_name(opts.vg_name, opts.lv_name)}"}
+
+
 def _check_existing_mount(devices: list[BlockDevice], state: SystemState, opts: Options,
                           drives: list[str], draft: _Draft) -> bool:
     """True when the target is already mounted from the planned drive/volume (nothing to do);
     a refusal when something else is mounted there."""
-    sources = _mount_sources(devices, state, opts.target)
+    target, volume = opts.target, _volume(opts, drives)
+    sources = _mount_sources(devices, state, target)
     if not sources:
         return False
-    if opts.cloud == "aws":
-        planned = {drives[0]}
-    else:
-        planned = {_volume(opts, drives), f"/dev/mapper/{dm_name(opts.vg_name, opts.lv_name)}"}
-    if not sources & planned:
-        draft.refusals.append(f"{opts.target} is already a mount point (of {', '.join(sorted(sources))});"
-                              f" unmount it (sudo umount {opts.target}) or choose another --mount-path")
+    if not sources & _planned_sources(opts, drives):
+        draft.refusals.append(f"{target} is already a mount point (of "
+                              f"{', '.join(sorted(sources))}); unmount it (sudo umount {target}) "
+                              "or choose another --mount-path")
         return False
-    if opts.cloud == "gcp":
-        lv = dm_name(opts.vg_name, opts.lv_name)
-        outside = [p for p in drives if (node := find_device(devices, p)) is not None
-                   and all(c.name != lv for c in node.descendants())]
-        if outside:
-            draft.refusals.append(f"{opts.target} is mounted from {_volume(opts, drives)}, which does "
-                                  f"not span {', '.join(outside)}; to rebuild it over all drives, "
-                                  f"unmount it, run `sudo vgremove {opts.vg_name}`, then rerun")
-            return False
-    draft.findings.append(f"{opts.target} is already mounted from {_volume(opts, drives)}; "
-                          "nothing to do")
+    lv = dm_name(opts.vg_name, opts.lv_name)
+    outside = [p for p in drives if opts.cloud == "gcp"
+               and (node := find_device(devices, p)) is not None
+               and all(c.name != lv for c in node.descendants())]
+    if outside:
+        draft.refusals.append(f"{target} is mounted from {volume}, which does not span "
+                              f"{', '.join(outside)}; to rebuild it over all drives, unmount it, "
+                              f"run `sudo vgremove {opts.vg_name}`, then rerun")
+        return False
+    draft.findings.append(f"{target} is already mounted from {volume}; nothing to do")
     return True
 
 
@@ -177,12 +181,12 @@ def _check_drives(devices: list[BlockDevice], opts: Options, drives: list[str],
         node = find_device(devices, path)
         if node is None:
             continue
-        draft.refusals.extend(hard_problems(node))
-        soft = soft_problems(node)
-        if soft and opts.force:
+        hard, soft = hard_problems(node), soft_problems(node)
+        draft.refusals.extend(hard)
+        if soft and opts.force and not hard:
             draft.findings.append(f"--force: erasing {path} ({'; '.join(soft)})")
             to_wipe.append(path)
-        else:
+        elif not opts.force:
             draft.refusals.extend(soft)
     return to_wipe
 
@@ -211,9 +215,10 @@ def _check_machine(state: SystemState, opts: Options, cmds: list[tuple[str, ...]
                 f"{pkg}; Amazon Linux/RHEL: sudo yum install -y {pkg})")
         (draft.unchecked if opts.dry_run else draft.refusals).append(text)
     if not opts.dry_run and not state.is_root:
-        draft.refusals.append("formatting and mounting drives needs root: rerun through sudo (for "
-                              "example `sudo $(which python3) -m flexgen_repro.nvme ...` or "
-                              "scripts/mount_nvme_<cloud>.sh), or pass --dry-run to see the commands")
+        draft.refusals.append("formatting and mounting drives needs root: rerun through sudo "
+                              "(for example `sudo $(which python3) -m flexgen_repro.nvme ...` "
+                              "or scripts/mount_nvme_<cloud>.sh), or pass --dry-run to see the "
+                              "commands")
     if state.target_nonempty:
         draft.findings.append(f"warning: {opts.target} already holds files; they stay hidden "
                               "(not deleted) while the drive is mounted over them")
