@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", default="local", help="cost-model profile for --percent auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
+    p.add_argument("--cuda-graphs", type=str2bool, nargs="?", const=True, default=True,
+                   help="decode through CUDA graphs where everything is on the GPU")
     return p
 
 
@@ -126,6 +128,7 @@ def run(args) -> dict:
     prompts = synthetic_prompts(num_prompts, args.prompt_len, config.vocab_size, args.seed)
     with ExecutionEnv.create(args.offload_dir) as env:
         lm = OptLM(config, env, args.path, policy)
+        lm.use_cuda_graphs = args.cuda_graphs
         if args.warmup:
             lm.generate(prompts, max_new_tokens=1)
         with PeakMemory() as peak:
@@ -143,6 +146,7 @@ def run(args) -> dict:
         compress_cache=policy.compress_cache, cpu_cache_compute=policy.cpu_cache_compute,
         overlap=policy.overlap, sep_layer=policy.sep_layer, pin_weight=policy.pin_weight,
         attn_sparsity=policy.attn_sparsity, dtype=args.dtype, gpu_mem_cap_gb=args.gpu_mem_gb,
+        cuda_graphs=args.cuda_graphs,
         model_size_gb=sizes[0] / GB, cache_size_gb=sizes[1] / GB, hidden_size_gb=sizes[2] / GB,
         weight_placement=lm.weight_placement, device=device_name(), torch_version=torch.__version__,
         python_version=platform.python_version(), commit=_git_commit(), measured=True,

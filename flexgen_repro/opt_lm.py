@@ -61,6 +61,7 @@ class OptLM:
         loader = WeightLoader(env, path, folder, policy, self.dtype, config.dtype_bytes)
         self.weight_home, self.weight_placement = loader.place(self.layers)
         self.times = RunTimes()
+        self.use_cuda_graphs = True  # all-GPU policies decode through captured CUDA graphs
 
     def _check_vocab(self, arr: np.ndarray) -> None:
         if arr.min() < 0 or arr.max() >= self.config.vocab_size:

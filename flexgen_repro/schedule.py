@@ -11,12 +11,14 @@ store of the same (layer, batch), and a failed copy re-raises here.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future
 
 import numpy as np
 import torch
 
+from flexgen_repro.graph_decode import GraphedDecode, graphable
 from flexgen_repro.model.base import CachePart, StepInfo
 from flexgen_repro.policy import Tier
 
@@ -78,10 +80,14 @@ class BlockRun:
 
     def store_cache(self, i: int, j: int, k: int, kv) -> None:
         if (j, k) not in self.cache_home:
-            shape = (self.B, self.prompt_len + self.gen_len, self.config.hidden_size)
-            comp = self.policy.comp_cache_config if self.policy.compress_cache else None
+            c = self.config
+            shape = (self.B, c.n_head, self.prompt_len + self.gen_len, c.head_dim)
+            comp = None
+            if self.policy.compress_cache:  # groups along head_dim, the original's group_dim 2
+                comp = dataclasses.replace(self.policy.comp_cache_config, group_dim=3)
             self.cache_home[(j, k)] = tuple(
-                self.env.mixed.alloc(shape, self.lm.dtype, self.policy.cache_percents(), False, comp)
+                self.env.mixed.alloc(shape, self.lm.dtype, self.policy.cache_percents(), False,
+                                     comp, seq_dim=2)
                 for _ in range(2))
         pos = 0 if i == 0 else self.prompt_len + i - 1
         home = self.cache_home[(j, k)]
@@ -148,14 +154,23 @@ class BlockRun:
     # ---- orderings -------------------------------------------------------------------------
     def run(self) -> np.ndarray:
         n_layers = len(self.layers)
+        graphs = None
+        if self.lm.use_cuda_graphs and graphable(self.policy, self.env, self.want_logits):
+            graphs = GraphedDecode(self)
         for i in range(self.gen_len):
             t0 = time.perf_counter()
-            for j in range(n_layers):
+            if graphs is not None and i > 0:
+                for fut in self.cache_stores.values():
+                    fut.result()
                 for k in range(self.K):
-                    if self.policy.overlap:
-                        self._overlap_step(i, j, k)
-                    else:
-                        self._normal_step(i, j, k)
+                    graphs.step(i, k)
+            else:
+                for j in range(n_layers):
+                    for k in range(self.K):
+                        if self.policy.overlap:
+                            self._overlap_step(i, j, k)
+                        else:
+                            self._normal_step(i, j, k)
             self._finish_token(i)
             self.step_times.append(time.perf_counter() - t0)
             if self.want_logits or (self.stop is not None and self.stopped.all()):

@@ -77,3 +77,7 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0, pad_rows: int
     for r in range(min(pad_rows, n)):
         p[r, : (r % (length - 1)) + 1] = 1
     return p
+
+
+# two xdist workers on two cores: one intra-op thread each avoids oversubscription
+torch.set_num_threads(1)

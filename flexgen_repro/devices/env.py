@@ -80,16 +80,17 @@ class MixedDevice:
         self.env = env
 
     def alloc(self, shape, dtype: torch.dtype, percents, pin: bool = False,
-              compression=None) -> RowSplit:
-        """A (rows, seq, *rest) tensor, rows split by `percents` (gpu, cpu, disk)."""
+              compression=None, seq_dim: int = 1) -> RowSplit:
+        """A tensor with rows (dim 0) split by `percents` (gpu, cpu, disk); positions along
+        `seq_dim` are what `write`/`read` address. `compression` groups must lie after seq_dim."""
         segments = []
         for tier, start, stop in split_rows(shape[0], percents):
             seg_shape = (stop - start,) + tuple(shape[1:])
             device = self.env.device(tier)
             if compression is None:
-                store = PlainStore(device.alloc(seg_shape, dtype, pin))
+                store = PlainStore(device.alloc(seg_shape, dtype, pin), seq_dim)
             else:
-                store = self._packed_store(device, seg_shape, dtype, compression, pin)
+                store = self._packed_store(device, seg_shape, dtype, compression, pin, seq_dim)
             segments.append(Segment(tier, start, stop, store))
         return RowSplit(tuple(shape), segments)
 
@@ -102,15 +103,18 @@ class MixedDevice:
                     self.env.disk.free(store.buf)
 
     @staticmethod
-    def _packed_store(device, shape, dtype, config, pin) -> PackedStore:
+    def _packed_store(device, shape, dtype, config, pin, seq_dim) -> PackedStore:
         from flexgen_repro.compression import compress
-        probe = compress(torch.zeros((1, 1) + tuple(shape[2:]), dtype=torch.float32), config)
+        probe_shape = list(shape)
+        probe_shape[0] = probe_shape[seq_dim] = 1
+        probe = compress(torch.zeros(probe_shape, dtype=torch.float32), config)
         stores = {}
         for name, comp in probe.components().items():
-            comp_shape = tuple(shape[:2]) + tuple(comp.shape[2:])
+            comp_shape = list(comp.shape)
+            comp_shape[0], comp_shape[seq_dim] = shape[0], shape[seq_dim]
             comp_dtype = comp.dtype if comp.dtype == torch.uint8 else dtype
-            stores[name] = PlainStore(device.alloc(comp_shape, comp_dtype, pin))
-        return PackedStore(stores, (tuple(shape), dtype, config))
+            stores[name] = PlainStore(device.alloc(comp_shape, comp_dtype, pin), seq_dim)
+        return PackedStore(stores, (tuple(shape), dtype, config), seq_dim)
 
 
 class Channel:

@@ -110,7 +110,8 @@ class Stored:
 
 
 class Segment:
-    """Rows [start, stop) of a row-split tensor, stored on one tier, shaped (rows, seq, *rest)."""
+    """Rows [start, stop) of a row-split tensor, stored on one tier (rows first; the sequence
+    dimension is the store's `seq_dim`)."""
 
     def __init__(self, tier: Tier, start: int, stop: int, store):
         self.tier, self.start, self.stop, self.store = tier, start, stop, store
@@ -120,7 +121,7 @@ class Segment:
         return self.stop - self.start
 
     def write(self, pos: int, value) -> None:
-        """Write `value` (rows, n, ...) at sequence positions [pos, pos + n)."""
+        """Write `value` (n positions along the sequence dim) at positions [pos, pos + n)."""
         self.store.write(pos, value)
 
     def read(self, length: int, device: torch.device):
@@ -131,20 +132,24 @@ class Segment:
 class PlainStore:
     """Segment storage as one dense tensor on GPU/CPU memory or in a disk file."""
 
-    def __init__(self, buf):
-        self.buf = buf  # torch.Tensor or DiskFile, shape (rows, seq, *rest)
+    def __init__(self, buf, seq_dim: int = 1):
+        self.buf = buf  # torch.Tensor or DiskFile, rows first
+        self.seq_dim = seq_dim
+
+    def _index(self, start: int, stop: int) -> tuple:
+        return (slice(None),) * self.seq_dim + (slice(start, stop),)
 
     def write(self, pos: int, value: torch.Tensor) -> None:
-        n = value.shape[1]
+        index = self._index(pos, pos + value.shape[self.seq_dim])
         if isinstance(self.buf, DiskFile):
-            self.buf.write((slice(None), slice(pos, pos + n)), value)
+            self.buf.write(index, value)
         else:
-            self.buf[:, pos:pos + n].copy_(value, non_blocking=True)
+            self.buf[index].copy_(value, non_blocking=True)
 
     def read(self, length: int, device: torch.device) -> torch.Tensor:
         if isinstance(self.buf, DiskFile):
-            return self.buf.read((slice(None), slice(0, length))).to(device)
-        view = self.buf[:, :length]
+            return self.buf.read(self._index(0, length)).to(device)
+        view = self.buf[self._index(0, length)]
         return view if view.device == device else view.to(device, non_blocking=True)
 
     @property
@@ -160,8 +165,8 @@ class PackedStore:
     Requires groups along a dimension after the sequence dim, so positions slice every component.
     """
 
-    def __init__(self, stores: dict[str, PlainStore], meta):
-        self.stores, self.meta = stores, meta  # meta: (rows, seq, *rest) shape, dtype, config
+    def __init__(self, stores: dict[str, PlainStore], meta, seq_dim: int):
+        self.stores, self.meta, self.seq_dim = stores, meta, seq_dim  # meta: full shape, dtype, config
 
     def write(self, pos: int, value: torch.Tensor) -> None:
         from flexgen_repro.compression import compress
@@ -174,8 +179,9 @@ class PackedStore:
         from flexgen_repro.compression import CompressedTensor
         shape, dtype, config = self.meta
         comps = {name: s.read(length, device) for name, s in self.stores.items()}
-        return CompressedTensor.from_components(
-            comps, ((shape[0], length) + tuple(shape[2:]), dtype, config))
+        shape = list(shape)
+        shape[self.seq_dim] = length
+        return CompressedTensor.from_components(comps, (tuple(shape), dtype, config))
 
     @property
     def nbytes(self) -> int:

@@ -35,8 +35,10 @@ class CachePart:
     start: int
     stop: int
     device: torch.device
-    k: object  # torch.Tensor (rows, len, hidden) or CompressedTensor
+    k: object  # torch.Tensor (rows, heads, len, d) or CompressedTensor
     v: object
+    resident: bool = False                   # k, v are the full home buffers (GPU, in place)
+    write_index: torch.Tensor | None = None  # where the new token goes when resident
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from flexgen_repro.config import OptConfig
-from flexgen_repro.model.attention_math import decode_attention, prefill_attention
+from flexgen_repro.model.attention_math import decode_attention, prefill_attention, to_heads
 from flexgen_repro.model.base import CachePart, Layer, StepInfo, WeightSpec
 from flexgen_repro.weights.layout import layer_tensor_names
 
@@ -69,31 +69,46 @@ class SelfAttention(Layer):
         return out
 
     def forward(self, x, w, step: StepInfo, cache: list[CachePart] | None = None):
-        # x: (b, s, h)
+        """x: (b, s, h) -> (out (b, s, h), (k, v) each (b, heads, s, d) for the cache)."""
         c = self.config
         hn = layer_norm(x, w["w_ln_attn"], w["b_ln_attn"], c.layer_norm_eps)
-        q = linear(hn, w["w_q"], w["b_q"]) * c.head_dim ** -0.5
-        k = linear(hn, w["w_k"], w["b_k"])
-        v = linear(hn, w["w_v"], w["b_v"])
+        q = to_heads(linear(hn, w["w_q"], w["b_q"]) * c.head_dim ** -0.5, c.n_head)
+        k = to_heads(linear(hn, w["w_k"], w["b_k"]), c.n_head)
+        v = to_heads(linear(hn, w["w_v"], w["b_v"]), c.n_head)
         if step.is_prefill:
-            attn = prefill_attention(q, k, v, step.mask, c.n_head)
+            attn = prefill_attention(q, k, v, step.mask)
         else:
             attn = self._decode(q, k, v, step, cache)
         out = linear(attn, w["w_out"], w["b_out"]) + x
         return out, (k, v)
 
     def _decode(self, q, k_new, v_new, step: StepInfo, cache: list[CachePart]) -> torch.Tensor:
-        """Attention of the new token over each cache part, where that part is computed."""
+        """Attention of the new token over each cache part, on the device that part is computed."""
         outs = []
         for part in cache:
-            rows = slice(part.start, part.stop)
-            dev, dt = part.device, q.dtype if part.device == q.device else torch.float32
-            k_all = torch.cat([dense(part.k).to(dt), k_new[rows].to(dev, dt)], dim=1)
-            v_all = torch.cat([dense(part.v).to(dt), v_new[rows].to(dev, dt)], dim=1)
-            out = decode_attention(q[rows].to(dev, dt), k_all, v_all, step.mask[rows].to(dev),
-                                   self.config.n_head, step.attn_sparsity)
-            outs.append(out.to(q.device, q.dtype))
+            rows, dev = slice(part.start, part.stop), part.device
+            if part.resident:  # the home buffer itself: write the new token, attend in place
+                _write_at(part.k, k_new[rows], part.write_index)
+                _write_at(part.v, v_new[rows], part.write_index)
+                out = decode_attention(q[rows], dense(part.k), dense(part.v), step.mask[rows])
+            else:
+                out = decode_attention(q[rows].to(dev), dense(part.k), dense(part.v),
+                                       step.mask[rows].to(dev), step.attn_sparsity,
+                                       k_new[rows].to(dev), v_new[rows].to(dev))
+            outs.append(out.to(q.device))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _write_at(home, value: torch.Tensor, index: torch.Tensor) -> None:
+    """Write one token (b, heads, 1, d) into a (b, heads, max_len, d) buffer at position `index`
+    (a 1-element device tensor, so a captured CUDA graph can replay it at any position)."""
+    if isinstance(home, torch.Tensor):
+        home.index_copy_(2, index, value)
+        return
+    from flexgen_repro.compression import compress
+    packed = compress(value, home.config)
+    for name, comp in packed.components().items():
+        home.components()[name].index_copy_(2, index, comp)
 
 
 class MLP(Layer):

@@ -1,0 +1,100 @@
+"""Decode as one CUDA graph per GPU batch, for policies that keep everything on the GPU.
+
+With weights, cache and activations resident there is nothing to move, and small-batch decode is
+bound by kernel launches, not by the GPU. The same layers run with static inputs (token ids,
+positions, a mask over the whole preallocated cache, the write position as a device tensor): each
+attention layer writes the new key and value into its home buffer and attends over all of it
+with the unwritten positions masked. Captured once per GPU batch and block, replayed per token.
+"""
+from __future__ import annotations
+
+import torch
+
+from flexgen_repro.model.base import CachePart, StepInfo
+from flexgen_repro.policy import Policy
+
+
+def graphable(policy: Policy, env, want_logits: bool) -> bool:
+    """Only where nothing moves between tiers during decode."""
+    return (env.has_cuda and not want_logits and policy.attn_sparsity == 1.0
+            and policy.w_gpu_percent == 100 and policy.cache_gpu_percent == 100
+            and policy.act_gpu_percent == 100)
+
+
+def _full_buffer(row_split):
+    """The GPU home buffer of a one-segment cache tensor (plain or compressed)."""
+    (seg,) = row_split.segments
+    store = seg.store
+    if hasattr(store, "buf"):
+        return store.buf
+    from flexgen_repro.compression import CompressedTensor
+    comps = {name: s.buf for name, s in store.stores.items()}
+    return CompressedTensor.from_components(comps, store.meta)
+
+
+class GraphedDecode:
+    """Captured decode steps of one block: `step(i, k)` fills the static inputs and replays."""
+
+    def __init__(self, run):
+        self.run = run
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.static: dict[int, dict] = {}
+        self.pool = None
+
+    def _inputs(self, i: int, k: int) -> dict:
+        """This step's ids, positions, full-length mask and write index, on the GPU."""
+        run = self.run
+        dev = run.env.gpu.dev
+        info = run.step_info(i, k)
+        b = run.B
+        total = run.prompt_len + run.gen_len
+        mask = torch.zeros(b, total, dtype=torch.bool, device=dev)
+        mask[:, :info.mask.shape[1]] = info.mask
+        ids = run.load_hidden(i, 0, k)
+        return dict(ids=ids, pos=info.positions, mask=mask,
+                    index=torch.tensor([run.prompt_len + i - 1], device=dev))
+
+    def _body(self, k: int) -> None:
+        run, st = self.run, self.static[k]
+        step = StepInfo(1, run.prompt_len, st["mask"], st["pos"], 1.0, pick=lambda logits: logits)
+        x = st["ids"]
+        for j, layer in enumerate(run.layers):
+            w = st["weights"][j]
+            if layer.has_cache:
+                k_home, v_home = st["homes"][j]
+                part = CachePart(0, run.B, run.env.gpu.dev, k_home, v_home, True, st["index"])
+                x, _ = layer.forward(x, w, step, [part])
+            else:
+                x = layer.forward(x, w, step)
+        st["logits"] = x
+
+    def _capture(self, k: int) -> None:
+        run, st = self.run, self.static[k]
+        gpu = run.env.gpu.dev
+        st["weights"] = [{key: s.load(gpu) for key, s in home.items()} for home in run.lm.weight_home]
+        st["homes"] = {j: tuple(_full_buffer(t) for t in run.cache_home[(j, k)])
+                       for j, layer in enumerate(run.layers) if layer.has_cache}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: this step's real work, idempotent when replayed
+            self._body(k)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._body(k)
+        self.pool = graph.pool()
+        self.graphs[k] = graph
+
+    def step(self, i: int, k: int) -> None:
+        """Decode token i of GPU batch k and record the picked ids."""
+        run = self.run
+        fresh = self._inputs(i, k)
+        if k not in self.graphs:
+            self.static[k] = dict(fresh)
+            self._capture(k)
+        else:
+            for name, t in fresh.items():
+                self.static[k][name].copy_(t)
+        self.graphs[k].replay()
+        ids = run.pick(self.static[k]["logits"])
+        run.output_ids[k * run.B:(k + 1) * run.B, run.prompt_len + i] = ids.cpu().numpy()
