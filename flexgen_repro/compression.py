@@ -119,10 +119,17 @@ class CompressedTensor:
         """The stored pieces by name, for keeping each on disk or another tier."""
         return {"data": self.data, "scale": self.scale, "mn": self.mn}
 
+    def meta(self) -> tuple[tuple[int, ...], torch.dtype, CompressionConfig]:
+        """(shape, dtype, config): with `components()`, all that `from_components` needs."""
+        return tuple(self.shape), self.dtype, self.config
+
     @classmethod
-    def from_components(cls, components: dict[str, torch.Tensor], shape, dtype: torch.dtype,
-                        config: CompressionConfig) -> "CompressedTensor":
-        """Rebuild from `components()` and the metadata; checks the pieces' shapes."""
+    def from_components(cls, components: dict[str, torch.Tensor], shape, dtype: torch.dtype | None = None,
+                        config: CompressionConfig | None = None) -> "CompressedTensor":
+        """Rebuild from `components()` and the metadata, given as (shape, dtype, config) or as
+        `meta()`'s tuple in place of shape; checks the pieces' shapes."""
+        if dtype is None and config is None:
+            shape, dtype, config = shape
         data_shape, scale_shape = compressed_shapes(shape, config)
         for name, want in (("data", data_shape), ("scale", scale_shape), ("mn", scale_shape)):
             if tuple(components[name].shape) != want:

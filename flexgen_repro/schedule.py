@@ -86,7 +86,7 @@ class BlockRun:
             if self.policy.compress_cache:  # groups along head_dim, the original's group_dim 2
                 comp = dataclasses.replace(self.policy.comp_cache_config, group_dim=3)
             self.cache_home[(j, k)] = tuple(
-                self.env.mixed.alloc(shape, self.lm.dtype, self.policy.cache_percents(), False,
+                self.env.mixed.alloc(shape, self.lm.dtype, self.policy.cache_percents(), True,
                                      comp, seq_dim=2)
                 for _ in range(2))
         pos = 0 if i == 0 else self.prompt_len + i - 1
@@ -117,7 +117,7 @@ class BlockRun:
         if pct[0] == 100:
             self.hidden[k] = out
             return
-        home = self.env.mixed.alloc(tuple(out.shape), out.dtype, pct)
+        home = self.env.mixed.alloc(tuple(out.shape), out.dtype, pct, pin=True)
         home.write(0, out)
         self.hidden[k] = home
 
