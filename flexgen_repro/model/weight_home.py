@@ -90,8 +90,8 @@ class WeightLoader:
         return homes, {t: 100.0 * b / total for t, b in by_tier.items()}
 
     def _values(self, spec: WeightSpec) -> torch.Tensor:
-        if self.dummy is not None:
-            return self.dummy.make(spec, self.dtype)
+        if self.dummy is not None:  # drawn on the GPU where there is one: fast for any tier
+            return self.dummy.make(spec, self.dtype, self.env.gpu.dev)
         arr = _read_folder_tensor(self.folder, spec)
         return torch.from_numpy(np.array(arr)).to(self.dtype)
 
@@ -107,9 +107,10 @@ class WeightLoader:
         if tier == Tier.DISK and self.dummy is None and self._folder_file_usable(spec):
             return Stored(Tier.DISK, DiskFile(os.path.join(self.folder, spec.file), spec.shape,
                                               self.dtype, owned=False, npy=True))
-        if tier == Tier.GPU and self.dummy is not None:
-            return Stored(Tier.GPU, self.dummy.make(spec, self.dtype, self.env.gpu.dev))
-        return device.put(self._values(spec), pin)
+        values = self._values(spec)
+        if tier == Tier.GPU and values.device == self.env.gpu.dev and self.dummy is not None:
+            return Stored(Tier.GPU, values)
+        return device.put(values, pin)
 
     def _folder_file_usable(self, spec: WeightSpec) -> bool:
         """A weight-folder file can serve as the disk tier directly when its dtype is the run's."""
