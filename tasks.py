@@ -65,22 +65,23 @@ def results(c, out="results"):
             "prompt_len": "prompt length", "gen_len": "generated tokens",
             "compress": "allow 4-bit compression of weights and cache",
             "evaluate": "predict this policy instead of searching (flex_opt flags in quotes)",
-            "json": "print one JSON object"})
+            "json": "print one JSON object", "gpu_mem_gb": "cap the profile's GPU memory"})
 def policy(c, model, hardware="t4-paper", prompt_len=512, gen_len=32, compress=False,
-           evaluate="", json=False):
+           evaluate="", json=False, gpu_mem_gb=0.0):
     """The cost model: the best policy for a machine, or the predicted throughput of a given one."""
     from flexgen_repro.cost_model import cli
     _exit_on(cli.main(model=model, hardware=hardware, prompt_len=int(prompt_len),
                       gen_len=int(gen_len), compress=compress, evaluate=evaluate or None,
-                      as_json=json))
+                      as_json=json, gpu_mem_gb=float(gpu_mem_gb) or None))
 
 
 @task(help={"offload_dir": "folder on the drive used for disk offloading",
-            "out": "where the profile JSON is written"})
-def profile_hardware(c, offload_dir="~/flexllmgen_offload_dir", out=""):
+            "out": "where the profile JSON is written", "gpu_mem_gb": "cap the GPU memory recorded"})
+def profile_hardware(c, offload_dir="~/flexllmgen_offload_dir", out="", gpu_mem_gb=0.0):
     """Measure this machine (bandwidths, matmul and attention rates, memory) into a profile."""
     from flexgen_repro.cost_model import profile
-    _exit_on(profile.main(offload_dir=offload_dir, out=out or None))
+    _exit_on(profile.main(offload_dir=offload_dir, out=out or None,
+                          gpu_mem_gb=float(gpu_mem_gb) or None))
 
 
 @task(help={"task": "lambada or wikitext", "model": "model name or checkpoint folder",

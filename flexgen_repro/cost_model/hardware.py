@@ -1,0 +1,156 @@
+"""Hardware profiles for the cost model: the HardwareProfile dataclass, reading and writing its JSON,
+and the named profiles (`t4-paper`, shipped with the package; `local`, measured on this machine by
+`invoke profile-hardware`).
+
+Units are SI base units throughout: bytes, bytes per second, floating-point operations per second.
+Memory figures are what the runtime may use for tensors (not the nominal size of the part).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+GIB = float(1 << 30)
+TERA = 1e12
+PROFILES_DIR = os.path.join(os.path.dirname(__file__), "profiles")
+BUILTIN_PROFILES = ("t4-paper",)
+LOCAL_PROFILE = "~/.cache/flexgen_repro/hardware_local.json"
+
+# Every rate the equations divide by; each must be > 0.
+RATE_FIELDS = (
+    "cpu_to_gpu_bytes_s", "cpu_to_gpu_pageable_bytes_s", "gpu_to_cpu_cache_bytes_s",
+    "gpu_to_cpu_hidden_bytes_s", "disk_to_cpu_bytes_s", "cpu_to_disk_cache_bytes_s",
+    "cpu_to_disk_bytes_s", "gpu_mem_bw_bytes_s", "gpu_mm_prefill_flop_s", "gpu_mm_decode_flop_s",
+    "gpu_bmm_prefill_flop_s", "gpu_bmm_decode_flop_s", "cpu_attention_flop_s", "gpu_dequant_bytes_s",
+)
+MEMORY_FIELDS = ("gpu_mem_bytes", "cpu_mem_bytes", "disk_mem_bytes", "gpu_step_overhead_s")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """One machine as the cost model sees it (see the module docstring for units).
+
+    Bandwidths: `cpu_to_gpu` (pinned host memory) and its pageable counterpart; GPU->CPU for the
+    KV cache and for hidden states; disk->CPU reads; CPU->disk writes of the prefill cache and of
+    everything else. `gpu_mem_bw` bounds memory-bound matmuls (every weight byte is read once per
+    GPU batch). Rates: dense matmul (prefill- and decode-shaped), attention's batched matmul on the
+    GPU (prefill, decode) and on the CPU, and 4-bit dequantization (fp16 bytes produced per second).
+    `gpu_step_overhead_s`: fixed cost of one (layer, GPU batch) step (kernel launches, the Python
+    driver, one synchronization), which dominates small models on fast GPUs. `gpu_headroom`: the
+    fraction of a GPU memory cap (`with_memory(gpu_gb=...)`) usable for tensors.
+    `host_backed_gpu`: no CUDA; the "GPU" tier is host memory, so GPU and CPU share `cpu_mem_bytes`.
+    """
+    name: str
+    gpu_mem_bytes: float
+    cpu_mem_bytes: float
+    disk_mem_bytes: float
+    cpu_to_gpu_bytes_s: float
+    cpu_to_gpu_pageable_bytes_s: float
+    gpu_to_cpu_cache_bytes_s: float
+    gpu_to_cpu_hidden_bytes_s: float
+    disk_to_cpu_bytes_s: float
+    cpu_to_disk_cache_bytes_s: float
+    cpu_to_disk_bytes_s: float
+    gpu_mem_bw_bytes_s: float
+    gpu_mm_prefill_flop_s: float
+    gpu_mm_decode_flop_s: float
+    gpu_bmm_prefill_flop_s: float
+    gpu_bmm_decode_flop_s: float
+    cpu_attention_flop_s: float
+    gpu_dequant_bytes_s: float
+    gpu_step_overhead_s: float = 0.0
+    gpu_headroom: float = 1.0
+    cpu_mm_flop_s: float = 0.0
+    host_backed_gpu: bool = False
+    description: str = ""
+    sources: dict = field(default_factory=dict)
+    measurements: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in RATE_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"HardwareProfile.{name} must be a number > 0, got {value!r}")
+        for name in MEMORY_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"HardwareProfile.{name} must be a number >= 0, got {value!r}")
+        if not 0 < self.gpu_headroom <= 1:
+            raise ValueError(f"HardwareProfile.gpu_headroom must be in (0, 1], got {self.gpu_headroom!r}")
+
+    def with_memory(self, gpu_gb: float | None = None, cpu_gb: float | None = None,
+                    disk_gb: float | None = None) -> "HardwareProfile":
+        """A copy with some tiers' memory replaced (GiB), e.g. a 16 GiB cap on an 80 GB card; of a
+        GPU cap, the `gpu_headroom` fraction is usable."""
+        changes = {}
+        for key, value, usable in (("gpu_mem_bytes", gpu_gb, self.gpu_headroom),
+                                   ("cpu_mem_bytes", cpu_gb, 1.0), ("disk_mem_bytes", disk_gb, 1.0)):
+            if value is not None:
+                if value < 0:
+                    raise ValueError(f"memory cap must be >= 0 GiB, got {value}")
+                changes[key] = float(value) * GIB * usable
+        if not changes:
+            return self
+        given = {"gpu": gpu_gb, "cpu": cpu_gb, "disk": disk_gb}
+        tag = ",".join(f"{k}={v:g}GiB" for k, v in given.items() if v is not None)
+        return dataclasses.replace(self, name=f"{self.name}[{tag}]", **changes)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def profile_from_dict(data: dict, origin: str = "profile") -> HardwareProfile:
+    """Build a profile from its JSON object; unknown keys are an error (a typo must not pass)."""
+    known = {f.name for f in dataclasses.fields(HardwareProfile)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{origin}: unknown keys {unknown}; valid keys are {sorted(known)}")
+    missing = sorted(f.name for f in dataclasses.fields(HardwareProfile)
+                     if f.name not in data and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"{origin}: missing keys {missing}")
+    return HardwareProfile(**data)
+
+
+def save_profile(profile: HardwareProfile, path: str) -> str:
+    """Write `profile` as JSON to `path` (folders made as needed); returns the expanded path."""
+    path = os.path.expanduser(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(profile.to_json(), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _read_json(path: str) -> HardwareProfile:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-run `invoke profile-hardware`") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold one JSON object")
+    return profile_from_dict(data, origin=path)
+
+
+def load_profile(name_or_path: str) -> HardwareProfile:
+    """`t4-paper`, `local` (the measured profile of this machine) or a path to a profile JSON file."""
+    if name_or_path in BUILTIN_PROFILES:
+        return _read_json(os.path.join(PROFILES_DIR, f"{name_or_path}.json"))
+    if name_or_path == "local":
+        path = os.path.expanduser(LOCAL_PROFILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"no measured profile at {path}: run `invoke profile-hardware` first "
+                f"(or pass --hardware t4-paper or a profile JSON file)")
+        return _read_json(path)
+    path = os.path.expanduser(name_or_path)
+    if os.path.isfile(path):
+        return _read_json(path)
+    raise ValueError(f"unknown hardware profile {name_or_path!r}: choose one of "
+                     f"{list(BUILTIN_PROFILES) + ['local']} or pass a profile JSON file")

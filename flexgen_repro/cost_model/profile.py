@@ -1,0 +1,295 @@
+"""`invoke profile-hardware`: measure this machine into a HardwareProfile and save it as JSON.
+
+Measures host<->GPU copies (pinned and pageable; the cache rate writes into a slice of a larger
+pageable tensor, as a cache store does), host memory bandwidth (kept under `measurements`), disk
+reads and writes with O_DIRECT in the offload folder (buffered with a warning where O_DIRECT is
+refused, e.g. tmpfs), GPU memory bandwidth, fp16 matmul (prefill- and decode-shaped), attention
+(prefill- and decode-shaped) on the GPU and, with fp16 data upcast to fp32 as the runtime does, on
+the CPU, CPU matmul (fp32, bf16, fp16), 4-bit dequantization, the fixed cost of a tiny layer step,
+and the memory of each tier. Without CUDA the "GPU" is host memory: its fields are measured on the
+CPU and the profile is marked `host_backed_gpu`. Sizes are scaled to the device (well under two
+minutes on an H100 machine, seconds on a small CPU machine).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import torch
+
+from flexgen_repro.cost_model.hardware import GIB, LOCAL_PROFILE, HardwareProfile, save_profile
+
+GPU_HEADROOM = 0.94      # of free (or capped) GPU memory usable for tensors: allocator slack, cuBLAS
+CPU_HEADROOM = 0.90      # of available host memory
+DISK_HEADROOM = 0.95     # of free disk space
+
+
+def _timed(fn, reps: int, sync) -> float:
+    """Median seconds of `fn()` over `reps` runs after one warm-up."""
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def measure_copies(dev: torch.device, nbytes: int, reps: int) -> dict:
+    """Bytes per second of host->device and device->host copies, pinned and pageable, and of a
+    cache store (device tensor into a slice of a larger pageable host tensor)."""
+    sync, cuda = _sync(dev), dev.type == "cuda"
+    n = nbytes // 2
+    src_dev = torch.ones(n, dtype=torch.float16, device=dev)
+    out = {}
+    for pinned in (True, False) if cuda else (False,):
+        host = torch.ones(n, dtype=torch.float16, pin_memory=pinned)
+        dst_dev = torch.empty_like(src_dev)
+        kind = "pinned" if pinned else "pageable"
+        out[f"h2d_{kind}"] = nbytes / _timed(lambda: dst_dev.copy_(host, non_blocking=pinned), reps, sync)
+        out[f"d2h_{kind}"] = nbytes / _timed(lambda: host.copy_(src_dev, non_blocking=pinned), reps, sync)
+    rows = 8
+    seq = max(1, n // (rows * 1024))
+    cache = torch.empty(rows, seq * 2, 1024, dtype=torch.float16)
+    new = src_dev[:rows * seq * 1024].view(rows, seq, 1024)
+    out["d2h_cache"] = new.numel() * 2 / _timed(lambda: cache[:, :seq].copy_(new), reps, sync)
+    if not cuda:
+        out["h2d_pinned"], out["d2h_pinned"] = out["h2d_pageable"], out["d2h_pageable"]
+    return out
+
+
+def measure_host_memory(nbytes: int, reps: int) -> dict:
+    """Host memory bandwidth: a copy reads and writes every byte."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return {"cpu_mem_bytes_s": 2 * nbytes / _timed(lambda: dst.copy_(src), reps, lambda: None)}
+
+
+def _direct_io(path: str, nbytes: int, chunk: int, direct: bool) -> tuple[float, float]:
+    """(write, read) bytes per second of a file of `nbytes` written and read back in `chunk`s."""
+    flag = os.O_DIRECT if direct else 0
+    buf = mmap.mmap(-1, chunk)                      # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(4096) * (chunk // 4096))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o600)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(nbytes // chunk):
+            os.write(fd, buf)
+        os.fsync(fd)
+        write = nbytes / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    fd = os.open(path, os.O_RDONLY | flag)
+    try:
+        if not direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        while os.readv(fd, [buf]) > 0:
+            pass
+        read = nbytes / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return write, read
+
+
+def measure_disk(folder: str, nbytes: int) -> dict:
+    """Disk read and write bandwidth in `folder`, with O_DIRECT where the filesystem allows it."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f".flexgen_repro_profile_{os.getpid()}.bin")
+    chunk = 16 << 20
+    nbytes = max(chunk, nbytes // chunk * chunk)
+    try:
+        try:
+            write, read = _direct_io(path, nbytes, chunk, direct=hasattr(os, "O_DIRECT"))
+            mode = "O_DIRECT" if hasattr(os, "O_DIRECT") else "buffered"
+        except OSError as e:
+            warnings.warn(f"O_DIRECT refused in {folder} ({e.strerror}); measuring buffered I/O "
+                          "with the page cache dropped, which may overstate the drive's speed")
+            write, read = _direct_io(path, nbytes, chunk, direct=False)
+            mode = "buffered"
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    return {"disk_write": write, "disk_read": read, "disk_mode": mode, "disk_test_bytes": nbytes}
+
+
+def _attention(q, k, v):
+    scores = q @ k.transpose(-1, -2)
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+
+
+def measure_compute(dev: torch.device, big: bool, reps: int) -> dict:
+    """Flop/s of fp16 matmul and attention on `dev` (fp32 on a host-backed GPU), and its memory
+    bandwidth (a device-to-device copy reads and writes every byte)."""
+    sync = _sync(dev)
+    dt = torch.float16 if dev.type == "cuda" else torch.float32
+    h, m_pre, m_dec, heads = (8192, 4096, 512, 64) if big else (1024, 512, 64, 8)
+    w = torch.randn(h, h, dtype=dt, device=dev)
+    out = {}
+    for name, m in (("mm_prefill", m_pre), ("mm_decode", m_dec)):
+        x = torch.randn(m, h, dtype=dt, device=dev)
+        out[name] = 2 * m * h * h / _timed(lambda: x @ w, reps, sync)
+    b, s, hd = (8, 512, h // heads) if big else (2, 256, h // heads)
+    q = torch.randn(b, heads, s, hd, dtype=dt, device=dev)
+    out["bmm_prefill"] = 4 * b * s * s * h / _timed(lambda: _attention(q, q, q), reps, sync)
+    b, ctx = (64, 1024) if big else (8, 512)
+    q, kv = (torch.randn(b, heads, n, hd, dtype=dt, device=dev) for n in (1, ctx))
+    out["bmm_decode"] = 4 * b * ctx * h / _timed(lambda: _attention(q, kv, kv), reps, sync)
+    buf = torch.empty((2 << 30) if big else (128 << 20), dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(buf)
+    out["mem_bw"] = 2 * buf.numel() / _timed(lambda: dst.copy_(buf), reps, sync)
+    out["dequant"] = _dequant_rate(dev, (256 << 20) if big else (16 << 20), reps)
+    return out
+
+
+def _dequant_rate(dev: torch.device, n_values: int, reps: int) -> float:
+    """fp16 bytes per second out of a 4-bit group-wise (64) dequantization written in torch ops."""
+    sync, groups = _sync(dev), n_values // 64
+    data = torch.randint(0, 255, (groups, 32), dtype=torch.uint8, device=dev)
+    scale = torch.rand(groups, 1, dtype=torch.float16, device=dev)
+    mn = torch.rand(groups, 1, dtype=torch.float16, device=dev)
+
+    def run():
+        codes = torch.cat([data & 15, data >> 4], dim=1).to(torch.float16)
+        return codes * scale + mn
+    return 2 * n_values / _timed(run, reps, sync)
+
+
+def measure_step_overhead(dev: torch.device, reps: int) -> float:
+    """Seconds of one tiny (layer, GPU batch) step: the kernels of an attention or an MLP step on
+    one token of a narrow layer, a copy-thread round trip and a synchronization (mean of the two)."""
+    sync, dt = _sync(dev), torch.float16 if dev.type == "cuda" else torch.float32
+    h, heads = 256, 4
+    w, w1, w2 = (torch.randn(*shape, dtype=dt, device=dev) for shape in ((h, h), (4 * h, h), (h, 4 * h)))
+    x = torch.randn(1, 1, h, dtype=dt, device=dev)
+    cache = torch.randn(1, heads, 16, h // heads, dtype=dt, device=dev)
+    norm = torch.nn.functional.layer_norm
+    with ThreadPoolExecutor(1) as pool:
+        def attention_step():
+            pool.submit(lambda: None).result()
+            hn = norm(x, (h,))
+            q, k, v = ((hn @ w).view(1, 1, heads, -1).transpose(1, 2) for _ in range(3))
+            k, v = torch.cat([cache, k], dim=2), torch.cat([cache, v], dim=2)
+            return (_attention(q, k, v).transpose(1, 2).reshape(1, 1, h) @ w) + x
+
+        def mlp_step():
+            pool.submit(lambda: None).result()
+            return torch.relu(norm(x, (h,)) @ w1.t()) @ w2.t() + x
+        return (_timed(attention_step, reps, sync) + _timed(mlp_step, reps, sync)) / 2
+
+
+def measure_cpu(big: bool, reps: int) -> dict:
+    """CPU attention (fp16 cache upcast to fp32, decode-shaped) and CPU matmul per dtype."""
+    h, heads, b, ctx = (4096, 32, 8, 1024) if big else (1024, 8, 4, 256)
+    q = torch.randn(b, heads, 1, h // heads, dtype=torch.float16)
+    kv = torch.randn(b, heads, ctx, h // heads, dtype=torch.float16)
+    t = _timed(lambda: _attention(q.float(), kv.float(), kv.float()), reps, lambda: None)
+    out = {"cpu_attention": 4 * b * ctx * h / t}
+    for dt, n in ((torch.float32, 1024 if big else 512), (torch.bfloat16, 128), (torch.float16, 128)):
+        a = torch.randn(n, n, dtype=dt)
+        out[f"cpu_mm_{str(dt).split('.')[-1]}"] = 2 * n ** 3 / _timed(lambda: a @ a, 2, lambda: None)
+    return out
+
+
+def measure_memory(offload_dir: str, gpu_mem_gb: float | None) -> dict:
+    """Usable bytes of each tier (after the headrooms above)."""
+    cpu = psutil.virtual_memory().available * CPU_HEADROOM
+    disk = shutil.disk_usage(offload_dir).free * DISK_HEADROOM
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        gpu = min(free, gpu_mem_gb * GIB) if gpu_mem_gb else free
+        gpu *= GPU_HEADROOM
+    else:
+        gpu, total = cpu, psutil.virtual_memory().total
+    return {"gpu_mem": gpu, "cpu_mem": cpu, "disk_mem": disk, "gpu_total": total}
+
+
+def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfile:
+    """Measure this machine (see the module docstring)."""
+    start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    offload_dir = os.path.expanduser(offload_dir)
+    os.makedirs(offload_dir, exist_ok=True)
+    m = measure_memory(offload_dir, gpu_mem_gb)
+    m.update(measure_copies(dev, (1 << 30) if cuda else (64 << 20), 5 if cuda else 3))
+    m.update(measure_host_memory((1 << 30) if cuda else (128 << 20), 5 if cuda else 3))
+    m.update(measure_disk(offload_dir, min((2 << 30) if cuda else (128 << 20), int(m["disk_mem"] / 4))))
+    m.update(measure_compute(dev, cuda, 10 if cuda else 3))
+    m.update(measure_cpu(cuda, 5 if cuda else 3))
+    m["step_overhead"] = measure_step_overhead(dev, 50)
+    cpu_name = platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(dev) if cuda else f"host-backed ({cpu_name})"
+    m.update(device=name, torch=torch.__version__, host=platform.node(), seconds=time.perf_counter() - start,
+             gpu_mem_cap_gb=gpu_mem_gb)
+    return HardwareProfile(
+        name="local", gpu_mem_bytes=m["gpu_mem"], cpu_mem_bytes=m["cpu_mem"], disk_mem_bytes=m["disk_mem"],
+        cpu_to_gpu_bytes_s=m["h2d_pinned"], cpu_to_gpu_pageable_bytes_s=m["h2d_pageable"],
+        gpu_to_cpu_cache_bytes_s=m["d2h_cache"], gpu_to_cpu_hidden_bytes_s=m["d2h_pageable"],
+        disk_to_cpu_bytes_s=m["disk_read"], cpu_to_disk_cache_bytes_s=m["disk_write"],
+        cpu_to_disk_bytes_s=m["disk_write"], gpu_mem_bw_bytes_s=m["mem_bw"],
+        gpu_mm_prefill_flop_s=m["mm_prefill"], gpu_mm_decode_flop_s=m["mm_decode"],
+        gpu_bmm_prefill_flop_s=m["bmm_prefill"], gpu_bmm_decode_flop_s=m["bmm_decode"],
+        cpu_attention_flop_s=m["cpu_attention"], gpu_dequant_bytes_s=m["dequant"],
+        gpu_step_overhead_s=m["step_overhead"], gpu_headroom=GPU_HEADROOM if cuda else 1.0,
+        cpu_mm_flop_s=m["cpu_mm_float32"], host_backed_gpu=not cuda,
+        description=f"measured on {name} ({m['host']}) in {m['seconds']:.0f} s",
+        sources={"all": f"flexgen_repro.cost_model.profile, disk I/O {m['disk_mode']} in {offload_dir}"},
+        measurements=m)
+
+
+def format_table(profile: HardwareProfile) -> str:
+    """The profile as an aligned two-column table (GiB, GiB/s, TFLOP/s)."""
+    rows = []
+    for key, value in profile.to_json().items():
+        if key.endswith("_bytes"):
+            rows.append((key, f"{value / GIB:10.2f} GiB"))
+        elif key.endswith("_bytes_s"):
+            rows.append((key, f"{value / GIB:10.3f} GiB/s"))
+        elif key.endswith("_flop_s"):
+            rows.append((key, f"{value / 1e12:10.4f} TFLOP/s"))
+        elif key == "gpu_step_overhead_s":
+            rows.append((key, f"{value * 1e6:10.1f} us"))
+        elif key in ("name", "host_backed_gpu", "description"):
+            rows.append((key, str(value)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(offload_dir: str = "~/flexllmgen_offload_dir", out: str | None = None,
+         gpu_mem_gb: float | None = None) -> int:
+    """Measure, print the table, save the JSON (default ~/.cache/flexgen_repro/hardware_local.json)."""
+    try:
+        profile = measure(offload_dir, gpu_mem_gb)
+    except OSError as e:
+        print(f"error: could not measure in {offload_dir}: {e}; pass --offload-dir on a writable drive",
+              file=sys.stderr)
+        return 2
+    path = save_profile(profile, out or LOCAL_PROFILE)
+    print(format_table(profile))
+    print(f"saved {path} (use it with --hardware local or --hardware {path})")
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m flexgen_repro.cost_model.profile", description=__doc__)
+    p.add_argument("--offload-dir", default="~/flexllmgen_offload_dir")
+    p.add_argument("--out", default=None)
+    p.add_argument("--gpu-mem-gb", type=float, default=None, help="cap the GPU memory (GiB), e.g. 16")
+    a = p.parse_args()
+    sys.exit(main(a.offload_dir, a.out, a.gpu_mem_gb))

@@ -1,0 +1,161 @@
+"""Hand-worked cases of the cost model's equations on a toy model and a profile of round numbers.
+
+Every expected number below is worked from first principles (parameter counts, bytes, flops) in
+the test itself, not taken from the module under test. Times are compared with rel=1e-9: the
+model is arithmetic on the same quantities, so only floating-point round-off may differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from flexgen_repro.config import OptConfig
+from flexgen_repro.cost_model.equations import build_step_model, compression_ratio
+from flexgen_repro.cost_model.hardware import GIB, HardwareProfile
+from flexgen_repro.cost_model.predict import evaluate_policy
+from flexgen_repro.policy import CompressionConfig, Policy
+
+EXACT = 1e-9          # relative: same arithmetic, round-off only
+
+# toy OPT: 2 layers, hidden 64, 2 heads, ffn 256, vocab 1000, 128 positions, fp16
+L, H, F, V, POS = 2, 64, 256, 1000, 128
+TOY = OptConfig(name="toy", num_hidden_layers=L, n_head=2, hidden_size=H, input_dim=H,
+                ffn_embed_dim=F, max_seq_len=POS, vocab_size=V)
+# one layer: q, k, v, out (4 H^2 + 4 H), fc1 and fc2 (2 H F + F + H), two layer norms (4 H)
+LAYER_PARAMS = 4 * H * H + 4 * H + 2 * H * F + F + H + 4 * H
+MODEL_BYTES = 2 * (L * LAYER_PARAMS + V * H + (POS + 2) * H + 2 * H)
+
+
+def round_profile(**changes) -> HardwareProfile:
+    """Every link 1 GB/s, GPU matmul 1 TFLOP/s, batched matmul 0.1, CPU 0.01; memory plentiful."""
+    base = dict(
+        name="round", gpu_mem_bytes=64 * GIB, cpu_mem_bytes=64 * GIB, disk_mem_bytes=64 * GIB,
+        cpu_to_gpu_bytes_s=1e9, cpu_to_gpu_pageable_bytes_s=1e9, gpu_to_cpu_cache_bytes_s=1e9,
+        gpu_to_cpu_hidden_bytes_s=1e9, disk_to_cpu_bytes_s=1e9, cpu_to_disk_cache_bytes_s=1e9,
+        cpu_to_disk_bytes_s=1e9, gpu_mem_bw_bytes_s=1e18, gpu_mm_prefill_flop_s=1e12,
+        gpu_mm_decode_flop_s=1e12, gpu_bmm_prefill_flop_s=1e11, gpu_bmm_decode_flop_s=1e11,
+        cpu_attention_flop_s=1e10, gpu_dequant_bytes_s=1e11)
+    base.update(changes)
+    return HardwareProfile(**base)
+
+
+def policy(pct, b=4, k=1, **switches) -> Policy:
+    return Policy(gpu_batch_size=b, num_gpu_batches=k, w_gpu_percent=pct[0], w_cpu_percent=pct[1],
+                  cache_gpu_percent=pct[2], cache_cpu_percent=pct[3], act_gpu_percent=pct[4],
+                  act_cpu_percent=pct[5], **switches)
+
+
+def test_toy_byte_count_matches_the_config():
+    assert TOY.layer_params() == LAYER_PARAMS
+    assert TOY.model_bytes() == MODEL_BYTES
+
+
+def test_all_on_gpu_is_compute_bound_at_the_profiles_rates():
+    s, n, b, k = 16, 8, 4, 2
+    pred = evaluate_policy(TOY, policy((100, 0, 100, 0, 100, 0), b, k), round_profile(), s, n)
+    B = b * k
+    # prefill: every prompt token through every layer, logits of the last token, causal attention
+    # counted in full (QK^T and AV: 4 s^2 H flops per sequence per layer)
+    prefill = B * (L * s * 2 * LAYER_PARAMS + 2 * V * H) / 1e12 + L * B * 4 * s * s * H / 1e11
+    # decode: one token per sequence; attention over the average length s + n/2
+    step = B * (L * 2 * LAYER_PARAMS + 2 * V * H) / 1e12 + L * B * 4 * (s + n / 2) * H / 1e11
+    assert pred.prefill_time == pytest.approx(prefill, rel=EXACT)
+    assert pred.decode_step_time == pytest.approx(step, rel=EXACT)
+    assert pred.throughput == pytest.approx(B * n / (prefill + (n - 1) * step), rel=EXACT)
+    assert pred.prefill_bound == pred.decode_bound == "comp"
+    for terms in (pred.prefill_terms, pred.decode_terms):
+        assert all(terms[t] == 0 for t in ("ctog", "gtoc", "dtoc", "ctod"))
+    assert pred.peak_memory["cpu"] == pred.peak_memory["disk"] == 0
+
+
+def test_all_weights_on_cpu_decode_step_is_weight_bytes_over_host_to_gpu_bandwidth():
+    fast = round_profile(gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18)
+    pred = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1), fast, 16, 8)
+    assert pred.decode_bound == "ctog"
+    assert pred.decode_step_time == pytest.approx(MODEL_BYTES / 1e9, rel=EXACT)
+    # unpinned weights cross at the pageable rate
+    slow = dataclasses.replace(fast, cpu_to_gpu_pageable_bytes_s=0.25e9)
+    pred = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1, pin_weight=False), slow, 16, 8)
+    assert pred.decode_step_time == pytest.approx(MODEL_BYTES / 0.25e9, rel=EXACT)
+
+
+def test_disk_weights_are_read_from_disk_then_cross_to_the_gpu():
+    hw = round_profile(gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18, disk_to_cpu_bytes_s=0.1e9)
+    pred = evaluate_policy(TOY, policy((0, 0, 100, 0, 100, 0), b=1), hw, 16, 8)
+    assert pred.decode_bound == "dtoc"
+    assert pred.decode_step_time == pytest.approx(MODEL_BYTES / 0.1e9, rel=EXACT)
+    assert pred.decode_terms["ctog"] * L == pytest.approx(MODEL_BYTES / 1e9, rel=EXACT)
+    assert pred.peak_memory["disk"] == pytest.approx(MODEL_BYTES, rel=EXACT)
+
+
+def test_cache_on_cpu_moves_to_the_gpu_or_is_attended_on_the_cpu():
+    s, n, b = 32, 8, 4
+    hw = round_profile(gpu_mm_decode_flop_s=1e18)
+    weights_gpu = (100, 0, 0, 100, 100, 0)
+    moved = evaluate_policy(TOY, policy(weights_gpu, b), hw, s, n)
+    # K and V (2 H fp16 values) of every attended token of every sequence, per layer, at 1 GB/s
+    per_layer_read = b * (s + n / 2) * 2 * H * 2
+    assert moved.decode_terms["ctog"] == pytest.approx(per_layer_read / 1e9, rel=EXACT)
+    cpu = evaluate_policy(TOY, policy(weights_gpu, b, cpu_cache_compute=True), hw, s, n)
+    # only q goes out and the attention output comes back (b H fp16 each way)
+    assert cpu.decode_terms["ctog"] == pytest.approx(b * H * 2 / 1e9, rel=EXACT)
+    attn_flops = b * 4 * (s + n / 2) * H
+    assert cpu.decode_terms["comp"] == pytest.approx(attn_flops / 1e10, rel=EXACT)
+    # new K and V entries go to their CPU home either way
+    assert cpu.decode_terms["gtoc"] == pytest.approx((b * 2 * H * 2 + b * H * 2) / 1e9, rel=EXACT)
+
+
+def test_compression_ratio_of_4bit_groups_of_64_in_fp16():
+    # 64 values: 32 bytes of codes + fp16 scale and min (4 bytes) instead of 128 bytes
+    assert compression_ratio(CompressionConfig(4, 64, 0, False), 2) == pytest.approx(36 / 128, rel=EXACT)
+    hw = round_profile(gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18, gpu_dequant_bytes_s=1e18)
+    plain = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1), hw, 16, 8)
+    packed = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1, compress_weight=True), hw, 16, 8)
+    matrices = L * (4 * H * H + 2 * H * F) + V * H + (POS + 2) * H
+    expected = (MODEL_BYTES - 2 * matrices * (1 - 36 / 128)) / 1e9
+    assert packed.decode_step_time == pytest.approx(expected, rel=EXACT)
+    assert packed.decode_step_time < 0.35 * plain.decode_step_time
+
+
+def test_without_overlap_the_terms_add_up():
+    hw = round_profile()
+    x = policy((0, 100, 0, 100, 0, 100), b=2)
+    on, off = (evaluate_policy(TOY, dataclasses.replace(x, overlap=o), hw, 16, 8) for o in (True, False))
+    assert off.decode_step_time == pytest.approx(L * sum(on.decode_terms.values()), rel=EXACT)
+    assert on.decode_step_time == pytest.approx(L * max(on.decode_terms.values()), rel=EXACT)
+
+
+def test_memory_homes_follow_the_placement():
+    s, n, b, k = 16, 8, 2, 3
+    cache = 2 * b * k * (s + n) * H * 2 * L          # K and V of every token, every layer, fp16
+    assert cache == TOY.cache_bytes(b * k, s + n)
+    model = build_step_model(TOY, policy((100, 0, 100, 0, 100, 0), b, k), s, n, round_profile())
+    on_disk = [0, 0, 1, 0, 0, 1, 1, 0, 0]               # weights and cache on disk, hidden on GPU
+    assert model.memory["disk"](on_disk) == pytest.approx(MODEL_BYTES + cache, rel=EXACT)
+    all_gpu = [1, 0, 0, 1, 0, 0, 1, 0, 0]
+    assert model.memory["gpu_decode"](all_gpu) > MODEL_BYTES + cache
+    assert model.memory["cpu_decode"](all_gpu) == 0
+
+
+def test_a_limit_exceeded_is_reported_by_tier():
+    tight = round_profile(gpu_mem_bytes=MODEL_BYTES / 2)
+    pred = evaluate_policy(TOY, policy((100, 0, 100, 0, 100, 0)), tight, 16, 8)
+    assert pred.over == ("gpu",) and not pred.feasible
+
+
+def test_prompt_plus_generation_beyond_positions_is_refused():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        evaluate_policy(TOY, policy((100, 0, 100, 0, 100, 0)), round_profile(), 120, 16)
+
+
+def test_fixed_step_overhead_is_paid_per_layer_step_and_gpu_batch():
+    s, n, b, k = 16, 8, 4, 3
+    pol = policy((100, 0, 100, 0, 100, 0), b, k)
+    base = evaluate_policy(TOY, pol, round_profile(), s, n)
+    slow = evaluate_policy(TOY, pol, round_profile(gpu_step_overhead_s=1e-3), s, n)
+    # sep_layer: attention and MLP are two steps per transformer layer, plus the two embedding
+    # steps, for each of the k GPU batches, at every token
+    steps = k * (2 * L + 2)
+    assert slow.decode_step_time - base.decode_step_time == pytest.approx(steps * 1e-3, rel=EXACT)
+    assert slow.prefill_time - base.prefill_time == pytest.approx(steps * 1e-3, rel=EXACT)

@@ -1,0 +1,193 @@
+"""Hardware profiles (files, the t4-paper constants, measurement), `invoke policy`'s command line
+and the calibration report."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import errno
+import json
+import os
+import statistics
+
+import pytest
+
+from flexgen_repro.config import get_opt_config
+from flexgen_repro.cost_model import calibrate, cli, hardware, profile
+from flexgen_repro.cost_model.hardware import GIB, load_profile, profile_from_dict, save_profile
+from flexgen_repro.cost_model.predict import evaluate_policy
+
+# The constants of the paper's cost model (shared/reference/README.md), in GB/s and TFLOP/s.
+PAPER_CONSTANTS = {
+    "cpu_to_gpu_bytes_s": 12.89, "gpu_to_cpu_cache_bytes_s": 0.97, "gpu_to_cpu_hidden_bytes_s": 4.82,
+    "cpu_to_disk_cache_bytes_s": 0.746, "cpu_to_disk_bytes_s": 2.015,
+    "gpu_mm_prefill_flop_s": 21.24, "gpu_mm_decode_flop_s": 4.3, "gpu_bmm_prefill_flop_s": 9.97,
+    "gpu_bmm_decode_flop_s": 0.079, "cpu_attention_flop_s": 0.0123,
+}
+
+
+def test_t4_paper_profile_carries_the_papers_constants():
+    t4 = load_profile("t4-paper")
+    for key, value in PAPER_CONSTANTS.items():
+        unit = GIB if key.endswith("_bytes_s") else 1e12
+        assert getattr(t4, key) == pytest.approx(value * unit, rel=1e-12), key
+    assert t4.disk_to_cpu_bytes_s == pytest.approx(2.0 * GIB)    # paper section 6; see its sources
+    assert t4.gpu_mem_bytes == 15 * GIB and not t4.host_backed_gpu
+    assert "disk_to_cpu" in t4.sources
+
+
+def test_profile_round_trips_and_rejects_unknown_keys(tmp_path):
+    t4 = load_profile("t4-paper")
+    path = save_profile(dataclasses.replace(t4, name="copy"), str(tmp_path / "p.json"))
+    assert load_profile(path) == dataclasses.replace(t4, name="copy")
+    data = t4.to_json()
+    data["cpu_to_gpu_gbps"] = 1.0
+    with pytest.raises(ValueError, match="unknown keys \\['cpu_to_gpu_gbps'\\]"):
+        profile_from_dict(data)
+    data = t4.to_json()
+    data["disk_to_cpu_bytes_s"] = 0
+    with pytest.raises(ValueError, match="disk_to_cpu_bytes_s must be a number > 0"):
+        profile_from_dict(data)
+
+
+def test_local_profile_missing_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="invoke profile-hardware"):
+        load_profile("local")
+    with pytest.raises(ValueError, match="unknown hardware profile 'h200'"):
+        load_profile("h200")
+
+
+def test_memory_caps_replace_tiers_in_gib():
+    t4 = load_profile("t4-paper").with_memory(gpu_gb=16, disk_gb=0)
+    assert t4.gpu_mem_bytes == 16 * GIB and t4.disk_mem_bytes == 0
+    assert t4.cpu_mem_bytes == 204 * GIB and "gpu=16GiB" in t4.name
+    measured = dataclasses.replace(t4, gpu_headroom=0.94)       # a measured profile's allocator slack
+    assert measured.with_memory(gpu_gb=16).gpu_mem_bytes == pytest.approx(16 * 0.94 * GIB, rel=1e-12)
+
+
+def test_measure_on_this_machine_writes_a_loadable_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert profile.main(offload_dir=str(tmp_path / "offload"), out=None) == 0
+    measured = load_profile("local")
+    assert measured.name == "local"
+    for key in hardware.RATE_FIELDS:
+        assert getattr(measured, key) > 0
+    if not measured.host_backed_gpu:
+        pytest.skip("the host-backed checks below are for machines without CUDA")
+    assert measured.gpu_mem_bytes == measured.cpu_mem_bytes
+    assert measured.measurements["disk_mode"] in ("O_DIRECT", "buffered")
+    assert not os.listdir(tmp_path / "offload")          # the test file is removed
+
+
+def test_disk_measurement_falls_back_to_buffered_where_o_direct_is_refused(tmp_path, monkeypatch):
+    real = profile._direct_io
+
+    def refuse_direct(path, nbytes, chunk, direct):     # as tmpfs does on older kernels
+        if direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, nbytes, chunk, direct)
+    monkeypatch.setattr(profile, "_direct_io", refuse_direct)
+    with pytest.warns(UserWarning, match="O_DIRECT refused"):
+        out = profile.measure_disk(str(tmp_path), 16 << 20)
+    assert out["disk_mode"] == "buffered" and out["disk_read"] > 0 and out["disk_write"] > 0
+    assert not os.listdir(tmp_path)
+
+
+def test_policy_prints_flags_that_parse_back_to_the_same_policy(capsys):
+    assert cli.main("opt-30b", "t4-paper", 512, 32) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("--percent ")
+    assert cli.main("opt-30b", "t4-paper", 512, 32, as_json=True) == 0
+    data = json.loads(capsys.readouterr().out)
+    policy, _ = cli.parse_flags(first)
+    assert list(policy.percent) == data["percent"] and len(data["percent"]) == 6
+    assert policy.gpu_batch_size == data["gpu_batch_size"]
+    assert policy.num_gpu_batches == data["num_gpu_batches"]
+    assert policy.cpu_cache_compute == data["cpu_cache_compute"]
+    for key in ("compress_weight", "compress_cache", "predicted_throughput", "prefill_bound",
+                "decode_bound", "peak_memory_gib"):
+        assert key in data
+
+
+def test_evaluate_matches_the_python_api(capsys):
+    flags = "--percent 20 80 0 100 0 100 --gpu-batch-size 48 --num-gpu-batches 3 --cpu"
+    assert cli.main("opt-30b", "t4-paper", 512, 32, evaluate=flags, as_json=True) == 0
+    data = json.loads(capsys.readouterr().out)
+    policy, _ = cli.parse_flags(flags)
+    assert policy.cpu_cache_compute                            # --cpu is --cpu-cache-compute
+    pred = evaluate_policy(get_opt_config("opt-30b"), policy, load_profile("t4-paper"), 512, 32)
+    assert data["predicted_throughput"] == pytest.approx(pred.throughput, rel=1e-12)
+    assert data["percent"] == [20, 80, 0, 100, 0, 100] and data["fits"] == pred.feasible
+
+
+@pytest.mark.parametrize("flags,message", [("--percent auto", "not `auto`"),
+                                           ("--percent 1 2 3", "six numbers"),
+                                           ("--percnt 1 2", "unrecognized arguments: --percnt"),
+                                           ("--percent 90 20 0 100 0 100", "at most 100")])
+def test_evaluate_rejects_bad_flags_with_a_clear_message(flags, message, capsys):
+    assert cli.main("opt-30b", "t4-paper", 512, 32, evaluate=flags) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_does_not_fit_exits_1_naming_the_tier(capsys):
+    assert cli.main("opt-175b", "t4-paper", 512, 32, as_json=True, gpu_mem_gb=0.5) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["tier"] == "gpu" and "does not fit" in data["error"]
+
+
+def _synthetic_records(factors):
+    """Measured = predicted / factor, so the relative errors are |factor - 1| by construction."""
+    t4 = load_profile("t4-paper")
+    cases = [("opt-6.7b", "100 0 100 0 100 0", 2, 1, 0), ("opt-30b", "20 80 0 100 0 100", 48, 3, 1),
+             ("opt-30b", "0 100 0 100 0 100", 16, 4, 0), ("opt-6.7b", "50 50 100 0 100 0", 8, 2, 0)]
+    records = []
+    for (model, pct, b, k, cpu), factor in zip(cases, factors):
+        rec = dict(model=model, prompt_len=512, gen_len=32, percent=pct, gpu_batch_size=b,
+                   num_gpu_batches=k, cpu_cache_compute=cpu, compress_weight=0, compress_cache=0)
+        rec["total_throughput"] = calibrate.predict_record(rec, t4).throughput / factor
+        records.append(rec)
+    return records, t4
+
+
+def test_calibration_report_on_synthetic_records(tmp_path):
+    factors = (1.1, 0.8, 1.5, 1.0)
+    records, t4 = _synthetic_records(factors)
+    out = calibrate.write_report(records, t4, str(tmp_path))
+    errors = [abs(f - 1) for f in factors]     # |pred - meas| / meas with pred = factor * meas
+    assert out["median_rel_error"] == pytest.approx(statistics.median(errors), rel=1e-9)
+    assert out["worst_rel_error"] == pytest.approx(0.5, rel=1e-9)
+    assert out["n"] == 4 and "opt-30b 0 100 0 100 0 100 16x4" == out["worst_case"]
+    with open(out["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["ratio"]) for r in rows] == pytest.approx(list(factors), rel=1e-9)
+    assert f"median relative error {statistics.median(errors):.1%}" in open(out["md"]).read()
+    assert os.path.getsize(out["png"]) > 1000
+    files = tmp_path / "records"
+    files.mkdir()
+    for i, rec in enumerate(records):
+        (files / f"{i}.json").write_text(json.dumps(rec))
+    assert calibrate.load_records([str(files)]) == records
+
+
+def test_fit_recovers_the_fields_that_generated_the_runs():
+    t4 = load_profile("t4-paper")
+    truth = dataclasses.replace(t4, gpu_step_overhead_s=3e-4,
+                                cpu_attention_flop_s=t4.cpu_attention_flop_s / 2)
+    cases = [("opt-1.3b", "100 0 100 0 100 0", 1, 1, 0), ("opt-1.3b", "100 0 100 0 100 0", 8, 1, 0),
+             ("opt-6.7b", "100 0 0 100 100 0", 16, 2, 1), ("opt-30b", "20 80 0 100 0 100", 48, 3, 1)]
+    records = []
+    for model, pct, b, k, cpu in cases:
+        rec = dict(model=model, prompt_len=512, gen_len=32, percent=pct, gpu_batch_size=b,
+                   num_gpu_batches=k, cpu_cache_compute=cpu, compress_weight=0, compress_cache=0)
+        rec["total_throughput"] = calibrate.predict_record(rec, truth).throughput
+        records.append(rec)
+    before = calibrate.summary(calibrate.compare(records, t4))
+    fitted = calibrate.fit_profile(records, t4)
+    after = calibrate.summary(calibrate.compare(records, fitted))
+    assert before["worst_rel_error"] > 0.3
+    # noise-free runs: the fit should land on the generating values (Powell's tolerance ~1e-4)
+    assert fitted.gpu_step_overhead_s == pytest.approx(3e-4, rel=0.01)
+    assert fitted.cpu_attention_flop_s == pytest.approx(truth.cpu_attention_flop_s, rel=0.01)
+    assert after["worst_rel_error"] < 0.01
+    assert fitted.name == "t4-paper-fitted" and "fit" in fitted.sources
+    assert len(calibrate.leave_one_out(records, t4)) == len(records)

@@ -1,0 +1,157 @@
+"""The Triton kernels (flexgen_repro.kernels) against their pure-torch references.
+
+Runs on CUDA. Without CUDA it is skipped, unless TRITON_INTERPRET=1 is set and triton is
+installed: then the same checks run the kernels in Triton's CPU interpreter (slow, tiny sizes),
+which is how they were checked on a machine with no GPU.
+
+Tolerances, as relative error norms ||out - ref|| / ||ref|| with the reference in float32 on the
+same dequantized values:
+  FP16_TOL = 2e-3: fp16 operands and an fp16 result (half an fp16 ulp is 2**-11 = 4.9e-4 relative;
+                   the kernel's fused multiply-adds may move a dequantized weight by one fp16 ulp).
+  FP32_TOL = 1e-5: float32 throughout (IEEE dot products, different summation order).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from flexgen_repro import kernels
+from flexgen_repro.compression import CompressedTensor, compress, decompress
+from flexgen_repro.kernels import reference
+from flexgen_repro.policy import CompressionConfig
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not HAS_TRITON or not (torch.cuda.is_available() or INTERPRET),
+    reason="needs CUDA and triton (or TRITON_INTERPRET=1 with triton installed)")]
+
+FP16_TOL = 2e-3
+FP32_TOL = 1e-5
+TOL = {torch.float16: FP16_TOL, torch.bfloat16: 8 * FP16_TOL, torch.float32: FP32_TOL}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output (an unwritten element?)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def rand(*shape, dtype=torch.float16, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("group_dim,symmetric", [(0, False), (1, False), (0, True)])
+@pytest.mark.parametrize("overrides", [None, {"split": 1}, {"split": 3},
+                                       {"split": 2, "BLOCK_OUT": 64, "BLOCK_K": 128}])
+def test_fused_dequant_linear_matches_reference(m, group_dim, symmetric, overrides):
+    from flexgen_repro.kernels import dequant_matmul
+    n, k = 160, 192  # neither a multiple of a 128 block; 160 = 2.5 groups of 64
+    config = CompressionConfig(4, 64, group_dim, symmetric)
+    w = compress(rand(n, k, seed=1, scale=0.05), config)
+    x, bias = rand(m, k, seed=2), rand(n, seed=3)
+    assert dequant_matmul.supports_fused(x, w)
+    out = dequant_matmul.dequant_linear(x, w, bias, overrides=overrides)
+    ref = reference.dequant_linear(x, w, bias)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    assert rel_err(out, ref) < FP16_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_dequant_linear_other_dtypes_and_batched_input(dtype):
+    from flexgen_repro.kernels import dequant_matmul
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("Triton 3.6's CPU interpreter mis-evaluates tl.dot on bfloat16 (CUDA is fine)")
+    w = compress(rand(128, 128, dtype=dtype, seed=4), CompressionConfig(4, 64, 0, False))
+    x = rand(2, 3, 128, dtype=dtype, seed=5)
+    out = dequant_matmul.dequant_linear(x, w, None)
+    assert out.shape == (2, 3, 128)
+    assert rel_err(out, reference.dequant_linear(x, w, None)) < TOL[dtype]
+
+
+def test_prefill_path_dequantizes_then_matmuls():
+    from flexgen_repro.kernels import dequant_matmul
+    m = dequant_matmul.DECODE_MAX_M + 7
+    w = compress(rand(96, 64, seed=6), CompressionConfig(4, 32, 0, False))
+    x, bias = rand(m, 64, seed=7), rand(96, seed=8)
+    out = dequant_matmul.dequant_linear(x, w, bias)
+    assert rel_err(out, reference.dequant_linear(x, w, bias)) < FP16_TOL
+
+
+@pytest.mark.parametrize("config,shape,dtype", [
+    (CompressionConfig(4, 64, 2, False), (3, 5, 256), torch.float16),   # the KV cache
+    (CompressionConfig(4, 64, 0, False), (200, 48), torch.float16),     # a weight
+    (CompressionConfig(4, 64, 0, True), (130, 3, 4), torch.bfloat16),
+    (CompressionConfig(3, 20, 1, False), (4, 70, 6), torch.float32),
+    (CompressionConfig(2, 16, -1, True), (7, 50), torch.float16),
+    (CompressionConfig(8, 64, 1, False), (5, 64), torch.float16),
+])
+def test_quantize_and_dequantize_kernels_match_reference(config, shape, dtype):
+    from flexgen_repro.kernels import dequant
+    x = rand(*shape, dtype=dtype, seed=9)
+    ref = compress(x, config)
+    got = dequant.quantize(x, config)
+    assert torch.equal(got.scale, ref.scale) and torch.equal(got.mn, ref.mn)
+    codes_differ = (got.data != ref.data).float().mean().item()
+    assert codes_differ <= 1e-3, f"{codes_differ:.2%} of bytes differ from the reference"
+    out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)  # poisoned
+    dequant.dequantize(ref, out=out)
+    expect = decompress(ref)
+    ulp = torch.finfo(dtype).eps * expect.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    assert torch.isfinite(out).all()
+    assert ((out.float() - expect.float()).abs() <= ulp).all()  # FMA vs mul+add: at most 1 ulp
+
+
+@pytest.mark.parametrize("head_dim,heads,seq,block_s", [(128, 2, 70, 32), (64, 3, 17, 16), (128, 1, 130, 64)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fused_decode_attention_matches_reference(head_dim, heads, seq, block_s, with_mask):
+    from flexgen_repro.kernels import compressed_attention
+    b = 2
+    config = CompressionConfig(4, 64, 2, False)
+    k = compress(rand(b, seq, heads * head_dim, seed=10), config)
+    v = compress(rand(b, seq, heads * head_dim, seed=11), config)
+    q = rand(b, heads, head_dim, seed=12)
+    mask = None
+    if with_mask:  # left padding of 0 and 5 positions
+        mask = torch.ones(b, seq, dtype=torch.bool, device=DEVICE)
+        mask[1, :5] = False
+    assert compressed_attention.supports(q, k, v)
+    out = compressed_attention.decode_attention(q, k, v, mask, None, block_s=block_s)
+    ref = reference.decode_attention(q, k, v, mask, None)
+    assert out.shape == (b, heads, head_dim) and out.dtype == q.dtype
+    assert rel_err(out, ref) < FP16_TOL
+
+
+def test_decode_attention_on_a_narrowed_cache_buffer_with_garbage_in_masked_slots():
+    """The runtime preallocates the cache and narrows it to the filled length: strided pieces."""
+    from flexgen_repro.kernels import compressed_attention
+    b, heads, head_dim, seq, cap = 3, 2, 128, 40, 64
+    config = CompressionConfig(4, 64, 2, False)
+    bufs = []
+    for seed in (13, 14):
+        buf = CompressedTensor.empty((b, cap, heads * head_dim), config, torch.float16, DEVICE)
+        buf.scale.fill_(float("nan"))  # poison: masked and unwritten slots must not leak
+        buf.write_(1, 3, compress(rand(b, seq - 3, heads * head_dim, seed=seed), config))
+        bufs.append(buf.narrow(1, 0, seq))
+    mask = torch.ones(b, seq, dtype=torch.bool, device=DEVICE)
+    mask[:, :3] = False
+    q = rand(b, heads, head_dim, seed=15)
+    out = compressed_attention.decode_attention(q, bufs[0], bufs[1], mask, 0.1)
+    ref = reference.decode_attention(q, bufs[0], bufs[1], mask, 0.1)
+    assert rel_err(out, ref) < FP16_TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the dispatchers pick triton on CUDA only")
+def test_dispatchers_pick_the_fused_path_on_cuda():
+    assert kernels.available()
+    w = compress(rand(256, 256, seed=16), CompressionConfig())
+    x = rand(4, 256, seed=17)
+    assert rel_err(kernels.dequant_linear(x, w), reference.dequant_linear(x, w)) < FP16_TOL
+    packed = kernels.quantize(rand(4, 8, 256, seed=18), CompressionConfig(4, 64, 2, False))
+    assert packed.device.type == "cuda"
+    assert rel_err(kernels.dequantize(packed), decompress(packed)) < 1e-3
