@@ -24,9 +24,9 @@ uses the average cache length s + n/2 over the generated tokens. Totals follow t
 Per-layer weight bytes are the model's total (embeddings included) divided by the layer count.
 Memory: weights, cache and activations at home on each tier, plus working buffers (weights of the
 layers in flight, one GPU batch's staged cache and hidden states, the largest intermediate).
-Host->GPU copies of caches, hidden states and disk-staged weights use the pageable rate (the
-runtime keeps those in pageable host memory); CPU-resident weights the pinned one unless
-pin_weight is off.
+Host->GPU copies of caches and hidden states use the pinned rate (the runtime keeps CPU caches
+and activations in pinned memory where CUDA exists); CPU-resident and disk-staged weights the
+pinned one unless pin_weight is off.
 """
 from __future__ import annotations
 
@@ -135,10 +135,10 @@ def model_sizes(config: OptConfig, policy: Policy) -> Sizes:
 
 
 def _host_to_gpu(hw: HardwareProfile, p: Policy) -> tuple[float, float]:
-    """(rate of caches, hidden states and disk-staged weights, which the runtime keeps in pageable
-    host memory; rate of CPU-resident weights, pinned unless pin_weight is off)."""
-    h2d = hw.cpu_to_gpu_pageable_bytes_s
-    return h2d, hw.cpu_to_gpu_bytes_s if p.pin_weight else h2d
+    """(rate of caches and hidden states, which the runtime keeps in pinned host memory; rate of
+    CPU-resident and disk-staged weights, pinned unless pin_weight is off)."""
+    pinned = hw.cpu_to_gpu_bytes_s
+    return pinned, pinned if p.pin_weight else hw.cpu_to_gpu_pageable_bytes_s
 
 
 def _step_overheads(c: OptConfig, p: Policy, hw: HardwareProfile) -> float:
@@ -209,7 +209,8 @@ def _intermediates(c: OptConfig, b: int, q_len: int, kv_len: int) -> float:
     dt, h, heads = c.dtype_bytes, c.hidden_size, c.n_head
     hid = b * q_len * h * dt
     return max(4 * hid,                                           # x, q, k, v
-               2 * b * heads * q_len * kv_len * 4 + 4 * hid,      # scores and probabilities (fp32)
+               b * q_len * kv_len * 2 + 4 * hid,                  # prefill: fused attention, bool mask
+               2 * b * heads * kv_len * 4 + 4 * hid,              # decode: one query's fp32 scores
                b * q_len * c.ffn_embed_dim * dt + 2 * hid,        # MLP inner activation
                2 * b * c.vocab_size * 4)                          # logits of the last token (fp32)
 
