@@ -45,13 +45,14 @@ def verify_weights(c, model, path="~/opt_weights"):
             "out": "results folder (default results/)",
             "path": "weight root for non-dummy cases",
             "offload_dir": "offload folder for disk tiers",
-            "cases": "comma-separated case ids to run (default: all)"})
+            "cases": "comma-separated case ids to run (default: all)",
+            "profile": "bandwidth profile for the limit column (h100-issue7, t4-paper, local, or a JSON file)"})
 def bench(c, suite="", gpu_mem_gb=0.0, out="results", path="~/opt_weights",
-          offload_dir="~/flexllmgen_offload_dir", cases=""):
+          offload_dir="~/flexllmgen_offload_dir", cases="", profile=""):
     """Run a benchmark suite: one process per case, raw JSON, CSV, Markdown and a plot under results/."""
     from flexgen_repro.bench import runner
-    _exit_on(runner.main(suite=suite or None, gpu_mem_gb=gpu_mem_gb or None, out=out, path=path,
-                         offload_dir=offload_dir, cases=cases))
+    _exit_on(runner.main(suite=suite or None, gpu_mem_gb=float(gpu_mem_gb) or None, out=out,
+                         path=path, offload_dir=offload_dir, cases=cases, profile=profile or None))
 
 
 @task(help={"out": "results folder to rebuild tables and plots in (default results/)"})

@@ -1,0 +1,271 @@
+"""`invoke bench`: run a suite's cases, each in its own process, into results/<suite>/.
+
+For every case: skip it (with the memory it needs and the memory there is) when it cannot fit;
+otherwise run `python -m flexgen_repro.flex_opt` (or the accelerate baseline) under a timeout with
+its output captured in logs/<case>.log; then merge the run's JSON record with the case's reference
+figure and ratio, the hardware limit, the hardware, versions and commit, and write raw/<case>.json.
+Tables and the plot are rebuilt from raw/ at the end (tables.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from flexgen_repro.bench import fit, limits, records, suites, tables
+from flexgen_repro.bench.suites import Case
+
+DUMMY = "_DUMMY_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where a run reads and writes, and the machine-wide GPU cap (overrides the suite's)."""
+    out: str
+    path: str
+    offload_dir: str
+    gpu_mem_gb: float | None = None
+    python: str = sys.executable
+    profile: str | None = None
+
+    def cap(self, case: Case) -> float | None:
+        return self.gpu_mem_gb or case.gpu_mem_gb
+
+    def weight_path(self, case: Case) -> str:
+        return DUMMY if case.weights == "dummy" or self.path == DUMMY else self.path
+
+
+CommandBuilder = Callable[[Case, Settings, str, str], list[str]]
+
+
+def _flag(name: str, value: bool) -> list[str]:
+    return [name, "true" if value else "false"]
+
+
+def flexgen_command(case: Case, s: Settings, json_file: str, log_file: str) -> list[str]:
+    """The flex_opt command line of a case."""
+    cmd = [s.python, "-m", "flexgen_repro.flex_opt", "--model", case.model,
+           "--path", s.weight_path(case), "--offload-dir", s.offload_dir,
+           "--prompt-len", str(case.prompt_len), "--gen-len", str(case.gen_len),
+           "--percent", *case.percent.split()]
+    if case.gpu_batch_size is not None:
+        cmd += ["--gpu-batch-size", str(case.gpu_batch_size)]
+    if case.num_gpu_batches is not None:
+        cmd += ["--num-gpu-batches", str(case.num_gpu_batches)]
+    cmd += [*_flag("--overlap", case.overlap), *_flag("--sep-layer", case.sep_layer),
+            *_flag("--pin-weight", case.pin_weight)]
+    cmd += [flag for flag, on in (("--cpu-cache-compute", case.cpu_cache_compute),
+                                  ("--compress-weight", case.compress_weight),
+                                  ("--compress-cache", case.compress_cache)) if on]
+    if case.attn_sparsity != 1.0:
+        cmd += ["--attn-sparsity", f"{case.attn_sparsity:g}"]
+    if case.dtype != "float16":
+        cmd += ["--dtype", case.dtype]
+    if s.cap(case):
+        cmd += ["--gpu-mem-gb", f"{s.cap(case):g}"]
+    return cmd + ["--json-file", json_file, "--log-file", log_file]
+
+
+def accelerate_command(case: Case, s: Settings, json_file: str, log_file: str) -> list[str]:
+    """The HF Accelerate baseline's command line (baselines.py)."""
+    cmd = [s.python, "-m", "flexgen_repro.bench.baselines", "--model", case.model,
+           "--prompt-len", str(case.prompt_len), "--gen-len", str(case.gen_len),
+           "--batch-size", str(case.gpu_batch_size), "--offload-dir", s.offload_dir,
+           "--dtype", case.dtype]
+    if s.cap(case):
+        cmd += ["--gpu-mem-gb", f"{s.cap(case):g}"]
+    return cmd + ["--json-file", json_file, "--log-file", log_file]
+
+
+def default_command(case: Case, s: Settings, json_file: str, log_file: str) -> list[str]:
+    build = accelerate_command if case.runner == "accelerate" else flexgen_command
+    return build(case, s, json_file, log_file)
+
+
+def _run_process(cmd: list[str], log_path: str, timeout_s: float) -> tuple[int | None, float]:
+    """Run `cmd` in its own session with output to `log_path`; (exit code or None on timeout, seconds)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [records.REPO_ROOT, os.environ.get("PYTHONPATH")])))
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    return rc, time.perf_counter() - start
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:]).strip()
+
+
+def case_fields(case: Case) -> dict:
+    """The case's own columns, as a record has them before (or without) a run."""
+    return {"suite": case.suite, "case": case.case, "index": case.index, "runner": case.runner,
+            "model": case.model, "weights": case.weights, "prompt_len": case.prompt_len,
+            "gen_len": case.gen_len, "percent": case.percent, "gpu_batch_size": case.gpu_batch_size,
+            "num_gpu_batches": case.num_gpu_batches, "overlap": case.overlap,
+            "sep_layer": case.sep_layer, "pin_weight": case.pin_weight,
+            "cpu_cache_compute": case.cpu_cache_compute, "compress_weight": case.compress_weight,
+            "compress_cache": case.compress_cache, "attn_sparsity": case.attn_sparsity,
+            "dtype": case.dtype, "paper_throughput": case.paper_throughput,
+            "paper_system": case.paper_system, "paper_measured": case.paper_measured,
+            "paper_source": case.paper_source, "note": case.note}
+
+
+def why_not_run(case: Case, s: Settings, hardware: dict) -> str | None:
+    """The reason a case is skipped (missing weights, or not enough memory), or None."""
+    if case.runner == "accelerate" and importlib.util.find_spec("accelerate") is None:
+        return ("HF Accelerate is not installed in this Python (`pip install accelerate`; it is not "
+                "in requirements.lock): the baseline cannot run here")
+    weights = s.weight_path(case)
+    if weights != DUMMY:
+        folder = os.path.join(weights, f"{case.config().name}-np")
+        if not os.path.isdir(folder):
+            return (f"weights not found at {folder}: run `invoke prepare-weights --model {case.model} "
+                    f"--path {weights}` first, or pass --path {DUMMY} for dummy weights")
+    avail = fit.machine_available(hardware, s.cap(case), s.offload_dir)
+    return fit.skip_reason(fit.case_needs(case), avail)
+
+
+def run_case(case: Case, s: Settings, build: CommandBuilder = default_command) -> dict:
+    """Run one case in its own process; the record is its JSON plus status (ok / failed) and reason."""
+    logs = os.path.join(s.out, case.suite, "logs")
+    os.makedirs(logs, exist_ok=True)
+    json_file = os.path.join(logs, f"{case.case}.child.json")
+    log_file = os.path.join(logs, f"{case.case}.log")
+    if os.path.exists(json_file):
+        os.remove(json_file)
+    cmd = build(case, s, json_file, os.path.join(logs, f"{case.case}.flexgen.log"))
+    rc, wall = _run_process(cmd, log_file, case.timeout_s)
+    out = {"command": cmd, "wall_s": round(wall, 2), "log": os.path.relpath(log_file, s.out)}
+    if rc is None:
+        return {**out, "status": "failed", "reason": f"timed out after {case.timeout_s:g} s",
+                "log_tail": _tail(log_file)}
+    if rc != 0 or not os.path.exists(json_file):
+        tail = _tail(log_file)
+        last = tail.splitlines()[-1] if tail else ""
+        what = f"exit code {rc}" if rc else "no JSON record written"
+        return {**out, "status": "failed", "reason": f"{what}: {last}", "log_tail": tail}
+    with open(json_file) as f:
+        child = json.load(f)
+    os.remove(json_file)
+    return {**child, **out, "status": "ok", "reason": ""}
+
+
+def merge(case: Case, run: dict, context: dict, bw: limits.Bandwidths | None) -> dict:
+    """The raw record: case fields, then the run's figures, then reference ratio, limit and context."""
+    record = {**case_fields(case), **run}
+    for key in ("suite", "case", "index", "runner", "weights", "paper_throughput", "paper_system",
+                "paper_measured", "paper_source", "note"):
+        record[key] = case_fields(case)[key]  # the suite's, never a child's field of the same name
+    record.update(context["git"], hardware=context["hardware"], versions=context["versions"],
+                  timestamp=records.utc_now(), measured=record["status"] == "ok",
+                  gpu_mem_cap_gb=context["cap"], device=run.get("device") or context["device"])
+    ours, paper = record.get("total_throughput"), case.paper_throughput
+    record["ratio"] = ours / paper if ours and paper else None
+    record.update(limit_throughput=None, fraction_of_limit=None, binding_term=None,
+                  limit_terms=None, limit_profile=None)
+    if record["status"] == "ok" and bw is not None:
+        lim = limits.record_limit(record, bw)
+        decode = record.get("decode_throughput")
+        record.update(limit_throughput=lim.throughput, binding_term=lim.binding,
+                      limit_terms=lim.terms, limit_profile=bw.name,
+                      fraction_of_limit=decode / lim.throughput if decode and lim.throughput else None)
+    return record
+
+
+def _summary(i: int, n: int, r: dict) -> str:
+    head = f"[{i}/{n}] {r['case']}: "
+    if r["status"] != "ok":
+        return head + f"{r['status']}: {r['reason']}"
+    text = f"{r['total_throughput']:.2f} tok/s total, {r['decode_throughput']:.2f} decode"
+    if r.get("ratio"):
+        text += f", {r['ratio']:.2f}x the reference {r['paper_throughput']:g}"
+    if r.get("fraction_of_limit"):
+        text += f", {100 * r['fraction_of_limit']:.0f}% of the {r['binding_term']} limit"
+    return head + text + f" ({r['wall_s']:.1f} s)"
+
+
+def run_suite(cases: list[Case], s: Settings, context: dict, build: CommandBuilder = default_command,
+              bw: limits.Bandwidths | None = None) -> list[dict]:
+    """Run (or skip) each case, writing raw/<case>.json as it goes; returns the records."""
+    raw = os.path.join(s.out, cases[0].suite, "raw")
+    os.makedirs(raw, exist_ok=True)
+    out = []
+    for i, case in enumerate(cases, 1):
+        reason = why_not_run(case, s, context["hardware"])
+        ctx = {**context, "cap": s.cap(case)}
+        if reason:
+            run = {"status": "skipped", "reason": reason}
+        else:
+            run = run_case(case, s, build)
+        record = merge(case, run, ctx, bw)
+        with open(os.path.join(raw, f"{case.case}.json"), "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+        print(_summary(i, len(cases), record), flush=True)
+        out.append(record)
+    return out
+
+
+def default_suite(hardware: dict) -> tuple[str, tuple[str, ...]]:
+    """What `invoke bench` runs without --suite: smoke on a machine without a GPU, else a short
+    dummy-weight subset of h100-anchors (suites.DEFAULT_GPU_CASES)."""
+    if hardware.get("cuda_available"):
+        return suites.DEFAULT_GPU_SUITE, suites.DEFAULT_GPU_CASES
+    return suites.DEFAULT_CPU_SUITE, ()
+
+
+def main(suite: str | None, gpu_mem_gb: float | None, out: str, path: str, offload_dir: str,
+         cases: str = "", *, build: CommandBuilder = default_command, profile: str | None = None,
+         probe: Callable[[str], dict] = records.probe) -> int:
+    """Run a suite into `out`/<suite>/; 0 when every case ran or was skipped, 1 when one failed,
+    2 on bad input."""
+    offload_dir = os.path.abspath(os.path.expanduser(offload_dir))
+    path = path if path == DUMMY else os.path.abspath(os.path.expanduser(path))
+    try:
+        if gpu_mem_gb is not None and gpu_mem_gb <= 0:
+            raise ValueError(f"--gpu-mem-gb must be > 0, got {gpu_mem_gb:g}")
+        if suite:
+            suites.suite_file(suite)  # an unknown name fails before the probe
+        os.makedirs(offload_dir, exist_ok=True)
+        probed = probe(offload_dir)
+        if not suite:
+            suite, default_cases = default_suite(probed["hardware"])
+            cases = cases or ",".join(default_cases)
+            print(f"no --suite given: running {suite!r}" + (f" cases {cases}" if cases else ""))
+        selected = suites.select_cases(suites.load_suite(suite), cases)
+        bw = limits.resolve_bandwidths(probed["hardware"], profile)
+    except (ValueError, OSError, RuntimeError, subprocess.SubprocessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    hw = probed["hardware"]
+    context = {"hardware": hw, "versions": probed["versions"], "git": records.git_state(),
+               "device": hw.get("device") or hw.get("gpu_name") or "cpu"}
+    settings = Settings(out=out, path=path, offload_dir=offload_dir, gpu_mem_gb=gpu_mem_gb,
+                        profile=profile)
+    limit_text = f"limits from the {bw.name!r} profile" if bw else \
+        "no limit columns (no GPU bandwidth profile: `invoke profile-hardware` on a GPU machine)"
+    print(f"suite {suite}: {len(selected)} case(s) on {context['device']}; {limit_text}")
+    results = run_suite(selected, settings, context, build, bw)
+    written = tables.write_suite(os.path.join(out, suite))
+    print("wrote " + ", ".join(written))
+    failed = [r["case"] for r in results if r["status"] == "failed"]
+    if failed:
+        print(f"{len(failed)} case(s) failed: {', '.join(failed)} (see {out}/{suite}/logs/)",
+              file=sys.stderr)
+    return 1 if failed else 0

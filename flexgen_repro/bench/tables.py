@@ -1,0 +1,178 @@
+"""Tables and plots of a suite, made only from its raw JSON records (`results/<suite>/raw/*.json`):
+`<suite>.csv` (every column), `<suite>.md` (the contract's columns beside the reference figure,
+ratio and hardware limit, with skip and failure reasons below) and `<suite>.png` (ours against
+the reference, bar chart). `invoke results` rebuilds them for every suite folder.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+CONTRACT_COLUMNS = ("model", "prompt_len", "gen_len", "percent", "gpu_batch_size", "num_gpu_batches",
+                    "compress_weight", "compress_cache", "cpu_cache_compute", "prefill_latency_s",
+                    "decode_throughput", "total_throughput", "peak_gpu_mem_gb", "device", "commit")
+COMPARISON_COLUMNS = ("paper_throughput", "ratio", "limit_throughput", "fraction_of_limit",
+                      "binding_term")
+CSV_COLUMNS = ("case", "status", *CONTRACT_COLUMNS[:9], "overlap", "sep_layer", "pin_weight",
+               "attn_sparsity", "dtype", "gpu_mem_cap_gb", "prefill_latency_s", "decode_latency_s",
+               "total_latency_s", "decode_throughput", "total_throughput", "peak_gpu_mem_gb",
+               "peak_cpu_mem_gb", *COMPARISON_COLUMNS, "limit_profile", "paper_system",
+               "paper_measured", "measured", "runner", "weights", "device", "commit", "dirty",
+               "torch_version", "transformers_version", "cuda_version", "timestamp", "reason")
+MD_COLUMNS = ("case", "status", *CONTRACT_COLUMNS, *COMPARISON_COLUMNS)
+MD_HEADERS = {"prompt_len": "prompt", "gen_len": "gen", "gpu_batch_size": "gpu batch",
+              "num_gpu_batches": "gpu batches", "compress_weight": "4-bit w",
+              "compress_cache": "4-bit cache", "cpu_cache_compute": "CPU attn",
+              "prefill_latency_s": "prefill s", "decode_throughput": "decode tok/s",
+              "total_throughput": "total tok/s", "peak_gpu_mem_gb": "peak GPU GiB",
+              "paper_throughput": "reference tok/s", "ratio": "ours / ref",
+              "limit_throughput": "limit tok/s", "fraction_of_limit": "decode / limit",
+              "binding_term": "binding term"}
+
+
+def load_records(suite_dir: str) -> list[dict]:
+    """The suite's raw records in suite order (then by case id)."""
+    raw = os.path.join(suite_dir, "raw")
+    recs = []
+    for name in sorted(os.listdir(raw)):
+        if name.endswith(".json"):
+            with open(os.path.join(raw, name)) as f:
+                recs.append(json.load(f))
+    return sorted(recs, key=lambda r: (r.get("index", 1 << 30), r.get("case", "")))
+
+
+def _value(r: dict, column: str):
+    versions = r.get("versions") or {}
+    if column.endswith("_version") and column not in r:
+        return versions.get(column[: -len("_version")])
+    return r.get(column)
+
+
+def _csv_cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return repr(round(v, 4)) if v == 0 or abs(v) >= 1e-3 else f"{v:.4g}"  # 4 decimals
+    return str(v)
+
+
+def _md_cell(v) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.1f}" if abs(v) >= 100 else f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
+    return str(v).replace("|", "/")
+
+
+def write_csv(recs: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(CSV_COLUMNS)
+        for r in recs:
+            w.writerow([_csv_cell(_value(r, c)) for c in CSV_COLUMNS])
+
+
+def _context_lines(recs: list[dict]) -> list[str]:
+    def distinct(get) -> str:
+        return ", ".join(sorted({str(get(r)) for r in recs if get(r) is not None})) or "-"
+    return [f"- device: {distinct(lambda r: r.get('device'))}",
+            f"- commit: {distinct(lambda r: r.get('commit'))}",
+            f"- torch: {distinct(lambda r: (r.get('versions') or {}).get('torch'))}; "
+            f"CUDA: {distinct(lambda r: (r.get('versions') or {}).get('cuda'))}; "
+            f"transformers: {distinct(lambda r: (r.get('versions') or {}).get('transformers'))}",
+            f"- limits from bandwidth profile: {distinct(lambda r: r.get('limit_profile'))}"]
+
+
+def write_markdown(recs: list[dict], path: str, suite: str) -> None:
+    lines = [f"# {suite}", "", *_context_lines(recs), "",
+             "Throughput is generated tokens per second; `ours / ref` divides our total throughput "
+             "by the reference figure; the limit bounds a decode step by the bytes it must move "
+             "(flexgen_repro/bench/limits.py) and is compared with our decode throughput.", "",
+             "| " + " | ".join(MD_HEADERS.get(c, c) for c in MD_COLUMNS) + " |",
+             "|" + "---|" * len(MD_COLUMNS)]
+    for r in recs:
+        lines.append("| " + " | ".join(_md_cell(_value(r, c)) for c in MD_COLUMNS) + " |")
+    refs = [r for r in recs if r.get("paper_throughput") is not None]
+    if refs:
+        lines += ["", "References:", ""]
+        for r in refs:
+            how = {True: "measured", False: "projected"}.get(r.get("paper_measured"), "")
+            lines.append(f"- {r['case']}: {r['paper_throughput']:g} tok/s, {r.get('paper_system')}, "
+                         f"{how}; {r.get('paper_source')}")
+    notes = [r for r in recs if r.get("status") != "ok"]
+    if notes:
+        lines += ["", "Not measured:", ""]
+        for r in notes:
+            reason = " ".join(str(r.get("reason", "")).split())
+            lines.append(f"- {r['case']} ({r['status']}): {reason[:600]}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_plot(recs: list[dict], path: str, suite: str) -> None:
+    """Grouped bars per case: our total throughput and the reference figure (log scale if wide)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shown = recs
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(shown) + 2), 4.5))
+    if not shown:
+        ax.text(0.5, 0.5, "no records", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        xs = list(range(len(shown)))
+        ours = [r.get("total_throughput") if r.get("status") == "ok" else 0 for r in shown]
+        ref = [r.get("paper_throughput") or 0 for r in shown]
+        has_ref = any(ref)
+        width = 0.4 if has_ref else 0.6
+        ax.bar([x - 0.2 * has_ref for x in xs], ours, width=width, label="ours")
+        if has_ref:
+            ax.bar([x + 0.2 for x in xs], ref, width=width, label="reference")
+        for x, r in zip(xs, shown):  # y in axes fraction, so the label shows on a log scale too
+            if r.get("status") != "ok":
+                ax.text(x - 0.2 * has_ref, 0.02, r["status"], rotation=90, ha="center",
+                        va="bottom", fontsize=7, transform=ax.get_xaxis_transform())
+        ax.set_xticks(xs, [r["case"] for r in shown], rotation=45, ha="right", fontsize=8)
+        positive = [v for v in ours + ref if v > 0]
+        if positive and max(positive) / min(positive) > 50:
+            ax.set_yscale("log")
+        ax.set_ylabel("total throughput (token/s)")
+        ax.legend()
+    devices = sorted({str(r.get("device")) for r in recs if r.get("status") == "ok"})
+    versus = "vs reference" if any(r.get("paper_throughput") for r in recs) else "(no reference figures)"
+    ax.set_title(f"{suite}: ours ({', '.join(devices) or 'not run'}) {versus}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_suite(suite_dir: str) -> list[str]:
+    """Rebuild <suite>.csv, .md and .png from raw/; returns the paths written."""
+    suite = os.path.basename(os.path.normpath(suite_dir))
+    recs = load_records(suite_dir)
+    paths = [os.path.join(suite_dir, f"{suite}.{ext}") for ext in ("csv", "md", "png")]
+    write_csv(recs, paths[0])
+    write_markdown(recs, paths[1], suite)
+    write_plot(recs, paths[2], suite)
+    return paths
+
+
+def main(out: str) -> int:
+    """Rebuild the tables and plots of every suite folder under `out` (those with raw/)."""
+    if not os.path.isdir(out):
+        print(f"error: no results folder {out!r}: run `invoke bench` first", file=sys.stderr)
+        return 1
+    dirs = sorted(d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d, "raw")))
+    if not dirs:
+        print(f"error: no suite folders with raw/ under {out!r}: run `invoke bench` first",
+              file=sys.stderr)
+        return 1
+    for d in dirs:
+        print("wrote " + ", ".join(write_suite(os.path.join(out, d))))
+    return 0

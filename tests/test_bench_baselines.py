@@ -1,0 +1,92 @@
+"""The HF Accelerate baseline: its OPT config against transformers, the placement a device_map
+gives, the GPU weight budget, the record it writes, and (only where accelerate is installed, which
+the lock file does not pin) a dispatched run on the CPU with layers offloaded to disk."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from flexgen_repro.bench import baselines, limits
+from flexgen_repro.config import get_opt_config
+from flexgen_repro.metrics import GB
+
+
+@pytest.mark.parametrize("name", ["opt-tiny", "opt-125m"])
+def test_hf_config_has_our_parameter_count(name):
+    import torch
+    from transformers import OPTForCausalLM
+    cfg = get_opt_config(name)
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        model = OPTForCausalLM(baselines.hf_opt_config(cfg))
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()  # tied lm_head counted once
+
+
+def test_placement_percent_hand_worked():
+    sizes = {"model.decoder.embed_tokens.weight": 40, "model.decoder.layers.0.fc1.weight": 30,
+             "model.decoder.layers.1.fc1.weight": 20, "model.decoder.layers.10.fc1.weight": 10}
+    device_map = {"model.decoder.embed_tokens": 0, "model.decoder.layers.0": 0,
+                  "model.decoder.layers.1": "cpu", "model.decoder.layers": "disk"}
+    # layers.10 must not match the "layers.1" prefix; it falls to "layers" (disk)
+    assert baselines.placement_percent(sizes, device_map) == {"gpu": 70.0, "cpu": 20.0, "disk": 10.0}
+    assert baselines.placement_percent(sizes, {"": "cuda:0"})["gpu"] == 100.0
+    with pytest.raises(ValueError, match="no entry covering 'lm_head.weight'"):
+        baselines.device_of("lm_head.weight", device_map)
+    with pytest.raises(ValueError, match="unexpected device_map value 'mps'"):
+        baselines.tier_of("mps")
+
+
+def test_weight_budget_leaves_room_for_cache_and_activations():
+    cfg = get_opt_config("opt-6.7b")
+    total = 80 * GB
+    budget = baselines.weight_budget(cfg, 2, 512, 32, 16, total)
+    work = max(2 * 512 * 16384 * 2, 2 * 32 * 512 * 512 * 2)  # MLP hidden vs attention scores, fp16
+    assert budget == 16 * GB - 2 * 2 * 544 * 32 * 4096 * 2 - 2 * work - baselines.GPU_SLACK_BYTES
+    assert budget > cfg.model_bytes()  # so case A's baseline keeps every layer on the GPU
+    assert baselines.weight_budget(cfg, 2, 512, 32, None, 8 * GB) < 8 * GB  # no cap: the card
+    with pytest.raises(ValueError, match="leaves nothing for opt-6.7b's weights at batch 512"):
+        baselines.weight_budget(cfg, 512, 512, 32, 16, total)
+
+
+def test_record_matches_flex_opt_fields_and_feeds_the_limit():
+    cfg = get_opt_config("opt-30b")
+    rec = baselines.build_record(cfg, 8, 512, 32, 4.0, 172.0, {"gpu": 18.5, "cpu": 81.5, "disk": 0.0},
+                                 15.2, 64.0, "NVIDIA H100", {"accelerate_version": "1.15.0"})
+    for key in ("model", "prompt_len", "gen_len", "percent", "gpu_batch_size", "num_gpu_batches",
+                "compress_weight", "compress_cache", "cpu_cache_compute", "overlap", "sep_layer",
+                "pin_weight", "attn_sparsity", "dtype", "prefill_latency_s", "decode_latency_s",
+                "decode_throughput", "total_latency_s", "total_throughput", "peak_gpu_mem_gb",
+                "peak_cpu_mem_gb", "model_size_gb", "cache_size_gb", "hidden_size_gb",
+                "weight_placement", "device", "measured"):
+        assert key in rec, key
+    assert rec["percent"] == "18.5 81.5 100 0 100 0" and rec["system"] == "hf-accelerate"
+    assert rec["total_throughput"] == pytest.approx(8 * 32 / 176.0)
+    assert rec["decode_throughput"] == pytest.approx(8 * 31 / 172.0)
+    assert rec["accelerate_version"] == "1.15.0"
+    lim = limits.record_limit(rec, limits.BUILTIN["h100-issue7"])
+    assert lim.terms["weights over PCIe"] == pytest.approx(0.815 * cfg.model_bytes() / 54.7e9, rel=1e-12)
+
+
+def test_main_without_accelerate_says_how_to_get_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # makes `import accelerate` fail
+    assert baselines.main(["--model", "opt-tiny"]) == 2
+    assert "needs `accelerate` (pip install accelerate)" in capsys.readouterr().err
+
+
+def test_dispatched_run_on_cpu_with_disk_offload(tmp_path):
+    pytest.importorskip("accelerate")
+    import torch
+    from accelerate import infer_auto_device_map
+    cfg = get_opt_config("opt-tiny")
+    model = baselines.empty_model(cfg)
+    budget = cfg.model_bytes() - cfg.layer_params() * 2  # one layer short: it goes to disk
+    device_map = infer_auto_device_map(model, max_memory={"cpu": budget, "disk": 1 << 40},
+                                       no_split_module_classes=list(baselines.NO_SPLIT),
+                                       dtype=torch.float16)
+    assert "disk" in device_map.values()
+    model = baselines.dispatch_dummy(model, device_map, "cpu", str(tmp_path))
+    ids = torch.randint(3, 1000, (2, 16))
+    assert baselines._generate(model, ids, 4, "cpu") > 0
+    sizes = {n: p.numel() * 2 for n, p in model.named_parameters()}
+    placed = baselines.placement_percent(sizes, device_map)
+    assert placed["disk"] > 0 and sum(placed.values()) == pytest.approx(100)

@@ -1,0 +1,180 @@
+"""The memory floor of a case (fit.py) and the decode-step limit (limits.py), against hand-worked
+numbers and against issue 7's reading of the original FlexGen's H100 figures."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from flexgen_repro.bench import fit, limits
+from flexgen_repro.config import get_opt_config
+from flexgen_repro.policy import CompressionConfig, Policy
+
+GiB = 1 << 30
+REL = 1e-12  # the same float64 arithmetic done two ways; only rounding differs
+
+
+def _policy(percent, gbs=8, ngb=1, **kw) -> Policy:
+    keys = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
+            "act_gpu_percent", "act_cpu_percent")
+    return Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, **dict(zip(keys, percent)), **kw)
+
+
+def test_stored_bytes_of_4bit_groups_hand_worked():
+    # 128 fp16 values (256 bytes), groups of 64: 64 bytes of 4-bit codes + 2 groups x (min, scale) x 2 bytes
+    assert fit.stored_bytes(256, 2, CompressionConfig(4, 64)) == 64 + 8
+    assert fit.stored_bytes(256, 2, None) == 256
+    # 8 bits, groups of 32 on 96 fp32 values (384 bytes): 96 + 3 groups x 2 x 4 bytes
+    assert fit.stored_bytes(384, 4, CompressionConfig(8, 32)) == 96 + 24
+
+
+def test_flexgen_needs_split_by_percent():
+    cfg = get_opt_config("opt-1.3b")
+    pol = _policy((20, 30, 0, 100, 100, 0), gbs=4, ngb=2)
+    needs = fit.flexgen_needs(cfg, pol, 512, 32)
+    m, c = cfg.model_bytes(), cfg.cache_bytes(8, 544)
+    assert needs.parts["gpu"]["weights"] == pytest.approx(0.2 * m, rel=REL)
+    assert needs.parts["cpu"]["weights"] == pytest.approx(0.3 * m, rel=REL)
+    assert needs.parts["disk"]["weights"] == pytest.approx(0.5 * m, rel=REL)
+    assert needs.parts["cpu"]["cache"] == pytest.approx(c, rel=REL)
+    assert needs.parts["gpu"]["activations"] == cfg.hidden_bytes(8, 512)
+    # staged on the GPU: one layer of streamed weights and one layer of one GPU batch's cache
+    staging = cfg.layer_params() * 2 + cfg.cache_bytes(4, 544) / cfg.num_hidden_layers
+    assert needs.parts["gpu"]["staging"] == pytest.approx(staging, rel=REL)
+
+
+def test_skip_names_needed_and_available_memory():
+    cfg = get_opt_config("opt-6.7b")
+    needs = fit.flexgen_needs(cfg, _policy((100, 0, 100, 0, 100, 0), gbs=2), 512, 32)
+    avail = fit.Available(gpu=8 * GiB, cpu=100 * GiB, disk=100 * GiB, gpu_what="--gpu-mem-gb cap 8 GiB")
+    reason = fit.skip_reason(needs, avail)
+    need = needs.total("gpu") / GiB
+    assert need > 12  # 6.7B parameters in fp16 alone are 12.4 GiB
+    assert f"needs at least {need:.1f} GiB of GPU memory" in reason and "there is 8.0 GiB" in reason
+    assert fit.skip_reason(needs, fit.Available(gpu=80 * GiB, cpu=1 * GiB, disk=0)) is None
+
+
+def test_without_gpu_the_gpu_tier_counts_as_host_memory():
+    cfg = get_opt_config("opt-1.3b")
+    needs = fit.flexgen_needs(cfg, _policy((100, 0, 100, 0, 100, 0), gbs=1), 32, 8)
+    host = needs.total("gpu") + needs.total("cpu")
+    assert fit.skip_reason(needs, fit.Available(gpu=None, cpu=host * 1.01, disk=0)) is None
+    reason = fit.skip_reason(needs, fit.Available(gpu=None, cpu=host * 0.5, disk=0))
+    assert f"needs at least {host / GiB:.1f} GiB of host memory" in reason
+
+
+def test_disk_shortage_and_auto_cases():
+    cfg = get_opt_config("opt-30b")
+    needs = fit.flexgen_needs(cfg, _policy((0, 0, 100, 0, 100, 0)), 512, 32)
+    reason = fit.skip_reason(needs, fit.Available(gpu=80 * GiB, cpu=100 * GiB, disk=10 * GiB,
+                                                  disk_what="free at /x"))
+    assert f"needs at least {cfg.model_bytes() / GiB:.1f} GiB of disk" in reason
+    assert "there is 10.0 GiB (free at /x)" in reason
+    small = fit.Available(gpu=1 * GiB, cpu=2 * GiB, disk=3 * GiB)
+    assert "together have 6.0 GiB" in fit.skip_reason(fit.model_only_needs(cfg), small)
+
+
+def _limit(model, percent, gbs, ngb, bw, prompt=512, gen=32, **flags):
+    cfg = get_opt_config(model)
+    terms = limits.step_bytes(cfg, percent, gbs, ngb, prompt, gen, **flags)
+    return cfg, limits.decode_limit(terms, gbs * ngb, bw)
+
+
+H100 = limits.BUILTIN["h100-issue7"]
+
+
+def test_case_d_is_bound_by_weights_over_pcie():
+    cfg, lim = _limit("opt-30b", (0, 100, 100, 0, 100, 0), 8, 1, H100)
+    assert lim.binding == "weights over PCIe"
+    assert lim.throughput == pytest.approx(8 * 54.7e9 / cfg.model_bytes(), rel=REL)
+    # issue 7: the original's case D (decode 7.13 tok/s) is "at the PCIe limit already"
+    assert 0.9 < 7.13 / lim.throughput <= 1.0
+
+
+def test_case_c_pcie_binds_and_the_original_reached_under_a_third():
+    cfg, lim = _limit("opt-30b", (20, 80, 0, 100, 0, 100), 16, 3, H100, cpu_cache_compute=True)
+    assert lim.binding == "weights over PCIe"
+    assert lim.terms["weights over PCIe"] == pytest.approx(0.8 * cfg.model_bytes() / 54.7e9, rel=REL)
+    cache_mean = cfg.cache_bytes(48, 512 + 16)  # mean length over the decode steps
+    assert lim.terms["cache read by CPU attention"] == pytest.approx(cache_mean / 71e9, rel=REL)
+    assert "cache over PCIe" not in lim.terms
+    assert 14.41 / lim.throughput < 1 / 3  # issue 7: "under a third of what PCIe allows"
+
+
+def test_cache_over_pcie_without_cpu_attention():
+    cfg, lim = _limit("opt-1.3b", (100, 0, 0, 100, 100, 0), 16, 1, H100)
+    cache_mean = cfg.cache_bytes(16, 528)
+    assert lim.terms["cache over PCIe"] == pytest.approx(cache_mean / 54.7e9, rel=REL)
+    assert lim.terms["new cache to host"] == pytest.approx(cfg.cache_bytes(16, 1) / 53e9, rel=REL)
+    assert lim.binding == "cache over PCIe"
+
+
+def test_compression_shrinks_streamed_bytes():
+    cfg, plain = _limit("opt-6.7b", (0, 100, 100, 0, 100, 0), 8, 1, H100)
+    _, packed = _limit("opt-6.7b", (0, 100, 100, 0, 100, 0), 8, 1, H100, compress_weight=True)
+    ratio = packed.terms["weights over PCIe"] / plain.terms["weights over PCIe"]
+    assert ratio == pytest.approx(0.25 + 2 * 2 / 64 / 2, rel=1e-6)  # 4 bits + fp16 min/scale per 64
+
+
+def test_disk_weights_bind_on_disk_bandwidth():
+    cfg, lim = _limit("opt-1.3b", (0, 0, 100, 0, 100, 0), 16, 1, H100)
+    assert lim.binding == "weights from disk"
+    assert lim.throughput == pytest.approx(16 * 1.2e9 / cfg.model_bytes(), rel=REL)
+
+
+def test_everything_on_gpu_needs_gpu_memory_bandwidth():
+    _, none = _limit("opt-6.7b", (100, 0, 100, 0, 100, 0), 2, 1, H100)
+    assert none.throughput is None and none.binding.startswith("none")
+    hbm = limits.Bandwidths("x", h2d_gbps=50, d2h_gbps=50, gpu_mem_gbps=2000)
+    cfg, lim = _limit("opt-6.7b", (100, 0, 100, 0, 100, 0), 2, 1, hbm)
+    reads = cfg.model_bytes() + cfg.cache_bytes(2, 528)
+    assert lim.binding == "GPU memory reads"
+    assert lim.throughput == pytest.approx(2 * 2000e9 / reads, rel=REL)
+
+
+def test_record_limit_reads_a_run_record():
+    record = {"model": "opt-30b", "percent": "0 100 100 0 100 0", "gpu_batch_size": 8,
+              "num_gpu_batches": 1, "prompt_len": 512, "gen_len": 32, "dtype": "float16"}
+    _, direct = _limit("opt-30b", (0, 100, 100, 0, 100, 0), 8, 1, H100)
+    assert limits.record_limit(record, H100) == direct
+
+
+def test_profiles_load_and_reject_bad_input(tmp_path):
+    path = tmp_path / "box.json"
+    path.write_text(json.dumps({"h2d_gbps": 25.0, "d2h_gbps": 24.0, "disk_read_gbps": 3.0}))
+    bw = limits.load_bandwidths(str(path))
+    assert (bw.name, bw.h2d_gbps, bw.disk_read_gbps, bw.cpu_mem_gbps) == ("box.json", 25.0, 3.0, None)
+    path.write_text(json.dumps({"h2d_gbps": 25.0, "d2h_gbps": 24.0, "pcie": 3.0}))
+    with pytest.raises(ValueError, match=r"unknown bandwidth keys \['pcie'\]"):
+        limits.load_bandwidths(str(path))
+    with pytest.raises(ValueError, match="no bandwidth profile 'nope'"):
+        limits.load_bandwidths("nope")
+    with pytest.raises(ValueError, match="h2d_gbps must be > 0"):
+        limits.Bandwidths("x", h2d_gbps=0, d2h_gbps=1)
+
+
+def test_cost_model_profiles_convert_from_bytes_per_second():
+    from flexgen_repro.cost_model.hardware import load_profile
+    prof = load_profile("t4-paper")
+    bw = limits.load_bandwidths("t4-paper")
+    assert bw.name == "t4-paper" and bw.h2d_gbps == prof.cpu_to_gpu_bytes_s / 1e9
+    assert (bw.d2h_gbps, bw.disk_read_gbps, bw.gpu_mem_gbps) == (
+        prof.gpu_to_cpu_cache_bytes_s / 1e9, prof.disk_to_cpu_bytes_s / 1e9, 320.0)
+    assert limits.from_cost_model_profile(dataclasses.replace(prof, host_backed_gpu=True)) is None
+    with_mem = dataclasses.replace(prof, measurements={"cpu_mem_bytes_s": 50e9})
+    assert limits.from_cost_model_profile(with_mem).cpu_mem_gbps == 50.0
+
+
+def test_resolve_picks_a_profile_for_a_known_gpu(monkeypatch, tmp_path):
+    from flexgen_repro.cost_model import hardware
+    monkeypatch.setattr(hardware, "LOCAL_PROFILE", str(tmp_path / "absent.json"))
+    h100 = {"gpu_name": "NVIDIA H100 80GB HBM3"}
+    assert limits.resolve_bandwidths(h100, "t4-paper").name == "t4-paper"
+    assert limits.resolve_bandwidths(h100).name == "h100-issue7"
+    assert limits.resolve_bandwidths({"gpu_name": "Tesla T4"}).name == "t4-paper"
+    assert limits.resolve_bandwidths({"gpu_name": None}) is None
+    # a measured `local` profile wins over the built-in figures
+    prof = dataclasses.replace(hardware.load_profile("t4-paper"), name="local")
+    hardware.save_profile(prof, str(tmp_path / "absent.json"))
+    assert limits.resolve_bandwidths(h100).name == "local"
