@@ -5,7 +5,9 @@ the config is one the kernel handles, and otherwise the reference (`kernels.refe
 CPU path). Triton is imported only on that first path, so CPU machines never need it.
 
     dequant_linear(x, packed_w, bias)                      y = x @ dequant(W).T + bias
-    compressed_decode_attention(q, packed_k, packed_v, mask, scale)
+    compressed_decode_attention(q, packed_k, packed_v, mask, scale)      (b, s, hidden) cache
+    compressed_heads_decode_attention(q, packed_k, packed_v, mask, k_new, v_new)
+                                                           (b, heads, L, head_dim) cache
     quantize(x, config) / dequantize(packed)               compress / decompress in one kernel
 """
 from __future__ import annotations
@@ -19,7 +21,8 @@ from flexgen_repro.compression import CompressedTensor
 from flexgen_repro.kernels import reference
 from flexgen_repro.policy import CompressionConfig
 
-__all__ = ["available", "dequant_linear", "compressed_decode_attention", "quantize", "dequantize"]
+__all__ = ["available", "dequant_linear", "compressed_decode_attention",
+           "compressed_heads_decode_attention", "quantize", "dequantize"]
 
 
 def available() -> bool:
@@ -57,6 +60,28 @@ def compressed_decode_attention(q: torch.Tensor, packed_k: CompressedTensor,
         if compressed_attention.supports(q, packed_k, packed_v):
             return compressed_attention.decode_attention(q, packed_k, packed_v, mask, scale)
     return reference.decode_attention(q, packed_k, packed_v, mask, scale)
+
+
+def compressed_heads_decode_attention(q: torch.Tensor, packed_k: CompressedTensor,
+                                      packed_v: CompressedTensor, mask: torch.Tensor,
+                                      k_new: torch.Tensor | None = None,
+                                      v_new: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention of one new token over a compressed head-major KV cache.
+
+    Same result as model.attention_math.decode_attention(q, decompress(packed_k),
+    decompress(packed_v), mask, 1.0, k_new, v_new). q: (b, heads, 1, d), pre-scaled by d ** -0.5;
+    packed_k, packed_v: compressed (b, heads, L, d), any strides (e.g. narrowed out of a longer
+    buffer); k_new, v_new: the new token's (b, heads, 1, d) or None (then it is already in the
+    cache); mask: (b, L) or, with k_new, (b, L + 1) bool, True = attend, the new token last. All
+    one dtype. Returns (b, 1, heads * d) in q's dtype; the softmax runs in float32. On CUDA with
+    4-bit codes grouped along head_dim it is one Triton kernel with no host sync (CUDA-graph safe).
+    """
+    reference.check_heads_attention(q, packed_k, packed_v, mask, k_new, v_new)
+    if _on_gpu(q, packed_k.data, packed_v.data, mask, *(t for t in (k_new, v_new) if t is not None)):
+        from flexgen_repro.kernels import heads_attention
+        if heads_attention.supports(q, packed_k, packed_v):
+            return heads_attention.decode_attention(q, packed_k, packed_v, mask, k_new, v_new)
+    return reference.heads_decode_attention(q, packed_k, packed_v, mask, k_new, v_new)
 
 
 def quantize(x: torch.Tensor, config: CompressionConfig) -> CompressedTensor:

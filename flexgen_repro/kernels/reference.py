@@ -1,7 +1,8 @@
 """Pure-torch references for the fused kernels: the CPU fallback and what the GPU kernels must match.
 
-Both decompress first (as the original FlexGen does, with a chain of torch operations) and then
-compute in float32, returning the input's dtype.
+All decompress first (as the original FlexGen does, with a chain of torch operations). The linear
+and the (b, s, hidden) attention then compute in float32; the head-major attention follows the
+runtime's decode maths (model.attention_math) exactly. Each returns the input's dtype.
 """
 from __future__ import annotations
 
@@ -58,3 +59,63 @@ def decode_attention(q: torch.Tensor, packed_k: CompressedTensor, packed_v: Comp
         v = v.masked_fill(~mask.bool()[:, :, None, None], 0.0)
     probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
     return torch.einsum("bhs,bshd->bhd", probs, v).to(q.dtype)
+
+
+def check_heads_attention(q: torch.Tensor, packed_k: CompressedTensor, packed_v: CompressedTensor,
+                          mask: torch.Tensor, k_new: torch.Tensor | None = None,
+                          v_new: torch.Tensor | None = None) -> None:
+    """Validate heads_decode_attention's arguments; raise naming the expected shapes."""
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"compressed_heads_decode_attention needs q of shape (batch, heads, 1, "
+                         f"head_dim), got {tuple(q.shape)}")
+    b, heads, _, d = q.shape
+    for name, t in (("packed_k", packed_k), ("packed_v", packed_v)):
+        if not isinstance(t, CompressedTensor):
+            raise TypeError(f"{name} must be a CompressedTensor (compress the cache), got {type(t).__name__}")
+        if len(t.shape) != 4 or tuple(t.shape[:2]) != (b, heads) or t.shape[3] != d:
+            raise ValueError(f"{name} must have shape (batch={b}, heads={heads}, L, head_dim={d}), "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} holds {t.dtype} but q is {q.dtype}; use one dtype for q and the cache")
+    if tuple(packed_k.shape) != tuple(packed_v.shape):
+        raise ValueError(f"packed_k {tuple(packed_k.shape)} and packed_v {tuple(packed_v.shape)} differ")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("pass both k_new and v_new (the new token's) or neither")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t is not None and (tuple(t.shape) != (b, heads, 1, d) or t.dtype != q.dtype):
+            raise ValueError(f"{name} must be {q.dtype} of shape {(b, heads, 1, d)}, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    total = packed_k.shape[2] + (k_new is not None)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (b, total):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor of shape (batch, L{' + 1' if k_new is not None else ''})"
+                         f" = {(b, total)}, True where a position is attended; got {got}")
+    if total == 0:
+        raise ValueError("compressed_heads_decode_attention needs at least one position to attend over")
+
+
+def dense_heads_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                                 k_new: torch.Tensor | None = None,
+                                 v_new: torch.Tensor | None = None) -> torch.Tensor:
+    """model.attention_math.decode_attention at sparsity 1, restated here (kernels sit below the
+    model and may not import it; tests check the two agree). q: (b, heads, 1, d) pre-scaled; k, v:
+    (b, heads, L, d); k_new, v_new: (b, heads, 1, d) or None; mask (b, L or L + 1) bool.
+    A masked score becomes float32's min (not -inf): a row with nothing to attend averages all
+    positions. Returns (b, 1, heads * d) in q's dtype."""
+    scores = q @ k.transpose(-1, -2)                                      # (b, heads, 1, L)
+    if k_new is not None:
+        scores = torch.cat([scores, (q * k_new).sum(-1, keepdim=True)], dim=-1)
+    scores = scores.float().masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    out = probs @ v if v_new is None else probs[..., :-1] @ v + probs[..., -1:] * v_new
+    b, heads, _, d = out.shape
+    return out.transpose(1, 2).reshape(b, 1, heads * d)
+
+
+def heads_decode_attention(q: torch.Tensor, packed_k: CompressedTensor, packed_v: CompressedTensor,
+                           mask: torch.Tensor, k_new: torch.Tensor | None = None,
+                           v_new: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention over a compressed head-major cache (b, heads, L, d): decompress K and V,
+    then `dense_heads_decode_attention`. Returns (b, 1, heads * d) in q's dtype."""
+    check_heads_attention(q, packed_k, packed_v, mask, k_new, v_new)
+    return dense_heads_decode_attention(q, decompress(packed_k), decompress(packed_v), mask, k_new, v_new)

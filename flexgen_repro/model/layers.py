@@ -24,10 +24,11 @@ def dense(w):
 
 
 def linear(x: torch.Tensor, w, b: torch.Tensor | None) -> torch.Tensor:
-    """x @ w.T + b, with `w` plain or compressed."""
+    """x @ w.T + b, with `w` plain or compressed (fused 4-bit kernel for 16-bit activations on
+    the GPU; float32 runs dequantize exactly and use torch's matmul)."""
     if not isinstance(w, torch.Tensor):
         from flexgen_repro import kernels
-        if kernels.available() and x.is_cuda:
+        if kernels.available() and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             return kernels.dequant_linear(x, w, dense(b) if b is not None else None)
         w = dense(w)
     return F.linear(x, w, None if b is None else dense(b))
@@ -105,8 +106,8 @@ def _write_at(home, value: torch.Tensor, index: torch.Tensor) -> None:
     if isinstance(home, torch.Tensor):
         home.index_copy_(2, index, value)
         return
-    from flexgen_repro import kernels
-    packed = kernels.quantize(value, home.config)
+    from flexgen_repro.compression import compress
+    packed = compress(value, home.config)
     for name, comp in packed.components().items():
         home.components()[name].index_copy_(2, index, comp)
 
