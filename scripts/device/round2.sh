@@ -6,7 +6,7 @@ set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 O=${OUT:-/tmp/out}; mkdir -p $O/res /tmp/offload
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > $O/gpu.txt
-timeout 170 python3 -m pytest -k 'not bf16' -q -x -p no:cacheprovider tests/test_runtime.py tests/test_runtime_compression.py \
+timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_runtime.py tests/test_runtime_compression.py \
   tests/test_kernels_gpu.py > $O/pytest_gpu.txt 2>&1; echo "pytest rc $?" >> $O/pytest_gpu.txt
 tail -3 $O/pytest_gpu.txt
 timeout 60 python3 -m flexgen_repro.flex_opt --model opt-6.7b --path _DUMMY_ --prompt-len 512 --gen-len 32 \
