@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+
+# less fragmentation under a GPU memory cap (read when CUDA first allocates)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import platform
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import torch
 
 from flexgen_repro.config import get_opt_config
 from flexgen_repro.devices.env import ExecutionEnv
+from flexgen_repro.graph_decode import graphable
 from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_record
 from flexgen_repro.model.weight_home import DUMMY
 from flexgen_repro.opt_lm import OptLM
@@ -129,8 +133,9 @@ def run(args) -> dict:
     with ExecutionEnv.create(args.offload_dir) as env:
         lm = OptLM(config, env, args.path, policy)
         lm.use_cuda_graphs = args.cuda_graphs
-        if args.warmup:
-            lm.generate(prompts, max_new_tokens=1)
+        if args.warmup:  # prefill only; where decode runs as CUDA graphs, capture them too
+            graphed = args.cuda_graphs and graphable(policy, env, False)
+            lm.generate(prompts, max_new_tokens=args.gen_len if graphed else 1)
         with PeakMemory() as peak:
             lm.generate(prompts, max_new_tokens=args.gen_len)
     metrics = RunMetrics(num_prompts, args.prompt_len, args.gen_len, lm.times.prefill_s,

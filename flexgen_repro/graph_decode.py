@@ -36,7 +36,7 @@ class GraphedDecode:
     """Captured decode steps of one block: `step(i, k)` fills the static inputs and replays."""
 
     def __init__(self, run):
-        self.run = run
+        self.run = run  # the BlockRun being decoded (set anew for each block)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.static: dict[int, dict] = {}
         self.pool = None

@@ -62,6 +62,7 @@ class OptLM:
         self.weight_home, self.weight_placement = loader.place(self.layers)
         self.times = RunTimes()
         self.use_cuda_graphs = True  # all-GPU policies decode through captured CUDA graphs
+        self.graph_state: dict = {}  # the graphs and cache buffers they were captured on
 
     def _check_vocab(self, arr: np.ndarray) -> None:
         if arr.min() < 0 or arr.max() >= self.config.vocab_size:

@@ -45,6 +45,7 @@ class BlockRun:
         self.hidden: dict[int, object] = {}
         self.steps: dict[int, StepInfo] = {}
         self.stopped = np.zeros(self.B * self.K, dtype=bool)
+        self.persistent_homes = False
         self.logits = np.zeros((self.B * self.K, self.prompt_len, self.config.vocab_size),
                                np.float32) if want_logits else None
         self.step_times: list[float] = []
@@ -154,9 +155,7 @@ class BlockRun:
     # ---- orderings -------------------------------------------------------------------------
     def run(self) -> np.ndarray:
         n_layers = len(self.layers)
-        graphs = None
-        if self.lm.use_cuda_graphs and graphable(self.policy, self.env, self.want_logits):
-            graphs = GraphedDecode(self)
+        graphs = self._graphs()
         for i in range(self.gen_len):
             t0 = time.perf_counter()
             if graphs is not None and i > 0:
@@ -177,6 +176,21 @@ class BlockRun:
                 break
         self._drain()
         return self.output_ids
+
+    def _graphs(self) -> GraphedDecode | None:
+        """Graph decode, reused across blocks and calls of the same shape: the cache homes stay
+        allocated, so the captured graphs stay valid and are captured once."""
+        if not (self.lm.use_cuda_graphs and graphable(self.policy, self.env, self.want_logits)):
+            return None
+        key = (self.prompt_len, self.gen_len)
+        state = self.lm.graph_state
+        if state.get("key") != key:
+            state.clear()
+            state.update(key=key, homes={}, graphs=GraphedDecode(self))
+        self.cache_home = state["homes"]
+        self.persistent_homes = True
+        state["graphs"].run = self
+        return state["graphs"]
 
     def _normal_step(self, i: int, j: int, k: int) -> None:
         self.load_weight(j)
@@ -216,10 +230,11 @@ class BlockRun:
         for fut in futures:
             fut.result()
         self.cache_stores.clear()
-        for home in self.cache_home.values():
-            for t in home:
-                self.env.mixed.free(t)
-        self.cache_home.clear()
+        if not self.persistent_homes:
+            for home in self.cache_home.values():
+                for t in home:
+                    self.env.mixed.free(t)
+            self.cache_home.clear()
         self.hidden.clear()
 
 

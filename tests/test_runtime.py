@@ -208,3 +208,12 @@ def test_bad_inputs_are_refused_with_the_fix(setup, tmp_path):
     with ExecutionEnv.create(str(tmp_path / "off")) as env:
         with pytest.raises(FileNotFoundError, match="prepare-weights"):
             OptLM(config, env, str(tmp_path / "nowhere"), policy((100, 0, 100, 0, 100, 0)))
+
+
+def test_chunked_mlp_prefill_matches_transformers(setup, tmp_path, monkeypatch):
+    """Long prompts run the MLP in token chunks (bounded GPU memory); outputs stay identical."""
+    import flexgen_repro.model.layers as layers
+    model, config, weights, prompts, expected = setup
+    monkeypatch.setattr(layers, "MLP_CHUNK_TOKENS", 5)
+    pol = policy((50, 50, 100, 0, 100, 0), True, 2)
+    np.testing.assert_array_equal(generate(config, weights, pol, prompts, tmp_path), expected)

@@ -14,6 +14,8 @@ from flexgen_repro.model.attention_math import decode_attention, prefill_attenti
 from flexgen_repro.model.base import CachePart, Layer, StepInfo, WeightSpec
 from flexgen_repro.weights.layout import layer_tensor_names
 
+MLP_CHUNK_TOKENS = 4096
+
 
 def dense(w):
     """A loaded weight as a dense tensor (decompressing a CompressedTensor)."""
@@ -125,6 +127,14 @@ class MLP(Layer):
                 WeightSpec("b_ln_mlp", n["b_ln_mlp"], (h,), "ln_bias")]
 
     def forward(self, x, w, step, cache=None):
+        """x: (b, s, h). Long prompts go through in chunks of about MLP_CHUNK_TOKENS tokens so the
+        (tokens, ffn) intermediate stays bounded (it is the largest transient of a prefill)."""
+        chunk = max(1, MLP_CHUNK_TOKENS // x.shape[0])
+        if x.shape[1] <= chunk:
+            return self._mlp(x, w)
+        return torch.cat([self._mlp(x[:, i:i + chunk], w) for i in range(0, x.shape[1], chunk)], dim=1)
+
+    def _mlp(self, x, w):
         hn = layer_norm(x, w["w_ln_mlp"], w["b_ln_mlp"], self.config.layer_norm_eps)
         return linear(torch.relu(linear(hn, w["w_fc1"], w["b_fc1"])), w["w_fc2"], w["b_fc2"]) + x
 

@@ -1,0 +1,208 @@
+"""Triton decode attention over the runtime's head-major 4-bit compressed KV cache.
+
+K and V are CompressedTensors of shape (b, heads, L, head_dim) grouped along head_dim (group_dim 3),
+possibly views narrowed along L out of a longer buffer (any strides). One program per (head, row)
+streams that head's packed bytes once, turning 4-bit codes into float32 in registers, with an online
+softmax in float32; the new token's dense k/v may come separately (it is the last position).
+Matches `reference.heads_decode_attention`; imports triton.
+
+Maths per program, for group g of a position: x = (code - zero) * scale + mn, so
+    score = sum_g scale_g * (q_g . (codes_g - zero)) + mn_g * sum(q_g)
+    out   = (sum_l p_l * scale_lg * (codes_lg - zero) + sum_l p_l * mn_lg) / sum_l p_l
+Codes become floats without shifts or int-to-float conversions: packed bytes are read as int32
+words, and a nibble masked in place and OR-ed into the bits of 2**23 reads as 2**23 + code * 2**e
+(e set by the nibble's place in the word); subtracting 2**23 + zero * 2**e is exact, and the
+2**-e goes into q (for scores) or is applied once at the end (for V). So a code costs one LOP3, one
+FADD and one FFMA. The softmax rescales its running sums only when the block maximum grows by more
+than RESCALE (each weight stays below e**RESCALE), as in FlashAttention-4.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flexgen_repro import compression as comp
+from flexgen_repro.compression import CompressedTensor
+
+BLOCK_L = 32    # positions per loop step; ptxas (sm_90): 80 registers at 8 warps, no spills
+NUM_WARPS = 8
+MAX_HEAD_DIM = 256  # larger heads would spill registers: left to the reference
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def supports(q: torch.Tensor, packed_k: CompressedTensor, packed_v: CompressedTensor) -> bool:
+    """4-bit codes grouped along head_dim, a float dtype, head_dim <= 256, and packed bytes that
+    read as int32 words (group_size a multiple of 8; a view narrowed along L keeps that)."""
+    c = packed_k.config
+    return (c == packed_v.config and c.num_bits == 4 and packed_k.group_dim == 3
+            and packed_v.group_dim == 3 and q.dtype in DTYPES and packed_k.dtype in DTYPES
+            and packed_v.dtype in DTYPES and q.shape[-1] <= MAX_HEAD_DIM
+            and _word_aligned(packed_k.data) and _word_aligned(packed_v.data))
+
+
+@triton.jit
+def _f32(bits):
+    """int32 bits below 2**23, OR-ed into 2**23's, as float32: 2**23 + bits."""
+    return (bits | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unit(p, HIGH: tl.constexpr):
+    """2**e for byte p of a group: the weight `_codes` gives its low (HIGH False) or high nibble."""
+    j = p % 4
+    if HIGH:
+        e = tl.where(j == 2, 8, tl.where(j == 3, 16, 8 * j + 4))
+    else:
+        e = tl.where(j == 3, 12, 8 * j)
+    return ((127 + e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _codes(row, l3, g3, i3, ok3, s_l, s_g):
+    """(BLOCK_L, NG, P) low and high nibbles of the bytes at positions l3, as 2**23 + code * 2**e
+    (`_unit`); bytes are read as int32 words (strides s_l, s_g in words; i3 a group's words)."""
+    x = tl.load(row + l3 * s_l + g3 * s_g + i3, mask=ok3, other=0)
+    t = x >> 12  # bits 20..31 (byte 2's high nibble, byte 3) down to 8..19, below float32's 2**23
+    lo = tl.interleave(tl.interleave(_f32(x & 0x0F), _f32(x & 0x0F0000)),     # e = 0, 16
+                       tl.interleave(_f32(x & 0x0F00), _f32(t & 0xF000)))     # e = 8, 12
+    hi = tl.interleave(tl.interleave(_f32(x & 0xF0), _f32(t & 0x0F00)),       # e = 4, 8
+                       tl.interleave(_f32(x & 0xF000), _f32(t & 0xF0000)))    # e = 12, 16
+    return lo, hi
+
+
+@triton.jit
+def _scale_mn(sc_row, mn_row, l2, g2, ok2, s_l, s_g):
+    """(BLOCK_L, NG) float32 scale and mn of positions l2."""
+    sc = tl.load(sc_row + l2 * s_l + g2 * s_g, mask=ok2, other=0).to(tl.float32)
+    mn = tl.load(mn_row + l2 * s_l + g2 * s_g, mask=ok2, other=0).to(tl.float32)
+    return sc, mn
+
+
+@triton.jit
+def _heads_decode_kernel(
+        q, sq_b, sq_h, sq_d,
+        kd, skd_b, skd_h, skd_l, skd_g, ks, km, sks_b, sks_h, sks_l, sks_g,
+        vd, svd_b, svd_h, svd_l, svd_g, vs, vm, svs_b, svs_h, svs_l, svs_g,
+        kn, vn, sn_b, sn_h, sn_d, mask, sm_b, sm_l, out, so_b, L,
+        D: tl.constexpr, GS: tl.constexpr, NGR: tl.constexpr, PR: tl.constexpr,
+        NG: tl.constexpr, W: tl.constexpr, ZERO: tl.constexpr, BLOCK_L: tl.constexpr,
+        HAS_NEW: tl.constexpr):
+    FMIN: tl.constexpr = -3.4028234663852886e38  # torch.finfo(float32).min, what masked scores get
+    RESCALE: tl.constexpr = 8.0
+    P: tl.constexpr = 4 * W
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    g2, p2 = tl.arange(0, NG)[:, None], tl.arange(0, P)[None, :]
+    d_lo = g2 * GS + p2                                   # (NG, P) dim of each byte's low nibble
+    d_hi = d_lo + PR                                      # and of its high nibble
+    ok_lo = (g2 < NGR) & (p2 < PR) & (d_lo < D)
+    ok_hi = (g2 < NGR) & (p2 + PR < GS) & (d_hi < D)
+    unit_lo, unit_hi = _unit(p2, False), _unit(p2, True)         # (1, P)
+    sub_lo, sub_hi = 8388608.0 + ZERO * unit_lo, 8388608.0 + ZERO * unit_hi
+    q_row = q + b * sq_b + h * sq_h
+    q_lo = tl.load(q_row + d_lo * sq_d, mask=ok_lo, other=0).to(tl.float32)
+    q_hi = tl.load(q_row + d_hi * sq_d, mask=ok_hi, other=0).to(tl.float32)
+    q_sum = tl.sum(q_lo + q_hi, axis=1)[None, :]          # (1, NG)
+    qs_lo, qs_hi = (q_lo / unit_lo)[None, :, :], (q_hi / unit_hi)[None, :, :]
+    g3, i3 = g2[None, :, :], tl.arange(0, W)[None, None, :]
+    inner = (g3 < NGR) & (i3 * 4 < PR)                    # (1, NG, W): words that exist
+    g_sc = tl.arange(0, NG)[None, :]                      # (1, NG)
+    kd_row, vd_row = kd + b * skd_b + h * skd_h, vd + b * svd_b + h * svd_h
+    ks_row, km_row = ks + b * sks_b + h * sks_h, km + b * sks_b + h * sks_h
+    vs_row, vm_row = vs + b * svs_b + h * svs_h, vm + b * svs_b + h * svs_h
+    mask_row = mask + b * sm_b
+    m_i = tl.full((), float("-inf"), tl.float32)          # the softmax's reference point
+    l_acc = tl.zeros((BLOCK_L,), tl.float32)              # per-position partial sums,
+    acc_lo = tl.zeros((BLOCK_L, NG, P), tl.float32)       # reduced over positions after the loop
+    acc_hi = tl.zeros((BLOCK_L, NG, P), tl.float32)
+    acc_mn = tl.zeros((BLOCK_L, NG), tl.float32)
+    for start in range(0, L, BLOCK_L):
+        l = start + tl.arange(0, BLOCK_L)
+        l_ok = l < L
+        l3, ok3 = l[:, None, None], l_ok[:, None, None] & inner
+        l2, ok2 = l[:, None], l_ok[:, None] & (g_sc < NGR)
+        k_lo, k_hi = _codes(kd_row, l3, g3, i3, ok3, skd_l, skd_g)
+        k_sc, k_mn = _scale_mn(ks_row, km_row, l2, g_sc, ok2, sks_l, sks_g)
+        dots = tl.sum((k_lo - sub_lo[None]) * qs_lo + (k_hi - sub_hi[None]) * qs_hi, axis=2)
+        s = tl.sum(k_sc * dots + k_mn * q_sum, axis=1)                                # (BL,)
+        keep = tl.load(mask_row + l * sm_l, mask=l_ok, other=0) != 0
+        s = tl.where(l_ok, tl.where(keep, s, FMIN), float("-inf"))
+        m_blk = tl.max(s, axis=0)
+        if m_blk > m_i + RESCALE:
+            alpha = tl.exp(m_i - m_blk)
+            acc_lo, acc_hi, acc_mn, l_acc = acc_lo * alpha, acc_hi * alpha, acc_mn * alpha, l_acc * alpha
+            m_i = m_blk
+        pr = tl.exp(s - m_i)
+        v_lo, v_hi = _codes(vd_row, l3, g3, i3, ok3, svd_l, svd_g)
+        v_sc, v_mn = _scale_mn(vs_row, vm_row, l2, g_sc, ok2, svs_l, svs_g)
+        w = (pr[:, None] * v_sc)[:, :, None]                                          # (BL, NG, 1)
+        acc_lo += w * (v_lo - sub_lo[None])
+        acc_hi += w * (v_hi - sub_hi[None])
+        acc_mn += pr[:, None] * v_mn
+        l_acc += pr
+    mn_sum = tl.sum(acc_mn, axis=0)[:, None]                                          # (NG, 1)
+    o_lo = tl.sum(acc_lo, axis=0) / unit_lo + mn_sum
+    o_hi = tl.sum(acc_hi, axis=0) / unit_hi + mn_sum
+    l_i = tl.sum(l_acc, axis=0)
+    if HAS_NEW:  # the new token, last position, folded into the running softmax
+        n_row = b * sn_b + h * sn_h
+        kn_lo = tl.load(kn + n_row + d_lo * sn_d, mask=ok_lo, other=0).to(tl.float32)
+        kn_hi = tl.load(kn + n_row + d_hi * sn_d, mask=ok_hi, other=0).to(tl.float32)
+        s_new = tl.sum(tl.sum(q_lo * kn_lo + q_hi * kn_hi, axis=1), axis=0)
+        s_new = tl.where(tl.load(mask_row + L * sm_l) != 0, s_new, FMIN)
+        m_fin = tl.maximum(m_i, s_new)
+        alpha = tl.exp(m_i - m_fin)
+        p_new = tl.exp(s_new - m_fin)
+        o_lo = o_lo * alpha + p_new * tl.load(vn + n_row + d_lo * sn_d, mask=ok_lo, other=0).to(tl.float32)
+        o_hi = o_hi * alpha + p_new * tl.load(vn + n_row + d_hi * sn_d, mask=ok_hi, other=0).to(tl.float32)
+        l_i = l_i * alpha + p_new
+    inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # nothing at all to attend (L = 0): zeros
+    out_row = out + b * so_b + h * D
+    tl.store(out_row + d_lo, (o_lo * inv).to(out.dtype.element_ty), mask=ok_lo)
+    tl.store(out_row + d_hi, (o_hi * inv).to(out.dtype.element_ty), mask=ok_hi)
+
+
+def _word_aligned(data: torch.Tensor) -> bool:
+    """Whether packed bytes (b, heads, L, n_groups, P) can be read as int32 words."""
+    return (data.shape[-1] % 4 == 0 and data.stride(-1) == 1 and data.storage_offset() % 4 == 0
+            and all(st % 4 == 0 for st in data.stride()[:-1]))
+
+
+def _pieces(t: CompressedTensor):
+    """data as int32 (b, heads, L, n_groups, P / 4) and scale, mn (b, heads, L, n_groups, 1)
+    sharing strides."""
+    scale, mn = t.scale, t.mn
+    if scale.stride() != mn.stride():
+        scale, mn = scale.contiguous(), mn.contiguous()
+    return t.data.view(torch.int32), scale, mn
+
+
+def decode_attention(q: torch.Tensor, packed_k: CompressedTensor, packed_v: CompressedTensor,
+                     mask: torch.Tensor, k_new: torch.Tensor | None = None,
+                     v_new: torch.Tensor | None = None, block_l: int = BLOCK_L,
+                     num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """Fused `reference.heads_decode_attention` (same arguments, checked by the caller, and result:
+    (b, 1, heads * head_dim) in q's dtype). No host sync, so a CUDA graph may capture it."""
+    b, heads, _, d = q.shape
+    length = packed_k.shape[2]
+    c = packed_k.config
+    ngr, pr = -(-d // c.group_size), comp.bytes_per_group(c)
+    kd, ks, km = _pieces(packed_k)
+    vd, vs, vm = _pieces(packed_v)
+    has_new = k_new is not None
+    if has_new and k_new.stride() != v_new.stride():
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    kn, vn = (k_new, v_new) if has_new else (q, q)  # unread placeholders without a new token
+    mask = mask.view(torch.uint8)
+    out = torch.empty((b, 1, heads * d), dtype=q.dtype, device=q.device)
+    _heads_decode_kernel[(heads, b)](
+        q, q.stride(0), q.stride(1), q.stride(3),
+        kd, *kd.stride()[:4], ks, km, *ks.stride()[:4],
+        vd, *vd.stride()[:4], vs, vm, *vs.stride()[:4],
+        kn, vn, kn.stride(0), kn.stride(1), kn.stride(3), mask, mask.stride(0), mask.stride(1),
+        out, out.stride(0), length,
+        D=d, GS=c.group_size, NGR=ngr, PR=pr, NG=triton.next_power_of_2(ngr),
+        W=triton.next_power_of_2(pr // 4), ZERO=comp.zero_point(c), BLOCK_L=block_l,
+        HAS_NEW=has_new, num_warps=num_warps)
+    return out
