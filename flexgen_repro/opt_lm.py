@@ -62,7 +62,15 @@ class OptLM:
         self.weight_home, self.weight_placement = loader.place(self.layers)
         self.times = RunTimes()
         self.use_cuda_graphs = True  # all-GPU policies decode through captured CUDA graphs
-        self.graph_state: dict = {}  # the graphs and cache buffers they were captured on
+        self.block_state: dict = {}  # cache homes of the last shape, and graphs captured on them
+
+    def release_cache(self) -> None:
+        """Free the KV cache kept between calls (it is reused while prompt and generation
+        lengths stay the same)."""
+        for home in self.block_state.get("homes", {}).values():
+            for t in home:
+                self.env.mixed.free(t)
+        self.block_state.clear()
 
     def _check_vocab(self, arr: np.ndarray) -> None:
         if arr.min() < 0 or arr.max() >= self.config.vocab_size:

@@ -45,7 +45,6 @@ class BlockRun:
         self.hidden: dict[int, object] = {}
         self.steps: dict[int, StepInfo] = {}
         self.stopped = np.zeros(self.B * self.K, dtype=bool)
-        self.persistent_homes = False
         self.logits = np.zeros((self.B * self.K, self.prompt_len, self.config.vocab_size),
                                np.float32) if want_logits else None
         self.step_times: list[float] = []
@@ -118,7 +117,7 @@ class BlockRun:
         if pct[0] == 100:
             self.hidden[k] = out
             return
-        home = self.env.mixed.alloc(tuple(out.shape), out.dtype, pct, pin=True)
+        home = self.env.mixed.alloc(tuple(out.shape), out.dtype, pct, pin=True, long_lived=False)
         home.write(0, out)
         self.hidden[k] = home
 
@@ -178,17 +177,19 @@ class BlockRun:
         return self.output_ids
 
     def _graphs(self) -> GraphedDecode | None:
-        """Graph decode, reused across blocks and calls of the same shape: the cache homes stay
-        allocated, so the captured graphs stay valid and are captured once."""
+        """Cache homes persist across blocks and calls of the same shape (no re-allocation, no
+        re-pinning, and captured CUDA graphs stay valid); graph decode where everything is on
+        the GPU."""
+        key = (self.prompt_len, self.gen_len)
+        state = self.lm.block_state
+        if state.get("key") != key:
+            self.lm.release_cache()
+            state.update(key=key, homes={}, graphs=None)
+        self.cache_home = state["homes"]
         if not (self.lm.use_cuda_graphs and graphable(self.policy, self.env, self.want_logits)):
             return None
-        key = (self.prompt_len, self.gen_len)
-        state = self.lm.graph_state
-        if state.get("key") != key:
-            state.clear()
-            state.update(key=key, homes={}, graphs=GraphedDecode(self))
-        self.cache_home = state["homes"]
-        self.persistent_homes = True
+        if state["graphs"] is None:
+            state["graphs"] = GraphedDecode(self)
         state["graphs"].run = self
         return state["graphs"]
 
@@ -230,11 +231,7 @@ class BlockRun:
         for fut in futures:
             fut.result()
         self.cache_stores.clear()
-        if not self.persistent_homes:
-            for home in self.cache_home.values():
-                for t in home:
-                    self.env.mixed.free(t)
-            self.cache_home.clear()
+
         self.hidden.clear()
 
 

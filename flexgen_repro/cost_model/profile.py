@@ -28,7 +28,7 @@ import torch
 from flexgen_repro.cost_model.hardware import GIB, LOCAL_PROFILE, HardwareProfile, save_profile
 
 GPU_HEADROOM = 0.94      # of free (or capped) GPU memory usable for tensors: allocator slack, cuBLAS
-CPU_HEADROOM = 0.90      # of available host memory
+CPU_HEADROOM = 0.8  # leave room for the process itself, page cache and transient copies
 DISK_HEADROOM = 0.95     # of free disk space
 
 

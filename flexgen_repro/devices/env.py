@@ -20,14 +20,53 @@ from flexgen_repro.policy import Tier, split_rows
 
 
 class MemDevice:
-    """GPU or CPU memory. CPU tensors are pinned (when asked) only where CUDA exists."""
+    """GPU or CPU memory. CPU tensors are pinned (when asked) only where CUDA exists.
+
+    Large pinned buffers are ordinary allocations registered with CUDA (cudaHostRegister) rather
+    than torch's pinned allocator, which rounds every block up to a power of two (+25% host memory
+    for OPT's weight shapes); `release` or `close` unregisters them.
+    """
+
+    REGISTER_MIN_BYTES = 8 << 20
 
     def __init__(self, tier: Tier, device: torch.device, can_pin: bool):
         self.tier, self.dev, self.can_pin = tier, device, can_pin
+        self._registered: dict[int, int] = {}  # data_ptr -> bytes
+        self._lock = threading.Lock()
 
-    def alloc(self, shape, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+    def alloc(self, shape, dtype: torch.dtype, pin: bool = False,
+              long_lived: bool = True) -> torch.Tensor:
+        """`long_lived` pinned buffers are registered (exact size); short-lived ones come from
+        torch's pinned allocator, which reuses its blocks."""
         pin = pin and self.can_pin and self.dev.type == "cpu"
-        return torch.empty(tuple(shape), dtype=dtype, device=self.dev, pin_memory=pin)
+        if not pin:
+            return torch.empty(tuple(shape), dtype=dtype, device=self.dev)
+        if long_lived:
+            t = torch.empty(tuple(shape), dtype=dtype)
+            nbytes = t.numel() * t.element_size()
+            if nbytes >= self.REGISTER_MIN_BYTES and self._register(t.data_ptr(), nbytes):
+                return t
+        return torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
+
+    def _register(self, ptr: int, nbytes: int) -> bool:
+        if int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)) != 0:
+            return False  # e.g. an overlapping range still registered: use the pinned allocator
+        with self._lock:
+            self._registered[ptr] = nbytes
+        return True
+
+    def release(self, t: torch.Tensor) -> None:
+        """Unregister a buffer this device registered (before its memory is freed)."""
+        with self._lock:
+            registered = self._registered.pop(t.data_ptr(), None)
+        if registered is not None:
+            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+    def close(self) -> None:
+        with self._lock:
+            ptrs, self._registered = list(self._registered), {}
+        for ptr in ptrs:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
 
     def put(self, t: torch.Tensor, pin: bool = False) -> Stored:
         buf = self.alloc(t.shape, t.dtype, pin)
@@ -45,7 +84,7 @@ class DiskDevice:
         self._owned: list[str] = []
         self._lock = threading.Lock()
 
-    def alloc(self, shape, dtype: torch.dtype, pin: bool = False) -> DiskFile:
+    def alloc(self, shape, dtype: torch.dtype, pin: bool = False, long_lived: bool = True) -> DiskFile:
         os.makedirs(self.folder, exist_ok=True)
         f = new_disk_file(self.folder, shape, dtype)
         with self._lock:
@@ -80,7 +119,7 @@ class MixedDevice:
         self.env = env
 
     def alloc(self, shape, dtype: torch.dtype, percents, pin: bool = False,
-              compression=None, seq_dim: int = 1) -> RowSplit:
+              compression=None, seq_dim: int = 1, long_lived: bool = True) -> RowSplit:
         """A tensor with rows (dim 0) split by `percents` (gpu, cpu, disk); positions along
         `seq_dim` are what `write`/`read` address. `compression` groups must lie after seq_dim."""
         segments = []
@@ -88,19 +127,22 @@ class MixedDevice:
             seg_shape = (stop - start,) + tuple(shape[1:])
             device = self.env.device(tier)
             if compression is None:
-                store = PlainStore(device.alloc(seg_shape, dtype, pin), seq_dim)
+                store = PlainStore(device.alloc(seg_shape, dtype, pin, long_lived), seq_dim)
             else:
                 store = self._packed_store(device, seg_shape, dtype, compression, pin, seq_dim)
             segments.append(Segment(tier, start, stop, store))
         return RowSplit(tuple(shape), segments)
 
     def free(self, t: RowSplit) -> None:
-        """Release a row-split tensor's disk files now (memory parts go with the last reference)."""
+        """Release a row-split tensor: its disk files are removed and its registered host
+        buffers unregistered now (memory goes with the last reference)."""
         for seg in t.segments:
             stores = seg.store.stores.values() if isinstance(seg.store, PackedStore) else [seg.store]
             for store in stores:
                 if isinstance(store.buf, DiskFile):
                     self.env.disk.free(store.buf)
+                elif seg.tier == Tier.CPU:
+                    self.env.cpu.release(store.buf)
 
     @staticmethod
     def _packed_store(device, shape, dtype, config, pin, seq_dim) -> PackedStore:
@@ -204,6 +246,7 @@ class ExecutionEnv:
     def close(self) -> None:
         """Join the copy threads and remove every file the disk tier wrote."""
         self.close_copy_threads()
+        self.cpu.close()
         self.disk.close()
         if self._own_dir and os.path.isdir(self._own_dir):
             shutil.rmtree(self._own_dir, ignore_errors=True)

@@ -25,10 +25,11 @@ import triton.language as tl
 from flexgen_repro import compression as comp
 from flexgen_repro.compression import CompressedTensor
 
-BLOCK_L = 32    # positions per loop step; ptxas (sm_90): 80 registers at 8 warps, no spills
-NUM_WARPS = 8
+BLOCK_L = 32    # positions per loop step; ptxas (sm_90, head_dim 128): <= 127 registers, no spills
+NUM_WARPS = 4
 MAX_HEAD_DIM = 256  # larger heads would spill registers: left to the reference
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAGIC = 0x4B000000  # the bits of float32 2**23
 
 
 def supports(q: torch.Tensor, packed_k: CompressedTensor, packed_v: CompressedTensor) -> bool:
@@ -42,9 +43,10 @@ def supports(q: torch.Tensor, packed_k: CompressedTensor, packed_v: CompressedTe
 
 
 @triton.jit
-def _f32(bits):
-    """int32 bits below 2**23, OR-ed into 2**23's, as float32: 2**23 + bits."""
-    return (bits | 0x4B000000).to(tl.float32, bitcast=True)
+def _f32(bits, magic):
+    """int32 bits below 2**23 OR-ed into magic = 2**23's bits, as float32: 2**23 + bits. (magic is
+    a kernel argument, not a literal, so that AND and OR compile to one LOP3.)"""
+    return (bits | magic).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -59,15 +61,15 @@ def _unit(p, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _codes(row, l3, g3, i3, ok3, s_l, s_g):
+def _codes(row, l3, g3, i3, ok3, s_l, s_g, m):
     """(BLOCK_L, NG, P) low and high nibbles of the bytes at positions l3, as 2**23 + code * 2**e
     (`_unit`); bytes are read as int32 words (strides s_l, s_g in words; i3 a group's words)."""
     x = tl.load(row + l3 * s_l + g3 * s_g + i3, mask=ok3, other=0)
     t = x >> 12  # bits 20..31 (byte 2's high nibble, byte 3) down to 8..19, below float32's 2**23
-    lo = tl.interleave(tl.interleave(_f32(x & 0x0F), _f32(x & 0x0F0000)),     # e = 0, 16
-                       tl.interleave(_f32(x & 0x0F00), _f32(t & 0xF000)))     # e = 8, 12
-    hi = tl.interleave(tl.interleave(_f32(x & 0xF0), _f32(t & 0x0F00)),       # e = 4, 8
-                       tl.interleave(_f32(x & 0xF000), _f32(t & 0xF0000)))    # e = 12, 16
+    lo = tl.interleave(tl.interleave(_f32(x & 0x0F, m), _f32(x & 0x0F0000, m)),  # e = 0, 16
+                       tl.interleave(_f32(x & 0x0F00, m), _f32(t & 0xF000, m)))  # e = 8, 12
+    hi = tl.interleave(tl.interleave(_f32(x & 0xF0, m), _f32(t & 0x0F00, m)),    # e = 4, 8
+                       tl.interleave(_f32(x & 0xF000, m), _f32(t & 0xF0000, m))) # e = 12, 16
     return lo, hi
 
 
@@ -84,7 +86,7 @@ def _heads_decode_kernel(
         q, sq_b, sq_h, sq_d,
         kd, skd_b, skd_h, skd_l, skd_g, ks, km, sks_b, sks_h, sks_l, sks_g,
         vd, svd_b, svd_h, svd_l, svd_g, vs, vm, svs_b, svs_h, svs_l, svs_g,
-        kn, vn, sn_b, sn_h, sn_d, mask, sm_b, sm_l, out, so_b, L,
+        kn, vn, sn_b, sn_h, sn_d, mask, sm_b, sm_l, out, so_b, L, magic,
         D: tl.constexpr, GS: tl.constexpr, NGR: tl.constexpr, PR: tl.constexpr,
         NG: tl.constexpr, W: tl.constexpr, ZERO: tl.constexpr, BLOCK_L: tl.constexpr,
         HAS_NEW: tl.constexpr):
@@ -122,7 +124,7 @@ def _heads_decode_kernel(
         l_ok = l < L
         l3, ok3 = l[:, None, None], l_ok[:, None, None] & inner
         l2, ok2 = l[:, None], l_ok[:, None] & (g_sc < NGR)
-        k_lo, k_hi = _codes(kd_row, l3, g3, i3, ok3, skd_l, skd_g)
+        k_lo, k_hi = _codes(kd_row, l3, g3, i3, ok3, skd_l, skd_g, magic)
         k_sc, k_mn = _scale_mn(ks_row, km_row, l2, g_sc, ok2, sks_l, sks_g)
         dots = tl.sum((k_lo - sub_lo[None]) * qs_lo + (k_hi - sub_hi[None]) * qs_hi, axis=2)
         s = tl.sum(k_sc * dots + k_mn * q_sum, axis=1)                                # (BL,)
@@ -134,7 +136,7 @@ def _heads_decode_kernel(
             acc_lo, acc_hi, acc_mn, l_acc = acc_lo * alpha, acc_hi * alpha, acc_mn * alpha, l_acc * alpha
             m_i = m_blk
         pr = tl.exp(s - m_i)
-        v_lo, v_hi = _codes(vd_row, l3, g3, i3, ok3, svd_l, svd_g)
+        v_lo, v_hi = _codes(vd_row, l3, g3, i3, ok3, svd_l, svd_g, magic)
         v_sc, v_mn = _scale_mn(vs_row, vm_row, l2, g_sc, ok2, svs_l, svs_g)
         w = (pr[:, None] * v_sc)[:, :, None]                                          # (BL, NG, 1)
         acc_lo += w * (v_lo - sub_lo[None])
@@ -196,12 +198,14 @@ def decode_attention(q: torch.Tensor, packed_k: CompressedTensor, packed_v: Comp
     kn, vn = (k_new, v_new) if has_new else (q, q)  # unread placeholders without a new token
     mask = mask.view(torch.uint8)
     out = torch.empty((b, 1, heads * d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
     _heads_decode_kernel[(heads, b)](
         q, q.stride(0), q.stride(1), q.stride(3),
         kd, *kd.stride()[:4], ks, km, *ks.stride()[:4],
         vd, *vd.stride()[:4], vs, vm, *vs.stride()[:4],
         kn, vn, kn.stride(0), kn.stride(1), kn.stride(3), mask, mask.stride(0), mask.stride(1),
-        out, out.stride(0), length,
+        out, out.stride(0), length, MAGIC,
         D=d, GS=c.group_size, NGR=ngr, PR=pr, NG=triton.next_power_of_2(ngr),
         W=triton.next_power_of_2(pr // 4), ZERO=comp.zero_point(c), BLOCK_L=block_l,
         HAS_NEW=has_new, num_warps=num_warps)
