@@ -14,6 +14,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import platform
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -100,6 +101,11 @@ def _auto_policy(args, config) -> Policy:
                                pin_weight=args.pin_weight, attn_sparsity=args.attn_sparsity)
 
 
+def _progress(args, text: str) -> None:
+    if args.verbose >= 2:
+        print(f"[flex_opt] {text}", file=sys.stderr, flush=True)
+
+
 def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int) -> np.ndarray:
     """Token ids for benchmarking (no tokenizer needed); no padding."""
     rng = np.random.default_rng(seed)
@@ -130,12 +136,15 @@ def run(args) -> dict:
     policy = policy_from_args(args, config)
     num_prompts = policy.block_size
     prompts = synthetic_prompts(num_prompts, args.prompt_len, config.vocab_size, args.seed)
+    t0 = time.perf_counter()
     with ExecutionEnv.create(args.offload_dir) as env:
         lm = OptLM(config, env, args.path, policy)
         lm.use_cuda_graphs = args.cuda_graphs
+        _progress(args, f"weights at home in {time.perf_counter() - t0:.1f} s")
         if args.warmup:  # prefill only; where decode runs as CUDA graphs, capture them too
             graphed = args.cuda_graphs and graphable(policy, env, False)
             lm.generate(prompts, max_new_tokens=args.gen_len if graphed else 1)
+            _progress(args, f"warm-up done at {time.perf_counter() - t0:.1f} s")
         with PeakMemory() as peak:
             lm.generate(prompts, max_new_tokens=args.gen_len)
     metrics = RunMetrics(num_prompts, args.prompt_len, args.gen_len, lm.times.prefill_s,

@@ -5,8 +5,11 @@
 First checks every kernel against its reference at the benchmark's shapes (PASS/FAIL per kernel),
 then times with triton.testing.do_bench (median; it flushes the L2 cache before each run) at
 OPT-6.7B's shapes: hidden 4096, FFN 16384, decode batch 1..72, prefill 72 x 512 tokens, attention
-over b=72, s=512..544, 32 heads. Achieved GB/s (bytes the kernel must move / time) is reported
-beside a device-to-device copy measured here. Writes the raw records as JSON; exits 1 if a check fails.
+over b=72, s=512..544, 32 heads, over the (b, s, hidden) cache and over the runtime's head-major
+(b, 32, L, 128) cache (a view of a 544-position buffer, with and without a separate new token).
+Achieved GB/s (bytes the kernel must move / time; for the head-major attention, compressed cache
+bytes read / time) is reported beside a device-to-device copy measured here. Writes the raw
+records as JSON; exits 1 if a check fails.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flexgen_repro import kernels  # noqa: E402
 from flexgen_repro.compression import compress, decompress  # noqa: E402
 from flexgen_repro.kernels import reference  # noqa: E402
+from flexgen_repro.model.attention_math import decode_attention  # noqa: E402
 from flexgen_repro.policy import CompressionConfig  # noqa: E402
 
 DEVICE = "cuda"
@@ -34,8 +38,13 @@ LINEARS = {"qkv/out (4096x4096)": (HIDDEN, HIDDEN), "fc1 (16384x4096)": (FFN, HI
 DECODE_BATCHES = (1, 8, 32, 72)
 PREFILL_TOKENS = 72 * 512
 ATTN_BATCH, ATTN_SEQS = 72, (512, 544)
-CHECK_TOL = {"dequant_linear": 2e-3, "decode_attention": 2e-3, "dequantize": 1e-3, "quantize": 1e-3}
+HEAD_DIM, HEADS_CAP = HIDDEN // HEADS, 544  # head-major cache buffer: prompt 512 + 32 new tokens
+# heads_decode_attention: fp16 kernel (float32 inside) against the fp16 runtime maths, which rounds
+# scores and probabilities to fp16 (see tests/test_kernels_heads.py)
+CHECK_TOL = {"dequant_linear": 2e-3, "decode_attention": 2e-3, "dequantize": 1e-3, "quantize": 1e-3,
+             "heads_decode_attention": 4e-3}
 WEIGHT_CFG, CACHE_CFG = CompressionConfig(4, 64, 0, False), CompressionConfig(4, 64, 2, False)
+HEADS_CFG = CompressionConfig(4, 64, 3, False)  # the runtime's cache: groups along head_dim
 
 
 def median_ms(fn) -> float:
@@ -81,6 +90,11 @@ def run_checks() -> dict:
     checks[f"decode_attention s={ATTN_SEQS[-1]}"] = ("decode_attention", rel_err(
         kernels.compressed_decode_attention(q, k, v, mask, 0.088),
         reference.decode_attention(q, k, v, mask, 0.088)))
+    for new in (False, True):
+        hq, hk, hv, hmask, kn, vn = heads_inputs(ATTN_SEQS[-1] - new, new)
+        checks[f"heads_decode_attention L={ATTN_SEQS[-1]}{' +new' if new else ''}"] = (
+            "heads_decode_attention", rel_err(kernels.compressed_heads_decode_attention(hq, hk, hv, hmask, kn, vn),
+                                              reference.heads_decode_attention(hq, hk, hv, hmask, kn, vn)))
     cache = rand(ATTN_BATCH, 64, HIDDEN)
     checks["dequantize cache"] = ("dequantize", rel_err(kernels.dequantize(k), decompress(k)))
     checks["quantize cache"] = ("quantize", rel_err(decompress(kernels.quantize(cache, CACHE_CFG)),
@@ -89,7 +103,7 @@ def run_checks() -> dict:
     for name, (kind, err) in checks.items():
         ok = err < CHECK_TOL[kind]
         out[name] = {"pass": ok, "rel_err": err, "tol": CHECK_TOL[kind]}
-        print(f"{'PASS' if ok else 'FAIL'}  {name:28s} rel_err={err:.2e} (tol {CHECK_TOL[kind]:.0e})")
+        print(f"{'PASS' if ok else 'FAIL'}  {name:36s} rel_err={err:.2e} (tol {CHECK_TOL[kind]:.0e})")
     return out
 
 
@@ -143,6 +157,39 @@ def bench_attention(copy_gbps: float) -> list[dict]:
     return rows
 
 
+def heads_inputs(seq: int, new: bool):
+    """OPT-6.7B decode over the head-major cache: q (b, 32, 1, 128) pre-scaled; K, V views of the
+    first `seq` positions of a compressed (b, 32, 544, 128) buffer; a left-padded mask; and the
+    new token's k, v when `new` (then the mask covers seq + 1 positions)."""
+    shape = (ATTN_BATCH, HEADS, HEADS_CAP, HEAD_DIM)
+    q = rand(ATTN_BATCH, HEADS, 1, HEAD_DIM, scale=HEAD_DIM ** -0.5)
+    k, v = (compress(rand(*shape), HEADS_CFG).narrow(2, 0, seq) for _ in range(2))
+    mask = torch.ones(ATTN_BATCH, seq + new, dtype=torch.bool, device=DEVICE)
+    mask[::3, :17] = False  # some left padding
+    kn, vn = (rand(ATTN_BATCH, HEADS, 1, HEAD_DIM), rand(ATTN_BATCH, HEADS, 1, HEAD_DIM)) if new else (None, None)
+    return q, k, v, mask, kn, vn
+
+
+def bench_heads_attention(copy_gbps: float) -> list[dict]:
+    """Decode attention over the head-major cache; GB/s = compressed K and V bytes read / time."""
+    rows = []
+    for seq, new in itertools.product(ATTN_SEQS, (False, True)):
+        q, k, v, mask, kn, vn = heads_inputs(seq - new, new)
+        dense_k, dense_v = decompress(k), decompress(v)
+        impls = {"torch reference (decompress + runtime maths)":
+                 lambda: reference.heads_decode_attention(q, k, v, mask, kn, vn),
+                 "fused dequantize + runtime maths (the runtime before)":
+                 lambda: decode_attention(q, kernels.dequantize(k), kernels.dequantize(v), mask, 1.0, kn, vn),
+                 "fused triton": lambda: kernels.compressed_heads_decode_attention(q, k, v, mask, kn, vn),
+                 "uncompressed fp16 cache (runtime maths)":
+                 lambda: decode_attention(q, dense_k, dense_v, mask, 1.0, kn, vn)}
+        shape = f"b={ATTN_BATCH} L={seq}{' (+new)' if new else ''} heads={HEADS} d={HEAD_DIM}"
+        for impl, fn in impls.items():
+            nbytes = 2 * dense_k.numel() * 2 if impl.startswith("uncompressed") else k.nbytes + v.nbytes
+            rows.append(_row("heads_attention", shape, impl, median_ms(fn), nbytes, copy_gbps))
+    return rows
+
+
 def bench_whole_tensor(copy_gbps: float) -> list[dict]:
     x = rand(ATTN_BATCH, 512, HIDDEN)
     packed = compress(x, CACHE_CFG)
@@ -192,13 +239,27 @@ def sweep(copy_gbps: float) -> list[dict]:
         ms = _try_time(lambda: compressed_attention.decode_attention(q, kc, vc, mask, 0.088, **cfg))
         rows.append({**_row("sweep", f"attention s={ATTN_SEQS[0]}", json.dumps(cfg), ms,
                             kc.nbytes + vc.nbytes, copy_gbps), "config": cfg})
+    return rows + sweep_heads(copy_gbps)
+
+
+def sweep_heads(copy_gbps: float) -> list[dict]:
+    """Positions per step and warps of the head-major decode kernel (defaults in heads_attention)."""
+    from flexgen_repro.kernels import heads_attention
+    rows = []
+    for new in (False, True):
+        q, k, v, mask, kn, vn = heads_inputs(ATTN_SEQS[-1] - new, new)
+        for block_l, warps in itertools.product((16, 32, 64), (2, 4, 8)):
+            cfg = {"block_l": block_l, "num_warps": warps}
+            ms = _try_time(lambda: heads_attention.decode_attention(q, k, v, mask, kn, vn, **cfg))
+            rows.append({**_row("sweep", f"heads attention L={ATTN_SEQS[-1]}{' +new' if new else ''}",
+                                json.dumps(cfg), ms, k.nbytes + v.nbytes, copy_gbps), "config": cfg})
     return rows
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="where the JSON records are written")
-    ap.add_argument("--sweep", action="store_true", help="also sweep the decode kernel's block sizes")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the decode kernels' block sizes")
     ap.add_argument("--quick", action="store_true", help="fewer decode batch sizes")
     args = ap.parse_args(argv)
     if not kernels.available():
@@ -209,7 +270,8 @@ def main(argv=None) -> int:
     checks = run_checks()
     copy_gbps = copy_bandwidth_gbps()
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
-    rows = bench_linears(copy_gbps, args.quick) + bench_attention(copy_gbps) + bench_whole_tensor(copy_gbps)
+    rows = (bench_linears(copy_gbps, args.quick) + bench_attention(copy_gbps) + bench_heads_attention(copy_gbps)
+            + bench_whole_tensor(copy_gbps))
     if args.sweep:
         rows += sweep(copy_gbps)
     import triton

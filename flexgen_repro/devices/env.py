@@ -33,6 +33,8 @@ class MemDevice:
         self.tier, self.dev, self.can_pin = tier, device, can_pin
         self._registered: dict[int, int] = {}  # data_ptr -> bytes
         self._lock = threading.Lock()
+        # FLEXGEN_PIN=alloc: torch's pinned allocator for everything (the comparison baseline)
+        self.register_pinned = os.environ.get("FLEXGEN_PIN", "register") != "alloc"
 
     def alloc(self, shape, dtype: torch.dtype, pin: bool = False,
               long_lived: bool = True) -> torch.Tensor:
@@ -41,7 +43,7 @@ class MemDevice:
         pin = pin and self.can_pin and self.dev.type == "cpu"
         if not pin:
             return torch.empty(tuple(shape), dtype=dtype, device=self.dev)
-        if long_lived:
+        if long_lived and self.register_pinned:
             t = torch.empty(tuple(shape), dtype=dtype)
             nbytes = t.numel() * t.element_size()
             if nbytes >= self.REGISTER_MIN_BYTES and self._register(t.data_ptr(), nbytes):
