@@ -12,6 +12,8 @@ store of the same (layer, batch), and a failed copy re-raises here.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 from concurrent.futures import Future
 
@@ -48,6 +50,7 @@ class BlockRun:
         self.logits = np.zeros((self.B * self.K, self.prompt_len, self.config.vocab_size),
                                np.float32) if want_logits else None
         self.step_times: list[float] = []
+        self.profile = {} if os.environ.get("FLEXGEN_PROFILE") else None
 
     # ---- the steps -------------------------------------------------------------------------
     def load_weight(self, j: int) -> None:
@@ -138,10 +141,18 @@ class BlockRun:
 
     def compute(self, i: int, j: int, k: int) -> None:
         layer = self.layers[j]
+        t0 = time.perf_counter()
         w = self.weights[j].result()
         cache = self.cache_loads.pop((j, k)).result() if layer.has_cache and i > 0 else None
+        t1 = time.perf_counter()
         x = self.load_hidden(i, j, k)
         out = layer.forward(x, w, self.step_info(i, k), cache)
+        if self.profile is not None:  # FLEXGEN_PROFILE=1: where the time of each phase goes
+            if self.env.has_cuda:
+                torch.cuda.synchronize()
+            key = ("prefill" if i == 0 else "decode", type(layer).__name__)
+            wait, busy = self.profile.setdefault(key, [0.0, 0.0])
+            self.profile[key] = [wait + t1 - t0, busy + time.perf_counter() - t1]
         if layer.has_cache:
             out, kv = out
             self.store_cache(i, j, k, kv)
@@ -171,6 +182,11 @@ class BlockRun:
                             self._normal_step(i, j, k)
             self._finish_token(i)
             self.step_times.append(time.perf_counter() - t0)
+            if self.profile is not None:
+                print(f"[profile] token {i}: {self.step_times[-1]:.3f} s; " + "; ".join(
+                    f"{a}/{b} wait {w:.3f} compute {c:.3f}" for (a, b), (w, c) in self.profile.items()),
+                    file=sys.stderr, flush=True)
+                self.profile.clear()
             if self.want_logits or (self.stop is not None and self.stopped.all()):
                 break
         self._drain()

@@ -6,12 +6,14 @@ streams that head's packed bytes once, turning 4-bit codes into float32 in regis
 softmax in float32; the new token's dense k/v may come separately (it is the last position).
 Matches `reference.heads_decode_attention`; imports triton.
 
-Maths per program, for group g of a position: x = (code - zero) * scale + mn, so
-    score = sum_g scale_g * (q_g . (codes_g - zero)) + mn_g * sum(q_g)
-    out   = (sum_l p_l * scale_lg * (codes_lg - zero) + sum_l p_l * mn_lg) / sum_l p_l
+Maths per program, for group g of a position: x = (code - zero) * scale + mn = (code - center) *
+scale + mid, with mid = mn + (center - zero) * scale the value of the middle code (center 8, or the
+zero point when symmetric; centring keeps the two sums below from cancelling), so
+    score = sum_g scale_g * (q_g . (codes_g - center)) + mid_g * sum(q_g)
+    out   = (sum_l p_l * scale_lg * (codes_lg - center) + sum_l p_l * mid_lg) / sum_l p_l
 Codes become floats without shifts or int-to-float conversions: packed bytes are read as int32
 words, and a nibble masked in place and OR-ed into the bits of 2**23 reads as 2**23 + code * 2**e
-(e set by the nibble's place in the word); subtracting 2**23 + zero * 2**e is exact, and the
+(e set by the nibble's place in the word); subtracting 2**23 + center * 2**e is exact, and the
 2**-e goes into q (for scores) or is applied once at the end (for V). So a code costs one LOP3, one
 FADD and one FFMA. The softmax rescales its running sums only when the block maximum grows by more
 than RESCALE (each weight stays below e**RESCALE), as in FlashAttention-4.
@@ -74,11 +76,12 @@ def _codes(row, l3, g3, i3, ok3, s_l, s_g, m):
 
 
 @triton.jit
-def _scale_mn(sc_row, mn_row, l2, g2, ok2, s_l, s_g):
-    """(BLOCK_L, NG) float32 scale and mn of positions l2."""
+def _scale_mid(sc_row, mn_row, l2, g2, ok2, s_l, s_g, SHIFT: tl.constexpr):
+    """(BLOCK_L, NG) float32 scale and mid = mn + SHIFT * scale (the value of code CENTER) of
+    positions l2."""
     sc = tl.load(sc_row + l2 * s_l + g2 * s_g, mask=ok2, other=0).to(tl.float32)
     mn = tl.load(mn_row + l2 * s_l + g2 * s_g, mask=ok2, other=0).to(tl.float32)
-    return sc, mn
+    return sc, mn + SHIFT * sc
 
 
 @triton.jit
@@ -88,7 +91,8 @@ def _heads_decode_kernel(
         vd, svd_b, svd_h, svd_l, svd_g, vs, vm, svs_b, svs_h, svs_l, svs_g,
         kn, vn, sn_b, sn_h, sn_d, mask, sm_b, sm_l, out, so_b, L, magic,
         D: tl.constexpr, GS: tl.constexpr, NGR: tl.constexpr, PR: tl.constexpr,
-        NG: tl.constexpr, W: tl.constexpr, ZERO: tl.constexpr, BLOCK_L: tl.constexpr,
+        NG: tl.constexpr, W: tl.constexpr, CENTER: tl.constexpr, SHIFT: tl.constexpr,
+        BLOCK_L: tl.constexpr,
         HAS_NEW: tl.constexpr):
     FMIN: tl.constexpr = -3.4028234663852886e38  # torch.finfo(float32).min, what masked scores get
     RESCALE: tl.constexpr = 8.0
@@ -101,7 +105,7 @@ def _heads_decode_kernel(
     ok_lo = (g2 < NGR) & (p2 < PR) & (d_lo < D)
     ok_hi = (g2 < NGR) & (p2 + PR < GS) & (d_hi < D)
     unit_lo, unit_hi = _unit(p2, False), _unit(p2, True)         # (1, P)
-    sub_lo, sub_hi = 8388608.0 + ZERO * unit_lo, 8388608.0 + ZERO * unit_hi
+    sub_lo, sub_hi = 8388608.0 + CENTER * unit_lo, 8388608.0 + CENTER * unit_hi
     q_row = q + b * sq_b + h * sq_h
     q_lo = tl.load(q_row + d_lo * sq_d, mask=ok_lo, other=0).to(tl.float32)
     q_hi = tl.load(q_row + d_hi * sq_d, mask=ok_hi, other=0).to(tl.float32)
@@ -118,34 +122,34 @@ def _heads_decode_kernel(
     l_acc = tl.zeros((BLOCK_L,), tl.float32)              # per-position partial sums,
     acc_lo = tl.zeros((BLOCK_L, NG, P), tl.float32)       # reduced over positions after the loop
     acc_hi = tl.zeros((BLOCK_L, NG, P), tl.float32)
-    acc_mn = tl.zeros((BLOCK_L, NG), tl.float32)
+    acc_mid = tl.zeros((BLOCK_L, NG), tl.float32)
     for start in range(0, L, BLOCK_L):
         l = start + tl.arange(0, BLOCK_L)
         l_ok = l < L
         l3, ok3 = l[:, None, None], l_ok[:, None, None] & inner
         l2, ok2 = l[:, None], l_ok[:, None] & (g_sc < NGR)
         k_lo, k_hi = _codes(kd_row, l3, g3, i3, ok3, skd_l, skd_g, magic)
-        k_sc, k_mn = _scale_mn(ks_row, km_row, l2, g_sc, ok2, sks_l, sks_g)
+        k_sc, k_mid = _scale_mid(ks_row, km_row, l2, g_sc, ok2, sks_l, sks_g, SHIFT)
         dots = tl.sum((k_lo - sub_lo[None]) * qs_lo + (k_hi - sub_hi[None]) * qs_hi, axis=2)
-        s = tl.sum(k_sc * dots + k_mn * q_sum, axis=1)                                # (BL,)
+        s = tl.sum(k_sc * dots + k_mid * q_sum, axis=1)                                # (BL,)
         keep = tl.load(mask_row + l * sm_l, mask=l_ok, other=0) != 0
         s = tl.where(l_ok, tl.where(keep, s, FMIN), float("-inf"))
         m_blk = tl.max(s, axis=0)
         if m_blk > m_i + RESCALE:
             alpha = tl.exp(m_i - m_blk)
-            acc_lo, acc_hi, acc_mn, l_acc = acc_lo * alpha, acc_hi * alpha, acc_mn * alpha, l_acc * alpha
+            acc_lo, acc_hi, acc_mid, l_acc = acc_lo * alpha, acc_hi * alpha, acc_mid * alpha, l_acc * alpha
             m_i = m_blk
         pr = tl.exp(s - m_i)
         v_lo, v_hi = _codes(vd_row, l3, g3, i3, ok3, svd_l, svd_g, magic)
-        v_sc, v_mn = _scale_mn(vs_row, vm_row, l2, g_sc, ok2, svs_l, svs_g)
+        v_sc, v_mid = _scale_mid(vs_row, vm_row, l2, g_sc, ok2, svs_l, svs_g, SHIFT)
         w = (pr[:, None] * v_sc)[:, :, None]                                          # (BL, NG, 1)
         acc_lo += w * (v_lo - sub_lo[None])
         acc_hi += w * (v_hi - sub_hi[None])
-        acc_mn += pr[:, None] * v_mn
+        acc_mid += pr[:, None] * v_mid
         l_acc += pr
-    mn_sum = tl.sum(acc_mn, axis=0)[:, None]                                          # (NG, 1)
-    o_lo = tl.sum(acc_lo, axis=0) / unit_lo + mn_sum
-    o_hi = tl.sum(acc_hi, axis=0) / unit_hi + mn_sum
+    mid_sum = tl.sum(acc_mid, axis=0)[:, None]                                          # (NG, 1)
+    o_lo = tl.sum(acc_lo, axis=0) / unit_lo + mid_sum
+    o_hi = tl.sum(acc_hi, axis=0) / unit_hi + mid_sum
     l_i = tl.sum(l_acc, axis=0)
     if HAS_NEW:  # the new token, last position, folded into the running softmax
         n_row = b * sn_b + h * sn_h
@@ -190,6 +194,7 @@ def decode_attention(q: torch.Tensor, packed_k: CompressedTensor, packed_v: Comp
     length = packed_k.shape[2]
     c = packed_k.config
     ngr, pr = -(-d // c.group_size), comp.bytes_per_group(c)
+    center = comp.zero_point(c) if c.symmetric else 1 << (c.num_bits - 1)
     kd, ks, km = _pieces(packed_k)
     vd, vs, vm = _pieces(packed_v)
     has_new = k_new is not None
@@ -207,6 +212,6 @@ def decode_attention(q: torch.Tensor, packed_k: CompressedTensor, packed_v: Comp
         kn, vn, kn.stride(0), kn.stride(1), kn.stride(3), mask, mask.stride(0), mask.stride(1),
         out, out.stride(0), length, MAGIC,
         D=d, GS=c.group_size, NGR=ngr, PR=pr, NG=triton.next_power_of_2(ngr),
-        W=triton.next_power_of_2(pr // 4), ZERO=comp.zero_point(c), BLOCK_L=block_l,
+        W=triton.next_power_of_2(pr // 4), CENTER=center, SHIFT=center - comp.zero_point(c), BLOCK_L=block_l,
         HAS_NEW=has_new, num_warps=num_warps)
     return out
