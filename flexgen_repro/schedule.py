@@ -78,7 +78,13 @@ class BlockRun:
         for ks, vs in zip(k_home.segments, v_home.segments):
             on_cpu = self.policy.cpu_cache_compute and ks.tier != Tier.GPU
             dev = self.env.cpu.dev if on_cpu else self.env.gpu.dev
-            parts.append(CachePart(ks.start, ks.stop, dev, ks.read(length, dev), vs.read(length, dev)))
+            if on_cpu and ks.tier == Tier.CPU and isinstance(getattr(ks.store, "buf", None), torch.Tensor):
+                # the whole (zero-initialized) home buffer: CPU batched matmuls are fast only on
+                # densely strided batches; positions from `length` on are masked
+                parts.append(CachePart(ks.start, ks.stop, dev, ks.store.buf, vs.store.buf, valid=length))
+            else:
+                parts.append(CachePart(ks.start, ks.stop, dev, ks.read(length, dev),
+                                       vs.read(length, dev), valid=length))
         return parts
 
     def store_cache(self, i: int, j: int, k: int, kv) -> None:
@@ -90,7 +96,7 @@ class BlockRun:
                 comp = dataclasses.replace(self.policy.comp_cache_config, group_dim=3)
             self.cache_home[(j, k)] = tuple(
                 self.env.mixed.alloc(shape, self.lm.dtype, self.policy.cache_percents(), True,
-                                     comp, seq_dim=2)
+                                     comp, seq_dim=2, zero=True)
                 for _ in range(2))
         pos = 0 if i == 0 else self.prompt_len + i - 1
         home = self.cache_home[(j, k)]

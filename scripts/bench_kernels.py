@@ -91,10 +91,10 @@ def run_checks() -> dict:
         kernels.compressed_decode_attention(q, k, v, mask, 0.088),
         reference.decode_attention(q, k, v, mask, 0.088)))
     for new in (False, True):
-        hq, hk, hv, hmask, kn, vn = heads_inputs(ATTN_SEQS[-1] - new, new)
+        args = heads_inputs(ATTN_SEQS[-1] - new, new)
         checks[f"heads_decode_attention L={ATTN_SEQS[-1]}{' +new' if new else ''}"] = (
-            "heads_decode_attention", rel_err(kernels.compressed_heads_decode_attention(hq, hk, hv, hmask, kn, vn),
-                                              reference.heads_decode_attention(hq, hk, hv, hmask, kn, vn)))
+            "heads_decode_attention", rel_err(kernels.compressed_heads_decode_attention(*args),
+                                              reference.heads_decode_attention(*args)))
     cache = rand(ATTN_BATCH, 64, HIDDEN)
     checks["dequantize cache"] = ("dequantize", rel_err(kernels.dequantize(k), decompress(k)))
     checks["quantize cache"] = ("quantize", rel_err(decompress(kernels.quantize(cache, CACHE_CFG)),
@@ -166,7 +166,7 @@ def heads_inputs(seq: int, new: bool):
     k, v = (compress(rand(*shape), HEADS_CFG).narrow(2, 0, seq) for _ in range(2))
     mask = torch.ones(ATTN_BATCH, seq + new, dtype=torch.bool, device=DEVICE)
     mask[::3, :17] = False  # some left padding
-    kn, vn = (rand(ATTN_BATCH, HEADS, 1, HEAD_DIM), rand(ATTN_BATCH, HEADS, 1, HEAD_DIM)) if new else (None, None)
+    kn, vn = (rand(ATTN_BATCH, HEADS, 1, HEAD_DIM) if new else None for _ in range(2))
     return q, k, v, mask, kn, vn
 
 
@@ -178,7 +178,7 @@ def bench_heads_attention(copy_gbps: float) -> list[dict]:
         dense_k, dense_v = decompress(k), decompress(v)
         impls = {"torch reference (decompress + runtime maths)":
                  lambda: reference.heads_decode_attention(q, k, v, mask, kn, vn),
-                 "fused dequantize + runtime maths (the runtime before)":
+                 "fused dequantize + runtime maths (old path)":
                  lambda: decode_attention(q, kernels.dequantize(k), kernels.dequantize(v), mask, 1.0, kn, vn),
                  "fused triton": lambda: kernels.compressed_heads_decode_attention(q, k, v, mask, kn, vn),
                  "uncompressed fp16 cache (runtime maths)":
@@ -270,8 +270,8 @@ def main(argv=None) -> int:
     checks = run_checks()
     copy_gbps = copy_bandwidth_gbps()
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
-    rows = (bench_linears(copy_gbps, args.quick) + bench_attention(copy_gbps) + bench_heads_attention(copy_gbps)
-            + bench_whole_tensor(copy_gbps))
+    rows = (bench_linears(copy_gbps, args.quick) + bench_attention(copy_gbps)
+            + bench_heads_attention(copy_gbps) + bench_whole_tensor(copy_gbps))
     if args.sweep:
         rows += sweep(copy_gbps)
     import triton

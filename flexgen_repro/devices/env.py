@@ -121,7 +121,8 @@ class MixedDevice:
         self.env = env
 
     def alloc(self, shape, dtype: torch.dtype, percents, pin: bool = False,
-              compression=None, seq_dim: int = 1, long_lived: bool = True) -> RowSplit:
+              compression=None, seq_dim: int = 1, long_lived: bool = True,
+              zero: bool = False) -> RowSplit:
         """A tensor with rows (dim 0) split by `percents` (gpu, cpu, disk); positions along
         `seq_dim` are what `write`/`read` address. `compression` groups must lie after seq_dim."""
         segments = []
@@ -129,7 +130,10 @@ class MixedDevice:
             seg_shape = (stop - start,) + tuple(shape[1:])
             device = self.env.device(tier)
             if compression is None:
-                store = PlainStore(device.alloc(seg_shape, dtype, pin, long_lived), seq_dim)
+                buf = device.alloc(seg_shape, dtype, pin, long_lived)
+                if zero and isinstance(buf, torch.Tensor):  # disk files start zero-filled
+                    buf.zero_()
+                store = PlainStore(buf, seq_dim)
             else:
                 store = self._packed_store(device, seg_shape, dtype, compression, pin, seq_dim)
             segments.append(Segment(tier, start, stop, store))

@@ -88,8 +88,9 @@ def check_heads_attention(q: torch.Tensor, packed_k: CompressedTensor, packed_v:
     total = packed_k.shape[2] + (k_new is not None)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (b, total):
         got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a bool tensor of shape (batch, L{' + 1' if k_new is not None else ''})"
-                         f" = {(b, total)}, True where a position is attended; got {got}")
+        plus = " + 1" if k_new is not None else ""
+        raise ValueError(f"mask must be a bool tensor of shape (batch, L{plus}) = {(b, total)}, True "
+                         f"where a position is attended; got {got}")
     if total == 0:
         raise ValueError("compressed_heads_decode_attention needs at least one position to attend over")
 

@@ -37,19 +37,20 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      sparsity: float = 1.0, k_new: torch.Tensor | None = None,
-                     v_new: torch.Tensor | None = None) -> torch.Tensor:
+                     v_new: torch.Tensor | None = None, n_prev: int | None = None) -> torch.Tensor:
     """One new token per row. q: (b, heads, 1, d) pre-scaled; k, v: (b, heads, L, d) earlier
     positions; k_new, v_new: (b, heads, 1, d) the new token's (None: already last in k, v);
     mask (b, L_total) marks real positions. Returns (b, 1, hidden).
 
-    With `sparsity` < 1, each head attends to the new token and the top ceil(sparsity * L_prev)
+    With `sparsity` < 1, each head attends to the new token and the top ceil(sparsity * n_prev)
     earlier positions by score (masked positions never count); softmax runs over that set.
+    `n_prev`: how many earlier positions exist (default: all of k; less when k's tail is unwritten).
     """
     scores = q @ k.transpose(-1, -2)                                      # (b, heads, 1, L)
     if k_new is not None:
         scores = torch.cat([scores, (q * k_new).sum(-1, keepdim=True)], dim=-1)
     scores = scores.float().masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
-    n_prev = scores.shape[-1] - 1
+    n_prev = scores.shape[-1] - 1 if n_prev is None else n_prev
     if sparsity < 1.0 and n_prev > 0:
         keep = max(1, math.ceil(sparsity * n_prev))
         prev = scores[..., :-1]

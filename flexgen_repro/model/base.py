@@ -39,6 +39,7 @@ class CachePart:
     v: object
     resident: bool = False                   # k, v are the full home buffers (GPU, in place)
     write_index: torch.Tensor | None = None  # where the new token goes when resident
+    valid: int | None = None                 # positions of k, v written so far (k may be longer)
 
 
 @dataclass

@@ -95,9 +95,14 @@ class SelfAttention(Layer):
                 _write_at(part.v, v_new[rows], part.write_index)
                 out = decode_attention(q[rows], dense(part.k), dense(part.v), step.mask[rows])
             else:
-                out = decode_attention(q[rows].to(dev), dense(part.k), dense(part.v),
-                                       step.mask[rows].to(dev), step.attn_sparsity,
-                                       k_new[rows].to(dev), v_new[rows].to(dev))
+                k, v = dense(part.k), dense(part.v)
+                mask = step.mask[rows]
+                if part.valid is not None and k.shape[2] > part.valid:  # unwritten tail: masked
+                    tail = torch.zeros(mask.shape[0], k.shape[2] - part.valid, dtype=torch.bool,
+                                       device=mask.device)
+                    mask = torch.cat([mask[:, :part.valid], tail, mask[:, part.valid:]], dim=1)
+                out = decode_attention(q[rows].to(dev), k, v, mask.to(dev), step.attn_sparsity,
+                                       k_new[rows].to(dev), v_new[rows].to(dev), part.valid)
             outs.append(out.to(q.device))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
