@@ -141,9 +141,9 @@ def run(args) -> dict:
         lm = OptLM(config, env, args.path, policy)
         lm.use_cuda_graphs = args.cuda_graphs
         _progress(args, f"weights at home in {time.perf_counter() - t0:.1f} s")
-        if args.warmup:  # prefill only; where decode runs as CUDA graphs, capture them too
-            graphed = args.cuda_graphs and graphable(policy, env, False)
-            lm.generate(prompts, max_new_tokens=args.gen_len if graphed else 1)
+        if args.warmup:  # prefill only (buffers allocated for the full run and kept for it);
+            graphed = args.cuda_graphs and graphable(policy, env, False)  # or capture the graphs
+            lm.generate(prompts, max_new_tokens=args.gen_len, max_steps=None if graphed else 1)
             _progress(args, f"warm-up done at {time.perf_counter() - t0:.1f} s")
         with PeakMemory() as peak:
             lm.generate(prompts, max_new_tokens=args.gen_len)

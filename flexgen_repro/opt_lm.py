@@ -78,8 +78,13 @@ class OptLM:
                              f"[{arr.min()}, {arr.max()}]")
 
     def generate(self, inputs, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, stop: int | None = None, seed: int | None = None) -> np.ndarray:
-        """Token ids (prompts, prompt_len + max_new_tokens); after `stop` a row holds pad ids."""
+                 temperature: float = 1.0, stop: int | None = None, seed: int | None = None,
+                 max_steps: int | None = None) -> np.ndarray:
+        """Token ids (prompts, prompt_len + max_new_tokens); after `stop` a row holds pad ids.
+
+        `max_steps` (benchmark warm-up): generate only that many tokens, with the cache sized and
+        kept for `max_new_tokens`, so a following full call reuses it; the rest stays pad.
+        """
         prompts = _as_prompts(inputs, self.config.pad_token_id)
         self._check_vocab(prompts)
         if max_new_tokens < 1:
@@ -91,7 +96,7 @@ class OptLM:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         pick = self._picker(do_sample, temperature, seed)
         self.times = RunTimes()
-        outs = [self._run_block(block, max_new_tokens, pick, stop)[:n]
+        outs = [self._run_block(block, max_new_tokens, pick, stop, max_steps)[:n]
                 for block, n in self._blocks(prompts)]
         return np.concatenate(outs, axis=0)
 
@@ -116,8 +121,8 @@ class OptLM:
                 block = np.concatenate([block, np.repeat(block[-1:], size - n, axis=0)])
             yield block, n
 
-    def _run_block(self, block, gen_len, pick, stop) -> np.ndarray:
-        run = BlockRun(self, block, gen_len, pick, stop)
+    def _run_block(self, block, gen_len, pick, stop, max_steps=None) -> np.ndarray:
+        run = BlockRun(self, block, gen_len, pick, stop, max_steps=max_steps)
         out = run.run()
         self.times.blocks += 1
         self.times.prefill_s += run.step_times[0]

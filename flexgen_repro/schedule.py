@@ -29,10 +29,11 @@ class BlockRun:
     """Generates `gen_len` tokens for one block of gpu_batch_size x num_gpu_batches prompts."""
 
     def __init__(self, lm, input_ids: np.ndarray, gen_len: int, pick, stop: int | None,
-                 want_logits: bool = False):
+                 want_logits: bool = False, max_steps: int | None = None):
         self.lm, self.env, self.policy, self.config = lm, lm.env, lm.policy, lm.config
         self.layers, self.gen_len, self.pick, self.stop = lm.layers, gen_len, pick, stop
         self.want_logits = want_logits
+        self.max_steps = gen_len if max_steps is None else max(1, min(max_steps, gen_len))
         self.B, self.K = self.policy.gpu_batch_size, self.policy.num_gpu_batches
         self.prompt_len = input_ids.shape[1]
         self.pad = self.config.pad_token_id
@@ -193,7 +194,8 @@ class BlockRun:
                     f"{a}/{b} wait {w:.3f} compute {c:.3f}" for (a, b), (w, c) in self.profile.items()),
                     file=sys.stderr, flush=True)
                 self.profile.clear()
-            if self.want_logits or (self.stop is not None and self.stopped.all()):
+            if self.want_logits or (self.stop is not None and self.stopped.all()) \
+                    or i + 1 >= self.max_steps:
                 break
         self._drain()
         return self.output_ids

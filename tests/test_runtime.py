@@ -217,3 +217,15 @@ def test_chunked_mlp_prefill_matches_transformers(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(layers, "MLP_CHUNK_TOKENS", 5)
     pol = policy((50, 50, 100, 0, 100, 0), True, 2)
     np.testing.assert_array_equal(generate(config, weights, pol, prompts, tmp_path), expected)
+
+
+def test_max_steps_warmup_then_full_run_reuses_the_cache(setup, tmp_path):
+    """A warm-up of one step with the cache sized for the full run, then the full run on the same
+    (kept) cache: identical to transformers; the warm-up's later columns stay pad."""
+    model, config, weights, prompts, expected = setup
+    with ExecutionEnv.create(str(tmp_path / "off")) as env:
+        lm = OptLM(config, env, weights, policy((30, 30, 30, 30, 30, 30), True, 2))
+        warm = lm.generate(prompts, max_new_tokens=GEN, max_steps=1)
+        np.testing.assert_array_equal(warm[:, :prompts.shape[1] + 1], expected[:, :prompts.shape[1] + 1])
+        assert (warm[:, prompts.shape[1] + 1:] == config.pad_token_id).all()
+        np.testing.assert_array_equal(lm.generate(prompts, max_new_tokens=GEN), expected)

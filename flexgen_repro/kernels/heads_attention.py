@@ -4,7 +4,9 @@ K and V are CompressedTensors of shape (b, heads, L, head_dim) grouped along hea
 possibly views narrowed along L out of a longer buffer (any strides). One program per (head, row)
 streams that head's packed bytes once, turning 4-bit codes into float32 in registers, with an online
 softmax in float32; the new token's dense k/v may come separately (it is the last position).
-Matches `reference.heads_decode_attention`; imports triton.
+Matches `reference.heads_decode_attention`, except that a position of zero weight (masked, in a
+row with anything attended) adds nothing even when its stored scale or mn is not finite (say an
+unwritten slot of a preallocated cache), where the reference gives NaN. Imports triton.
 
 Maths per program, for group g of a position: x = (code - zero) * scale + mn = (code - center) *
 scale + mid, with mid = mn + (center - zero) * scale the value of the middle code (center 8, or the
@@ -52,26 +54,45 @@ def _f32(bits, magic):
 
 
 @triton.jit
-def _unit(p, HIGH: tl.constexpr):
-    """2**e for byte p of a group: the weight `_codes` gives its low (HIGH False) or high nibble."""
+def _units(p, HIGH: tl.constexpr):
+    """(2**e, 2**-e), exactly, for byte p of a group: the weight `_codes` gives its low (HIGH
+    False) or high nibble."""
     j = p % 4
     if HIGH:
         e = tl.where(j == 2, 8, tl.where(j == 3, 16, 8 * j + 4))
     else:
         e = tl.where(j == 3, 12, 8 * j)
-    return ((127 + e) << 23).to(tl.float32, bitcast=True)
+    unit = ((127 + e) << 23).to(tl.float32, bitcast=True)
+    return unit, ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _head_maps(NG: tl.constexpr, P: tl.constexpr, GS: tl.constexpr, PR: tl.constexpr,
+               D: tl.constexpr, CENTER: tl.constexpr, HIGH: tl.constexpr):
+    """For the (NG, P) bytes of a head's groups and their low (HIGH False) or high nibbles: the
+    head dim each stands for, whether it is one, 2**23 + CENTER * 2**e (what `_codes` gives for
+    code CENTER) and 2**-e."""
+    g2, p2 = tl.arange(0, NG)[:, None], tl.arange(0, P)[None, :]
+    unit, inv = _units(p2, HIGH)
+    if HIGH:
+        dim = g2 * GS + PR + p2
+        ok = (p2 + PR < GS) & (dim < D)
+    else:
+        dim = g2 * GS + p2
+        ok = (p2 < PR) & (dim < D)
+    return dim, ok, 8388608.0 + CENTER * unit, inv
 
 
 @triton.jit
 def _codes(row, l3, g3, i3, ok3, s_l, s_g, m):
     """(BLOCK_L, NG, P) low and high nibbles of the bytes at positions l3, as 2**23 + code * 2**e
-    (`_unit`); bytes are read as int32 words (strides s_l, s_g in words; i3 a group's words)."""
+    (`_units`); bytes are read as int32 words (strides s_l, s_g in words; i3 a group's words)."""
     x = tl.load(row + l3 * s_l + g3 * s_g + i3, mask=ok3, other=0)
     t = x >> 12  # bits 20..31 (byte 2's high nibble, byte 3) down to 8..19, below float32's 2**23
     lo = tl.interleave(tl.interleave(_f32(x & 0x0F, m), _f32(x & 0x0F0000, m)),  # e = 0, 16
                        tl.interleave(_f32(x & 0x0F00, m), _f32(t & 0xF000, m)))  # e = 8, 12
     hi = tl.interleave(tl.interleave(_f32(x & 0xF0, m), _f32(t & 0x0F00, m)),    # e = 4, 8
-                       tl.interleave(_f32(x & 0xF000, m), _f32(t & 0xF0000, m))) # e = 12, 16
+                       tl.interleave(_f32(x & 0xF000, m), _f32(t & 0xF0000, m)))  # e = 12, 16
     return lo, hi
 
 
@@ -85,39 +106,47 @@ def _scale_mid(sc_row, mn_row, l2, g2, ok2, s_l, s_g, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _fold_new(o_lo, o_hi, l_i, m_i, q_lo, q_hi, kn, vn, n_row, sn_d, keep,
+              d_lo, ok_lo, d_hi, ok_hi):
+    """The softmax's sums with the new token (dense k, v at kn, vn + n_row) added."""
+    FMIN: tl.constexpr = -3.4028234663852886e38
+    kn_lo = tl.load(kn + n_row + d_lo * sn_d, mask=ok_lo, other=0).to(tl.float32)
+    kn_hi = tl.load(kn + n_row + d_hi * sn_d, mask=ok_hi, other=0).to(tl.float32)
+    s_new = tl.where(keep, tl.sum(tl.sum(q_lo * kn_lo + q_hi * kn_hi, axis=1), axis=0), FMIN)
+    m_fin = tl.maximum(m_i, s_new)
+    alpha, p_new = tl.exp(m_i - m_fin), tl.exp(s_new - m_fin)
+    vn_lo = tl.load(vn + n_row + d_lo * sn_d, mask=ok_lo, other=0).to(tl.float32)
+    vn_hi = tl.load(vn + n_row + d_hi * sn_d, mask=ok_hi, other=0).to(tl.float32)
+    return o_lo * alpha + p_new * vn_lo, o_hi * alpha + p_new * vn_hi, l_i * alpha + p_new
+
+
+@triton.jit
 def _heads_decode_kernel(
         q, sq_b, sq_h, sq_d,
         kd, skd_b, skd_h, skd_l, skd_g, ks, km, sks_b, sks_h, sks_l, sks_g,
         vd, svd_b, svd_h, svd_l, svd_g, vs, vm, svs_b, svs_h, svs_l, svs_g,
         kn, vn, sn_b, sn_h, sn_d, mask, sm_b, sm_l, out, so_b, L, magic,
-        D: tl.constexpr, GS: tl.constexpr, NGR: tl.constexpr, PR: tl.constexpr,
-        NG: tl.constexpr, W: tl.constexpr, CENTER: tl.constexpr, SHIFT: tl.constexpr,
-        BLOCK_L: tl.constexpr,
+        D: tl.constexpr, GS: tl.constexpr, NGR: tl.constexpr, PR: tl.constexpr, NG: tl.constexpr,
+        W: tl.constexpr, CENTER: tl.constexpr, SHIFT: tl.constexpr, BLOCK_L: tl.constexpr,
         HAS_NEW: tl.constexpr):
     FMIN: tl.constexpr = -3.4028234663852886e38  # torch.finfo(float32).min, what masked scores get
     RESCALE: tl.constexpr = 8.0
     P: tl.constexpr = 4 * W
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    g2, p2 = tl.arange(0, NG)[:, None], tl.arange(0, P)[None, :]
-    d_lo = g2 * GS + p2                                   # (NG, P) dim of each byte's low nibble
-    d_hi = d_lo + PR                                      # and of its high nibble
-    ok_lo = (g2 < NGR) & (p2 < PR) & (d_lo < D)
-    ok_hi = (g2 < NGR) & (p2 + PR < GS) & (d_hi < D)
-    unit_lo, unit_hi = _unit(p2, False), _unit(p2, True)         # (1, P)
-    sub_lo, sub_hi = 8388608.0 + CENTER * unit_lo, 8388608.0 + CENTER * unit_hi
-    q_row = q + b * sq_b + h * sq_h
-    q_lo = tl.load(q_row + d_lo * sq_d, mask=ok_lo, other=0).to(tl.float32)
-    q_hi = tl.load(q_row + d_hi * sq_d, mask=ok_hi, other=0).to(tl.float32)
-    q_sum = tl.sum(q_lo + q_hi, axis=1)[None, :]          # (1, NG)
-    qs_lo, qs_hi = (q_lo / unit_lo)[None, :, :], (q_hi / unit_hi)[None, :, :]
-    g3, i3 = g2[None, :, :], tl.arange(0, W)[None, None, :]
-    inner = (g3 < NGR) & (i3 * 4 < PR)                    # (1, NG, W): words that exist
-    g_sc = tl.arange(0, NG)[None, :]                      # (1, NG)
+    d_lo, ok_lo, sub_lo, inv_lo = _head_maps(NG, P, GS, PR, D, CENTER, False)          # (NG, P)
+    d_hi, ok_hi, sub_hi, inv_hi = _head_maps(NG, P, GS, PR, D, CENTER, True)
+    q_lo = tl.load(q + b * sq_b + h * sq_h + d_lo * sq_d, mask=ok_lo, other=0).to(tl.float32)
+    q_hi = tl.load(q + b * sq_b + h * sq_h + d_hi * sq_d, mask=ok_hi, other=0).to(tl.float32)
+    q_sum = tl.sum(q_lo + q_hi, axis=1)[None, :]                                       # (1, NG)
+    qs_lo, qs_hi = (q_lo * inv_lo)[None, :, :], (q_hi * inv_hi)[None, :, :]
+    sub_lo, sub_hi = sub_lo[None, :, :], sub_hi[None, :, :]
+    g_sc = tl.arange(0, NG)[None, :]                                                   # (1, NG)
+    g3, i3 = g_sc[:, :, None], tl.arange(0, W)[None, None, :]
+    inner = (g3 < NGR) & (i3 * 4 < PR)                               # (1, NG, W): words that exist
     kd_row, vd_row = kd + b * skd_b + h * skd_h, vd + b * svd_b + h * svd_h
     ks_row, km_row = ks + b * sks_b + h * sks_h, km + b * sks_b + h * sks_h
     vs_row, vm_row = vs + b * svs_b + h * svs_h, vm + b * svs_b + h * svs_h
-    mask_row = mask + b * sm_b
     m_i = tl.full((), float("-inf"), tl.float32)          # the softmax's reference point
     l_acc = tl.zeros((BLOCK_L,), tl.float32)              # per-position partial sums,
     acc_lo = tl.zeros((BLOCK_L, NG, P), tl.float32)       # reduced over positions after the loop
@@ -130,39 +159,33 @@ def _heads_decode_kernel(
         l2, ok2 = l[:, None], l_ok[:, None] & (g_sc < NGR)
         k_lo, k_hi = _codes(kd_row, l3, g3, i3, ok3, skd_l, skd_g, magic)
         k_sc, k_mid = _scale_mid(ks_row, km_row, l2, g_sc, ok2, sks_l, sks_g, SHIFT)
-        dots = tl.sum((k_lo - sub_lo[None]) * qs_lo + (k_hi - sub_hi[None]) * qs_hi, axis=2)
+        dots = tl.sum((k_lo - sub_lo) * qs_lo + (k_hi - sub_hi) * qs_hi, axis=2)       # (BL, NG)
         s = tl.sum(k_sc * dots + k_mid * q_sum, axis=1)                                # (BL,)
-        keep = tl.load(mask_row + l * sm_l, mask=l_ok, other=0) != 0
+        keep = tl.load(mask + b * sm_b + l * sm_l, mask=l_ok, other=0) != 0
         s = tl.where(l_ok, tl.where(keep, s, FMIN), float("-inf"))
         m_blk = tl.max(s, axis=0)
         if m_blk > m_i + RESCALE:
             alpha = tl.exp(m_i - m_blk)
-            acc_lo, acc_hi, acc_mid, l_acc = acc_lo * alpha, acc_hi * alpha, acc_mid * alpha, l_acc * alpha
+            acc_lo, acc_hi, acc_mid = acc_lo * alpha, acc_hi * alpha, acc_mid * alpha
+            l_acc *= alpha
             m_i = m_blk
         pr = tl.exp(s - m_i)
         v_lo, v_hi = _codes(vd_row, l3, g3, i3, ok3, svd_l, svd_g, magic)
         v_sc, v_mid = _scale_mid(vs_row, vm_row, l2, g_sc, ok2, svs_l, svs_g, SHIFT)
-        w = (pr[:, None] * v_sc)[:, :, None]                                          # (BL, NG, 1)
-        acc_lo += w * (v_lo - sub_lo[None])
-        acc_hi += w * (v_hi - sub_hi[None])
-        acc_mid += pr[:, None] * v_mid
+        used = pr[:, None] > 0  # zero weight (masked): skip, even if its scale, mn are not finite
+        w = tl.where(used, pr[:, None] * v_sc, 0.0)[:, :, None]                        # (BL, NG, 1)
+        acc_lo += w * (v_lo - sub_lo)
+        acc_hi += w * (v_hi - sub_hi)
+        acc_mid += tl.where(used, pr[:, None] * v_mid, 0.0)
         l_acc += pr
-    mid_sum = tl.sum(acc_mid, axis=0)[:, None]                                          # (NG, 1)
-    o_lo = tl.sum(acc_lo, axis=0) / unit_lo + mid_sum
-    o_hi = tl.sum(acc_hi, axis=0) / unit_hi + mid_sum
+    mid_sum = tl.sum(acc_mid, axis=0)[:, None]                                         # (NG, 1)
+    o_lo = tl.sum(acc_lo, axis=0) * inv_lo + mid_sum
+    o_hi = tl.sum(acc_hi, axis=0) * inv_hi + mid_sum
     l_i = tl.sum(l_acc, axis=0)
-    if HAS_NEW:  # the new token, last position, folded into the running softmax
-        n_row = b * sn_b + h * sn_h
-        kn_lo = tl.load(kn + n_row + d_lo * sn_d, mask=ok_lo, other=0).to(tl.float32)
-        kn_hi = tl.load(kn + n_row + d_hi * sn_d, mask=ok_hi, other=0).to(tl.float32)
-        s_new = tl.sum(tl.sum(q_lo * kn_lo + q_hi * kn_hi, axis=1), axis=0)
-        s_new = tl.where(tl.load(mask_row + L * sm_l) != 0, s_new, FMIN)
-        m_fin = tl.maximum(m_i, s_new)
-        alpha = tl.exp(m_i - m_fin)
-        p_new = tl.exp(s_new - m_fin)
-        o_lo = o_lo * alpha + p_new * tl.load(vn + n_row + d_lo * sn_d, mask=ok_lo, other=0).to(tl.float32)
-        o_hi = o_hi * alpha + p_new * tl.load(vn + n_row + d_hi * sn_d, mask=ok_hi, other=0).to(tl.float32)
-        l_i = l_i * alpha + p_new
+    if HAS_NEW:  # the new token, last position
+        keep_new = tl.load(mask + b * sm_b + L * sm_l) != 0
+        o_lo, o_hi, l_i = _fold_new(o_lo, o_hi, l_i, m_i, q_lo, q_hi, kn, vn, b * sn_b + h * sn_h,
+                                    sn_d, keep_new, d_lo, ok_lo, d_hi, ok_hi)
     inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # nothing at all to attend (L = 0): zeros
     out_row = out + b * so_b + h * D
     tl.store(out_row + d_lo, (o_lo * inv).to(out.dtype.element_ty), mask=ok_lo)
@@ -212,6 +235,6 @@ def decode_attention(q: torch.Tensor, packed_k: CompressedTensor, packed_v: Comp
         kn, vn, kn.stride(0), kn.stride(1), kn.stride(3), mask, mask.stride(0), mask.stride(1),
         out, out.stride(0), length, MAGIC,
         D=d, GS=c.group_size, NGR=ngr, PR=pr, NG=triton.next_power_of_2(ngr),
-        W=triton.next_power_of_2(pr // 4), CENTER=center, SHIFT=center - comp.zero_point(c), BLOCK_L=block_l,
-        HAS_NEW=has_new, num_warps=num_warps)
+        W=triton.next_power_of_2(pr // 4), CENTER=center, SHIFT=center - comp.zero_point(c),
+        BLOCK_L=block_l, HAS_NEW=has_new, num_warps=num_warps)
     return out
