@@ -15,6 +15,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections import deque
 from concurrent.futures import Future
 
 import numpy as np
@@ -23,6 +24,8 @@ import torch
 from flexgen_repro.graph_decode import GraphedDecode, graphable
 from flexgen_repro.model.base import CachePart, StepInfo
 from flexgen_repro.policy import Tier
+
+MAX_PENDING_STORES = 2
 
 
 class BlockRun:
@@ -51,6 +54,7 @@ class BlockRun:
         self.logits = np.zeros((self.B * self.K, self.prompt_len, self.config.vocab_size),
                                np.float32) if want_logits else None
         self.step_times: list[float] = []
+        self.pending_stores: deque[Future] = deque()
         self.profile = {} if os.environ.get("FLEXGEN_PROFILE") else None
 
     # ---- the steps -------------------------------------------------------------------------
@@ -101,8 +105,14 @@ class BlockRun:
                 for _ in range(2))
         pos = 0 if i == 0 else self.prompt_len + i - 1
         home = self.cache_home[(j, k)]
-        self.cache_stores[(j, k)] = self.ch["cache_store"].submit(
+        fut = self.ch["cache_store"].submit(
             lambda: (home[0].write(pos, kv[0]), home[1].write(pos, kv[1])))
+        self.cache_stores[(j, k)] = fut
+        # a pending store holds its (GPU) keys and values: bound how many may wait, so compute
+        # running ahead of a slower store link cannot pile them up (prefill: 2 x b x s x h each)
+        self.pending_stores.append(fut)
+        while len(self.pending_stores) > MAX_PENDING_STORES:
+            self.pending_stores.popleft().result()
 
     def load_hidden(self, i: int, j: int, k: int):
         rows = slice(k * self.B, (k + 1) * self.B)
