@@ -113,6 +113,9 @@ def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int) -> np.ndar
 
 
 def _git_commit() -> str:
+    """The checkout's commit; FLEXGEN_REPRO_COMMIT overrides it (a copy without .git, e.g. a GPU box)."""
+    if os.environ.get("FLEXGEN_REPRO_COMMIT"):
+        return os.environ["FLEXGEN_REPRO_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
