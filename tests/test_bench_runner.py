@@ -154,7 +154,7 @@ def test_flexgen_command_parses_with_flex_opt():
     s = runner.Settings(out="o", path="/w", offload_dir="/off", gpu_mem_gb=None)
     args = flex_opt.build_parser().parse_args(runner.flexgen_command(cases["c-30b-paper"], s, "j", "l")[3:])
     assert (args.model, args.path, args.offload_dir) == ("opt-30b", "_DUMMY_", "/off")
-    assert args.percent == "20 80 0 100 0 100".split()
+    assert args.percent == "8 92 0 100 0 100".split()
     assert (args.gpu_batch_size, args.num_gpu_batches, args.prompt_len, args.gen_len) == (16, 3, 512, 32)
     assert args.cpu_cache_compute and args.overlap and not args.compress_weight
     assert (args.gpu_mem_gb, args.json_file, args.log_file) == (16.0, "j", "l")

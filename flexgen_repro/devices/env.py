@@ -136,6 +136,10 @@ class MixedDevice:
                 store = PlainStore(buf, seq_dim)
             else:
                 store = self._packed_store(device, seg_shape, dtype, compression, pin, seq_dim)
+                if zero:  # unwritten positions must decode to finite values (masked, but 0 * NaN)
+                    for part in store.stores.values():
+                        if isinstance(part.buf, torch.Tensor):
+                            part.buf.zero_()
             segments.append(Segment(tier, start, stop, store))
         return RowSplit(tuple(shape), segments)
 
