@@ -51,7 +51,8 @@ def _sync(device: torch.device):
 
 def measure_copies(dev: torch.device, nbytes: int, reps: int) -> dict:
     """Bytes per second of host->device and device->host copies, pinned and pageable, and of a
-    cache store (device tensor into a slice of a larger pageable host tensor)."""
+    cache store as the runtime does it (a device tensor into the sequence slice of a larger,
+    pinned, head-major host buffer)."""
     sync, cuda = _sync(dev), dev.type == "cuda"
     n = nbytes // 2
     src_dev = torch.ones(n, dtype=torch.float16, device=dev)
@@ -62,11 +63,12 @@ def measure_copies(dev: torch.device, nbytes: int, reps: int) -> dict:
         kind = "pinned" if pinned else "pageable"
         out[f"h2d_{kind}"] = nbytes / _timed(lambda: dst_dev.copy_(host, non_blocking=pinned), reps, sync)
         out[f"d2h_{kind}"] = nbytes / _timed(lambda: host.copy_(src_dev, non_blocking=pinned), reps, sync)
-    rows = 8
-    seq = max(1, n // (rows * 1024))
-    cache = torch.empty(rows, seq * 2, 1024, dtype=torch.float16)
-    new = src_dev[:rows * seq * 1024].view(rows, seq, 1024)
-    out["d2h_cache"] = new.numel() * 2 / _timed(lambda: cache[:, :seq].copy_(new), reps, sync)
+    rows, heads, d = 8, 8, 128
+    seq = max(1, n // (rows * heads * d))
+    cache = torch.empty(rows, heads, seq * 2, d, dtype=torch.float16, pin_memory=cuda)
+    new = src_dev[:rows * heads * seq * d].view(rows, heads, seq, d)
+    out["d2h_cache"] = new.numel() * 2 / _timed(
+        lambda: cache[:, :, :seq].copy_(new, non_blocking=cuda), reps, sync)
     if not cuda:
         out["h2d_pinned"], out["d2h_pinned"] = out["h2d_pageable"], out["d2h_pageable"]
     return out
@@ -239,7 +241,7 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
     return HardwareProfile(
         name="local", gpu_mem_bytes=m["gpu_mem"], cpu_mem_bytes=m["cpu_mem"], disk_mem_bytes=m["disk_mem"],
         cpu_to_gpu_bytes_s=m["h2d_pinned"], cpu_to_gpu_pageable_bytes_s=m["h2d_pageable"],
-        gpu_to_cpu_cache_bytes_s=m["d2h_cache"], gpu_to_cpu_hidden_bytes_s=m["d2h_pageable"],
+        gpu_to_cpu_cache_bytes_s=m["d2h_cache"], gpu_to_cpu_hidden_bytes_s=m["d2h_pinned"],
         disk_to_cpu_bytes_s=m["disk_read"], cpu_to_disk_cache_bytes_s=m["disk_write"],
         cpu_to_disk_bytes_s=m["disk_write"], gpu_mem_bw_bytes_s=m["mem_bw"],
         gpu_mm_prefill_flop_s=m["mm_prefill"], gpu_mm_decode_flop_s=m["mm_decode"],
