@@ -74,6 +74,9 @@ def test_t4_paper_matches_the_published_policies_and_figures():
         assert c.paper_throughput == figures[(c.model, c.prompt_len, system)]
 
 
+ORIGINAL_PERCENT = {"c-30b-paper": "20 80 0 100 0 100"}
+
+
 def test_h100_anchors_carry_issue_7_cases_and_the_original_figures():
     original = _reference("original_flexgen_h100.csv")
     cases = {c.case: c for c in suites.load_suite("h100-anchors")}
@@ -81,7 +84,10 @@ def test_h100_anchors_carry_issue_7_cases_and_the_original_figures():
     for c in cases.values():
         if c.paper_throughput is None:
             continue
-        row = [r for r in original if r["model"] == c.model and _pct(r["percent"]) == _pct(c.percent)
+        # case C runs the original's *physical* placement: its `20 80` put ~8% of OPT-30B's
+        # weights on the GPU (per-layer midpoint rule), which our exact placement writes `8 92`
+        percent = ORIGINAL_PERCENT.get(c.case, c.percent)
+        row = [r for r in original if r["model"] == c.model and _pct(r["percent"]) == _pct(percent)
                and int(r["gpu_batch_size"]) == c.gpu_batch_size
                and int(r["num_gpu_batches"]) == c.num_gpu_batches
                and bool(int(r["compress_weight"])) == c.compress_weight]
