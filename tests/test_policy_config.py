@@ -119,3 +119,33 @@ def test_opt_config_from_checkpoint_folder(tmp_path):
     (folder / "config.json").write_text(json.dumps(dict(model_type="llama")))
     with pytest.raises(ValueError, match="only OPT"):
         get_opt_config(str(folder))
+
+
+def _original_per_layer_rule(sizes, pct):
+    """The original's rule, restated: within each layer alone, a tensor goes to the tier whose
+    cumulative-percent range holds the tensor's midpoint."""
+    out = []
+    for layer in sizes:
+        total, seen, row = sum(layer), 0, []
+        for size in layer:
+            mid = (seen + size / 2) / total * 100
+            seen += size
+            row.append(Tier.GPU if mid < pct[0] else Tier.CPU if mid < pct[0] + pct[1] else Tier.DISK)
+        out.append(row)
+    return out
+
+
+def test_original_rule_puts_8_percent_of_opt30b_on_gpu_for_20_80():
+    """Why the README says `20 80` meant ~8% on the GPU in the original (sep_layer: attention
+    and MLP are separate layers; the MLP's two matrices both have midpoints past 20%), and why the
+    same placement is `8 92` for us."""
+    c = get_opt_config("opt-30b")
+    h, f = c.hidden_size, c.ffn_embed_dim
+    attn, mlp = [h * h, h] * 4 + [h, h], [f * h, f, h * f, h, h, h]
+    sizes = [attn, mlp] * c.num_hidden_layers
+    total = sum(map(sum, sizes))
+
+    def gpu_share(tiers):
+        return 100 * sum(s for row, t in zip(sizes, tiers) for s, x in zip(row, t) if x == Tier.GPU) / total
+    assert 7.5 < gpu_share(_original_per_layer_rule(sizes, (20, 80, 0))) < 9.0
+    assert abs(gpu_share(place_weights(sizes, (8, 92, 0))) - 8) < 1
