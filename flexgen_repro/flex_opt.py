@@ -22,7 +22,7 @@ import torch
 from flexgen_repro.config import get_opt_config
 from flexgen_repro.devices.env import ExecutionEnv
 from flexgen_repro.graph_decode import graphable
-from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_record
+from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_outputs
 from flexgen_repro.model.weight_home import DUMMY
 from flexgen_repro.opt_lm import OptLM
 from flexgen_repro.policy import CompressionConfig, Policy, parse_percent
@@ -190,13 +190,9 @@ def main(argv=None) -> int:
         log_file = (f"fo-{record['model']}-gbs{record['gpu_batch_size']}-ngbs{record['num_gpu_batches']}-"
                     f"prompt{record['prompt_len']}-gen{record['gen_len']}-percent-"
                     f"{record['percent'].replace(' ', '-')}.log")
-    if log_file:
-        with open(log_file, "a") as f:
-            f.write(f"model: {record['model']}, percent: {record['percent']}, "
-                    f"gpu batch: {record['gpu_batch_size']}x{record['num_gpu_batches']}\n"
-                    f"{record['log_text']}\n")
-    if args.json_file:
-        write_record(args.json_file, record)
+    write_outputs(record, f"model: {record['model']}, percent: {record['percent']}, "
+                          f"gpu batch: {record['gpu_batch_size']}x{record['num_gpu_batches']}",
+                  log_file, args.json_file)
     return 0
 
 

@@ -107,3 +107,12 @@ def write_record(path: str, record: dict) -> None:
         json.dump(record, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_outputs(record: dict, header: str, log_file: str | None, json_file: str | None) -> None:
+    """Append `header` and the record's log text to `log_file`; write the JSON record."""
+    if log_file:
+        with open(log_file, "a") as f:
+            f.write(f"{header}\n{record['log_text']}\n")
+    if json_file:
+        write_record(json_file, record)

@@ -16,7 +16,7 @@ import sys
 import time
 
 from flexgen_repro.config import OptConfig, dtype_name, get_opt_config
-from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_record
+from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_outputs
 
 NO_SPLIT = ("OPTDecoderLayer",)
 # GPU memory left out of the weights' budget for the allocator's slack and per-layer workspace.
@@ -241,12 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(record["log_text"])
-    if args.log_file:
-        with open(args.log_file, "a") as f:
-            f.write(f"hf-accelerate {record['model']} batch {record['gpu_batch_size']}\n"
-                    f"{record['log_text']}\n")
-    if args.json_file:
-        write_record(args.json_file, record)
+    write_outputs(record, f"hf-accelerate {record['model']} batch {record['gpu_batch_size']}",
+                  args.log_file, args.json_file)
     return 0
 
 
