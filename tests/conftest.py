@@ -21,7 +21,9 @@ def make_hf_opt(hidden=32, layers=2, heads=4, ffn=64, vocab=128, seed=0, max_pos
     cfg = OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                     ffn_dim=ffn, vocab_size=vocab, max_position_embeddings=max_pos,
                     word_embed_proj_dim=hidden, do_layer_norm_before=True, pad_token_id=1,
-                    bos_token_id=2, eos_token_id=2, dropout=0.0, attention_dropout=0.0)
+                    bos_token_id=2, eos_token_id=None, dropout=0.0, attention_dropout=0.0)
+    # no eos: HF's generate then neither stops at nor suppresses any token, so plain greedy
+    # decoding is compared (min_new_tokens would mask token 2 and make the reference non-greedy)
     model = OPTForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -58,9 +60,9 @@ def tiny_opt(tmp_path_factory):
 def hf_greedy(model, prompts: np.ndarray, gen_len: int, pad: int = 1, eos=None) -> np.ndarray:
     ids = torch.from_numpy(prompts)
     mask = (ids != pad).long()
-    kwargs = dict(max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False, pad_token_id=pad)
-    if eos is not None:
-        kwargs.update(eos_token_id=eos, min_new_tokens=0)
+    kwargs = dict(max_new_tokens=gen_len, do_sample=False, pad_token_id=pad)
+    if eos is not None:  # rows stop at `eos` and are padded after it
+        kwargs.update(eos_token_id=eos)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, **kwargs)
     out = out.numpy()
