@@ -229,3 +229,20 @@ def test_max_steps_warmup_then_full_run_reuses_the_cache(setup, tmp_path):
         np.testing.assert_array_equal(warm[:, :prompts.shape[1] + 1], expected[:, :prompts.shape[1] + 1])
         assert (warm[:, prompts.shape[1] + 1:] == config.pad_token_id).all()
         np.testing.assert_array_equal(lm.generate(prompts, max_new_tokens=GEN), expected)
+
+
+def test_fp16_disk_weights_are_read_from_the_weight_folder(tiny_opt, tmp_path):
+    """At float16 the disk tier reads the weight folder's np.save files in place (header skipped,
+    parallel preads): same tokens as with every weight on the GPU, and no copies are written."""
+    model, ckpt, weights = tiny_opt
+    config = get_opt_config(ckpt, dtype="float16")
+    prompts = random_prompts(4, 9, config.vocab_size, seed=5, pad_rows=2)
+    outs = []
+    for pct in [(100, 0, 100, 0, 100, 0), (0, 0, 100, 0, 100, 0)]:
+        off = tmp_path / f"off{pct[0]}"
+        with ExecutionEnv.create(str(off)) as env:
+            lm = OptLM(config, env, weights, policy(pct, True, 2))
+            assert lm.weight_placement["disk"] == (100.0 if pct[0] == 0 else 0.0)
+            outs.append(lm.generate(prompts, max_new_tokens=GEN))
+            assert not list(off.glob("*.bin"))  # disk weights were not copied into the offload dir
+    np.testing.assert_array_equal(outs[1], outs[0])

@@ -64,12 +64,8 @@ class DiskFile:
         return from_numpy(np.array(self.memmap("r")[index]), self.dtype)
 
     def _data_offset(self) -> int:
-        if not self.npy:
-            return 0
-        with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            np.lib.format._read_array_header(f, version)
-            return f.tell()
+        """Where the data starts: after the header of an np.save file, 0 for a raw file."""
+        return int(np.load(self.path, mmap_mode="r").offset) if self.npy else 0
 
     def _read_whole(self, pin: bool) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=self.dtype, pin_memory=pin)
