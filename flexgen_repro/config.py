@@ -157,7 +157,8 @@ def get_opt_config(name_or_dir: str, **overrides) -> OptConfig:
         return _from_hf_config(name_or_dir, **overrides)
     name = canonical_name(name_or_dir)
     if name not in OPT_PRESETS:
-        raise ValueError(f"unknown model {name_or_dir!r}: choose one of {sorted(OPT_PRESETS)}, "
+        supported = sorted(n for n in OPT_PRESETS if n != "opt-350m")
+        raise ValueError(f"unknown model {name_or_dir!r}: choose one of {supported}, "
                          "or pass a local Hugging Face checkpoint folder holding config.json")
     if name == "opt-350m":
         raise ValueError("opt-350m (projected embedding, post-layer-norm) is not supported; "
