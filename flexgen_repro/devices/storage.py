@@ -48,8 +48,8 @@ class DiskFile:
     path: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    owned: bool = True  # written by us (removed on close), or a read-only weight-folder file
-    npy: bool = False   # an np.save file (weight folder) rather than a raw memmap
+    npy: bool = False   # a weight folder's np.save file (read in place) rather than a raw memmap
+    _offset: int | None = field(default=None, repr=False)
 
     def memmap(self, mode: str = "r+") -> np.ndarray:
         if self.npy:
@@ -64,8 +64,11 @@ class DiskFile:
         return from_numpy(np.array(self.memmap("r")[index]), self.dtype)
 
     def _data_offset(self) -> int:
-        """Where the data starts: after the header of an np.save file, 0 for a raw file."""
-        return int(np.load(self.path, mmap_mode="r").offset) if self.npy else 0
+        """Where the data starts: after the header of an np.save file, 0 for a raw file (parsed
+        once: disk weights are read at every token)."""
+        if self._offset is None:
+            self._offset = int(np.load(self.path, mmap_mode="r").offset) if self.npy else 0
+        return self._offset
 
     def _read_whole(self, pin: bool) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=self.dtype, pin_memory=pin)
@@ -144,10 +147,6 @@ class Segment:
 
     def __init__(self, tier: Tier, start: int, stop: int, store):
         self.tier, self.start, self.stop, self.store = tier, start, stop, store
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
 
     def write(self, pos: int, value) -> None:
         """Write `value` (n positions along the sequence dim) at positions [pos, pos + n)."""
@@ -235,10 +234,3 @@ class RowSplit:
             t = seg.read(length, device)
             parts.append(t if isinstance(t, torch.Tensor) else decompress(t))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-
-    @property
-    def nbytes_by_tier(self) -> dict[Tier, int]:
-        out = {t: 0 for t in Tier}
-        for seg in self.segments:
-            out[seg.tier] += seg.store.nbytes
-        return out

@@ -7,7 +7,7 @@ calls `forward`, and stores what comes back.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -52,7 +52,6 @@ class StepInfo:
     attn_sparsity: float = 1.0
     pick: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits (b, vocab) -> ids (b,)
     want_logits: bool = False                # OutputEmbed returns logits of every position
-    extras: dict = field(default_factory=dict)
 
     @property
     def is_prefill(self) -> bool:

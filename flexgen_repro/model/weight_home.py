@@ -106,7 +106,7 @@ class WeightLoader:
             return Stored(tier, parts=parts, meta=packed.meta())
         if tier == Tier.DISK and self.dummy is None and self._folder_file_usable(spec):
             return Stored(Tier.DISK, DiskFile(os.path.join(self.folder, spec.file), spec.shape,
-                                              self.dtype, owned=False, npy=True))
+                                              self.dtype, npy=True))
         values = self._values(spec)
         if tier == Tier.GPU and values.device == self.env.gpu.dev and self.dummy is not None:
             return Stored(Tier.GPU, values)
