@@ -72,6 +72,13 @@ def hf_greedy(model, prompts: np.ndarray, gen_len: int, pad: int = 1, eos=None) 
     return out
 
 
+def hf_logits(model, prompts: np.ndarray, pad: int = 1) -> np.ndarray:
+    """transformers' float logits of every position of left-padded prompts."""
+    ids = torch.from_numpy(prompts)
+    with torch.no_grad():
+        return model(ids, attention_mask=(ids != pad).long()).logits.numpy()
+
+
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0, pad_rows: int = 0) -> np.ndarray:
     """Random prompts; the first `pad_rows` rows are left-padded by different amounts."""
     rng = np.random.default_rng(seed)

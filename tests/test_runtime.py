@@ -9,9 +9,8 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import hf_greedy, random_prompts
+from conftest import hf_greedy, hf_logits, random_prompts
 from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config
 
 GEN = 6
@@ -126,9 +125,7 @@ def test_logits_match_transformers(setup, tmp_path):
     pol = policy((30, 30, 30, 30, 30, 30), True, 2)
     with ExecutionEnv.create(str(tmp_path / "off")) as env:
         ours = OptLM(config, env, weights, pol).logits(prompts)
-    ids = torch.from_numpy(prompts)
-    with torch.no_grad():
-        ref = model(ids, attention_mask=(ids != 1).long()).logits.numpy()
+    ref = hf_logits(model, prompts)
     real = prompts != config.pad_token_id
     np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0)
 
@@ -144,9 +141,7 @@ def test_half_precision_logits_within_tolerance(tiny_opt, tmp_path, dtype):
     pol = policy((50, 50, 0, 100, 100, 0), True, 2)
     with ExecutionEnv.create(str(tmp_path / "off")) as env:
         ours = OptLM(config, env, weights, pol).logits(prompts)
-    ids = torch.from_numpy(prompts)
-    with torch.no_grad():
-        ref = model(ids, attention_mask=(ids != 1).long()).logits.numpy()
+    ref = hf_logits(model, prompts)
     real = prompts != config.pad_token_id
     span = ref[real].max() - ref[real].min()
     bound = 0.02 if dtype == "float16" else 0.08

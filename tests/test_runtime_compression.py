@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_hf_opt, random_prompts, save_weight_folder
+from conftest import hf_logits, make_hf_opt, random_prompts, save_weight_folder
 from flexgen_repro import CompressionConfig, ExecutionEnv, OptLM, Policy, get_opt_config
 from flexgen_repro.compression import compress, decompress
 
@@ -44,9 +44,7 @@ def test_compressed_weights_equal_transformers_with_fake_quantized_weights(model
             if p.dim() >= 2:
                 p.copy_(decompress(compress(p.detach().clone(), cfg)))  # float32 scales, as the run
     prompts = random_prompts(4, 9, config.vocab_size, seed=4, pad_rows=2)
-    ids = torch.from_numpy(prompts)
-    with torch.no_grad():
-        ref = fake(ids, attention_mask=(ids != 1).long()).logits.numpy()
+    ref = hf_logits(fake, prompts)
     real = prompts != 1
     for pct in PLACEMENTS:
         with ExecutionEnv.create(str(tmp_path / "off")) as env:
