@@ -218,13 +218,16 @@ def _quantize(x: torch.Tensor, config: CompressionConfig, dtype: torch.dtype):
     zero, top = zero_point(config), max_code(config)
     mx = x.amax(dim=2, keepdim=True)
     mn = x.amin(dim=2, keepdim=True)
+    # divide by a tensor, not a Python number: CUDA turns division by a scalar into a multiply by
+    # its reciprocal (one float32 ulp off at times), and then the rounded-up stored step can differ
+    # from the CPU's and the fused quantize kernel's (both divide exactly)
     if config.symmetric:
-        step = torch.maximum(mx.abs(), mn.abs()) / zero
+        step = torch.maximum(mx.abs(), mn.abs()) / torch.full_like(mx, zero)
         const = mx == mn
         offset = torch.where(const, mx, torch.zeros_like(mx))
         step = torch.where(const, torch.zeros_like(step), step)
     else:
-        step, offset = (mx - mn) / top, mn
+        step, offset = (mx - mn) / torch.full_like(mx, top), mn
     step_s, offset_s = _round_up_to(step, dtype), offset.to(dtype)
     step32, offset32 = step_s.float(), offset_s.float()
     safe = torch.where(step32 > 0, step32, torch.ones_like(step32))

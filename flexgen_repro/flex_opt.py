@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from flexgen_repro import trace
 from flexgen_repro.config import get_opt_config
 from flexgen_repro.devices.env import ExecutionEnv
 from flexgen_repro.graph_decode import graphable
@@ -148,8 +149,14 @@ def run(args) -> dict:
             graphed = args.cuda_graphs and graphable(policy, env, False)  # or capture the graphs
             lm.generate(prompts, max_new_tokens=args.gen_len, max_steps=None if graphed else 1)
             _progress(args, f"warm-up done at {time.perf_counter() - t0:.1f} s")
+        trace.reset()  # FLEXGEN_TRACE: the measured generation only
         with PeakMemory() as peak:
             lm.generate(prompts, max_new_tokens=args.gen_len)
+    if trace.enabled():
+        trace.dump()
+        for phase, busy in trace.summary().items():
+            print(f"[trace] {phase}: " + ", ".join(f"{k} {v:.3f} s" for k, v in busy.items()),
+                  file=sys.stderr)
     metrics = RunMetrics(num_prompts, args.prompt_len, args.gen_len, lm.times.prefill_s,
                          lm.times.decode_s, peak.gpu_peak_bytes / GB, peak.cpu_peak_bytes / GB)
     sizes = (config.model_bytes(), config.cache_bytes(num_prompts, args.prompt_len + args.gen_len),

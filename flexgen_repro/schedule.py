@@ -21,11 +21,16 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
+from flexgen_repro import trace
 from flexgen_repro.graph_decode import GraphedDecode, graphable
 from flexgen_repro.model.base import CachePart, StepInfo
 from flexgen_repro.policy import Tier
 
 MAX_PENDING_STORES = 2
+# Layers whose weights load ahead of the one computing (overlap). Two keep the host->GPU link busy
+# when layers alternate between long CPU work (CPU attention) and short GPU work (the MLP): with
+# one, the link idles while the CPU attends and the MLP then waits for the next layer's copy.
+PREFETCH_LAYERS = 2
 
 
 class BlockRun:
@@ -83,10 +88,13 @@ class BlockRun:
         for ks, vs in zip(k_home.segments, v_home.segments):
             on_cpu = self.policy.cpu_cache_compute and ks.tier != Tier.GPU
             dev = self.env.cpu.dev if on_cpu else self.env.gpu.dev
-            if on_cpu and ks.tier == Tier.CPU and isinstance(getattr(ks.store, "buf", None), torch.Tensor):
-                # the whole (zero-initialized) home buffer: CPU batched matmuls are fast only on
-                # densely strided batches; positions from `length` on are masked
-                parts.append(CachePart(ks.start, ks.stop, dev, ks.store.buf, vs.store.buf, valid=length))
+            if ks.tier == Tier.CPU:
+                # the whole (zero-initialized) home buffer, positions from `length` on masked:
+                # CPU batched matmuls are fast only on densely strided batches, and a contiguous
+                # pinned buffer crosses to the GPU at full link speed (its first `length`
+                # positions are strided: torch would stage them through pageable memory)
+                parts.append(CachePart(ks.start, ks.stop, dev, ks.store.read_whole(dev),
+                                       vs.store.read_whole(dev), valid=length))
             else:
                 parts.append(CachePart(ks.start, ks.stop, dev, ks.read(length, dev),
                                        vs.read(length, dev), valid=length))
@@ -159,11 +167,13 @@ class BlockRun:
     def compute(self, i: int, j: int, k: int) -> None:
         layer = self.layers[j]
         t0 = time.perf_counter()
-        w = self.weights[j].result()
-        cache = self.cache_loads.pop((j, k)).result() if layer.has_cache and i > 0 else None
+        with trace.span("wait"):
+            w = self.weights[j].result()
+            cache = self.cache_loads.pop((j, k)).result() if layer.has_cache and i > 0 else None
         t1 = time.perf_counter()
-        x = self.load_hidden(i, j, k)
-        out = layer.forward(x, w, self.step_info(i, k), cache)
+        with trace.span(type(layer).__name__):
+            x = self.load_hidden(i, j, k)
+            out = layer.forward(x, w, self.step_info(i, k), cache)
         if self.profile is not None:  # FLEXGEN_PROFILE=1: where the time of each phase goes
             if self.env.has_cuda:
                 torch.cuda.synchronize()
@@ -185,6 +195,7 @@ class BlockRun:
         graphs = self._graphs()
         for i in range(self.gen_len):
             t0 = time.perf_counter()
+            trace.set_phase("prefill" if i == 0 else "decode")
             if graphs is not None and i > 0:
                 for fut in self.cache_stores.values():
                     fut.result()
@@ -236,18 +247,18 @@ class BlockRun:
         n_layers = len(self.layers)
         self.load_weight(j)                         # only the very first step waits for this
         self.load_cache(i, j, k)
-        if k == 0:                                  # next layer's weights, shared by all batches
-            self.load_weight(j + 1) if j + 1 < n_layers else self._next_token_weights(i)
+        if k == 0:  # the next layers' weights (shared by all batches), wrapping to the next token
+            for ahead in range(j + 1, j + 1 + PREFETCH_LAYERS):
+                if ahead < n_layers:
+                    self.load_weight(ahead)
+                elif i + 1 < self.gen_len:
+                    self.load_weight(ahead - n_layers)
         ni, nj, nk = (i, j, k + 1) if k + 1 < self.K else (i, j + 1, 0)
         if nj == n_layers:
             ni, nj = i + 1, 0
         if ni == i:                                 # next step's cache (same token only)
             self.load_cache(ni, nj, nk)
         self.compute(i, j, k)
-
-    def _next_token_weights(self, i: int) -> None:
-        if i + 1 < self.gen_len:
-            self.load_weight(0)
 
     def _finish_token(self, i: int) -> None:
         if self.stop is None or self.want_logits:

@@ -275,3 +275,30 @@ def test_kernel_replays_in_a_cuda_graph():
     torch.cuda.synchronize()
     expect = reference.heads_decode_attention(q2, k2, v2, mask2, kn2, vn2)
     assert rel_err(out, expect) <= KERNEL_TOL[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_runtime_attention_over_a_whole_compressed_home_buffer(dtype):
+    """What SelfAttention._decode passes for a compressed cache part (the whole zero-filled home
+    buffer, the unwritten tail masked, the new token separate) gives what decompressing and
+    attending gives (both float32 softmax over the same decoded values: 16-bit rounding only)."""
+    from flexgen_repro.model.layers import _attend
+    torch.manual_seed(3)
+    b, heads, d, written, total = 3, 2, 64, 9, 16
+    cfg = CompressionConfig(4, 64, 3, False)
+    home = torch.zeros(b, heads, total, d, dtype=dtype, device=DEVICE)
+    home[:, :, :written] = torch.randn(b, heads, written, d).to(DEVICE, dtype)
+    packed_k, packed_v = compress(home, cfg), compress(home.flip(-1), cfg)
+    q = (torch.randn(b, heads, 1, d) * d ** -0.5).to(DEVICE, dtype)
+    k_new, v_new = (torch.randn(b, heads, 1, d).to(DEVICE, dtype) for _ in range(2))
+    mask = torch.ones(b, total + 1, dtype=torch.bool, device=DEVICE)
+    mask[:, written:total] = False  # the tail
+    mask[0, :2] = False             # left padding
+    got = _attend(q, packed_k, packed_v, mask, 1.0, k_new, v_new, written)
+    want = decode_attention(q, decompress(packed_k), decompress(packed_v), mask, 1.0, k_new, v_new,
+                            written)
+    # the reference rounds the probabilities to 16 bits before the value product, the kernel keeps
+    # them in float32: two roundings at the output's magnitude (0.0 on the CPU, where both agree)
+    tol = 2 * torch.finfo(dtype).eps * want.float().abs().max().item()
+    assert got.shape == want.shape == (b, 1, heads * d)
+    assert (got.float() - want.float()).abs().max().item() <= tol

@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from flexgen_repro import trace
 from flexgen_repro.devices.storage import (DiskFile, PackedStore, PlainStore, RowSplit, Segment,
                                            Stored, new_disk_file)
 from flexgen_repro.policy import Tier, split_rows
@@ -196,14 +197,15 @@ class Channel:
         return self._pool.submit(self._run, fn, args, ready)
 
     def _run(self, fn, args, ready):
-        if self.stream is None:
-            return fn(*args)
-        with torch.cuda.stream(self.stream):
-            if ready is not None:
-                self.stream.wait_event(ready)
-            out = fn(*args)
-        self.stream.synchronize()
-        return out
+        with trace.span(self.name):
+            if self.stream is None:
+                return fn(*args)
+            with torch.cuda.stream(self.stream):
+                if ready is not None:
+                    self.stream.wait_event(ready)
+                out = fn(*args)
+            self.stream.synchronize()
+            return out
 
     def close(self) -> None:
         if self._pool is not None:

@@ -171,14 +171,29 @@ class PlainStore:
         index = self._index(pos, pos + value.shape[self.seq_dim])
         if isinstance(self.buf, DiskFile):
             self.buf.write(index, value)
+            return
+        dst = self.buf[index]
+        if value.is_cuda and dst.device.type == "cpu" and not dst.is_contiguous():
+            # torch copies GPU -> strided host memory through a pageable temporary (slow, and it
+            # faults in fresh pages each time): copy into a contiguous pinned block, then scatter
+            staged = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            staged.copy_(value, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            dst.copy_(staged)
         else:
-            self.buf[index].copy_(value, non_blocking=True)
+            dst.copy_(value, non_blocking=True)
 
     def read(self, length: int, device: torch.device) -> torch.Tensor:
         if isinstance(self.buf, DiskFile):
             return self.buf.read(self._index(0, length)).to(device)
         view = self.buf[self._index(0, length)]
         return view if view.device == device else view.to(device, non_blocking=True)
+
+    def read_whole(self, device: torch.device) -> torch.Tensor:
+        """Every position, written or not, on `device`: one contiguous copy (a pinned host buffer
+        goes to the GPU at full link speed, where the first `length` positions would be strided)."""
+        buf = self.buf.read(None, pin=device.type == "cuda") if isinstance(self.buf, DiskFile) else self.buf
+        return buf if buf.device == device else buf.to(device, non_blocking=True)
 
     @property
     def nbytes(self) -> int:
@@ -197,9 +212,8 @@ class PackedStore:
         self.stores, self.meta, self.seq_dim = stores, meta, seq_dim  # meta: full shape, dtype, config
 
     def write(self, pos: int, value: torch.Tensor) -> None:
-        from flexgen_repro.compression import compress  # the fused quantize kernel is not
-        shape, dtype, config = self.meta                     # bit-identical yet (results/PERF_NOTES.md)
-        packed = compress(value, config)
+        from flexgen_repro import kernels  # fused quantize kernel on the GPU, else the reference
+        packed = kernels.quantize(value, self.meta[2])
         for name, comp in packed.components().items():
             self.stores[name].write(pos, comp)
 
@@ -210,6 +224,11 @@ class PackedStore:
         shape = list(shape)
         shape[self.seq_dim] = length
         return CompressedTensor.from_components(comps, (tuple(shape), dtype, config))
+
+    def read_whole(self, device: torch.device):
+        from flexgen_repro.compression import CompressedTensor
+        comps = {name: s.read_whole(device) for name, s in self.stores.items()}
+        return CompressedTensor.from_components(comps, self.meta)
 
     @property
     def nbytes(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flexgen_repro import trace
 from flexgen_repro.config import OptConfig
 from flexgen_repro.model.attention_math import decode_attention, prefill_attention, to_heads
 from flexgen_repro.model.base import CachePart, Layer, StepInfo, WeightSpec
@@ -96,18 +97,33 @@ class SelfAttention(Layer):
             if part.resident:  # the home buffer itself: write the new token, attend in place
                 _write_at(part.k, k_new[rows], part.write_index)
                 _write_at(part.v, v_new[rows], part.write_index)
-                out = decode_attention(q[rows], dense(part.k), dense(part.v), step.mask[rows])
+                out = _attend(q[rows], part.k, part.v, step.mask[rows])
             else:
-                k, v = dense(part.k), dense(part.v)
+                k, v = part.k, part.v
                 mask = step.mask[rows]
                 if part.valid is not None and k.shape[2] > part.valid:  # unwritten tail: masked
                     tail = torch.zeros(mask.shape[0], k.shape[2] - part.valid, dtype=torch.bool,
                                        device=mask.device)
                     mask = torch.cat([mask[:, :part.valid], tail, mask[:, part.valid:]], dim=1)
-                out = decode_attention(q[rows].to(dev), k, v, mask.to(dev), step.attn_sparsity,
-                                       k_new[rows].to(dev), v_new[rows].to(dev), part.valid)
+                with trace.span(f"to_{dev.type}"):
+                    args = q[rows].to(dev), k_new[rows].to(dev), v_new[rows].to(dev), mask.to(dev)
+                with trace.span(f"attention_{dev.type}"):
+                    out = _attend(args[0], k, v, args[3], step.attn_sparsity, args[1], args[2],
+                                  part.valid)
             outs.append(out.to(q.device))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _attend(q, k, v, mask, sparsity=1.0, k_new=None, v_new=None, n_prev=None) -> torch.Tensor:
+    """decode_attention over a plain or compressed cache (k, v whole or leading positions).
+    A compressed cache at 16 bits attended densely goes to kernels.compressed_heads_decode_attention
+    (on the GPU a fused kernel that reads the packed bytes once, elsewhere its float32 reference);
+    otherwise (float32 runs, sparse attention) it is decompressed first."""
+    if (not isinstance(k, torch.Tensor) and sparsity == 1.0
+            and q.dtype in (torch.float16, torch.bfloat16)):
+        from flexgen_repro import kernels
+        return kernels.compressed_heads_decode_attention(q, k, v, mask, k_new, v_new)
+    return decode_attention(q, dense(k), dense(v), mask, sparsity, k_new, v_new, n_prev)
 
 
 def _write_at(home, value: torch.Tensor, index: torch.Tensor) -> None:
@@ -116,8 +132,8 @@ def _write_at(home, value: torch.Tensor, index: torch.Tensor) -> None:
     if isinstance(home, torch.Tensor):
         home.index_copy_(2, index, value)
         return
-    from flexgen_repro.compression import compress
-    packed = compress(value, home.config)
+    from flexgen_repro import kernels
+    packed = kernels.quantize(value, home.config)
     for name, comp in packed.components().items():
         home.components()[name].index_copy_(2, index, comp)
 
