@@ -30,7 +30,7 @@ MAX_PENDING_STORES = 2
 # Layers whose weights load ahead of the one computing (overlap). Two keep the host->GPU link busy
 # when layers alternate between long CPU work (CPU attention) and short GPU work (the MLP): with
 # one, the link idles while the CPU attends and the MLP then waits for the next layer's copy.
-PREFETCH_LAYERS = 2
+PREFETCH_LAYERS = max(1, int(os.environ.get("FLEXGEN_PREFETCH_LAYERS", "2")))  # env: A/B runs
 
 
 class BlockRun:
