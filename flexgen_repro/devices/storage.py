@@ -19,6 +19,33 @@ from flexgen_repro.policy import Tier
 
 _READ_CHUNK = 64 << 20   # bytes per pread: large sequential reads, several in flight
 _READ_THREADS = 4
+# Host<->GPU copies larger than this go as several copies of this size. One copy engine serves a
+# direction for every stream, one copy at a time: a 17 ms weight copy would hold up the small
+# activation and query copies of the compute stream behind it (measured on an H200, case C).
+COPY_CHUNK_BYTES = 32 << 20
+
+
+def copy_chunked_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src, non_blocking=True) in pieces of about COPY_CHUNK_BYTES (both contiguous,
+    same shape and dtype; otherwise, or when small, one copy)."""
+    nbytes = src.numel() * src.element_size()
+    if (nbytes <= COPY_CHUNK_BYTES or dst.shape != src.shape or dst.dtype != src.dtype
+            or not (dst.is_contiguous() and src.is_contiguous())):
+        return dst.copy_(src, non_blocking=True)
+    step = max(1, COPY_CHUNK_BYTES // src.element_size())
+    d, s = dst.view(-1), src.view(-1)
+    for start in range(0, s.numel(), step):
+        d[start:start + step].copy_(s[start:start + step], non_blocking=True)
+    return dst
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device` (non-blocking; host->GPU in COPY_CHUNK_BYTES pieces)."""
+    if t.device == device:
+        return t
+    if device.type != "cuda" or not t.is_contiguous():
+        return t.to(device, non_blocking=True)
+    return copy_chunked_(torch.empty(t.shape, dtype=t.dtype, device=device), t)
 _NP_OF_TORCH = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
                 torch.uint8: np.uint8, torch.int64: np.int64}
 
@@ -134,11 +161,8 @@ class Stored:
             comps = {name: p.load(device, pin) for name, p in self.parts.items()}
             return CompressedTensor.from_components(comps, self.meta)
         if isinstance(self.data, DiskFile):
-            t = self.data.read(pin=pin and device.type == "cuda")
-            return t.to(device, non_blocking=True)
-        if self.data.device == device:
-            return self.data
-        return self.data.to(device, non_blocking=True)
+            return to_device(self.data.read(pin=pin and device.type == "cuda"), device)
+        return to_device(self.data, device)
 
 
 class Segment:
@@ -176,24 +200,23 @@ class PlainStore:
         if value.is_cuda and dst.device.type == "cpu" and not dst.is_contiguous():
             # torch copies GPU -> strided host memory through a pageable temporary (slow, and it
             # faults in fresh pages each time): copy into a contiguous pinned block, then scatter
-            staged = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            staged.copy_(value, non_blocking=True)
+            staged = copy_chunked_(torch.empty(value.shape, dtype=value.dtype, pin_memory=True),
+                                   value.contiguous())
             torch.cuda.current_stream().synchronize()
             dst.copy_(staged)
         else:
-            dst.copy_(value, non_blocking=True)
+            copy_chunked_(dst, value)
 
     def read(self, length: int, device: torch.device) -> torch.Tensor:
         if isinstance(self.buf, DiskFile):
             return self.buf.read(self._index(0, length)).to(device)
-        view = self.buf[self._index(0, length)]
-        return view if view.device == device else view.to(device, non_blocking=True)
+        return to_device(self.buf[self._index(0, length)], device)
 
     def read_whole(self, device: torch.device) -> torch.Tensor:
         """Every position, written or not, on `device`: one contiguous copy (a pinned host buffer
         goes to the GPU at full link speed, where the first `length` positions would be strided)."""
         buf = self.buf.read(None, pin=device.type == "cuda") if isinstance(self.buf, DiskFile) else self.buf
-        return buf if buf.device == device else buf.to(device, non_blocking=True)
+        return to_device(buf, device)
 
     @property
     def nbytes(self) -> int:
