@@ -107,7 +107,10 @@ class OptLM:
         outs = []
         for block, n in self._blocks(prompts):
             run = BlockRun(self, block, 1, None, None, want_logits=True)
-            run.run()
+            try:
+                run.run()
+            finally:
+                run.close()
             outs.append(run.logits[:n])
         return np.concatenate(outs, axis=0)
 
@@ -123,7 +126,10 @@ class OptLM:
 
     def _run_block(self, block, gen_len, pick, stop, max_steps=None) -> np.ndarray:
         run = BlockRun(self, block, gen_len, pick, stop, max_steps=max_steps)
-        out = run.run()
+        try:
+            out = run.run()
+        finally:
+            run.close()
         self.times.blocks += 1
         self.times.prefill_s += run.step_times[0]
         self.times.decode_s += sum(run.step_times[1:])

@@ -16,14 +16,14 @@ import os
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from flexgen_repro import trace
 from flexgen_repro.graph_decode import GraphedDecode, graphable
-from flexgen_repro.model.base import CachePart, StepInfo
+from flexgen_repro.model.base import CachePart, Deferred, StepInfo
 from flexgen_repro.policy import Tier
 
 MAX_PENDING_STORES = 2
@@ -61,6 +61,11 @@ class BlockRun:
         self.step_times: list[float] = []
         self.pending_stores: deque[Future] = deque()
         self.profile = {} if os.environ.get("FLEXGEN_PROFILE") else None
+        self.unfinished: deque = deque()
+        # CPU attention on a worker thread overlaps the main thread's work on the next GPU batch
+        self.cpu_pool = (ThreadPoolExecutor(1, thread_name_prefix="cpu-attention")
+                         if self.policy.cpu_cache_compute and overlap and self.K > 1
+                         and os.environ.get("FLEXGEN_CPU_ATTN_WORKER", "1") != "0" else None)
 
     # ---- the steps -------------------------------------------------------------------------
     def load_weight(self, j: int) -> None:
@@ -161,7 +166,7 @@ class BlockRun:
             self.steps.pop((i - 1, k), None)
             self.steps[(i, k)] = StepInfo(i, self.prompt_len, torch.from_numpy(mask).to(dev),
                                           torch.from_numpy(pos).to(dev), self.policy.attn_sparsity,
-                                          self.pick, self.want_logits)
+                                          self.pick, self.want_logits, self.cpu_pool)
         return self.steps[(i, k)]
 
     def compute(self, i: int, j: int, k: int) -> None:
@@ -174,20 +179,33 @@ class BlockRun:
         with trace.span(type(layer).__name__):
             x = self.load_hidden(i, j, k)
             out = layer.forward(x, w, self.step_info(i, k), cache)
+        # a Deferred result (CPU attention on the worker) is finished after the next GPU batch
+        # has started, so the CPU attends while this thread prepares that batch
+        self.unfinished.append((i, j, k, out, w, cache, t1 - t0))
+        keep = 1 if isinstance(out, Deferred) and k < self.K - 1 else 0
+        while len(self.unfinished) > keep:
+            self._finish(*self.unfinished.popleft())
+        if k == self.K - 1:
+            del self.weights[j]
+
+    def _finish(self, i: int, j: int, k: int, out, w, cache, waited: float) -> None:
+        layer = self.layers[j]
+        t1 = time.perf_counter()
+        if isinstance(out, Deferred):
+            with trace.span(f"{type(layer).__name__}/finish"):
+                out = out.result()
         if self.profile is not None:  # FLEXGEN_PROFILE=1: where the time of each phase goes
             if self.env.has_cuda:
                 torch.cuda.synchronize()
             key = ("prefill" if i == 0 else "decode", type(layer).__name__)
             wait, busy = self.profile.setdefault(key, [0.0, 0.0])
-            self.profile[key] = [wait + t1 - t0, busy + time.perf_counter() - t1]
+            self.profile[key] = [wait + waited, busy + time.perf_counter() - t1]
         if layer.has_cache:
             out, kv = out
             self.store_cache(i, j, k, kv)
         self.store_hidden(i, j, k, out)
         if self.env.has_cuda and self.policy.overlap:
             _mark_used_on_current_stream(w, cache)
-        if k == self.K - 1:
-            del self.weights[j]
 
     # ---- orderings -------------------------------------------------------------------------
     def run(self) -> np.ndarray:
@@ -220,6 +238,11 @@ class BlockRun:
                 break
         self._drain()
         return self.output_ids
+
+    def close(self) -> None:
+        """Stop the CPU attention worker (after a failure too)."""
+        if self.cpu_pool is not None:
+            self.cpu_pool.shutdown(wait=True, cancel_futures=True)
 
     def _graphs(self) -> GraphedDecode | None:
         """Cache homes persist across blocks and calls of the same shape (no re-allocation, no
@@ -276,7 +299,8 @@ class BlockRun:
         for fut in futures:
             fut.result()
         self.cache_stores.clear()
-
+        self.unfinished.clear()
+        self.close()
         self.hidden.clear()
 
 

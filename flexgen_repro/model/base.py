@@ -52,10 +52,23 @@ class StepInfo:
     attn_sparsity: float = 1.0
     pick: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits (b, vocab) -> ids (b,)
     want_logits: bool = False                # OutputEmbed returns logits of every position
+    cpu_pool: object = None                  # an Executor: CPU attention runs there, deferred
 
     @property
     def is_prefill(self) -> bool:
         return self.i == 0
+
+
+class Deferred:
+    """A layer's result still being computed (CPU attention on a worker): `result()` waits for
+    it and finishes the layer (the GPU work after the attention). The driver calls it after
+    starting the next GPU batch, so the CPU attends while the main thread prepares that batch."""
+
+    def __init__(self, finish: Callable[[], object]):
+        self._finish = finish
+
+    def result(self):
+        return self._finish()
 
 
 class Layer(ABC):

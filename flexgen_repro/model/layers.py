@@ -6,13 +6,16 @@ plain or compressed; `linear` dequantizes compressed weights (fused kernel where
 """
 from __future__ import annotations
 
+import functools
+from concurrent.futures import Future
+
 import torch
 import torch.nn.functional as F
 
 from flexgen_repro import trace
 from flexgen_repro.config import OptConfig
 from flexgen_repro.model.attention_math import decode_attention, prefill_attention, to_heads
-from flexgen_repro.model.base import CachePart, Layer, StepInfo, WeightSpec
+from flexgen_repro.model.base import CachePart, Deferred, Layer, StepInfo, WeightSpec
 from flexgen_repro.weights.layout import layer_tensor_names
 
 MLP_CHUNK_TOKENS = 4096
@@ -86,11 +89,14 @@ class SelfAttention(Layer):
             attn = prefill_attention(q, k, v, step.mask)
         else:
             attn = self._decode(q, k, v, step, cache)
+            if isinstance(attn, Deferred):  # CPU attention running on step.cpu_pool
+                return Deferred(lambda: (linear(attn.result(), w["w_out"], w["b_out"]) + x, (k, v)))
         out = linear(attn, w["w_out"], w["b_out"]) + x
         return out, (k, v)
 
-    def _decode(self, q, k_new, v_new, step: StepInfo, cache: list[CachePart]) -> torch.Tensor:
-        """Attention of the new token over each cache part, on the device that part is computed."""
+    def _decode(self, q, k_new, v_new, step: StepInfo, cache: list[CachePart]):
+        """Attention of the new token over each cache part, on the device that part is computed.
+        With `step.cpu_pool`, parts on the CPU are attended there and the result is Deferred."""
         outs = []
         for part in cache:
             rows, dev = slice(part.start, part.stop), part.device
@@ -107,11 +113,27 @@ class SelfAttention(Layer):
                     mask = torch.cat([mask[:, :part.valid], tail, mask[:, part.valid:]], dim=1)
                 with trace.span(f"to_{dev.type}"):
                     args = q[rows].to(dev), k_new[rows].to(dev), v_new[rows].to(dev), mask.to(dev)
-                with trace.span(f"attention_{dev.type}"):
-                    out = _attend(args[0], k, v, args[3], step.attn_sparsity, args[1], args[2],
-                                  part.valid)
+                job = functools.partial(_traced_attend, f"attention_{dev.type}", args[0], k, v,
+                                        args[3], step.attn_sparsity, args[1], args[2], part.valid)
+                if dev.type == "cpu" and step.cpu_pool is not None:
+                    outs.append(step.cpu_pool.submit(job))
+                    continue
+                out = job()
             outs.append(out.to(q.device))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        if any(isinstance(o, Future) for o in outs):
+            return Deferred(lambda: _gather(outs, q.device))
+        return _gather(outs, q.device)
+
+
+def _traced_attend(name: str, *args) -> torch.Tensor:
+    with trace.span(name):
+        return _attend(*args)
+
+
+def _gather(outs: list, device: torch.device) -> torch.Tensor:
+    """Each part's output (a tensor or a Future of one) on `device`, rows in order."""
+    outs = [o.result().to(device) if isinstance(o, Future) else o for o in outs]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 def _attend(q, k, v, mask, sparsity=1.0, k_new=None, v_new=None, n_prev=None) -> torch.Tensor:
@@ -174,7 +196,13 @@ class TransformerLayer(Layer):
         return self.attention.specs() + self.mlp.specs()
 
     def forward(self, x, w, step, cache=None):
-        x, kv = self.attention.forward(x, w, step, cache)
+        attended = self.attention.forward(x, w, step, cache)
+        if isinstance(attended, Deferred):
+            return Deferred(lambda: self._mlp(attended.result(), w, step))
+        return self._mlp(attended, w, step)
+
+    def _mlp(self, attended, w, step):
+        x, kv = attended
         return self.mlp.forward(x, w, step), kv
 
 

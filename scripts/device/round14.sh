@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Session 2, round 14: case C traced with at most two 16 MiB copy pieces queued per copy thread,
-# then C with one layer of weight prefetch (before/after of two), and case D.
+# CPU attention on a worker (deferred finish); then C without the worker and C with one layer of
+# weight prefetch (before/after of each), and case D.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 O=${OUT:-/tmp/out}; mkdir -p /tmp/offload ~/.cache/flexgen_repro
@@ -19,7 +20,9 @@ bench() { # name suite cases timeout
   grep -E "^\[|failed|skip" $O/$1.txt | tail -4
   (cd /tmp && tar czf $O/$1.tgz res-$1)
 }
+FLEXGEN_CPU_ATTN_WORKER=0 timeout ${TC:-250} python3 -m flexgen_repro.flex_opt $C_ARGS \
+  --json-file $O/c-noworker.json > $O/c-noworker.txt 2>&1
+echo "C no worker rc $?"; grep -E "latency|throughput|Error|error" $O/c-noworker.txt
 FLEXGEN_PREFETCH_LAYERS=1 timeout ${TC:-250} python3 -m flexgen_repro.flex_opt $C_ARGS \
   --json-file $O/c-prefetch1.json > $O/c-prefetch1.txt 2>&1
 echo "C prefetch 1 rc $?"; grep -E "latency|throughput|Error|error" $O/c-prefetch1.txt
-bench d h100-anchors d-30b-wcpu ${TD:-200}
