@@ -209,6 +209,13 @@ class BlockRun:
 
     # ---- orderings -------------------------------------------------------------------------
     def run(self) -> np.ndarray:
+        with self.env.computing():
+            out = self._run()
+        if self.env.has_cuda:  # results leave the compute stream for the caller's
+            torch.cuda.current_stream().wait_stream(self.env.compute_stream)
+        return out
+
+    def _run(self) -> np.ndarray:
         n_layers = len(self.layers)
         graphs = self._graphs()
         for i in range(self.gen_len):

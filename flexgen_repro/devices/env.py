@@ -6,6 +6,7 @@ On a machine without CUDA the GPU tier is backed by host memory, so every policy
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -223,6 +224,11 @@ class ExecutionEnv:
         self.mixed = MixedDevice(self)
         self._own_dir = own_dir
         self._channels: dict[str, Channel] = {}
+        # Compute runs on a stream of its own, not CUDA's legacy default stream: work on the
+        # default stream waits for everything queued on torch's (blocking) pool streams, so a
+        # small copy or kernel there would wait for the weight stream's whole queue (measured:
+        # scripts/device/stream_probe.py).
+        self.compute_stream = torch.cuda.Stream(gpu.dev) if gpu.dev.type == "cuda" else None
 
     @classmethod
     def create(cls, offload_dir: str | None = None, gpu_device: str | None = None) -> "ExecutionEnv":
@@ -235,6 +241,11 @@ class ExecutionEnv:
         offload_dir = os.path.abspath(os.path.expanduser(offload_dir))
         return cls(MemDevice(Tier.GPU, gdev, False), MemDevice(Tier.CPU, torch.device("cpu"), cuda),
                    DiskDevice(offload_dir), own_dir)
+
+    def computing(self):
+        """Context in which the driver queues its GPU work (the compute stream)."""
+        return torch.cuda.stream(self.compute_stream) if self.compute_stream is not None \
+            else contextlib.nullcontext()
 
     @property
     def has_cuda(self) -> bool:

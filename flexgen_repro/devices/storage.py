@@ -25,8 +25,8 @@ _READ_THREADS = 4
 # time. The copy engine of a direction serves the copies of every stream in the order they were
 # queued: a 17 ms weight copy queued whole (or all its pieces at once) held up the compute stream's
 # small activation and query copies behind it (case C on an H200: 0.6 s of a 2.2 s decode step).
-COPY_CHUNK_BYTES = 16 << 20
-COPY_IN_FLIGHT = 2
+COPY_CHUNK_BYTES = int(float(os.environ.get("FLEXGEN_COPY_CHUNK_MB", "16")) * (1 << 20))
+COPY_IN_FLIGHT = int(os.environ.get("FLEXGEN_COPY_IN_FLIGHT", "2"))
 
 
 def copy_chunked_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def copy_chunked_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
             done = torch.cuda.Event()
             done.record()
             queued.append(done)
-            if len(queued) >= COPY_IN_FLIGHT:
+            if len(queued) > COPY_IN_FLIGHT:
                 queued.popleft().synchronize()
     return dst
 

@@ -74,9 +74,18 @@ def probe(mode, own_stream):
                 gap_max_ms=1e3 * max(gaps))
 
 
-for mode in ("whole", "pieces"):
-    for own in (False, True):
-        probe(mode, own)  # warm
-        out[f"{mode}_{'own' if own else 'default'}_stream"] = probe(mode, own)
+from flexgen_repro.devices import storage  # noqa: E402
+
+if len(sys.argv) > 1 and sys.argv[1] == "sizes":  # piece size x pieces in flight, own stream
+    for mb, n in ((16, 2), (16, 4), (32, 2), (32, 3), (64, 2)):
+        storage.COPY_CHUNK_BYTES, storage.COPY_IN_FLIGHT = mb << 20, n
+        probe("pieces", True)
+        out[f"pieces_{mb}MiB_x{n}"] = probe("pieces", True)
+    out["whole"] = probe("whole", True)
+else:
+    for mode in ("whole", "pieces"):
+        for own in (False, True):
+            probe(mode, own)  # warm
+            out[f"{mode}_{'own' if own else 'default'}_stream"] = probe(mode, own)
 json.dump(out, sys.stdout, indent=1)
 print()
