@@ -25,6 +25,8 @@ TOY = OptConfig(name="toy", num_hidden_layers=L, n_head=2, hidden_size=H, input_
 # one layer: q, k, v, out (4 H^2 + 4 H), fc1 and fc2 (2 H F + F + H), two layer norms (4 H)
 LAYER_PARAMS = 4 * H * H + 4 * H + 2 * H * F + F + H + 4 * H
 MODEL_BYTES = 2 * (L * LAYER_PARAMS + V * H + (POS + 2) * H + 2 * H)
+# the runtime stores (and loads) the token embedding twice: the output embedding has its own copy
+STORED_BYTES = MODEL_BYTES + 2 * V * H
 
 
 def round_profile(**changes) -> HardwareProfile:
@@ -35,7 +37,7 @@ def round_profile(**changes) -> HardwareProfile:
         gpu_to_cpu_hidden_bytes_s=1e9, disk_to_cpu_bytes_s=1e9, cpu_to_disk_cache_bytes_s=1e9,
         cpu_to_disk_bytes_s=1e9, gpu_mem_bw_bytes_s=1e18, gpu_mm_prefill_flop_s=1e12,
         gpu_mm_decode_flop_s=1e12, gpu_bmm_prefill_flop_s=1e11, gpu_bmm_decode_flop_s=1e11,
-        cpu_attention_flop_s=1e10, gpu_dequant_bytes_s=1e11)
+        cpu_attention_flop_s=1e10, gpu_dequant_bytes_s=1e11, gpu_graph_step_overhead_s=0.0)
     base.update(changes)
     return HardwareProfile(**base)
 
@@ -58,8 +60,9 @@ def test_all_on_gpu_is_compute_bound_at_the_profiles_rates():
     # prefill: every prompt token through every layer, logits of the last token, causal attention
     # counted in full (QK^T and AV: 4 s^2 H flops per sequence per layer)
     prefill = B * (L * s * 2 * LAYER_PARAMS + 2 * V * H) / 1e12 + L * B * 4 * s * s * H / 1e11
-    # decode: one token per sequence; attention over the average length s + n/2
-    step = B * (L * 2 * LAYER_PARAMS + 2 * V * H) / 1e12 + L * B * 4 * (s + n / 2) * H / 1e11
+    # decode: one token per sequence; everything on the GPU, so the runtime replays CUDA graphs,
+    # which attend over the whole cache buffer (s + n positions, the unwritten ones masked)
+    step = B * (L * 2 * LAYER_PARAMS + 2 * V * H) / 1e12 + L * B * 4 * (s + n) * H / 1e11
     assert pred.prefill_time == pytest.approx(prefill, rel=EXACT)
     assert pred.decode_step_time == pytest.approx(step, rel=EXACT)
     assert pred.throughput == pytest.approx(B * n / (prefill + (n - 1) * step), rel=EXACT)
@@ -69,24 +72,32 @@ def test_all_on_gpu_is_compute_bound_at_the_profiles_rates():
     assert pred.peak_memory["cpu"] == pred.peak_memory["disk"] == 0
 
 
+def test_without_cuda_graphs_decode_attends_over_the_average_length():
+    s, n, b = 16, 8, 4
+    sparse = evaluate_policy(TOY, policy((100, 0, 100, 0, 100, 0), b, attn_sparsity=0.5),
+                             round_profile(), s, n)   # sparse attention is never graph-replayed
+    step = b * (L * 2 * LAYER_PARAMS + 2 * V * H) / 1e12 + L * b * 4 * (s + n / 2) * H / 1e11
+    assert sparse.decode_step_time == pytest.approx(step, rel=EXACT)
+
+
 def test_all_weights_on_cpu_decode_step_is_weight_bytes_over_host_to_gpu_bandwidth():
     fast = round_profile(gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18)
     pred = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1), fast, 16, 8)
     assert pred.decode_bound == "ctog"
-    assert pred.decode_step_time == pytest.approx(MODEL_BYTES / 1e9, rel=EXACT)
+    assert pred.decode_step_time == pytest.approx(STORED_BYTES / 1e9, rel=EXACT)
     # unpinned weights cross at the pageable rate
     slow = dataclasses.replace(fast, cpu_to_gpu_pageable_bytes_s=0.25e9)
     pred = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1, pin_weight=False), slow, 16, 8)
-    assert pred.decode_step_time == pytest.approx(MODEL_BYTES / 0.25e9, rel=EXACT)
+    assert pred.decode_step_time == pytest.approx(STORED_BYTES / 0.25e9, rel=EXACT)
 
 
 def test_disk_weights_are_read_from_disk_then_cross_to_the_gpu():
     hw = round_profile(gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18, disk_to_cpu_bytes_s=0.1e9)
     pred = evaluate_policy(TOY, policy((0, 0, 100, 0, 100, 0), b=1), hw, 16, 8)
     assert pred.decode_bound == "dtoc"
-    assert pred.decode_step_time == pytest.approx(MODEL_BYTES / 0.1e9, rel=EXACT)
-    assert pred.decode_terms["ctog"] * L == pytest.approx(MODEL_BYTES / 1e9, rel=EXACT)
-    assert pred.peak_memory["disk"] == pytest.approx(MODEL_BYTES, rel=EXACT)
+    assert pred.decode_step_time == pytest.approx(STORED_BYTES / 0.1e9, rel=EXACT)
+    assert pred.decode_terms["ctog"] * L == pytest.approx(STORED_BYTES / 1e9, rel=EXACT)
+    assert pred.peak_memory["disk"] == pytest.approx(STORED_BYTES, rel=EXACT)
 
 
 def test_cache_on_cpu_moves_to_the_gpu_or_is_attended_on_the_cpu():
@@ -112,8 +123,8 @@ def test_compression_ratio_of_4bit_groups_of_64_in_fp16():
     hw = round_profile(gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18, gpu_dequant_bytes_s=1e18)
     plain = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1), hw, 16, 8)
     packed = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1, compress_weight=True), hw, 16, 8)
-    matrices = L * (4 * H * H + 2 * H * F) + V * H + (POS + 2) * H
-    expected = (MODEL_BYTES - 2 * matrices * (1 - 36 / 128)) / 1e9
+    matrices = L * (4 * H * H + 2 * H * F) + 2 * V * H + (POS + 2) * H   # embeddings are matrices
+    expected = (STORED_BYTES - 2 * matrices * (1 - 36 / 128)) / 1e9
     assert packed.decode_step_time == pytest.approx(expected, rel=EXACT)
     assert packed.decode_step_time < 0.35 * plain.decode_step_time
 
@@ -132,9 +143,9 @@ def test_memory_homes_follow_the_placement():
     assert cache == TOY.cache_bytes(b * k, s + n)
     model = build_step_model(TOY, policy((100, 0, 100, 0, 100, 0), b, k), s, n, round_profile())
     on_disk = [0, 0, 1, 0, 0, 1, 1, 0, 0]               # weights and cache on disk, hidden on GPU
-    assert model.memory["disk"](on_disk) == pytest.approx(MODEL_BYTES + cache, rel=EXACT)
+    assert model.memory["disk"](on_disk) == pytest.approx(STORED_BYTES + cache, rel=EXACT)
     all_gpu = [1, 0, 0, 1, 0, 0, 1, 0, 0]
-    assert model.memory["gpu_decode"](all_gpu) > MODEL_BYTES + cache
+    assert model.memory["gpu_decode_attention"](all_gpu) > STORED_BYTES + cache
     assert model.memory["cpu_decode"](all_gpu) == 0
 
 
@@ -151,7 +162,7 @@ def test_prompt_plus_generation_beyond_positions_is_refused():
 
 def test_fixed_step_overhead_is_paid_per_layer_step_and_gpu_batch():
     s, n, b, k = 16, 8, 4, 3
-    pol = policy((100, 0, 100, 0, 100, 0), b, k)
+    pol = policy((100, 0, 0, 100, 100, 0), b, k, overlap=False)   # cache on the CPU: no CUDA graphs
     base = evaluate_policy(TOY, pol, round_profile(), s, n)
     slow = evaluate_policy(TOY, pol, round_profile(gpu_step_overhead_s=1e-3), s, n)
     # sep_layer: attention and MLP are two steps per transformer layer, plus the two embedding
@@ -159,3 +170,30 @@ def test_fixed_step_overhead_is_paid_per_layer_step_and_gpu_batch():
     steps = k * (2 * L + 2)
     assert slow.decode_step_time - base.decode_step_time == pytest.approx(steps * 1e-3, rel=EXACT)
     assert slow.prefill_time - base.prefill_time == pytest.approx(steps * 1e-3, rel=EXACT)
+
+
+def test_graph_decode_pays_the_graph_floor_per_step_and_one_driver_step_per_gpu_batch():
+    s, n, b, k = 16, 8, 4, 3
+    pol = policy((100, 0, 100, 0, 100, 0), b, k)
+    base = evaluate_policy(TOY, pol, round_profile(), s, n)
+    slow = evaluate_policy(TOY, pol, round_profile(gpu_step_overhead_s=1e-3,
+                                                   gpu_graph_step_overhead_s=1e-5), s, n)
+    # every layer step of every GPU batch replays at the graph floor; the driver's fixed cost is
+    # paid once per GPU batch and token (fill the inputs, replay, pick), not per layer step
+    extra = k * (2 * L + 2) * 1e-5 + k * 1e-3
+    assert slow.decode_step_time - base.decode_step_time == pytest.approx(extra, rel=EXACT)
+    assert slow.prefill_time - base.prefill_time == pytest.approx(k * (2 * L + 2) * 1e-3, rel=EXACT)
+    # HBM-bound (a slow memory): each GPU batch reads every layer's (uncompressed) weights once
+    hbm = round_profile(gpu_mem_bw_bytes_s=1e9, gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18)
+    pred = evaluate_policy(TOY, pol, hbm, s, n)
+    assert pred.decode_step_time == pytest.approx(k * MODEL_BYTES / 1e9, rel=EXACT)
+    assert pred.decode_bound == "comp"
+
+
+def test_a_host_backed_gpu_never_uses_graph_decode():
+    s, n, b = 16, 8, 4
+    pol = policy((100, 0, 100, 0, 100, 0), b)
+    hw = round_profile(host_backed_gpu=True, gpu_step_overhead_s=1e-3, gpu_graph_step_overhead_s=1.0)
+    pred = evaluate_policy(TOY, pol, hw, s, n)
+    step = b * (L * 2 * LAYER_PARAMS + 2 * V * H) / 1e12 + L * b * 4 * (s + n / 2) * H / 1e11
+    assert pred.decode_step_time == pytest.approx(step + (2 * L + 2) * 1e-3, rel=EXACT)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 
 from flexgen_repro.config import get_opt_config
@@ -95,12 +94,28 @@ def test_repair_moves_points_to_a_lower_tier_until_it_fits(t4):
     shape = Policy(gpu_batch_size=2, num_gpu_batches=1, w_gpu_percent=100, w_cpu_percent=0,
                    cache_gpu_percent=100, cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0)
     loose = build_step_model(config, shape, 512, 32, t4)
-    x = np.array([0.506, 0.494, 0, 0, 1, 0, 1, 0, 0])     # cache on the CPU; fits at 50.6 % weights on GPU
-    tight_profile = dataclasses.replace(t4, gpu_mem_bytes=tier_peaks(loose, x)[0]["gpu"])
+    fits = (50, 50, 0, 100, 100, 0)                      # cache on the CPU; weights half on the GPU
+    tight_profile = dataclasses.replace(t4, gpu_mem_bytes=tier_peaks(loose, loose.placement(fits))[0]["gpu"])
     tight = build_step_model(config, shape, 512, 32, tight_profile)
-    assert tier_peaks(tight, [0.51, 0.49, 0, 0, 1, 0, 1, 0, 0])[0]["gpu"] > tight_profile.gpu_mem_bytes
-    rounded = (51, 49, 0, 100, 100, 0)                          # rounding up broke the limit
-    assert repair(tight, rounded) == (50, 50, 0, 100, 100, 0)
+    rounded = (51, 49, 0, 100, 100, 0)                   # rounding up broke the limit
+    assert tier_peaks(tight, tight.placement(rounded))[0]["gpu"] > tight_profile.gpu_mem_bytes
+    assert repair(tight, rounded) == fits
+
+
+def test_repair_moves_whole_rows_of_cache(t4):
+    """Cache rows are whole: with GPU batch 12, 21% of the cache on the GPU is 3 rows (25%); a
+    limit that 2 rows meet is met by moving one row (to 17%), not by shaving points off 21%."""
+    config = get_opt_config("opt-6.7b")
+    shape = Policy(gpu_batch_size=12, num_gpu_batches=1, w_gpu_percent=0, w_cpu_percent=100,
+                   cache_gpu_percent=0, cache_cpu_percent=100, act_gpu_percent=100, act_cpu_percent=0)
+    loose = build_step_model(config, shape, 512, 32, t4)
+    two_rows = (0, 100, 17, 83, 100, 0)
+    assert list(loose.placement(two_rows)[3:6]) == pytest.approx([2 / 12, 10 / 12, 0], abs=1e-12)
+    three_rows = loose.placement((0, 100, 21, 79, 100, 0))
+    assert list(three_rows[3:6]) == pytest.approx([3 / 12, 9 / 12, 0], abs=1e-12)
+    cap = tier_peaks(loose, loose.placement(two_rows))[0]["gpu"]
+    tight = build_step_model(config, shape, 512, 32, dataclasses.replace(t4, gpu_mem_bytes=cap))
+    assert repair(tight, (0, 100, 21, 79, 100, 0)) == two_rows
 
 
 def test_relaxed_solution_respects_every_limit(t4):
@@ -120,7 +135,8 @@ def test_too_little_memory_overall_names_the_total(t4):
         best_policy(get_opt_config("opt-175b"), t4, 512, 32, cpu_mem_gb=50, disk_mem_gb=100)
     assert e.value.tier == "total"
     c = get_opt_config("opt-175b")
-    need = c.model_bytes() + c.cache_bytes(1, 512 + 32) + c.hidden_bytes(1, 512)   # fp16, by hand
+    weights = c.model_bytes() + c.vocab_size * c.hidden_size * 2   # the output embedding's own copy
+    need = weights + c.cache_bytes(1, 512 + 32) + c.hidden_bytes(1, 512)   # fp16, by hand
     assert f"needs at least {need / GIB:.1f} GiB" in str(e.value)
     assert "has 165.0 GiB (GPU 15.0 + CPU 50.0 + disk 100.0)" in str(e.value)
 

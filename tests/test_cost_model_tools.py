@@ -49,6 +49,15 @@ def test_profile_round_trips_and_rejects_unknown_keys(tmp_path):
         profile_from_dict(data)
 
 
+def test_a_profile_without_the_graph_floor_gets_the_documented_default():
+    data = load_profile("t4-paper").to_json()
+    data.pop("gpu_graph_step_overhead_s", None)
+    assert profile_from_dict(data).gpu_graph_step_overhead_s == hardware.GRAPH_STEP_OVERHEAD_S
+    data["gpu_graph_step_overhead_s"] = -1e-6
+    with pytest.raises(ValueError, match="gpu_graph_step_overhead_s must be a number >= 0"):
+        profile_from_dict(data)
+
+
 def test_local_profile_missing_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="invoke profile-hardware"):
@@ -75,6 +84,9 @@ def test_measure_on_this_machine_writes_a_loadable_profile(tmp_path, monkeypatch
     if not measured.host_backed_gpu:
         pytest.skip("the host-backed checks below are for machines without CUDA")
     assert measured.gpu_mem_bytes == measured.cpu_mem_bytes
+    # no CUDA graphs without CUDA: the graph floor is not measured and keeps its documented default
+    assert profile.measure_graph_step_overhead(profile.torch.device("cpu"), 1e9, False, 1) is None
+    assert measured.gpu_graph_step_overhead_s == hardware.GRAPH_STEP_OVERHEAD_S
     assert measured.measurements["disk_mode"] in ("O_DIRECT", "buffered")
     assert not os.listdir(tmp_path / "offload")          # the test file is removed
 
@@ -160,6 +172,9 @@ def test_calibration_report_on_synthetic_records(tmp_path):
     with open(out["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert [float(r["ratio"]) for r in rows] == pytest.approx(list(factors), rel=1e-9)
+    peaks = [calibrate.predict_record(rec, t4).peak_memory["gpu"] / GIB for rec in records]
+    assert [float(r["predicted_peak_gpu_gib"]) for r in rows] == pytest.approx(peaks, rel=1e-9)
+    assert all(r["measured_peak_gpu_gib"] == "" for r in rows)     # the records carry none
     assert f"median relative error {statistics.median(errors):.1%}" in open(out["md"]).read()
     assert os.path.getsize(out["png"]) > 1000
     files = tmp_path / "records"

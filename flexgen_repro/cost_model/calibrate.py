@@ -6,7 +6,8 @@ so the fit is not judged on the runs it was fitted to.
 A record is one measured run (a flex_opt JSON record, or any dict with the same fields): model,
 prompt_len, gen_len, percent ("a b c d e f" or six numbers), gpu_batch_size, num_gpu_batches,
 cpu_cache_compute, compress_weight, compress_cache, total_throughput; optional pin_weight,
-overlap, sep_layer, dtype, prefill_latency_s, decode_throughput.
+overlap, sep_layer, dtype, prefill_latency_s, decode_throughput, peak_gpu_mem_gb (the allocator's
+peak, compared with the predicted peak GPU memory).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sys
 from scipy.optimize import minimize
 
 from flexgen_repro.config import get_opt_config
-from flexgen_repro.cost_model.hardware import HardwareProfile, load_profile, save_profile
+from flexgen_repro.cost_model.hardware import GIB, HardwareProfile, load_profile, save_profile
 from flexgen_repro.cost_model.predict import Prediction, evaluate_policy
 from flexgen_repro.policy import Policy, parse_percent
 
@@ -33,7 +34,7 @@ COLUMNS = ("model", "prompt_len", "gen_len", "percent", "gpu_batch_size", "num_g
            "cpu_cache_compute", "compress_weight", "compress_cache", "measured_throughput",
            "predicted_throughput", "ratio", "rel_error", "measured_prefill_s", "predicted_prefill_s",
            "measured_decode_throughput", "predicted_decode_throughput", "prefill_bound",
-           "decode_bound", "fits")
+           "decode_bound", "fits", "measured_peak_gpu_gib", "predicted_peak_gpu_gib")
 
 
 def _flag(value, default: bool = False) -> bool:
@@ -89,7 +90,9 @@ def compare(records: list[dict], profile) -> list[dict]:
             measured_prefill_s=_optional(rec, "prefill_latency_s"), predicted_prefill_s=pred.prefill_time,
             measured_decode_throughput=_optional(rec, "decode_throughput"),
             predicted_decode_throughput=pred.decode_throughput, prefill_bound=pred.prefill_bound,
-            decode_bound=pred.decode_bound, fits=int(pred.feasible)))
+            decode_bound=pred.decode_bound, fits=int(pred.feasible),
+            measured_peak_gpu_gib=_optional(rec, "peak_gpu_mem_gb"),
+            predicted_peak_gpu_gib=pred.peak_memory.get("gpu", 0.0) / GIB))
     return rows
 
 
@@ -109,7 +112,8 @@ def _fmt(value) -> str:
 def markdown(rows: list[dict], stats: dict, profile: HardwareProfile, note: str = "") -> str:
     cols = ("model", "percent", "gpu_batch_size", "num_gpu_batches", "cpu_cache_compute",
             "compress_weight", "compress_cache", "measured_throughput", "predicted_throughput",
-            "rel_error", "prefill_bound", "decode_bound")
+            "rel_error", "prefill_bound", "decode_bound", "measured_peak_gpu_gib",
+            "predicted_peak_gpu_gib")
     lines = [f"Cost model ({profile.name}: {profile.description}) against measured throughput "
              f"(token/s), {stats['n']} runs: median relative error {stats['median_rel_error']:.1%}, "
              f"worst {stats['worst_rel_error']:.1%} ({stats['worst_case']}).{' ' + note if note else ''}", "",

@@ -16,31 +16,64 @@ only hidden states move); new cache entries and hidden states are stored to thei
 is the GPU's matmuls (for each GPU batch the larger of flops / rate and weight bytes / memory
 bandwidth), attention on the GPU (batched matmul) or the CPU, 4-bit dequantization, and the
 profile's fixed cost per (layer, GPU batch) step (launches, the Python driver). Decode
-uses the average cache length s + n/2 over the generated tokens. Totals follow the runtime's metric:
+uses the average cache length s + n/2 over the generated tokens; where everything is on the GPU
+the runtime replays CUDA graphs instead (StepModel.graph_decode: the whole cache buffer is
+attended, and each step costs the graph's floor instead of launches). Totals follow the runtime's
+metric:
 
     prefill = layers * T_pre,  decode = (n - 1) * layers * T_gen,
     throughput = B * n / (prefill + decode)      (the prefill step produces the first token)
 
-Per-layer weight bytes are the model's total (embeddings included) divided by the layer count.
-Memory: weights, cache and activations at home on each tier, plus working buffers (weights of the
-layers in flight, one GPU batch's staged cache and hidden states, the largest intermediate).
+Per-layer weight bytes are the stored total (embeddings included, the token embedding twice, as
+the runtime keeps one copy per embedding layer) divided by the layer count.
+Memory: weights, cache and activations at home on each tier, plus working buffers. The GPU's peak
+is one constraint per phase and step kind (embedding, attention, MLP: _gpu_memory), each what the
+runtime holds while such a step computes: the weights of the layers in flight, the step's tensors,
+pending cache stores, cache buffers loaded for decode, with allocator fragmentation. A policy is
+evaluated at the placement the runtime realizes (placement.py: whole tensors, whole batch rows).
 Host->GPU copies of caches and hidden states use the pinned rate (the runtime keeps CPU caches
 and activations in pinned memory where CUDA exists); CPU-resident and disk-staged weights the
 pinned one unless pin_weight is off.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from flexgen_repro.config import OptConfig
 from flexgen_repro.cost_model.hardware import HardwareProfile
-from flexgen_repro.policy import CompressionConfig, Policy
+from flexgen_repro.cost_model.placement import compression_ratio, layer_tensors, realized_placement
+from flexgen_repro.policy import Policy
 
 PLACEMENT = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
 TERMS = ("ctog", "gtoc", "dtoc", "ctod", "comp")
+
+# The runtime's buffering, mirrored here (tests/test_cost_model_memory.py checks they match):
+PREFETCH_LAYERS = 2         # schedule.PREFETCH_LAYERS: weights load this many layers ahead (overlap)
+MAX_PENDING_STORES = 2      # schedule.MAX_PENDING_STORES: cache stores in flight, each holding K, V
+MLP_CHUNK_TOKENS = 4096     # model.layers.MLP_CHUNK_TOKENS: prefill MLP runs in chunks of this many
+DECODE_CACHE_BUFFERS = 2    # decode: the cache of this step and of the next one, loaded ahead
+# The CUDA caching allocator reserves more than the tensors it holds: freed blocks of one size are
+# split for tensors of another, and a segment still partly in use cannot be given back. The GPU
+# limit is on reserved memory (the cap is set with set_per_process_memory_fraction), so transient
+# memory (everything allocated and freed step by step: weights and caches in flight, pending
+# stores, intermediates) counts this much more; homes are allocated once, before the run. On the
+# H200, OPT-30B 4x16 with 25% of the cache on the GPU (predicted 14.17 GiB allocated, 14.80 with
+# this factor, of the 15.04 usable under a 16 GiB cap) ran with 14.04 GiB allocated while its
+# reserved memory reached the cap; without a cap runs reserve 1.3-1.45x their allocated peak,
+# cached blocks included that the allocator frees under pressure.
+ALLOCATOR_FRAGMENTATION = 1.25
+# torch gives each CUDA stream that runs matmuls a cuBLAS workspace from the caching allocator
+# (32 MiB each, measured on the H200): the compute stream and the side stream CUDA graphs are
+# captured from.
+CUBLAS_WORKSPACES = 2 * 32 * (1 << 20)
+# Bytes per (b, heads, s, s) score that prefill attention materializes. It calls
+# scaled_dot_product_attention with a boolean mask; on CUDA (fp16, head_dim 64 or 128) torch runs
+# the memory-efficient kernel, whose only extra is the mask's fp16 form (2 bytes per (b, s, s),
+# counted with the mask); the math path would hold 12.5 bytes per score (fp32 copies of q, k, v,
+# scores, softmax). Both measured on the H200 with torch 2.11 at OPT-30B's and OPT-1.3B's shapes.
+SDPA_SCORE_BYTES = 0.0
 
 
 class Affine:
@@ -75,8 +108,11 @@ class Affine:
 class StepModel:
     """The affine pieces of one layer of a block, and the limits they must keep.
 
-    prefill / decode: seconds per layer (whole block) by term (TERMS). memory: bytes by constraint
-    name ("gpu_prefill", ..., "disk"; "gpu+cpu_*" on a host-backed GPU); capacity: the limit of each.
+    prefill / decode: seconds per layer (whole block) by term (TERMS). graph_decode: the decode
+    terms where everything is on the GPU and the runtime replays CUDA graphs (None where it
+    cannot: no CUDA, sparse attention). memory: bytes by constraint name ("gpu_prefill_mlp", ...,
+    "disk"; tier_of gives the tier; "gpu+cpu_*" on a host-backed GPU); capacity: the limit of
+    each. weight_tensors and gpu_batch_size: what `placement` needs to realize percentages.
     """
     prefill: dict
     decode: dict
@@ -86,9 +122,22 @@ class StepModel:
     block_size: int
     gen_len: int
     overlap: bool
+    graph_decode: dict | None = None
+    weight_tensors: tuple = ()
+    gpu_batch_size: int = 1
+
+    def placement(self, percent) -> np.ndarray:
+        """The placement vector the runtime realizes for six percentages (placement.py)."""
+        return realized_placement(percent, list(self.weight_tensors), self.gpu_batch_size)
+
+    def terms(self, phase: str, x) -> dict:
+        """The time terms of `phase` at placement x."""
+        if phase == "decode" and self.graph_decode is not None and all_on_gpu(x):
+            return self.graph_decode
+        return getattr(self, phase)
 
     def phase_time(self, phase: str, x) -> float:
-        values = [term(x) for term in getattr(self, phase).values()]
+        values = [term(x) for term in self.terms(phase, x).values()]
         return max(values) if self.overlap else sum(values)
 
     def total_time(self, x) -> tuple[float, float]:
@@ -98,16 +147,18 @@ class StepModel:
         return pre, dec
 
 
-def compression_ratio(config: CompressionConfig, dtype_bytes: int) -> float:
-    """Stored bytes per original byte of a matrix: packed codes plus a scale and an offset per group."""
-    codes = math.ceil(config.group_size / (8 // config.num_bits))
-    return (codes + 2 * dtype_bytes) / (config.group_size * dtype_bytes)
+ALL_ON_GPU = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0], dtype=float)
+
+
+def all_on_gpu(x) -> bool:
+    """Weights, cache and hidden states all on the GPU (graph_decode.graphable's placement)."""
+    return bool(np.all(np.asarray(x, dtype=float)[[0, 3, 6]] >= 1 - 1e-9))
 
 
 @dataclass(frozen=True)
 class Sizes:
     """Byte and flop counts of the model for one policy's block shape."""
-    w_total: float      # all weights as stored (compressed matrices when compress_weight)
+    w_total: float      # all weights as the runtime stores them (see placement.layer_tensors)
     w_layer: float      # w_total / layers
     w_layer_fp: float   # uncompressed weights per layer (read by the GPU for every GPU batch)
     flops_token: float  # matmul flops of one token through one layer
@@ -115,23 +166,31 @@ class Sizes:
     kv_token: float     # stored cache bytes per token per sequence per layer (K and V)
     kv_token_fp: float  # the same uncompressed
     hid_token: float    # hidden-state bytes per token per sequence
-    max_part: float     # the larger of attention / MLP weights as a fraction of a layer's
+    w_in_flight: dict   # step kind -> the most weight bytes loaded at once while one computes
+
+
+def weights_in_flight(layers: list[tuple[str, float]], overlap: bool) -> dict:
+    """Step kind -> the most weight bytes on the GPU while a layer of that kind computes, for
+    layers not kept there: with overlap it and the PREFETCH_LAYERS loading ahead (wrapping to the
+    next token's first layers), without overlap it alone."""
+    window = 1 + PREFETCH_LAYERS if overlap else 1
+    ring = [size for _, size in layers + layers[:window - 1]]
+    out: dict = {}
+    for i, (kind, _) in enumerate(layers):
+        out[kind] = max(out.get(kind, 0.0), sum(ring[i:i + window]))
+    return out
 
 
 def model_sizes(config: OptConfig, policy: Policy) -> Sizes:
-    dt, h, f, L = config.dtype_bytes, config.hidden_size, config.ffn_embed_dim, config.num_hidden_layers
-    layer_mat = 4 * h * h + 2 * h * f
-    embed_mat = config.vocab_size * h + (config.max_seq_len + 2) * h
-    mat = L * layer_mat + embed_mat
-    vec = config.num_params() - mat
-    rw = compression_ratio(policy.comp_weight_config, dt) if policy.compress_weight else 1.0
+    dt, h, L = config.dtype_bytes, config.hidden_size, config.num_hidden_layers
     rc = compression_ratio(policy.comp_cache_config, dt) if policy.compress_cache else 1.0
-    w_total = mat * dt * rw + vec * dt
+    layers = [(kind, sum(sizes)) for kind, sizes in layer_tensors(config, policy)]
+    w_total = sum(size for _, size in layers)
     logits = 2.0 * config.vocab_size * h / L
     return Sizes(w_total=w_total, w_layer=w_total / L, w_layer_fp=config.model_bytes() / L,
                  flops_token=2.0 * config.layer_params(), flops_logits=logits,
                  kv_token=2 * h * dt * rc, kv_token_fp=2 * h * dt, hid_token=h * dt,
-                 max_part=max(4 * h * h, 2 * h * f) / layer_mat)
+                 w_in_flight=weights_in_flight(layers, policy.overlap))
 
 
 def _host_to_gpu(hw: HardwareProfile, p: Policy) -> tuple[float, float]:
@@ -204,15 +263,111 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
     }
 
 
-def _intermediates(c: OptConfig, b: int, q_len: int, kv_len: int) -> float:
-    """The largest transient tensor set of one GPU batch: q_len new tokens attending over kv_len."""
-    dt, h, heads = c.dtype_bytes, c.hidden_size, c.n_head
-    hid = b * q_len * h * dt
-    return max(4 * hid,                                           # x, q, k, v
-               b * q_len * kv_len * 2 + 4 * hid,                  # prefill: fused attention, bool mask
-               2 * b * heads * kv_len * 4 + 4 * hid,              # decode: one query's fp32 scores
-               b * q_len * c.ffn_embed_dim * dt + 2 * hid,        # MLP inner activation
-               2 * b * c.vocab_size * 4)                          # logits of the last token (fp32)
+def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int, n: int,
+                        decode: dict) -> dict:
+    """Decode as the runtime replays it in CUDA graphs (graph_decode.py), everything on the GPU:
+    nothing moves between tiers; each (layer, GPU batch) step costs its HBM or flop time plus the
+    graph's per-step floor instead of the launch overhead; attention covers the whole cache buffer
+    (s + n positions, the unwritten ones masked); one driver step per (token, GPU batch) picks
+    the token (spread over the layers, as the embedding steps are)."""
+    b, k = p.gpu_batch_size, p.num_gpu_batches
+    flops = b * (z.flops_token + z.flops_logits)
+    steps = (2 if p.sep_layer else 1) + 2 / c.num_hidden_layers
+    per_batch = max(flops / hw.gpu_mm_decode_flop_s, z.w_layer_fp / hw.gpu_mem_bw_bytes_s) \
+        + steps * hw.gpu_graph_step_overhead_s + hw.gpu_step_overhead_s / c.num_hidden_layers
+    attn = b * k * 4.0 * (s + n) * c.hidden_size / hw.gpu_bmm_decode_flop_s
+    dequant = k * z.w_layer_fp / hw.gpu_dequant_bytes_s if p.compress_weight else 0.0
+    if p.compress_cache:
+        dequant += b * k * (s + n) * z.kv_token_fp / hw.gpu_dequant_bytes_s
+    return {**decode, "comp": Affine.of(k * per_batch + attn + dequant)}
+
+
+def _prefill_steps(c: OptConfig, p: Policy, b: int, s: int) -> dict:
+    """Step kind -> peak GPU bytes of one prefill (layer, GPU batch) step besides its input
+    hidden states, its weights and pending cache stores.
+
+    Attention (model/layers.py SelfAttention, attention_math.prefill_attention): layer norm, q, k,
+    v made contiguous per head and one projection in flight: 5 (b, s, h); in the attention kernel
+    the boolean (b, s, s) mask and its additive fp16 form, SDPA_SCORE_BYTES per score, then the
+    output (b, heads, s, d); after it the merged heads, the out-projection and the residual sum:
+    7 (b, s, h).
+    MLP: chunks of MLP_CHUNK_TOKENS tokens (layer norm, fc1 and its ReLU copy, fc2, the sum), the
+    chunks done and their concatenation. Without sep_layer one step does both, the attention's
+    output, K and V alive during the MLP. Embeddings: two lookups and their sum, or the logits.
+    With compress_weight, the matrix being dequantized for the matmul."""
+    dt, h, f = c.dtype_bytes, c.hidden_size, c.ffn_embed_dim
+    hid = b * s * h * dt
+    scores = b * c.n_head * s * s * SDPA_SCORE_BYTES
+    attention = max(5 * hid + b * s * s * (1 + dt) + scores, 7 * hid)
+    tokens = b * s
+    chunk = min(tokens, b * max(1, MLP_CHUNK_TOKENS // b))
+    mlp = chunk * (2 * f + 2 * h) * dt + (2 * hid if chunk < tokens else 0)
+    embed = max(3 * hid, _logits(c, b))
+    steps = {"embed": embed + _dequantized(c, p, c.vocab_size * h)}
+    if p.sep_layer:
+        steps.update(attention=attention + _dequantized(c, p, h * h), mlp=mlp + _dequantized(c, p, h * f))
+    else:
+        steps["layer"] = max(attention, mlp + 3 * hid) + _dequantized(c, p, h * f)
+    return steps
+
+
+def _decode_steps(c: OptConfig, p: Policy, b: int, kv_len: int) -> dict:
+    """Step kind -> peak GPU bytes of one decode (layer, GPU batch) step besides its input,
+    weights and cache: the scores of one query over kv_len positions (fp16 product, with the new
+    token, float32, masked, softmax, fp16 probabilities: 18 bytes each) and a few (b, h) vectors;
+    the MLP's (b, ffn) pair; the logits. Matmuls on one token read compressed weights in place
+    (fused kernel); the input embedding dequantizes the token embedding."""
+    dt, h = c.dtype_bytes, c.hidden_size
+    attention = 18 * b * c.n_head * kv_len + 8 * b * h * dt
+    mlp = b * (2 * c.ffn_embed_dim + 2 * h) * dt
+    steps = {"embed": _logits(c, b) + _dequantized(c, p, c.vocab_size * h)}
+    if p.sep_layer:
+        steps.update(attention=attention, mlp=mlp)
+    else:
+        steps["layer"] = max(attention, mlp)
+    return steps
+
+
+def _logits(c: OptConfig, b: int) -> float:
+    """The last token's logits (b, vocab), in the model's dtype and a float32 copy to pick from."""
+    return b * c.vocab_size * (c.dtype_bytes + 4)
+
+
+def _dequantized(c: OptConfig, p: Policy, numel: int) -> float:
+    """A compressed matrix of `numel` values dequantized for a matmul (compress_weight)."""
+    return numel * c.dtype_bytes if p.compress_weight else 0.0
+
+
+def _gpu_memory(c: OptConfig, p: Policy, z: Sizes, s: int, n: int, phase: str) -> dict:
+    """Step kind -> peak GPU bytes of a phase while a layer of that kind computes: homes (weights,
+    the full-length cache, the hidden states of every GPU batch) and cuBLAS workspaces, plus
+    transient memory times ALLOCATOR_FRAGMENTATION: weights in flight, the current batch's input
+    when it comes from the CPU or disk, the step's tensors, and the K, V of pending cache stores
+    (prefill, overlap) or the cache loaded from the CPU or disk (decode without CPU attention:
+    whole (b, heads, s + n, d) buffers, this step's and the next one's)."""
+    b, k = p.gpu_batch_size, p.num_gpu_batches
+    tok = s if phase == "prefill" else 1
+    batch_hidden = b * tok * z.hid_token
+    cache = b * k * (s + n) * z.kv_token * c.num_hidden_layers
+    home = Affine.of(CUBLAS_WORKSPACES, wg=z.w_total, cg=cache, hg=k * batch_hidden)
+    steps = _prefill_steps(c, p, b, s) if phase == "prefill" else _decode_steps(c, p, b, s + n)
+    buffer = b * (s + n) * z.kv_token
+    out = {}
+    for kind, step in steps.items():
+        w = z.w_in_flight[kind]
+        work = Affine.of(step, wc=w, wd=w, hc=batch_hidden, hd=batch_hidden)
+        if phase == "prefill" and p.overlap:
+            work += Affine.of(MAX_PENDING_STORES * b * s * z.kv_token_fp)
+        if phase == "decode" and not p.cpu_cache_compute:
+            loaded = buffer * (DECODE_CACHE_BUFFERS if kind in ("attention", "layer") else 1)
+            work += Affine.of(cc=loaded, cd=loaded)
+        out[kind] = home + work * ALLOCATOR_FRAGMENTATION
+    return out
+
+
+def tier_of(name: str) -> str:
+    """The tier of a memory constraint: "gpu_prefill_mlp" -> "gpu", "gpu+cpu_decode" -> "gpu+cpu"."""
+    return name.split("_")[0]
 
 
 def _memory(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int, n: int) -> dict:
@@ -221,24 +376,10 @@ def _memory(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int, n: i
     cache = B * (s + n) * z.kv_token * L                       # full-length cache, as allocated
     act = {"prefill": B * s * z.hid_token, "decode": B * z.hid_token}
     tok = {"prefill": s, "decode": 1}
-    in_flight = z.w_layer * (1 if p.sep_layer else 2)          # this layer and the next being loaded
-    batch_cache = b * (s + n) * z.kv_token
     mem = {}
     for phase in ("prefill", "decode"):
-        home = Affine.of(wg=z.w_total, cg=cache, hg=act[phase])
-        work = Affine.of(_intermediates(c, b, tok[phase], s if phase == "prefill" else s + n))
-        work += Affine.of(wc=in_flight, wd=in_flight)
-        work += Affine.of(hc=2 * b * tok[phase] * z.hid_token, hd=2 * b * tok[phase] * z.hid_token)
-        if p.compress_weight:
-            work += Affine.of(z.w_layer_fp * z.max_part)       # one dequantized layer
-        if phase == "prefill":
-            work += Affine.of(cc=b * s * z.kv_token, cd=b * s * z.kv_token)
-        elif not p.cpu_cache_compute:                          # this and the next batch's cache
-            work += Affine.of(cc=2 * batch_cache, cd=2 * batch_cache)
-        if phase == "decode" and p.compress_cache:
-            fp = b * (s + n) * z.kv_token_fp
-            work += Affine.of(cg=fp) if p.cpu_cache_compute else Affine.of(fp)
-        mem[f"gpu_{phase}"] = home + work
+        for kind, term in _gpu_memory(c, p, z, s, n, phase).items():
+            mem[f"gpu_{phase}_{kind}"] = term
         staged = b * (s if phase == "prefill" else s + n) * z.kv_token
         cpu = Affine.of(wc=z.w_total, cc=cache, hc=act[phase])
         cpu += Affine.of(wd=2 * z.w_layer, cd=2 * staged, hd=2 * b * tok[phase] * z.hid_token)
@@ -251,11 +392,12 @@ def _memory(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int, n: i
 
 
 def _capacities(hw: HardwareProfile, memory: dict) -> tuple[dict, dict]:
-    cap = {name: getattr(hw, f"{name.split('_')[0]}_mem_bytes") for name in memory}
+    cap = {name: getattr(hw, f"{tier_of(name)}_mem_bytes") for name in memory}
     if hw.host_backed_gpu:      # one pool of host memory holds both tiers
-        for phase in ("prefill", "decode"):
-            memory[f"gpu+cpu_{phase}"] = memory[f"gpu_{phase}"] + memory[f"cpu_{phase}"]
-            cap[f"gpu+cpu_{phase}"] = hw.cpu_mem_bytes
+        for name in [n for n in memory if tier_of(n) == "gpu"]:
+            phase = name.split("_")[1]
+            memory[f"gpu+cpu_{name[4:]}"] = memory[name] + memory[f"cpu_{phase}"]
+            cap[f"gpu+cpu_{name[4:]}"] = hw.cpu_mem_bytes
     return memory, cap
 
 
@@ -270,13 +412,12 @@ def build_step_model(config: OptConfig, policy: Policy, prompt_len: int, gen_len
                          f"max_seq_len {config.max_seq_len}")
     z = model_sizes(config, policy)
     memory, capacity = _capacities(profile, _memory(config, policy, profile, z, prompt_len, gen_len))
-    return StepModel(prefill=_prefill_terms(config, policy, profile, z, prompt_len),
-                     decode=_decode_terms(config, policy, profile, z, prompt_len, gen_len),
+    decode = _decode_terms(config, policy, profile, z, prompt_len, gen_len)
+    graphs = not profile.host_backed_gpu and policy.attn_sparsity == 1.0
+    return StepModel(prefill=_prefill_terms(config, policy, profile, z, prompt_len), decode=decode,
                      memory=memory, capacity=capacity, num_layers=config.num_hidden_layers,
-                     block_size=policy.block_size, gen_len=gen_len, overlap=policy.overlap)
-
-
-def placement_of(policy: Policy) -> np.ndarray:
-    """The placement vector x of a policy's six percentages."""
-    pct = [v / 100 for v in (*policy.weight_percents(), *policy.cache_percents(), *policy.act_percents())]
-    return np.array(pct, dtype=float)
+                     block_size=policy.block_size, gen_len=gen_len, overlap=policy.overlap,
+                     graph_decode=_graph_decode_terms(config, policy, profile, z, prompt_len,
+                                                      gen_len, decode) if graphs else None,
+                     weight_tensors=tuple(sizes for _, sizes in layer_tensors(config, policy)),
+                     gpu_batch_size=policy.gpu_batch_size)

@@ -25,7 +25,18 @@ RATE_FIELDS = (
     "cpu_to_disk_bytes_s", "gpu_mem_bw_bytes_s", "gpu_mm_prefill_flop_s", "gpu_mm_decode_flop_s",
     "gpu_bmm_prefill_flop_s", "gpu_bmm_decode_flop_s", "cpu_attention_flop_s", "gpu_dequant_bytes_s",
 )
-MEMORY_FIELDS = ("gpu_mem_bytes", "cpu_mem_bytes", "disk_mem_bytes", "gpu_step_overhead_s")
+MEMORY_FIELDS = ("gpu_mem_bytes", "cpu_mem_bytes", "disk_mem_bytes", "gpu_step_overhead_s",
+                 "gpu_graph_step_overhead_s")
+# Seconds per (layer, GPU batch) decode step replayed in a CUDA graph beyond its HBM time, for
+# profiles that do not measure it: the two all-GPU graph-decode runs on the H200
+# (results/h100-anchors/raw, prompt 512) leave the same floor once their weight and attention
+# time is taken out: OPT-6.7B 2x1, 6.44 ms per token = 3.32 ms of weights at 4.04 TB/s + 64 layer
+# steps x 47.5 us; OPT-1.3B 16x1, 3.44 ms = 0.65 ms + 0.50 ms of attention + 48 steps x 47.7 us.
+# (Scaling the HBM time by one efficiency instead, 0.53 from OPT-6.7B, predicts OPT-1.3B at 1.7 ms.)
+# profile-hardware's stand-in layers read 37.5 us on the same card, at both widths it tries: the
+# runtime's steps launch a few more kernels than the stand-in, so measured profiles predict
+# all-GPU decode about 10% fast.
+GRAPH_STEP_OVERHEAD_S = 47.5e-6
 
 
 @dataclass(frozen=True)
@@ -38,7 +49,10 @@ class HardwareProfile:
     GPU batch). Rates: dense matmul (prefill- and decode-shaped), attention's batched matmul on the
     GPU (prefill, decode) and on the CPU, and 4-bit dequantization (fp16 bytes produced per second).
     `gpu_step_overhead_s`: fixed cost of one (layer, GPU batch) step (kernel launches, the Python
-    driver, one synchronization), which dominates small models on fast GPUs. `gpu_headroom`: the
+    driver, one synchronization), which dominates small models on fast GPUs.
+    `gpu_graph_step_overhead_s`: the same step replayed in a CUDA graph (the runtime's decode where
+    everything is on the GPU): the floor of its small kernels, with no launches or driver.
+    `gpu_headroom`: the
     fraction of a GPU memory cap (`with_memory(gpu_gb=...)`) usable for tensors.
     `host_backed_gpu`: no CUDA; the "GPU" tier is host memory, so GPU and CPU share `cpu_mem_bytes`.
     """
@@ -61,6 +75,7 @@ class HardwareProfile:
     cpu_attention_flop_s: float
     gpu_dequant_bytes_s: float
     gpu_step_overhead_s: float = 0.0
+    gpu_graph_step_overhead_s: float = GRAPH_STEP_OVERHEAD_S
     gpu_headroom: float = 1.0
     cpu_mm_flop_s: float = 0.0
     host_backed_gpu: bool = False

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flexgen_repro.config import OptConfig
-from flexgen_repro.cost_model.equations import StepModel, build_step_model, placement_of
+from flexgen_repro.cost_model.equations import StepModel, build_step_model, tier_of
 from flexgen_repro.cost_model.hardware import GIB, HardwareProfile
 from flexgen_repro.policy import Policy
 
@@ -60,7 +60,7 @@ def tier_peaks(model: StepModel, x) -> tuple[dict, dict]:
     """(peak bytes, capacity) per constraint tier ("gpu", "cpu", "disk", "gpu+cpu")."""
     peak, cap = {}, {}
     for name, term in model.memory.items():
-        tier = name.rsplit("_", 1)[0] if name != "disk" else "disk"
+        tier = tier_of(name)
         peak[tier] = max(peak.get(tier, 0.0), term(x))
         cap[tier] = model.capacity[name]
     return peak, cap
@@ -69,8 +69,8 @@ def tier_peaks(model: StepModel, x) -> tuple[dict, dict]:
 def evaluate_at(model: StepModel, x) -> Prediction:
     """The prediction of a built step model at placement vector `x`."""
     x = np.asarray(x, dtype=float)
-    pre_terms = {name: term(x) for name, term in model.prefill.items()}
-    dec_terms = {name: term(x) for name, term in model.decode.items()}
+    pre_terms = {name: term(x) for name, term in model.terms("prefill", x).items()}
+    dec_terms = {name: term(x) for name, term in model.terms("decode", x).items()}
     prefill, decode = model.total_time(x)
     n = model.gen_len
     peak, cap = tier_peaks(model, x)
@@ -89,6 +89,7 @@ def evaluate_at(model: StepModel, x) -> Prediction:
 
 def evaluate_policy(config: OptConfig, policy: Policy, profile: HardwareProfile, prompt_len: int,
                     gen_len: int) -> Prediction:
-    """Predicted throughput, times, binding terms and peak memory per tier of `policy`."""
+    """Predicted throughput, times, binding terms and peak memory per tier of `policy`, at the
+    placement the runtime realizes for its percentages (whole weight tensors, whole batch rows)."""
     model = build_step_model(config, policy, prompt_len, gen_len, profile)
-    return evaluate_at(model, placement_of(policy))
+    return evaluate_at(model, model.placement(policy.percent))

@@ -5,10 +5,11 @@ pageable tensor, as a cache store does), host memory bandwidth (kept under `meas
 reads and writes with O_DIRECT in the offload folder (buffered with a warning where O_DIRECT is
 refused, e.g. tmpfs), GPU memory bandwidth, fp16 matmul (prefill- and decode-shaped), attention
 (prefill- and decode-shaped) on the GPU and, with fp16 data upcast to fp32 as the runtime does, on
-the CPU, CPU matmul (fp32, bf16, fp16), 4-bit dequantization, the fixed cost of a tiny layer step,
-and the memory of each tier. Without CUDA the "GPU" is host memory: its fields are measured on the
-CPU and the profile is marked `host_backed_gpu`. Sizes are scaled to the device (well under two
-minutes on an H100 machine, seconds on a small CPU machine).
+the CPU, CPU matmul (fp32, bf16, fp16), 4-bit dequantization, the fixed cost of a tiny layer step
+(launched from Python, and replayed in a CUDA graph), and the memory of each tier. Without CUDA
+the "GPU" is host memory: its fields are measured on the CPU and the profile is marked
+`host_backed_gpu`. Sizes are scaled to the device (well under two minutes on an H100 machine,
+seconds on a small CPU machine).
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import torch
 
-from flexgen_repro.cost_model.hardware import GIB, LOCAL_PROFILE, HardwareProfile, save_profile
+from flexgen_repro.cost_model.hardware import (GIB, GRAPH_STEP_OVERHEAD_S, LOCAL_PROFILE,
+                                               HardwareProfile, save_profile)
 
 GPU_HEADROOM = 0.94      # of free (or capped) GPU memory usable for tensors: allocator slack, cuBLAS
 CPU_HEADROOM = 0.8  # leave room for the process itself, page cache and transient copies
 DISK_HEADROOM = 0.95     # of free disk space
+GRAPH_LAYERS = 8         # decode layers captured in the graph that measures a step's floor
 
 
 def _timed(fn, reps: int, sync) -> float:
@@ -194,6 +197,52 @@ def measure_step_overhead(dev: torch.device, reps: int) -> float:
         return (_timed(attention_step, reps, sync) + _timed(mlp_step, reps, sync)) / 2
 
 
+def measure_graph_step_overhead(dev: torch.device, mem_bw: float, big: bool, reps: int) -> float | None:
+    """Seconds of one decode (layer, GPU batch) step replayed in a CUDA graph beyond its HBM time,
+    as the runtime decodes where everything is on the GPU (graph_decode.py). GRAPH_LAYERS decode
+    layers of an OPT-6.7B width (batch 2; attention: layer norm, q, k, v, the new token written
+    into a cache buffer, decode attention, out-projection; MLP: layer norm, fc1, ReLU, fc2), each
+    with its own weights, captured once and replayed: (replay time - bytes read / mem_bw) per step,
+    the floor the cost model adds to a step's HBM time. None without CUDA (no graphs there)."""
+    if dev.type != "cuda":
+        return None
+    from flexgen_repro.model.attention_math import decode_attention, to_heads
+    dt, norm, linear = torch.float16, torch.nn.functional.layer_norm, torch.nn.functional.linear
+    h, heads, b, ctx = (4096, 32, 2, 544) if big else (1024, 8, 2, 128)
+
+    def new(*shape):
+        return torch.randn(*shape, dtype=dt, device=dev) * 0.02
+    layers = [dict(w=[new(h, h) for _ in range(4)], fc1=new(4 * h, h), fc2=new(h, 4 * h),
+                   kv=[torch.zeros(b, heads, ctx, h // heads, dtype=dt, device=dev) for _ in range(2)])
+              for _ in range(GRAPH_LAYERS)]
+    bias, bias4, x = new(h), new(4 * h), new(b, 1, h)
+    mask, index = torch.ones(b, ctx, dtype=torch.bool, device=dev), torch.tensor([ctx - 1], device=dev)
+
+    def body():
+        y = x
+        for lw in layers:
+            hn = norm(y, (h,))
+            q, k, v = (to_heads(linear(hn, w, bias), heads) for w in lw["w"][:3])
+            lw["kv"][0].index_copy_(2, index, k)
+            lw["kv"][1].index_copy_(2, index, v)
+            y = linear(decode_attention(q, *lw["kv"], mask), lw["w"][3], bias) + y
+            y = linear(torch.relu(linear(norm(y, (h,)), lw["fc1"], bias4)), lw["fc2"], bias) + y
+        return y
+
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        body()                                   # warm-up off the capturing stream, as torch asks
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    seconds = _timed(graph.replay, reps, _sync(dev))
+    read = [t for lw in layers for t in (*lw["w"], lw["fc1"], lw["fc2"], *lw["kv"])]
+    nbytes = sum(t.numel() * t.element_size() for t in read)
+    return max(0.0, seconds - nbytes / mem_bw) / (2 * GRAPH_LAYERS)
+
+
 def measure_cpu(big: bool, reps: int) -> dict:
     """CPU attention (fp16 cache upcast to fp32, decode-shaped) and CPU matmul per dtype."""
     h, heads, b, ctx = (4096, 32, 8, 1024) if big else (1024, 8, 4, 256)
@@ -234,6 +283,7 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
     m.update(measure_compute(dev, cuda, 10 if cuda else 3))
     m.update(measure_cpu(cuda, 5 if cuda else 3))
     m["step_overhead"] = measure_step_overhead(dev, 50)
+    m["graph_step_overhead"] = measure_graph_step_overhead(dev, m["mem_bw"], cuda, 20)
     cpu_name = platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(dev) if cuda else f"host-backed ({cpu_name})"
     m.update(device=name, torch=torch.__version__, host=platform.node(), seconds=time.perf_counter() - start,
@@ -248,6 +298,7 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
         gpu_bmm_prefill_flop_s=m["bmm_prefill"], gpu_bmm_decode_flop_s=m["bmm_decode"],
         cpu_attention_flop_s=m["cpu_attention"], gpu_dequant_bytes_s=m["dequant"],
         gpu_step_overhead_s=m["step_overhead"], gpu_headroom=GPU_HEADROOM if cuda else 1.0,
+        gpu_graph_step_overhead_s=m["graph_step_overhead"] or GRAPH_STEP_OVERHEAD_S,
         cpu_mm_flop_s=m["cpu_mm_float32"], host_backed_gpu=not cuda,
         description=f"measured on {name} ({m['host']}) in {m['seconds']:.0f} s",
         sources={"all": f"flexgen_repro.cost_model.profile, disk I/O {m['disk_mode']} in {offload_dir}"},
@@ -264,7 +315,7 @@ def format_table(profile: HardwareProfile) -> str:
             rows.append((key, f"{value / GIB:10.3f} GiB/s"))
         elif key.endswith("_flop_s"):
             rows.append((key, f"{value / 1e12:10.4f} TFLOP/s"))
-        elif key == "gpu_step_overhead_s":
+        elif key in ("gpu_step_overhead_s", "gpu_graph_step_overhead_s"):
             rows.append((key, f"{value * 1e6:10.1f} us"))
         elif key in ("name", "host_backed_gpu", "description"):
             rows.append((key, str(value)))

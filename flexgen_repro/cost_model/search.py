@@ -8,9 +8,12 @@ per-layer times are max() of affine terms, so minimizing the generation time
 
 under the peak-memory limits of each tier is a small LP (11 variables), solved with scipy's HiGHS.
 Shapes are pruned by a lower bound on their time and by memory (more GPU batches or a larger GPU
-batch never needs less memory, so the first infeasible one ends its row). The best relaxed
-solutions are rounded to integer percentages, repaired (a point at a time towards the lower tier)
-if rounding broke a limit, and re-evaluated; the best rounded policy wins.
+batch never needs less memory, so the first infeasible one ends its row). Where everything fits
+on the GPU, that placement is a candidate too, timed with CUDA-graph decode (which the LP's terms
+do not see). The best relaxed solutions are rounded (weights to integer percentages, cache and
+hidden states to whole rows of a GPU batch, as the runtime splits them), repaired (towards the
+lower tier) if rounding broke a limit, and re-evaluated at the placement the runtime realizes;
+the best rounded policy wins.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ import numpy as np
 from scipy.optimize import linprog
 
 from flexgen_repro.config import OptConfig
-from flexgen_repro.cost_model.equations import StepModel, build_step_model, model_sizes
+from flexgen_repro.cost_model.equations import (ALL_ON_GPU, StepModel, build_step_model, model_sizes,
+                                                tier_of)
 from flexgen_repro.cost_model.hardware import GIB, HardwareProfile
+from flexgen_repro.cost_model.placement import row_percent, rows_of
 from flexgen_repro.cost_model.predict import Prediction, evaluate_at, evaluate_policy, tier_peaks
 from flexgen_repro.policy import Policy
 
@@ -150,13 +155,16 @@ def _surely_infeasible(model: StepModel, allow_act_disk: bool) -> bool:
                for name, t in model.memory.items())
 
 
-def _round_percent(x: np.ndarray) -> tuple[int, ...]:
-    """Six integer percentages (gpu, cpu of weights, cache, activations) summing per kind to <= 100."""
-    out = []
-    for g in range(3):
-        gpu = int(round(100 * x[3 * g]))
-        both = int(round(100 * (x[3 * g] + x[3 * g + 1])))
-        out += [min(gpu, 100), min(max(both - gpu, 0), 100 - min(gpu, 100))]
+def _round_percent(x: np.ndarray, batch: int) -> tuple:
+    """Six percentages (gpu, cpu of weights, cache, activations): integer for the weights, and for
+    the cache and activations a percentage that split_rows turns into the nearest whole rows of a
+    GPU batch of `batch` (see placement.row_percent)."""
+    gpu = min(int(round(100 * x[0])), 100)
+    out = [gpu, min(max(int(round(100 * (x[0] + x[1]))) - gpu, 0), 100 - gpu)]
+    for g in (1, 2):
+        rows = min(int(round(x[3 * g] * batch)), batch)
+        both = min(max(int(round((x[3 * g] + x[3 * g + 1]) * batch)), rows), batch)
+        out += [row_percent(rows, batch), row_percent(both, batch) - row_percent(rows, batch)]
     return tuple(out)
 
 
@@ -166,27 +174,39 @@ def _with_percent(policy: Policy, pct) -> Policy:
                                act_gpu_percent=pct[4], act_cpu_percent=pct[5])
 
 
-def _move(pct, kind: int, src: int, points: int) -> tuple:
-    """`points` of kind (0 weights, 1 cache, 2 activations) from tier src (0 GPU, 1 CPU) one tier down."""
+def _move(pct, kind: int, src: int, units: int, batch: int) -> tuple:
+    """`units` of kind (0 weights: percentage points; 1 cache, 2 activations: rows of a GPU batch
+    of `batch`) from tier src (0 GPU, 1 CPU) one tier down."""
     new = list(pct)
-    new[2 * kind + src] -= points
+    if kind == 0:
+        new[src] -= units
+        if src == 0:
+            new[1] += units
+        return tuple(new)
+    rows = list(rows_of(pct[2 * kind], pct[2 * kind + 1], batch))
+    rows[src] -= units
     if src == 0:
-        new[2 * kind + 1] += points
+        rows[1] += units
+    gpu, both = row_percent(rows[0], batch), row_percent(rows[0] + rows[1], batch)
+    new[2 * kind], new[2 * kind + 1] = gpu, both - gpu
     return tuple(new)
 
 
 def repair(model: StepModel, pct, allow_act_disk: bool = False):
-    """Integer percentages that fit, reached from `pct` by moving points towards the lower tier,
-    or None. Each round moves, for the first tier over its limit, the kind of tensor whose move
-    clears the excess at the least time (or, if none can, frees the most)."""
+    """Percentages that fit, reached from `pct` by moving weight points or cache and activation
+    rows towards the lower tier, or None. Each round moves, for the first tier over its limit, the
+    kind of tensor whose move clears the excess at the least time (or, if none can, frees the
+    most). Memory and time are evaluated at the placement the runtime realizes."""
+    batch = model.gpu_batch_size
+
     def peak(p, tier):
-        return tier_peaks(model, _x_of(p))[0][tier]
+        return tier_peaks(model, model.placement(p))[0][tier]
 
     def seconds(p):
-        return sum(model.total_time(_x_of(p)))
+        return sum(model.total_time(model.placement(p)))
 
     for _ in range(MAX_REPAIR_STEPS):
-        peaks, caps = tier_peaks(model, _x_of(pct))
+        peaks, caps = tier_peaks(model, model.placement(pct))
         over = [t for t in peaks if peaks[t] > caps[t] * (1 + 1e-9)]
         if not over:
             return pct
@@ -196,27 +216,32 @@ def repair(model: StepModel, pct, allow_act_disk: bool = False):
             return None
         excess, options = peaks[tier] - caps[tier], []
         for kind in range(3):
-            avail = pct[2 * kind + src]
+            avail = pct[src] if kind == 0 else rows_of(pct[2 * kind], pct[2 * kind + 1], batch)[src]
             if avail < 1 or (kind == 2 and src == 1 and not allow_act_disk):
                 continue
-            freed = peaks[tier] - peak(_move(pct, kind, src, 1), tier)
+            freed = peaks[tier] - peak(_move(pct, kind, src, 1, batch), tier)
             if freed <= 0:
                 continue
-            points = min(avail, -int(-excess // freed))
-            new = _move(pct, kind, src, points)
+            units = min(int(avail), -int(-excess // freed))
+            new = _move(pct, kind, src, units, batch)
             fixes = peaks[tier] - peak(new, tier) >= excess
-            options.append((not fixes, seconds(new) if fixes else -freed * points, new))
+            options.append((not fixes, seconds(new) if fixes else -freed * units, new))
         if not options:
             return None
         pct = min(options)[2]
     return None
 
 
-def _x_of(pct) -> np.ndarray:
-    out = []
-    for g in range(3):
-        out += [pct[2 * g] / 100, pct[2 * g + 1] / 100, (100 - pct[2 * g] - pct[2 * g + 1]) / 100]
-    return np.array(out)
+def _all_on_gpu_seconds(model: StepModel) -> float | None:
+    """Generation seconds with everything on the GPU, where the runtime decodes with CUDA graphs
+    (the LP sees only the launch-bound decode terms), or None if that does not fit or graphs do
+    not apply."""
+    if model.graph_decode is None:
+        return None
+    peaks, caps = tier_peaks(model, ALL_ON_GPU)
+    if any(peaks[t] > caps[t] * (1 + 1e-9) for t in peaks):
+        return None
+    return sum(model.total_time(ALL_ON_GPU))
 
 
 def _relaxed_candidates(config, profile, prompt_len, gen_len, compress, space):
@@ -234,6 +259,11 @@ def _relaxed_candidates(config, profile, prompt_len, gen_len, compress, space):
                 if _surely_infeasible(model, space.allow_act_disk):
                     break
                 tokens = b * k * gen_len
+                graphed = _all_on_gpu_seconds(model)
+                if graphed is not None:     # CUDA-graph decode: faster than the LP's terms say
+                    row_fits = True
+                    best = min(best, graphed / tokens)
+                    found.append((graphed / tokens, ALL_ON_GPU, shape, model))
                 if _lower_bound(model, space.allow_act_disk) / tokens >= best:
                     row_fits = True
                     continue
@@ -267,10 +297,10 @@ def best_policy(config: OptConfig, profile: HardwareProfile, prompt_len: int, ge
     for rank, (per_token, x, shape, model) in enumerate(found):
         if rank >= space.top_candidates and best is not None:
             break
-        pct = repair(model, _round_percent(x), space.allow_act_disk)
+        pct = repair(model, _round_percent(x, shape.gpu_batch_size), space.allow_act_disk)
         if pct is None:
             continue
-        pred = evaluate_at(model, _x_of(pct))
+        pred = evaluate_at(model, model.placement(pct))
         if best is None or pred.throughput > best[1].throughput:
             best = (_with_percent(shape, pct), pred, 1.0 / per_token)
     if best is None:
@@ -286,7 +316,7 @@ def _least_use(model: StepModel, tier: str, allow_act_disk: bool) -> float:
     for name, term in model.memory.items():
         row = np.zeros(10)
         row[:9] = term.coef / GIB                      # in GiB, u (column 9) too
-        if (name.rsplit("_", 1)[0] if name != "disk" else "disk") == tier:
+        if tier_of(name) == tier:
             row[9] = -1.0
             b_ub.append(-term.const / GIB)
         else:
@@ -320,7 +350,7 @@ def diagnose(config: OptConfig, profile: HardwareProfile, prompt_len: int, gen_l
             f"{profile.name} has {have / GIB:.1f} GiB ({parts})", tier="total")
     short = {}
     for tier in ("gpu", "cpu", "gpu+cpu", "disk"):
-        if tier in {n.rsplit("_", 1)[0] if n != "disk" else "disk" for n in model.memory}:
+        if tier in {tier_of(n) for n in model.memory}:
             cap = profile.cpu_mem_bytes if tier == "gpu+cpu" else getattr(profile, f"{tier}_mem_bytes")
             least = _least_use(model, tier, space.allow_act_disk)
             if least > cap * (1 + 1e-9):
