@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 
 # less fragmentation under a GPU memory cap (read when CUDA first allocates)
@@ -149,6 +150,10 @@ def run(args) -> dict:
             graphed = args.cuda_graphs and graphable(policy, env, False)  # or capture the graphs
             lm.generate(prompts, max_new_tokens=args.gen_len, max_steps=None if graphed else 1)
             _progress(args, f"warm-up done at {time.perf_counter() - t0:.1f} s")
+        # the weights, caches and the warm-up's objects stay alive for the whole run: take them
+        # out of the cyclic collector's passes, which stop every thread (copy threads included)
+        gc.collect()
+        gc.freeze()
         trace.reset()  # FLEXGEN_TRACE: the measured generation only
         with PeakMemory() as peak:
             lm.generate(prompts, max_new_tokens=args.gen_len)

@@ -10,6 +10,7 @@ and `dump()` writes them plus the raw spans. Disabled, `span` costs one attribut
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -21,6 +22,25 @@ PATH = os.environ.get("FLEXGEN_TRACE") or None
 _spans: list[tuple[str, str, str, float, float]] = []  # (phase, thread, name, start, stop)
 _lock = threading.Lock()
 phase = "setup"
+
+
+_gc_start: dict = {}
+
+
+def _on_gc(event: str, info: dict) -> None:
+    """Python's cyclic collector stops every thread: record its passes as "gc" spans."""
+    now = time.perf_counter()
+    if event == "start":
+        _gc_start[threading.get_ident()] = now
+    else:
+        start = _gc_start.pop(threading.get_ident(), now)
+        with _lock:
+            _spans.append((phase, threading.current_thread().name, f"gc{info.get('generation', '')}",
+                           start, now))
+
+
+if PATH is not None:
+    gc.callbacks.append(_on_gc)
 
 
 def enabled() -> bool:

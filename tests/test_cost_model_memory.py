@@ -36,10 +36,10 @@ TOY = OptConfig(name="toy", num_hidden_layers=L, n_head=HEADS, hidden_size=H, in
 IN_EMBED, ATTN, MLP, OUT_EMBED = 2 * (V * H + (POS + 2) * H), 2 * (4 * H * H + 6 * H), \
     2 * (2 * H * F + F + 3 * H), 2 * (2 * H + V * H)
 # execution order, cyclic over tokens: in, a0, m0, a1, m1, out, in, ... With overlap the layer
-# computing and the two loading ahead are on the GPU; the largest such window for each step kind:
-WINDOW = {"attention": max(ATTN + MLP + ATTN, ATTN + MLP + OUT_EMBED),
-          "mlp": max(MLP + ATTN + MLP, MLP + OUT_EMBED + IN_EMBED),
-          "embed": max(IN_EMBED + ATTN + MLP, OUT_EMBED + IN_EMBED + ATTN)}
+# computing and the one loading ahead are on the GPU; the largest such window for each step kind:
+WINDOW = {"attention": ATTN + MLP,                  # the computing layer and the one after it
+          "mlp": max(MLP + ATTN, MLP + OUT_EMBED),
+          "embed": max(IN_EMBED + ATTN, OUT_EMBED + IN_EMBED)}
 
 
 def profile(gpu_gib: float = 64):

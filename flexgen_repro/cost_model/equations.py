@@ -50,7 +50,7 @@ PLACEMENT = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
 TERMS = ("ctog", "gtoc", "dtoc", "ctod", "comp")
 
 # The runtime's buffering, mirrored here (tests/test_cost_model_memory.py checks they match):
-PREFETCH_LAYERS = 2         # schedule.PREFETCH_LAYERS: weights load this many layers ahead (overlap)
+PREFETCH_LAYERS = 1         # schedule.PREFETCH_LAYERS: weights load this many layers ahead (overlap)
 MAX_PENDING_STORES = 2      # schedule.MAX_PENDING_STORES: cache stores in flight, each holding K, V
 MLP_CHUNK_TOKENS = 4096     # model.layers.MLP_CHUNK_TOKENS: prefill MLP runs in chunks of this many
 DECODE_CACHE_BUFFERS = 2    # decode: the cache of this step and of the next one, loaded ahead
