@@ -239,12 +239,11 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
     gtoc = Affine.of(cc=new, cd=new) * (1 / hw.gpu_to_cpu_cache_bytes_s) \
         + Affine.of(hc=hid, hd=hid) * (1 / hw.gpu_to_cpu_hidden_bytes_s)
     flops = b * (z.flops_token + z.flops_logits)
-    mm = k * max(flops / hw.gpu_mm_decode_flop_s, z.w_layer_fp / hw.gpu_mem_bw_bytes_s)
+    mm = k * max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_bytes(z, hw) / hw.gpu_mem_bw_bytes_s)
     mm += _step_overheads(c, p, hw)
     attn_flops = B * 4.0 * avg * c.hidden_size
-    gpu_attn = 1 / hw.gpu_bmm_decode_flop_s
-    dequant = k * z.w_layer_fp / hw.gpu_dequant_bytes_s if p.compress_weight else 0.0
-    cache_dequant = B * avg * z.kv_token_fp / hw.gpu_dequant_bytes_s if p.compress_cache else 0.0
+    gpu_attn = _cache_read_share(z, p, hw) / hw.gpu_bmm_decode_flop_s
+    dequant, cache_dequant = _decode_dequant(p, hw, z, k * z.w_layer_fp, B * avg * z.kv_token_fp)
     if p.cpu_cache_compute:              # CPU attends over the CPU and disk parts; q out, result back
         ctog += Affine.of(cc=hid, cd=hid) * per_byte
         gtoc += Affine.of(cc=hid, cd=hid) * (1 / hw.gpu_to_cpu_hidden_bytes_s)
@@ -273,13 +272,33 @@ def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, 
     b, k = p.gpu_batch_size, p.num_gpu_batches
     flops = b * (z.flops_token + z.flops_logits)
     steps = (2 if p.sep_layer else 1) + 2 / c.num_hidden_layers
-    per_batch = max(flops / hw.gpu_mm_decode_flop_s, z.w_layer_fp / hw.gpu_mem_bw_bytes_s) \
+    per_batch = max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_bytes(z, hw) / hw.gpu_mem_bw_bytes_s) \
         + steps * hw.gpu_graph_step_overhead_s + hw.gpu_step_overhead_s / c.num_hidden_layers
-    attn = b * k * 4.0 * (s + n) * c.hidden_size / hw.gpu_bmm_decode_flop_s
-    dequant = k * z.w_layer_fp / hw.gpu_dequant_bytes_s if p.compress_weight else 0.0
-    if p.compress_cache:
-        dequant += b * k * (s + n) * z.kv_token_fp / hw.gpu_dequant_bytes_s
+    attn = b * k * 4.0 * (s + n) * c.hidden_size * _cache_read_share(z, p, hw) / hw.gpu_bmm_decode_flop_s
+    dequant = sum(_decode_dequant(p, hw, z, k * z.w_layer_fp, b * k * (s + n) * z.kv_token_fp))
     return {**decode, "comp": Affine.of(k * per_batch + attn + dequant)}
+
+
+def _decode_weight_bytes(z: Sizes, hw: HardwareProfile) -> float:
+    """Weight bytes a decode matmul reads per layer and GPU batch: the stored (compressed) bytes
+    where the fused kernel reads them in place, else the dense ones."""
+    return z.w_layer if hw.gpu_fused_kernels else z.w_layer_fp
+
+
+def _cache_read_share(z: Sizes, p: Policy, hw: HardwareProfile) -> float:
+    """GPU decode attention is memory-bound: with the fused kernel over a compressed cache it
+    reads the packed bytes, this share of the dense ones."""
+    return z.kv_token / z.kv_token_fp if hw.gpu_fused_kernels and p.compress_cache else 1.0
+
+
+def _decode_dequant(p: Policy, hw: HardwareProfile, z: Sizes, weight_fp: float,
+                    cache_fp: float) -> tuple[float, float]:
+    """(weight, cache) dequantization seconds of a decode step: none where the fused kernels
+    read compressed bytes in place (CPU attention over a compressed cache still decompresses)."""
+    weights = weight_fp / hw.gpu_dequant_bytes_s if p.compress_weight and not hw.gpu_fused_kernels else 0.0
+    cache = cache_fp / hw.gpu_dequant_bytes_s if p.compress_cache and (
+        not hw.gpu_fused_kernels or p.cpu_cache_compute) else 0.0
+    return weights, cache
 
 
 def _prefill_steps(c: OptConfig, p: Policy, b: int, s: int) -> dict:

@@ -55,6 +55,9 @@ class HardwareProfile:
     `gpu_headroom`: the
     fraction of a GPU memory cap (`with_memory(gpu_gb=...)`) usable for tensors.
     `host_backed_gpu`: no CUDA; the "GPU" tier is host memory, so GPU and CPU share `cpu_mem_bytes`.
+    `gpu_fused_kernels`: the runtime's fused 4-bit kernels run here (CUDA and Triton): decode
+    matmuls and attention read compressed weights and cache in place, at HBM rate, with no
+    separate dequantization (the original's unfused torch path, and the t4-paper profile: False).
     """
     name: str
     gpu_mem_bytes: float
@@ -79,6 +82,7 @@ class HardwareProfile:
     gpu_headroom: float = 1.0
     cpu_mm_flop_s: float = 0.0
     host_backed_gpu: bool = False
+    gpu_fused_kernels: bool = False
     description: str = ""
     sources: dict = field(default_factory=dict)
     measurements: dict = field(default_factory=dict)

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import torch
 
+from flexgen_repro import kernels
 from flexgen_repro.cost_model.hardware import (GIB, GRAPH_STEP_OVERHEAD_S, LOCAL_PROFILE,
                                                HardwareProfile, save_profile)
 
@@ -70,8 +71,9 @@ def measure_copies(dev: torch.device, nbytes: int, reps: int) -> dict:
     seq = max(1, n // (rows * heads * d))
     cache = torch.empty(rows, heads, seq * 2, d, dtype=torch.float16, pin_memory=cuda)
     new = src_dev[:rows * heads * seq * d].view(rows, heads, seq, d)
-    out["d2h_cache"] = new.numel() * 2 / _timed(
-        lambda: cache[:, :, :seq].copy_(new, non_blocking=cuda), reps, sync)
+    from flexgen_repro.devices.storage import PlainStore  # the runtime's store: staged, scattered
+    store = PlainStore(cache, seq_dim=2)
+    out["d2h_cache"] = new.numel() * 2 / _timed(lambda: store.write(0, new), reps, sync)
     if not cuda:
         out["h2d_pinned"], out["d2h_pinned"] = out["h2d_pageable"], out["d2h_pageable"]
     return out
@@ -171,6 +173,13 @@ def _dequant_rate(dev: torch.device, n_values: int, reps: int) -> float:
     def run():
         codes = torch.cat([data & 15, data >> 4], dim=1).to(torch.float16)
         return codes * scale + mn
+    from flexgen_repro import kernels
+    if dev.type == "cuda" and kernels.available():  # what the runtime runs: the fused kernel
+        from flexgen_repro.compression import CompressedTensor
+        from flexgen_repro.policy import CompressionConfig
+        packed = CompressedTensor(data.view(groups, 1, 32), scale.view(groups, 1, 1), mn.view(groups, 1, 1),
+                                  (groups, 64), torch.float16, CompressionConfig(4, 64, 1, False))
+        return 2 * n_values / _timed(lambda: kernels.dequantize(packed), reps, sync)
     return 2 * n_values / _timed(run, reps, sync)
 
 
@@ -244,11 +253,14 @@ def measure_graph_step_overhead(dev: torch.device, mem_bw: float, big: bool, rep
 
 
 def measure_cpu(big: bool, reps: int) -> dict:
-    """CPU attention (fp16 cache upcast to fp32, decode-shaped) and CPU matmul per dtype."""
+    """CPU attention as the runtime's CPU decode runs it (fp16 head-major cache, a new token)
+    and CPU matmul per dtype."""
+    from flexgen_repro.model.attention_math import decode_attention
     h, heads, b, ctx = (4096, 32, 8, 1024) if big else (1024, 8, 4, 256)
     q = torch.randn(b, heads, 1, h // heads, dtype=torch.float16)
     kv = torch.randn(b, heads, ctx, h // heads, dtype=torch.float16)
-    t = _timed(lambda: _attention(q.float(), kv.float(), kv.float()), reps, lambda: None)
+    new, mask = q.clone(), torch.ones(b, ctx + 1, dtype=torch.bool)
+    t = _timed(lambda: decode_attention(q, kv, kv, mask, 1.0, new, new), reps, lambda: None)
     out = {"cpu_attention": 4 * b * ctx * h / t}
     for dt, n in ((torch.float32, 1024 if big else 512), (torch.bfloat16, 128), (torch.float16, 128)):
         a = torch.randn(n, n, dtype=dt)
@@ -300,6 +312,7 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
         gpu_step_overhead_s=m["step_overhead"], gpu_headroom=GPU_HEADROOM if cuda else 1.0,
         gpu_graph_step_overhead_s=m["graph_step_overhead"] or GRAPH_STEP_OVERHEAD_S,
         cpu_mm_flop_s=m["cpu_mm_float32"], host_backed_gpu=not cuda,
+        gpu_fused_kernels=cuda and kernels.available(),
         description=f"measured on {name} ({m['host']}) in {m['seconds']:.0f} s",
         sources={"all": f"flexgen_repro.cost_model.profile, disk I/O {m['disk_mode']} in {offload_dir}"},
         measurements=m)
