@@ -178,3 +178,20 @@ def test_resolve_picks_a_profile_for_a_known_gpu(monkeypatch, tmp_path):
     prof = dataclasses.replace(hardware.load_profile("t4-paper"), name="local")
     hardware.save_profile(prof, str(tmp_path / "absent.json"))
     assert limits.resolve_bandwidths(h100).name == "local"
+
+
+def test_unpinned_weights_cross_at_the_pageable_rate():
+    """`--pin-weight false` weights stream from pageable memory: OPT-30B's 55.8 GB of weights per
+    step at 7.2 GB/s pageable bind a 8x1 block at 8 / (55.8 / 7.2) ~ 1.03 token/s; without a
+    pageable figure the pinned rate bounds it."""
+    config = get_opt_config("opt-30b")
+    bw = limits.Bandwidths("t", h2d_gbps=54.7, d2h_gbps=53.0, h2d_pageable_gbps=7.2)
+    pinned = limits.step_bytes(config, (0, 100, 100, 0, 100, 0), 8, 1, 512, 32)
+    unpinned = limits.step_bytes(config, (0, 100, 100, 0, 100, 0), 8, 1, 512, 32, pin_weight=False)
+    weights = config.model_bytes()
+    fast, slow = limits.decode_limit(pinned, 8, bw), limits.decode_limit(unpinned, 8, bw)
+    assert slow.binding == "weights over PCIe"
+    assert slow.throughput == pytest.approx(8 / (weights / 7.2e9), rel=1e-9)
+    assert fast.throughput == pytest.approx(8 / (weights / 54.7e9), rel=1e-9)
+    no_pageable = dataclasses.replace(bw, h2d_pageable_gbps=None)
+    assert limits.decode_limit(unpinned, 8, no_pageable).throughput == pytest.approx(fast.throughput)

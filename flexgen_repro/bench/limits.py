@@ -37,6 +37,7 @@ class Bandwidths:
     disk_read_gbps: float | None = None
     disk_write_gbps: float | None = None
     gpu_mem_gbps: float | None = None
+    h2d_pageable_gbps: float | None = None  # host->GPU from pageable memory (`--pin-weight false`)
     source: str = ""
 
     def __post_init__(self):
@@ -78,6 +79,7 @@ def from_cost_model_profile(prof) -> Bandwidths | None:
                       disk_read_gbps=prof.disk_to_cpu_bytes_s / GB,
                       disk_write_gbps=prof.cpu_to_disk_bytes_s / GB,
                       gpu_mem_gbps=prof.gpu_mem_bw_bytes_s / GB,
+                      h2d_pageable_gbps=prof.cpu_to_gpu_pageable_bytes_s / GB,
                       source=f"cost-model profile {prof.name!r}: {prof.description}")
 
 
@@ -112,8 +114,10 @@ class Limit:
 
 def step_bytes(config: OptConfig, percent: tuple[float, ...], gpu_batch_size: int,
                num_gpu_batches: int, prompt_len: int, gen_len: int, cpu_cache_compute: bool = False,
-               compress_weight: bool = False, compress_cache: bool = False) -> dict[str, tuple[float, str]]:
-    """Bytes moved per decode step, by term: {term: (bytes, bandwidth field)}."""
+               compress_weight: bool = False, compress_cache: bool = False,
+               pin_weight: bool = True) -> dict[str, tuple[float, str]]:
+    """Bytes moved per decode step, by term: {term: (bytes, bandwidth field)}. Unpinned weights
+    cross from pageable memory (`h2d_pageable_gbps`, where the profile measured it)."""
     db, layers = config.dtype_bytes, config.num_hidden_layers
     block = gpu_batch_size * num_gpu_batches
     w_gpu, w_cpu, c_gpu, c_cpu, a_gpu, a_cpu = (p / 100 for p in percent)
@@ -124,7 +128,7 @@ def step_bytes(config: OptConfig, percent: tuple[float, ...], gpu_batch_size: in
     new_kv = stored_bytes(config.cache_bytes(block, 1), db, CACHE_COMP if compress_cache else None)
     off_gpu_cache = (c_cpu + c_disk) * cache
     terms = {
-        "weights over PCIe": ((w_cpu + w_disk) * weights, "h2d_gbps"),
+        "weights over PCIe": ((w_cpu + w_disk) * weights, "h2d_gbps" if pin_weight else "h2d_pageable_gbps"),
         "weights from disk": (w_disk * weights, "disk_read_gbps"),
         "cache from disk": (c_disk * cache, "disk_read_gbps"),
         "new cache to disk": (c_disk * new_kv, "disk_write_gbps"),
@@ -147,6 +151,8 @@ def decode_limit(terms: dict[str, tuple[float, str]], block: int, bw: Bandwidths
     seconds = {}
     for term, (nbytes, rate) in terms.items():
         gbps = getattr(bw, rate)
+        if rate == "h2d_pageable_gbps" and not gbps:  # not measured: the pinned rate bounds it
+            gbps = bw.h2d_gbps
         if nbytes > 0 and gbps:
             seconds[term] = nbytes / (gbps * GB)
     if not seconds:
@@ -162,9 +168,15 @@ def record_limit(record: dict, bw: Bandwidths) -> Limit:
     terms = step_bytes(config, percent, int(record["gpu_batch_size"]), int(record["num_gpu_batches"]),
                        int(record["prompt_len"]), int(record["gen_len"]),
                        bool(record.get("cpu_cache_compute")), bool(record.get("compress_weight")),
-                       bool(record.get("compress_cache")))
+                       bool(record.get("compress_cache")), _flag(record.get("pin_weight", True)))
     block = int(record["gpu_batch_size"]) * int(record["num_gpu_batches"])
     return decode_limit(terms, block, bw)
+
+
+def _flag(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def resolve_bandwidths(hardware: dict, profile: str | None = None) -> Bandwidths | None:
