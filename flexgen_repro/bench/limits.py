@@ -168,15 +168,9 @@ def record_limit(record: dict, bw: Bandwidths) -> Limit:
     terms = step_bytes(config, percent, int(record["gpu_batch_size"]), int(record["num_gpu_batches"]),
                        int(record["prompt_len"]), int(record["gen_len"]),
                        bool(record.get("cpu_cache_compute")), bool(record.get("compress_weight")),
-                       bool(record.get("compress_cache")), _flag(record.get("pin_weight", True)))
+                       bool(record.get("compress_cache")), bool(record.get("pin_weight", True)))
     block = int(record["gpu_batch_size"]) * int(record["num_gpu_batches"])
     return decode_limit(terms, block, bw)
-
-
-def _flag(value) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 def resolve_bandwidths(hardware: dict, profile: str | None = None) -> Bandwidths | None:

@@ -227,10 +227,10 @@ class PlainStore:
         return to_device(self.buf[self._index(0, length)], device)
 
     def read_whole(self, device: torch.device) -> torch.Tensor:
-        """Every position, written or not, on `device`: one contiguous copy (a pinned host buffer
-        goes to the GPU at full link speed, where the first `length` positions would be strided)."""
-        buf = self.buf.read(None, pin=device.type == "cuda") if isinstance(self.buf, DiskFile) else self.buf
-        return to_device(buf, device)
+        """Every position, written or not, of an in-memory buffer on `device`: one contiguous copy
+        (a pinned host buffer goes to the GPU at full link speed, where the first `length`
+        positions would be strided)."""
+        return to_device(self.buf, device)
 
     @property
     def nbytes(self) -> int:
