@@ -282,7 +282,7 @@ def test_runtime_attention_over_a_whole_compressed_home_buffer(dtype):
     """What SelfAttention._decode passes for a compressed cache part (the whole zero-filled home
     buffer, the unwritten tail masked, the new token separate) gives what decompressing and
     attending gives (both float32 softmax over the same decoded values: 16-bit rounding only)."""
-    from flexgen_repro.model.layers import _attend
+    from flexgen_repro.model.layers import attend
     torch.manual_seed(3)
     b, heads, d, written, total = 3, 2, 64, 9, 16
     cfg = CompressionConfig(4, 64, 3, False)
@@ -294,7 +294,7 @@ def test_runtime_attention_over_a_whole_compressed_home_buffer(dtype):
     mask = torch.ones(b, total + 1, dtype=torch.bool, device=DEVICE)
     mask[:, written:total] = False  # the tail
     mask[0, :2] = False             # left padding
-    got = _attend(q, packed_k, packed_v, mask, 1.0, k_new, v_new, written)
+    got = attend(q, packed_k, packed_v, mask, 1.0, k_new, v_new, written)
     want = decode_attention(q, decompress(packed_k), decompress(packed_v), mask, 1.0, k_new, v_new,
                             written)
     # the reference rounds the probabilities to 16 bits before the value product, the kernel keeps

@@ -255,17 +255,17 @@ def measure_graph_step_overhead(dev: torch.device, mem_bw: float, big: bool, rep
 
 
 def measure_cpu(big: bool, reps: int, dev: torch.device | None = None) -> dict:
-    """CPU attention as the runtime's CPU decode runs it (fp16 head-major cache, a new token; on a
-    CUDA machine at an OPT-30B-sized (16 x 56 heads x 512 x 128) batch while pinned host memory
-    streams to the GPU, as the weights do during the runtime's CPU attention: both read host
-    memory) and CPU matmul per dtype."""
-    from flexgen_repro.model.attention_math import decode_attention
+    """CPU attention as the runtime's CPU decode runs it (layers.attend, so the C kernel where it
+    builds; fp16 head-major cache, a new token; on a CUDA machine at an OPT-30B-sized
+    (16 x 56 heads x 512 x 128) batch while pinned host memory streams to the GPU, as the weights
+    do during the runtime's CPU attention: both read host memory) and CPU matmul per dtype."""
+    from flexgen_repro.model.layers import attend
     h, heads, b, ctx = (7168, 56, 16, 512) if big else (1024, 8, 4, 256)
     q = torch.randn(b, heads, 1, h // heads, dtype=torch.float16)
     kv = torch.randn(b, heads, ctx, h // heads, dtype=torch.float16)
     new, mask = q.clone(), torch.ones(b, ctx + 1, dtype=torch.bool)
     with _host_to_gpu_stream(dev):
-        t = _timed(lambda: decode_attention(q, kv, kv, mask, 1.0, new, new), reps, lambda: None)
+        t = _timed(lambda: attend(q, kv, kv, mask, 1.0, new, new), reps, lambda: None)
     out = {"cpu_attention": 4 * b * ctx * h / t}
     for dt, n in ((torch.float32, 1024 if big else 512), (torch.bfloat16, 128), (torch.float16, 128)):
         a = torch.randn(n, n, dtype=dt)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from flexgen_repro import trace
 from flexgen_repro.config import OptConfig
+from flexgen_repro.kernels import cpu_attention
 from flexgen_repro.model.attention_math import decode_attention, prefill_attention, to_heads
 from flexgen_repro.model.base import CachePart, Deferred, Layer, StepInfo, WeightSpec
 from flexgen_repro.weights.layout import layer_tensor_names
@@ -103,7 +104,7 @@ class SelfAttention(Layer):
             if part.resident:  # the home buffer itself: write the new token, attend in place
                 _write_at(part.k, k_new[rows], part.write_index)
                 _write_at(part.v, v_new[rows], part.write_index)
-                out = _attend(q[rows], part.k, part.v, step.mask[rows])
+                out = attend(q[rows], part.k, part.v, step.mask[rows])
             else:
                 k, v = part.k, part.v
                 mask = step.mask[rows]
@@ -127,7 +128,7 @@ class SelfAttention(Layer):
 
 def _traced_attend(name: str, *args) -> torch.Tensor:
     with trace.span(name):
-        return _attend(*args)
+        return attend(*args)
 
 
 def _gather(outs: list, device: torch.device) -> torch.Tensor:
@@ -136,11 +137,15 @@ def _gather(outs: list, device: torch.device) -> torch.Tensor:
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
-def _attend(q, k, v, mask, sparsity=1.0, k_new=None, v_new=None, n_prev=None) -> torch.Tensor:
+def attend(q, k, v, mask, sparsity=1.0, k_new=None, v_new=None, n_prev=None) -> torch.Tensor:
     """decode_attention over a plain or compressed cache (k, v whole or leading positions).
     A compressed cache at 16 bits attended densely goes to kernels.compressed_heads_decode_attention
     (on the GPU a fused kernel that reads the packed bytes once, elsewhere its float32 reference);
-    otherwise (float32 runs, sparse attention) it is decompressed first."""
+    otherwise (float32 runs, sparse attention) it is decompressed first. A plain cache on the CPU
+    attended densely goes to kernels.cpu_attention when its C kernel could be built."""
+    if sparsity == 1.0 and isinstance(k, torch.Tensor) and cpu_attention.supports(q, k, v):
+        return cpu_attention.decode_attention(q, k, v, mask, k_new, v_new,
+                                              n_prev if k_new is not None else None)
     if (not isinstance(k, torch.Tensor) and sparsity == 1.0
             and q.dtype in (torch.float16, torch.bfloat16)):
         from flexgen_repro import kernels

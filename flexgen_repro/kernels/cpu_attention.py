@@ -1,0 +1,123 @@
+"""Multithreaded CPU decode attention (`cpu_attention.c`), built at first use and called via ctypes.
+
+The C kernel reads each (row, head)'s K and V blocks once in their own dtype (float16, bfloat16
+or float32), widens them in registers and accumulates in float32, on an OpenMP team of its own;
+ctypes releases the GIL for the call. It reads only the written positions (`n_prev`) and skips
+masked ones. Torch's CPU path instead runs two batched matmuls with float16 intermediates and a
+full-length mask.
+
+The shared library is compiled once per source, compiler flags and CPU model into
+FLEXGEN_KERNEL_CACHE (default ~/.cache/flexgen_repro/kernels), written to a temporary name and
+renamed, so concurrent first uses never see a half-written file. Without a C compiler, or with
+FLEXGEN_CPU_ATTN_KERNEL=0, `library()` is None and callers use the torch path.
+FLEXGEN_CPU_ATTN_THREADS sets the team size (default: torch.get_num_threads()).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_attention.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True,
+                       capture_output=True, text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The built kernel, or None (disabled, no compiler, or the build failed: then a warning)."""
+    if os.environ.get("FLEXGEN_CPU_ATTN_KERNEL", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        warnings.warn("no C compiler (cc/gcc) found: CPU attention uses the slower torch path; "
+                      "install gcc to build kernels/cpu_attention.c", RuntimeWarning, stacklevel=2)
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS, _cpu_model())).encode())
+    cache = Path(os.environ.get("FLEXGEN_KERNEL_CACHE", "~/.cache/flexgen_repro/kernels")).expanduser()
+    target = cache / f"cpu_attention-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            _build(compiler, target)
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            warnings.warn(f"building {SOURCE.name} failed, CPU attention uses the torch path:\n{detail}",
+                          RuntimeWarning, stacklevel=2)
+            return None
+    lib = ctypes.CDLL(str(target))
+    lib.fg_decode_attention.restype = ctypes.c_int
+    return lib
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """CPU tensors of one supported dtype, cache blocks with a contiguous last dim."""
+    return (q.device.type == "cpu" and k.device.type == "cpu" and v.device.type == "cpu"
+            and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.dim() == 4 and k.stride(-1) == 1 and v.stride(-1) == 1 and library() is not None)
+
+
+def n_threads() -> int:
+    return int(os.environ.get("FLEXGEN_CPU_ATTN_THREADS", 0)) or torch.get_num_threads()
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                     n_prev: int | None = None) -> torch.Tensor:
+    """attention_math.decode_attention at sparsity 1, in the C kernel. q: (b, heads, 1, d)
+    pre-scaled; k, v: (b, heads, L, d), of which the first n_prev (default L) positions are read;
+    mask (b, L_total) bool with the new token last when k_new is given. Returns (b, 1, heads * d)."""
+    b, heads, length, d = k.shape
+    n_prev = length if n_prev is None else n_prev
+    if not 0 <= n_prev <= length or v.shape != k.shape or q.shape != (b, heads, 1, d):
+        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"n_prev {n_prev} do not match")
+    mask = mask.to(torch.bool).contiguous()
+    need = n_prev + (k_new is not None)
+    if mask.shape[0] != b or mask.shape[1] < need:
+        raise ValueError(f"mask {tuple(mask.shape)} must be ({b}, >= {need})")
+    q = q.contiguous()
+    new = [t.contiguous() if t is not None else None for t in (k_new, v_new)]
+    new_mask = mask[:, -1].contiguous() if k_new is not None else None
+    out = torch.empty(b, heads, d, dtype=q.dtype)
+    ks = (ctypes.c_long * 3)(*k.stride()[:3])
+    vs = (ctypes.c_long * 3)(*v.stride()[:3])
+    ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    rc = library().fg_decode_attention(
+        ctypes.c_int(DTYPES[q.dtype]), ctypes.c_long(b), ctypes.c_long(heads), ctypes.c_int(d),
+        ctypes.c_long(n_prev), ptr(q), ptr(k), ptr(v), ks, vs, ptr(mask), ctypes.c_long(mask.stride(0)),
+        ptr(new[0]), ptr(new[1]), ptr(new_mask), ptr(out), ctypes.c_int(n_threads()))
+    if rc != 0:
+        raise MemoryError("cpu_attention: the kernel could not allocate its score buffers")
+    return out.view(b, 1, heads * d)
