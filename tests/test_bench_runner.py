@@ -207,8 +207,8 @@ def test_git_state_reads_the_repository_or_the_image_build_arg(tmp_path, monkeyp
         assert state["commit_full"] == head.stdout.strip()
         assert state["commit"].startswith(head.stdout.strip()[:7])
         assert state["commit"].endswith("-dirty") == state["dirty"]
-    monkeypatch.setenv("FLEXGEN_REPRO_COMMIT", "0123456789abcdef")
-    assert records.git_state(str(tmp_path)) == {"commit": "0123456", "commit_full": "0123456789abcdef",
+    monkeypatch.setenv("FLEXGEN_REPRO_COMMIT", "0123456789abcdef")  # wins over a (stale) .git
+    assert records.git_state() == records.git_state(str(tmp_path)) == {"commit": "0123456", "commit_full": "0123456789abcdef",
                                                 "dirty": None}
     monkeypatch.delenv("FLEXGEN_REPRO_COMMIT")
     assert records.git_state(str(tmp_path))["commit"] == "unknown"

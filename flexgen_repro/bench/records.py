@@ -86,7 +86,8 @@ def probe(offload_dir: str, python: str = sys.executable, timeout_s: float = 120
 
 
 def git_state(repo: str = REPO_ROOT) -> dict:
-    """{"commit": short hash plus "-dirty" when tracked files changed, "commit_full", "dirty"}."""
+    """{"commit": short hash plus "-dirty" when tracked files changed, "commit_full", "dirty"}.
+    FLEXGEN_REPRO_COMMIT, when set, is the commit (a copy of the tree whose .git is absent or stale)."""
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
@@ -94,9 +95,9 @@ def git_state(repo: str = REPO_ROOT) -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    full = git("rev-parse", "HEAD")
-    if not full:  # e.g. in the Docker image, which is built without .git (--build-arg GIT_COMMIT)
-        given = os.environ.get("FLEXGEN_REPRO_COMMIT", "unknown")
+    given = os.environ.get("FLEXGEN_REPRO_COMMIT", "")
+    full = None if given else git("rev-parse", "HEAD")
+    if not full:  # given (the Docker image's build arg; a copy whose .git is stale), or unknown
         known = given not in ("", "unknown")
         return {"commit": given[:7] if known else "unknown", "commit_full": given if known else None,
                 "dirty": None}
