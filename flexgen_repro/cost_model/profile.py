@@ -261,7 +261,7 @@ def measure_cpu(big: bool, reps: int, dev: torch.device | None = None) -> dict:
     do during the runtime's CPU attention: both read host memory) and CPU matmul per dtype."""
     from flexgen_repro.model.layers import attend
     h, heads, b, ctx = (7168, 56, 16, 512) if big else (1024, 8, 4, 256)
-    q = torch.randn(b, heads, 1, h // heads, dtype=torch.float16)
+    q = torch.randn(b, heads, 1, h // heads, dtype=torch.float16) * (h // heads) ** -0.5  # pre-scaled
     kv = torch.randn(b, heads, ctx, h // heads, dtype=torch.float16)
     new, mask = q.clone(), torch.ones(b, ctx + 1, dtype=torch.bool)
     with _host_to_gpu_stream(dev):
