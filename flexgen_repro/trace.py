@@ -20,7 +20,9 @@ from contextlib import contextmanager
 
 PATH = os.environ.get("FLEXGEN_TRACE") or None
 _spans: list[tuple[str, str, str, float, float]] = []  # (phase, thread, name, start, stop)
-_lock = threading.Lock()
+# Reentrant: a GC pass can start inside a locked append (any allocation can trigger one), and its
+# callback then records its own span on the same thread; a plain Lock deadlocked there.
+_lock = threading.RLock()
 phase = "setup"
 
 
@@ -34,9 +36,9 @@ def _on_gc(event: str, info: dict) -> None:
         _gc_start[threading.get_ident()] = now
     else:
         start = _gc_start.pop(threading.get_ident(), now)
+        item = (phase, threading.current_thread().name, f"gc{info.get('generation', '')}", start, now)
         with _lock:
-            _spans.append((phase, threading.current_thread().name, f"gc{info.get('generation', '')}",
-                           start, now))
+            _spans.append(item)
 
 
 if PATH is not None:
@@ -61,9 +63,9 @@ def span(name: str):
     try:
         yield
     finally:
-        stop = time.perf_counter()
+        item = (phase, threading.current_thread().name, name, start, time.perf_counter())
         with _lock:
-            _spans.append((phase, threading.current_thread().name, name, start, stop))
+            _spans.append(item)
 
 
 def summary() -> dict:

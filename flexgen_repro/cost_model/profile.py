@@ -286,6 +286,9 @@ def measure_memory(offload_dir: str, gpu_mem_gb: float | None) -> dict:
     return {"gpu_mem": gpu, "cpu_mem": cpu, "disk_mem": disk, "gpu_total": total}
 
 
+STREAM_PIECE = 64 << 20
+
+
 @contextlib.contextmanager
 def _host_to_gpu_stream(dev: torch.device | None, nbytes: int = 1 << 30):
     """While inside, a thread copies a pinned host buffer to `dev` over and over (nothing on a
@@ -297,14 +300,19 @@ def _host_to_gpu_stream(dev: torch.device | None, nbytes: int = 1 << 30):
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
 
+    started = threading.Event()
+
     def stream():
         with torch.cuda.stream(torch.cuda.Stream(dev)):
             while not stop.is_set():
-                dst.copy_(host, non_blocking=True)
+                for i in range(0, nbytes, STREAM_PIECE):  # pieces, as the runtime copies
+                    dst[i:i + STREAM_PIECE].copy_(host[i:i + STREAM_PIECE], non_blocking=True)
                 torch.cuda.current_stream(dev).synchronize()
+                started.set()
     th = threading.Thread(target=stream, daemon=True)
     th.start()
     try:
+        started.wait(30)  # measure only once the link is streaming
         yield
     finally:
         stop.set()
@@ -323,7 +331,7 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
     m.update(measure_host_memory((1 << 30) if cuda else (128 << 20), 5 if cuda else 3))
     m.update(measure_disk(offload_dir, min((2 << 30) if cuda else (128 << 20), int(m["disk_mem"] / 4))))
     m.update(measure_compute(dev, cuda, 10 if cuda else 3))
-    m.update(measure_cpu(cuda, 5 if cuda else 3, dev))
+    m.update(measure_cpu(cuda, 20 if cuda else 3, dev))
     m["step_overhead"] = measure_step_overhead(dev, 50)
     m["graph_step_overhead"] = measure_graph_step_overhead(dev, m["mem_bw"], cuda, 20)
     cpu_name = platform.processor() or platform.machine()

@@ -1,6 +1,7 @@
 """CPU decode attention at case C's shape (OPT-30B, GPU batch 16, 56 heads, 544-position buffer,
 528 written, float16): torch's path against kernels/cpu_attention.c at several team sizes, each
-alone and while a copy thread streams pinned host memory to the GPU (as the weight stream does).
+alone and while a copy thread streams pinned host memory to the GPU (as the weight stream does),
+each timed over at least 1.5 s once the stream runs.
 Prints and writes JSON: ms per call, the cache bytes read per second, the stream's rate meanwhile.
 
     python scripts/device/cpu_attn_probe.py OUT.json
@@ -17,7 +18,6 @@ from flexgen_repro.kernels import cpu_attention
 from flexgen_repro.model.attention_math import decode_attention
 
 B, H, L, D, VALID = 16, 56, 544, 128, 528
-REPS = 8
 
 
 def system() -> dict:
@@ -30,38 +30,45 @@ def system() -> dict:
 
 
 class Stream:
-    """A thread copying 2 GiB of pinned host memory to the GPU over and over."""
+    """A thread copying 2 GiB of pinned host memory to the GPU over and over, in 64 MiB pieces as
+    the runtime copies; `bytes` counts finished pieces. Entering waits until it streams."""
+    PIECE = 64 << 20
+
     def __init__(self):
         self.host = torch.empty(2 << 30, dtype=torch.uint8).pin_memory()
         self.dev = torch.empty_like(self.host, device="cuda")
-        self.stop, self.bytes = threading.Event(), 0
+        self.stop, self.started, self.bytes = threading.Event(), threading.Event(), 0
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         s = torch.cuda.Stream()
         with torch.cuda.stream(s):
             while not self.stop.is_set():
-                self.dev.copy_(self.host, non_blocking=True)
-                s.synchronize()
-                self.bytes += self.host.numel()
+                for i in range(0, self.host.numel(), self.PIECE):
+                    self.dev[i:i + self.PIECE].copy_(self.host[i:i + self.PIECE], non_blocking=True)
+                    s.synchronize()
+                    self.bytes += self.PIECE
+                    self.started.set()
 
     def __enter__(self):
-        self.t0 = time.perf_counter()
         self.thread.start()
+        self.started.wait(30)
         return self
 
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
-        self.gbps = self.bytes / (time.perf_counter() - self.t0) / 1e9
 
 
-def timed(fn) -> float:
+def timed(fn, stream=None, seconds=1.5) -> tuple[float, float]:
+    """(seconds per call over >= `seconds` of calls after a warm-up, the stream's GB/s meanwhile)."""
     fn()
-    t = time.perf_counter()
-    for _ in range(REPS):
+    n, t, b0 = 0, time.perf_counter(), stream.bytes if stream else 0
+    while time.perf_counter() - t < seconds or n < 3:
         fn()
-    return (time.perf_counter() - t) / REPS
+        n += 1
+    wall = time.perf_counter() - t
+    return wall / n, ((stream.bytes - b0) / wall / 1e9 if stream else 0.0)
 
 
 def main(out_path: str) -> None:
@@ -88,18 +95,17 @@ def main(out_path: str) -> None:
                                                      cpu_attention.decode_attention(q, k, v, mask, kn, vn, VALID)))
     rows = []
     for name, fn in variants.items():
-        alone = timed(fn)
+        alone = timed(fn)[0]
         row = {"variant": name, "alone_ms": alone * 1e3, "alone_gbps": read / alone / 1e9}
         if torch.cuda.is_available():
             with Stream() as s:
-                busy = timed(fn)
-            row.update(busy_ms=busy * 1e3, busy_gbps=read / busy / 1e9, stream_gbps=s.gbps)
+                busy, link = timed(fn, s)
+            row.update(busy_ms=busy * 1e3, busy_gbps=read / busy / 1e9, stream_gbps=link)
         rows.append(row)
         print(row, flush=True)
     if torch.cuda.is_available():
         with Stream() as s:
-            time.sleep(2)
-        res["stream_alone_gbps"] = s.gbps
+            res["stream_alone_gbps"] = timed(lambda: time.sleep(0.05), s)[1]
     res["rows"] = rows
     os.environ.pop("FLEXGEN_CPU_ATTN_THREADS", None)
     with open(out_path, "w") as f:
