@@ -164,9 +164,10 @@ class BlockRun:
             pos = pos if i == 0 else pos[:, -1:]
             dev = self.env.gpu.dev
             self.steps.pop((i - 1, k), None)
-            self.steps[(i, k)] = StepInfo(i, self.prompt_len, torch.from_numpy(mask).to(dev),
+            host_mask = torch.from_numpy(mask)
+            self.steps[(i, k)] = StepInfo(i, self.prompt_len, host_mask.to(dev),
                                           torch.from_numpy(pos).to(dev), self.policy.attn_sparsity,
-                                          self.pick, self.want_logits, self.cpu_pool)
+                                          self.pick, self.want_logits, self.cpu_pool, host_mask)
         return self.steps[(i, k)]
 
     def compute(self, i: int, j: int, k: int) -> None:

@@ -53,6 +53,7 @@ class StepInfo:
     pick: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits (b, vocab) -> ids (b,)
     want_logits: bool = False                # OutputEmbed returns logits of every position
     cpu_pool: object = None                  # an Executor: CPU attention runs there, deferred
+    host_mask: torch.Tensor | None = None    # `mask` in host memory, for attention on the CPU
 
     @property
     def is_prefill(self) -> bool:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from flexgen_repro import trace
 from flexgen_repro.config import OptConfig
+from flexgen_repro.devices.storage import to_host
 from flexgen_repro.kernels import cpu_attention
 from flexgen_repro.model.attention_math import decode_attention, prefill_attention, to_heads
 from flexgen_repro.model.base import CachePart, Deferred, Layer, StepInfo, WeightSpec
@@ -107,13 +108,16 @@ class SelfAttention(Layer):
                 out = attend(q[rows], part.k, part.v, step.mask[rows])
             else:
                 k, v = part.k, part.v
-                mask = step.mask[rows]
+                on_host = dev.type == "cpu" and step.host_mask is not None
+                mask = (step.host_mask if on_host else step.mask)[rows]
                 if part.valid is not None and k.shape[2] > part.valid:  # unwritten tail: masked
                     tail = torch.zeros(mask.shape[0], k.shape[2] - part.valid, dtype=torch.bool,
                                        device=mask.device)
                     mask = torch.cat([mask[:, :part.valid], tail, mask[:, part.valid:]], dim=1)
                 with trace.span(f"to_{dev.type}"):
-                    args = q[rows].to(dev), k_new[rows].to(dev), v_new[rows].to(dev), mask.to(dev)
+                    moved = (to_host(q[rows], k_new[rows], v_new[rows]) if dev.type == "cpu"
+                             else [t.to(dev) for t in (q[rows], k_new[rows], v_new[rows])])
+                    args = (*moved, mask.to(dev))
                 job = functools.partial(_traced_attend, f"attention_{dev.type}", args[0], k, v,
                                         args[3], step.attn_sparsity, args[1], args[2], part.valid)
                 if dev.type == "cpu" and step.cpu_pool is not None:
