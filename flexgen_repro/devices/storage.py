@@ -53,20 +53,6 @@ def copy_chunked_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
-def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Tensors of one dtype in host memory. From the GPU: non-blocking copies into one pinned
-    buffer and one wait on the current stream (rather than a synchronous copy each)."""
-    if not tensors or not all(t.is_cuda for t in tensors) or len({t.dtype for t in tensors}) > 1:
-        return [t.cpu() for t in tensors]
-    buf = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, pin_memory=True)
-    out, start = [], 0
-    for t in tensors:
-        out.append(buf[start:start + t.numel()].view(t.shape).copy_(t, non_blocking=True))
-        start += t.numel()
-    torch.cuda.current_stream().synchronize()
-    return out
-
-
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """t on `device` (non-blocking; host->GPU in COPY_CHUNK_BYTES pieces)."""
     if t.device == device:

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from flexgen_repro import trace
 from flexgen_repro.config import OptConfig
-from flexgen_repro.devices.storage import to_host
 from flexgen_repro.kernels import cpu_attention
 from flexgen_repro.model.attention_math import decode_attention, prefill_attention, to_heads
 from flexgen_repro.model.base import CachePart, Deferred, Layer, StepInfo, WeightSpec
@@ -115,9 +114,7 @@ class SelfAttention(Layer):
                                        device=mask.device)
                     mask = torch.cat([mask[:, :part.valid], tail, mask[:, part.valid:]], dim=1)
                 with trace.span(f"to_{dev.type}"):
-                    moved = (to_host(q[rows], k_new[rows], v_new[rows]) if dev.type == "cpu"
-                             else [t.to(dev) for t in (q[rows], k_new[rows], v_new[rows])])
-                    args = (*moved, mask.to(dev))
+                    args = q[rows].to(dev), k_new[rows].to(dev), v_new[rows].to(dev), mask.to(dev)
                 job = functools.partial(_traced_attend, f"attention_{dev.type}", args[0], k, v,
                                         args[3], step.attn_sparsity, args[1], args[2], part.valid)
                 if dev.type == "cpu" and step.cpu_pool is not None:
