@@ -36,6 +36,17 @@ def test_placement_percent_hand_worked():
         baselines.tier_of("mps")
 
 
+def test_fit_gpu_share_moves_the_last_gpu_modules_to_the_cpu():
+    sizes = {"model.decoder.embed_tokens.weight": 40, "model.decoder.layers.0.fc1.weight": 30,
+             "model.decoder.layers.1.fc1.weight": 20, "model.decoder.layers.2.fc1.weight": 10}
+    device_map = {"model.decoder.embed_tokens": 0, "model.decoder.layers.0": 0,
+                  "model.decoder.layers.1": 0, "model.decoder.layers.2": "cpu"}
+    # 90 bytes on the GPU against 75: layers.1 (20) moves; 70 fits
+    assert baselines.fit_gpu_share(sizes, device_map, 75) == {**device_map, "model.decoder.layers.1": "cpu"}
+    assert baselines.fit_gpu_share(sizes, device_map, 90) == device_map  # already fits: unchanged
+    assert set(baselines.fit_gpu_share(sizes, device_map, 0).values()) == {"cpu"}
+
+
 def test_weight_budget_leaves_room_for_cache_and_activations():
     cfg = get_opt_config("opt-6.7b")
     total = 80 * GB
