@@ -47,6 +47,41 @@ def test_fit_gpu_share_moves_the_last_gpu_modules_to_the_cpu():
     assert set(baselines.fit_gpu_share(sizes, device_map, 0).values()) == {"cpu"}
 
 
+def test_zero_inference_config_hand_checked():
+    from flexgen_repro.bench import zero_inference
+    cfg = get_opt_config("opt-30b")  # hidden 7168
+    ds = zero_inference.ds_config(cfg, 8)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert zero["stage3_prefetch_bucket_size"] == zero["stage3_max_live_parameters"] == 2 * 7168 * 7168
+    assert zero["stage3_param_persistence_threshold"] == 7168 and ds["train_batch_size"] == 8
+    assert "weight_quantization" not in ds and ds["fp16"] == {"enabled": True}
+    q = zero_inference.ds_config(cfg, 8, 4, pin=False)
+    assert q["weight_quantization"] == {"quantized_initialization": {
+        "num_bits": 4, "group_size": 64, "group_dim": 1, "symmetric": False}}
+    assert q["zero_optimization"]["offload_param"]["pin_memory"] is False
+    with pytest.raises(ValueError, match="must be 0 \\(fp16\\), 4 or 8, got 3"):
+        zero_inference.ds_config(cfg, 8, 3)
+
+
+def test_zero_inference_without_deepspeed_says_how(monkeypatch, capsys):
+    from flexgen_repro.bench import zero_inference
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import fails as when not installed
+    assert zero_inference.main(["--model", "opt-125m"]) == 2
+    assert "fetch_deepspeed_wheels.sh" in capsys.readouterr().err
+
+
+def test_zero_inference_init_switch_restores():
+    from transformers import PreTrainedModel
+    from flexgen_repro.bench import zero_inference
+    saved = PreTrainedModel._init_weights
+    with pytest.raises(RuntimeError):
+        with zero_inference._no_transformers_init():
+            assert PreTrainedModel._init_weights is not saved
+            raise RuntimeError("build failed")
+    assert PreTrainedModel._init_weights is saved
+
+
 def test_weight_budget_leaves_room_for_cache_and_activations():
     cfg = get_opt_config("opt-6.7b")
     total = 80 * GB

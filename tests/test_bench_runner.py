@@ -179,6 +179,28 @@ def test_accelerate_command_parses_with_the_baseline():
     assert (args.model, args.batch_size, args.gpu_mem_gb, args.prompt_len) == ("opt-30b", 8, 16.0, 512)
 
 
+def test_zero_inference_commands_parse_with_the_baseline():
+    from flexgen_repro.bench import zero_inference
+    cases = {c.case: c for c in suites.load_suite("h100-baselines")}
+    s = runner.Settings(out="o", path="/w", offload_dir="/off")
+    for name, bits in (("ds-30b-b8", 0), ("ds-30b-4bit-b8", 4)):
+        cmd = runner.default_command(cases[name], s, "j", "l")
+        assert cmd[1:3] == ["-m", "flexgen_repro.bench.zero_inference"]
+        args = zero_inference.build_parser().parse_args(cmd[3:])
+        assert (args.model, args.batch_size, args.gpu_mem_gb, args.quant_bits, args.no_pin) == \
+            ("opt-30b", 8, 16.0, bits, False)
+
+
+def test_deepspeed_case_without_deepspeed_is_skipped_with_why(monkeypatch, tmp_path):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    case = next(c for c in suites.load_suite("h100-baselines") if c.runner == "deepspeed")
+    s = runner.Settings(out=str(tmp_path), path="_DUMMY_", offload_dir=str(tmp_path))
+    assert "DeepSpeed is not installed" in runner.why_not_run(case, s, HARDWARE)
+
+
 def test_profile_limits_match_limits_module(fake_suite):
     _, folder = _run(fake_suite, cases="ok-1")
     rec = tables.load_records(folder)[0]

@@ -80,7 +80,9 @@ def flexgen_needs(config: OptConfig, policy: Policy, prompt_len: int, gen_len: i
 
 
 def accelerate_needs(config: OptConfig, batch: int, prompt_len: int, gen_len: int) -> Needs:
-    """HF Accelerate baseline: the whole model is built in host memory; cache and activations on GPU."""
+    """The HF Accelerate and ZeRO-Inference baselines: the whole model is built in host memory (fp16
+    for both: ZeRO's 4-bit weights are quantized from fp16 as each module is built); cache and
+    activations on the GPU."""
     seq = prompt_len + gen_len
     return Needs({"gpu": {"cache": config.cache_bytes(batch, seq),
                           "activations": config.hidden_bytes(batch, prompt_len)},
@@ -146,7 +148,7 @@ def skip_reason(needs: Needs, avail: Available) -> str | None:
 def case_needs(case) -> Needs:
     """The floor of a suite case (a `suites.Case`) per tier, whatever runs it."""
     config = case.config()
-    if case.runner == "accelerate":
+    if case.runner in ("accelerate", "deepspeed"):
         return accelerate_needs(config, case.gpu_batch_size, case.prompt_len, case.gen_len)
     if case.auto:
         return model_only_needs(config)

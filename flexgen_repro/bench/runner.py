@@ -83,8 +83,23 @@ def accelerate_command(case: Case, s: Settings, json_file: str, log_file: str) -
     return cmd + ["--json-file", json_file, "--log-file", log_file]
 
 
+def zero_inference_command(case: Case, s: Settings, json_file: str, log_file: str) -> list[str]:
+    """The DeepSpeed ZeRO-Inference baseline's command line (zero_inference.py); compress_weight
+    holds the weights 4-bit, pin_weight false leaves them in pageable memory."""
+    cmd = [s.python, "-m", "flexgen_repro.bench.zero_inference", "--model", case.model,
+           "--prompt-len", str(case.prompt_len), "--gen-len", str(case.gen_len),
+           "--batch-size", str(case.gpu_batch_size), "--dtype", case.dtype,
+           "--quant-bits", "4" if case.compress_weight else "0"]
+    if not case.pin_weight:
+        cmd.append("--no-pin")
+    if s.cap(case):
+        cmd += ["--gpu-mem-gb", f"{s.cap(case):g}"]
+    return cmd + ["--json-file", json_file, "--log-file", log_file]
+
+
 def default_command(case: Case, s: Settings, json_file: str, log_file: str) -> list[str]:
-    build = accelerate_command if case.runner == "accelerate" else flexgen_command
+    build = {"accelerate": accelerate_command, "deepspeed": zero_inference_command}.get(
+        case.runner, flexgen_command)
     return build(case, s, json_file, log_file)
 
 
@@ -131,6 +146,9 @@ def why_not_run(case: Case, s: Settings, hardware: dict) -> str | None:
     if case.runner == "accelerate" and importlib.util.find_spec("accelerate") is None:
         return ("HF Accelerate is not installed in this Python (`pip install accelerate`; it is not "
                 "in requirements.lock): the baseline cannot run here")
+    if case.runner == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        return ("DeepSpeed is not installed in this Python (not in requirements.lock; "
+                "scripts/device/fetch_deepspeed_wheels.sh builds wheels): the baseline cannot run here")
     weights = s.weight_path(case)
     if weights != DUMMY:
         folder = os.path.join(weights, f"{case.config().name}-np")
