@@ -229,9 +229,11 @@ def _measure(model, config: OptConfig, args, main: str) -> tuple[tuple[float, fl
     return (prefill_s, max(total_s - prefill_s, 1e-9)), peak
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flexgen_repro.bench.baselines",
-                                description="HF Accelerate device_map offload baseline (dummy weights)")
+def build_parser(prog: str = "python -m flexgen_repro.bench.baselines",
+                 description: str = "HF Accelerate device_map offload baseline (dummy weights)"
+                 ) -> argparse.ArgumentParser:
+    """The baselines' shared command line (zero_inference adds its own switches)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--model", required=True)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
@@ -245,25 +247,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_main(args, package: str, missing: str, run_case, label: str) -> int:
+    """Import `package` (else print `missing`, exit 2), run the case, print and write its record;
+    bad input (ValueError) exits 2 with its message."""
     # before CUDA starts: loading layer by layer under a cap fragmented the default allocator
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
-        import accelerate  # noqa: F401
+        __import__(package)
     except ImportError:
-        print("error: the HF Accelerate baseline needs `accelerate` (pip install accelerate); "
-              "it is not in requirements.lock", file=sys.stderr)
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     try:
-        record = run(args)
+        record = run_case(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(record["log_text"])
-    write_outputs(record, f"hf-accelerate {record['model']} batch {record['gpu_batch_size']}",
+    write_outputs(record, f"{label} {record['model']} batch {record['gpu_batch_size']}",
                   args.log_file, args.json_file)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(build_parser().parse_args(argv), "accelerate",
+                    "the HF Accelerate baseline needs `accelerate` (pip install accelerate); "
+                    "it is not in requirements.lock", run, "hf-accelerate")
 
 
 if __name__ == "__main__":

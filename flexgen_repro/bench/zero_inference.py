@@ -23,7 +23,7 @@ import sys
 
 from flexgen_repro.bench import baselines
 from flexgen_repro.config import OptConfig, get_opt_config
-from flexgen_repro.metrics import GB, write_outputs
+from flexgen_repro.metrics import GB
 
 GROUP_SIZE = 64
 
@@ -102,39 +102,18 @@ def run(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flexgen_repro.bench.zero_inference",
-                                description="DeepSpeed ZeRO-Inference baseline (dummy weights)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--gpu-mem-gb", type=float, default=None)
+    p = baselines.build_parser("python -m flexgen_repro.bench.zero_inference",
+                               "DeepSpeed ZeRO-Inference baseline (dummy weights)")
     p.add_argument("--quant-bits", type=int, default=0, help="0 (fp16 weights), 4 or 8")
     p.add_argument("--no-pin", action="store_true", help="offloaded weights in pageable memory")
-    p.add_argument("--dtype", choices=["float16"], default="float16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json-file", default=None)
-    p.add_argument("--log-file", default=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        print("error: the ZeRO-Inference baseline needs `deepspeed` (not in requirements.lock; "
-              "scripts/device/fetch_deepspeed_wheels.sh builds wheels)", file=sys.stderr)
-        return 2
-    try:
-        record = run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(record["log_text"])
-    write_outputs(record, f"deepspeed zero-inference {record['model']} batch {record['gpu_batch_size']}",
-                  args.log_file, args.json_file)
-    return 0
+    return baselines.run_main(build_parser().parse_args(argv), "deepspeed",
+                              "the ZeRO-Inference baseline needs `deepspeed` (not in "
+                              "requirements.lock; scripts/device/fetch_deepspeed_wheels.sh builds "
+                              "wheels)", run, "deepspeed zero-inference")
 
 
 if __name__ == "__main__":
