@@ -1,6 +1,6 @@
 """Hardware profiles for the cost model: the HardwareProfile dataclass, reading and writing its JSON,
-and the named profiles (`t4-paper`, shipped with the package; `local`, measured on this machine by
-`invoke profile-hardware`).
+and the named profiles (shipped with the package: `t4-paper`, the paper's T4 machine, and `h100-lent`,
+measured on the lent H100 machine; `local`, measured on this machine by `invoke profile-hardware`).
 
 Units are SI base units throughout: bytes, bytes per second, floating-point operations per second.
 Memory figures are what the runtime may use for tensors (not the nominal size of the part).
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 GIB = float(1 << 30)
 TERA = 1e12
 PROFILES_DIR = os.path.join(os.path.dirname(__file__), "profiles")
-BUILTIN_PROFILES = ("t4-paper",)
+BUILTIN_PROFILES = ("t4-paper", "h100-lent")
 LOCAL_PROFILE = "~/.cache/flexgen_repro/hardware_local.json"
 
 # Every rate the equations divide by; each must be > 0.
@@ -158,7 +158,8 @@ def _read_json(path: str) -> HardwareProfile:
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
-    """`t4-paper`, `local` (the measured profile of this machine) or a path to a profile JSON file."""
+    """A shipped profile (BUILTIN_PROFILES), `local` (the measured profile of this machine) or a
+    path to a profile JSON file."""
     if name_or_path in BUILTIN_PROFILES:
         return _read_json(os.path.join(PROFILES_DIR, f"{name_or_path}.json"))
     if name_or_path == "local":
