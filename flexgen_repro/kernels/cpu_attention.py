@@ -33,13 +33,15 @@ DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _cpu_model() -> str:
+    """The CPU's model and instruction-set flags (-march=native builds differ by both: a VM may
+    hide AVX-512 of the same model), or the platform's processor name."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    model = next((ln for ln in lines if ln.startswith("model name")), "")
+    flags = next((ln for ln in lines if ln.startswith("flags")), "")
+    return model + flags or platform.processor()
 
 
 def _build(compiler: str, target: Path) -> None:
