@@ -77,6 +77,10 @@ def test_bad_shapes_are_rejected():
         cpu_attention.decode_attention(q, k, v, torch.ones(3, 21, dtype=torch.bool), kn, vn, 30)
     with pytest.raises(ValueError, match="mask"):
         cpu_attention.decode_attention(q, k, v, torch.ones(3, 5, dtype=torch.bool), kn, vn)
+    with pytest.raises(ValueError, match="k_new/v_new"):
+        cpu_attention.decode_attention(q, k, v, torch.ones(3, 21, dtype=torch.bool), kn, None)
+    with pytest.raises(ValueError, match="k_new/v_new"):
+        cpu_attention.decode_attention(q, k, v, torch.ones(3, 21, dtype=torch.bool), kn[:2], vn[:2])
 
 
 def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):

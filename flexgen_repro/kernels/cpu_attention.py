@@ -112,9 +112,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     mask (b, L_total) bool with the new token last when k_new is given. Returns (b, 1, heads * d)."""
     b, heads, length, d = k.shape
     n_prev = length if n_prev is None else n_prev
-    if not 0 <= n_prev <= length or v.shape != k.shape or q.shape != (b, heads, 1, d):
+    news_ok = (k_new is None and v_new is None) or (
+        k_new is not None and v_new is not None and k_new.shape == v_new.shape == q.shape
+        and k_new.dtype == v_new.dtype == q.dtype)
+    if not 0 <= n_prev <= length or v.shape != k.shape or q.shape != (b, heads, 1, d) or not news_ok:
+        news = [None if t is None else tuple(t.shape) for t in (k_new, v_new)]
         raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                         f"n_prev {n_prev} do not match")
+                         f"n_prev {n_prev}, k_new/v_new {news} do not match (the kernel reads raw "
+                         f"memory: a mismatch would read past it)")
     mask = mask.to(torch.bool).contiguous()
     need = n_prev + (k_new is not None)
     if mask.shape[0] != b or mask.shape[1] < need:
