@@ -8,10 +8,16 @@ with the unwritten positions masked. Captured once per GPU batch and block, repl
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from flexgen_repro.model.base import CachePart, StepInfo
-from flexgen_repro.policy import Policy
+from flexgen_repro.policy import Policy, Tier
+
+# q, k and v projections of each layer as one GEMM in graphed decode (FLEXGEN_FUSE_QKV=0: three,
+# for side-by-side runs). Their GPU homes become views of one buffer: no extra memory.
+FUSE_QKV = os.environ.get("FLEXGEN_FUSE_QKV", "1") != "0"
 
 
 def graphable(policy: Policy, env, want_logits: bool) -> bool:
@@ -19,6 +25,33 @@ def graphable(policy: Policy, env, want_logits: bool) -> bool:
     return (env.has_cuda and not want_logits and policy.attn_sparsity == 1.0
             and policy.w_gpu_percent == 100 and policy.cache_gpu_percent == 100
             and policy.act_gpu_percent == 100)
+
+
+def fuse_qkv(home: dict) -> dict:
+    """Re-home a layer's GPU-resident w_q, w_k, w_v (and b_q, b_k, b_v) as row slices of one
+    buffer each; return {"w_qkv", "b_qkv"} (views of those buffers), or {} where the layer has
+    no such weights or any of them is compressed or elsewhere. Idempotent."""
+    names = [f"{p}_{n}" for p in "wb" for n in "qkv"]
+    if not all(n in home for n in names):
+        return {}
+    stored = [home[n] for n in names]
+    if any(s.tier != Tier.GPU or s.parts or not isinstance(s.data, torch.Tensor) for s in stored):
+        return {}
+    fused = {}
+    for p in "wb":
+        parts = [home[f"{p}_{n}"].data for n in "qkv"]
+        rows = parts[0].shape[0]
+        base = parts[0]._base
+        if (base is not None and base.shape[0] == 3 * rows and parts[0].data_ptr() == base.data_ptr()
+                and all(t._base is base for t in parts)):
+            fused[f"{p}_qkv"] = base   # fused by an earlier capture
+            continue
+        whole = torch.cat(parts)
+        for i, n in enumerate("qkv"):
+            home[f"{p}_{n}"].data = whole[i * rows:(i + 1) * rows]
+        del parts
+        fused[f"{p}_qkv"] = whole
+    return fused
 
 
 def _full_buffer(row_split):
@@ -71,7 +104,12 @@ class GraphedDecode:
     def _capture(self, k: int) -> None:
         run, st = self.run, self.static[k]
         gpu = run.env.gpu.dev
-        st["weights"] = [{key: s.load(gpu) for key, s in home.items()} for home in run.lm.weight_home]
+        st["weights"] = []
+        for home in run.lm.weight_home:
+            extra = fuse_qkv(home) if FUSE_QKV else {}
+            if extra:
+                torch.cuda.empty_cache()  # the three old buffers go back before the next layer's
+            st["weights"].append({**{key: s.load(gpu) for key, s in home.items()}, **extra})
         st["homes"] = {j: tuple(_full_buffer(t) for t in run.cache_home[(j, k)])
                        for j, layer in enumerate(run.layers) if layer.has_cache}
         side = torch.cuda.Stream()

@@ -24,6 +24,7 @@ import torch
 from flexgen_repro import trace
 from flexgen_repro.graph_decode import GraphedDecode, graphable
 from flexgen_repro.model.base import CachePart, Deferred, StepInfo
+from flexgen_repro.model.host_stage import HostStage
 from flexgen_repro.policy import Tier
 
 MAX_PENDING_STORES = 2
@@ -66,6 +67,9 @@ class BlockRun:
         self.cpu_pool = (ThreadPoolExecutor(1, thread_name_prefix="cpu-attention")
                          if self.policy.cpu_cache_compute and overlap and self.K > 1
                          and os.environ.get("FLEXGEN_CPU_ATTN_WORKER", "1") != "0" else None)
+        # its copies asynchronous, through pinned buffers (FLEXGEN_HOST_STAGE=0: synchronous)
+        self.host_stage = (HostStage(pin=self.env.has_cuda) if self.cpu_pool is not None
+                           and os.environ.get("FLEXGEN_HOST_STAGE", "1") != "0" else None)
 
     # ---- the steps -------------------------------------------------------------------------
     def load_weight(self, j: int) -> None:
@@ -167,7 +171,8 @@ class BlockRun:
             host_mask = torch.from_numpy(mask)
             self.steps[(i, k)] = StepInfo(i, self.prompt_len, host_mask.to(dev),
                                           torch.from_numpy(pos).to(dev), self.policy.attn_sparsity,
-                                          self.pick, self.want_logits, self.cpu_pool, host_mask)
+                                          self.pick, self.want_logits, self.cpu_pool, host_mask,
+                                          self.host_stage)
         return self.steps[(i, k)]
 
     def compute(self, i: int, j: int, k: int) -> None:

@@ -136,3 +136,12 @@ def test_dispatched_run_on_cpu_with_disk_offload(tmp_path):
     sizes = {n: p.numel() * 2 for n, p in model.named_parameters()}
     placed = baselines.placement_percent(sizes, device_map)
     assert placed["disk"] > 0 and sum(placed.values()) == pytest.approx(100)
+
+
+def test_deepspeed_arch_list_drops_arch_specific_suffixes():
+    from flexgen_repro.bench.zero_inference import sane_arch_list
+    assert sane_arch_list("9.0a") == "9.0"
+    assert sane_arch_list("8.0;9.0a+PTX") == "8.0;9.0+PTX"
+    assert sane_arch_list("9.0 9.0a") == "9.0"
+    assert sane_arch_list("10.0a;12") == "10.0;12.0"
+    assert sane_arch_list("") == "" and sane_arch_list(None) is None

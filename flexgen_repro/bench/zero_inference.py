@@ -61,7 +61,29 @@ def _no_transformers_init():
         PreTrainedModel._init_weights = saved
 
 
+def sane_arch_list(value: str | None) -> str | None:
+    """TORCH_CUDA_ARCH_LIST without arch-specific suffixes ("9.0a" -> "9.0"): DeepSpeed's JIT op
+    builder (the 4-bit quantizer) parses each entry as int.int[+PTX] and fails on "0a"."""
+    if not value:
+        return value
+    out = []
+    for item in value.replace(" ", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        base = item[:-4] if ptx else item
+        major, _, minor = base.partition(".")
+        minor = minor.rstrip("abcdefghijklmnopqrstuvwxyz")
+        entry = f"{major}.{minor or 0}{'+PTX' if ptx else ''}"
+        if entry not in out:
+            out.append(entry)
+    return ";".join(out)
+
+
 def build_engine(config: OptConfig, ds: dict):
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = sane_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     import deepspeed
     import torch
     from transformers import OPTForCausalLM

@@ -106,10 +106,11 @@ def n_threads() -> int:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
-                     n_prev: int | None = None) -> torch.Tensor:
+                     n_prev: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """attention_math.decode_attention at sparsity 1, in the C kernel. q: (b, heads, 1, d)
     pre-scaled; k, v: (b, heads, L, d), of which the first n_prev (default L) positions are read;
-    mask (b, L_total) bool with the new token last when k_new is given. Returns (b, 1, heads * d)."""
+    mask (b, L_total) bool with the new token last when k_new is given. Returns (b, 1, heads * d),
+    written into `out` when given (contiguous, q's dtype, on the host)."""
     b, heads, length, d = k.shape
     n_prev = length if n_prev is None else n_prev
     news_ok = (k_new is None and v_new is None) or (
@@ -127,7 +128,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     q = q.contiguous()
     new = [t.contiguous() if t is not None else None for t in (k_new, v_new)]
     new_mask = mask[:, -1].contiguous() if k_new is not None else None
-    out = torch.empty(b, heads, d, dtype=q.dtype)
+    if out is None:
+        out = torch.empty(b, 1, heads * d, dtype=q.dtype)
+    elif (tuple(out.shape) != (b, 1, heads * d) or out.dtype != q.dtype or out.device.type != "cpu"
+          or not out.is_contiguous()):
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} must be a contiguous "
+                         f"({b}, 1, {heads * d}) {q.dtype} tensor on the host")
     ks = (ctypes.c_long * 3)(*k.stride()[:3])
     vs = (ctypes.c_long * 3)(*v.stride()[:3])
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
@@ -137,4 +143,4 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         ptr(new[0]), ptr(new[1]), ptr(new_mask), ptr(out), ctypes.c_int(n_threads()))
     if rc != 0:
         raise MemoryError("cpu_attention: the kernel could not allocate its score buffers")
-    return out.view(b, 1, heads * d)
+    return out

@@ -54,6 +54,7 @@ class StepInfo:
     want_logits: bool = False                # OutputEmbed returns logits of every position
     cpu_pool: object = None                  # an Executor: CPU attention runs there, deferred
     host_mask: torch.Tensor | None = None    # `mask` in host memory, for attention on the CPU
+    host_stage: object = None                # a host_stage.HostStage: CPU attention's copies
 
     @property
     def is_prefill(self) -> bool:

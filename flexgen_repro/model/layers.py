@@ -7,6 +7,7 @@ plain or compressed; `linear` dequantizes compressed weights (fused kernel where
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import Future
 
 import torch
@@ -17,9 +18,15 @@ from flexgen_repro.config import OptConfig
 from flexgen_repro.kernels import cpu_attention
 from flexgen_repro.model.attention_math import decode_attention, prefill_attention, to_heads
 from flexgen_repro.model.base import CachePart, Deferred, Layer, StepInfo, WeightSpec
+from flexgen_repro.model.host_stage import Staged
 from flexgen_repro.weights.layout import layer_tensor_names
 
 MLP_CHUNK_TOKENS = 4096
+# Decode over a resident cache (the CUDA-graph path) in fewer kernels: one fused attention call
+# with the query scale folded in, heads as views (no copies), ReLU fused into fc1's GEMM.
+# Small-batch decode on the GPU is bound by kernel count, not bytes. FLEXGEN_FUSED_DECODE=0
+# restores the general path (for side-by-side runs).
+FUSED_DECODE = os.environ.get("FLEXGEN_FUSED_DECODE", "1") != "0"
 
 
 def dense(w):
@@ -83,6 +90,10 @@ class SelfAttention(Layer):
         """x: (b, s, h) -> (out (b, s, h), (k, v) each (b, heads, s, d) for the cache)."""
         c = self.config
         hn = layer_norm(x, w["w_ln_attn"], w["b_ln_attn"], c.layer_norm_eps)
+        if (FUSED_DECODE and not step.is_prefill and cache is not None and len(cache) == 1
+                and cache[0].resident and isinstance(cache[0].k, torch.Tensor)
+                and step.attn_sparsity == 1.0):
+            return self._resident_decode(x, hn, w, step, cache[0])
         q = to_heads(linear(hn, w["w_q"], w["b_q"]) * c.head_dim ** -0.5, c.n_head)
         k = to_heads(linear(hn, w["w_k"], w["b_k"]), c.n_head)
         v = to_heads(linear(hn, w["w_v"], w["b_v"]), c.n_head)
@@ -93,6 +104,25 @@ class SelfAttention(Layer):
             if isinstance(attn, Deferred):  # CPU attention running on step.cpu_pool
                 return Deferred(lambda: (linear(attn.result(), w["w_out"], w["b_out"]) + x, (k, v)))
         out = linear(attn, w["w_out"], w["b_out"]) + x
+        return out, (k, v)
+
+    def _resident_decode(self, x, hn, w, step: StepInfo, part: CachePart):
+        """One new token per row over the whole home buffer (b, heads, max_len, d), written in
+        place at `part.write_index`; unwritten positions are masked by `step.mask` (b, max_len).
+        Same maths as the general path; softmax stays in float32 inside the fused kernel."""
+        c = self.config
+        b, s, _ = hn.shape
+        if "w_qkv" in w:  # q, k, v projections as one GEMM (GraphedDecode fuses them at capture)
+            qkv = linear(hn, w["w_qkv"], w["b_qkv"]).view(b, s, 3, c.n_head, c.head_dim)
+            q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
+        else:
+            q, k, v = (linear(hn, w[f"w_{n}"], w[f"b_{n}"]).view(b, s, c.n_head, c.head_dim)
+                       .transpose(1, 2) for n in "qkv")
+        _write_at(part.k, k, part.write_index)
+        _write_at(part.v, v, part.write_index)
+        attn = F.scaled_dot_product_attention(q, part.k, part.v, attn_mask=step.mask[:, None, None, :],
+                                              scale=c.head_dim ** -0.5)
+        out = linear(attn.transpose(1, 2).reshape(b, s, c.hidden_size), w["w_out"], w["b_out"]) + x
         return out, (k, v)
 
     def _decode(self, q, k_new, v_new, step: StepInfo, cache: list[CachePart]):
@@ -113,6 +143,15 @@ class SelfAttention(Layer):
                     tail = torch.zeros(mask.shape[0], k.shape[2] - part.valid, dtype=torch.bool,
                                        device=mask.device)
                     mask = torch.cat([mask[:, :part.valid], tail, mask[:, part.valid:]], dim=1)
+                if dev.type == "cpu" and step.cpu_pool is not None and step.host_stage is not None:
+                    slot = step.host_stage.take(q[rows].shape, q.dtype)
+                    with trace.span("to_cpu"):
+                        slot.stage(q[rows], k_new[rows], v_new[rows])
+                    job = functools.partial(_staged_attend, slot, k, v, mask.to(dev), step.attn_sparsity,
+                                            part.valid)
+                    slot.future = step.cpu_pool.submit(job)
+                    outs.append(Staged(slot.future, slot))
+                    continue
                 with trace.span(f"to_{dev.type}"):
                     args = q[rows].to(dev), k_new[rows].to(dev), v_new[rows].to(dev), mask.to(dev)
                 job = functools.partial(_traced_attend, f"attention_{dev.type}", args[0], k, v,
@@ -122,7 +161,7 @@ class SelfAttention(Layer):
                     continue
                 out = job()
             outs.append(out.to(q.device))
-        if any(isinstance(o, Future) for o in outs):
+        if any(isinstance(o, (Future, Staged)) for o in outs):
             return Deferred(lambda: _gather(outs, q.device))
         return _gather(outs, q.device)
 
@@ -132,21 +171,36 @@ def _traced_attend(name: str, *args) -> torch.Tensor:
         return attend(*args)
 
 
+def _staged_attend(slot, k, v, mask, sparsity, valid) -> None:
+    """On the worker: wait for the slot's inputs to reach the host, attend into its output."""
+    with trace.span("attention_cpu"):
+        slot.wait_ready()
+        attend(slot.q, k, v, mask, sparsity, slot.k_new, slot.v_new, valid, out=slot.out)
+
+
 def _gather(outs: list, device: torch.device) -> torch.Tensor:
     """Each part's output (a tensor or a Future of one) on `device`, rows in order."""
-    outs = [o.result().to(device) if isinstance(o, Future) else o for o in outs]
+    outs = [o.result(device) if isinstance(o, Staged) else
+            o.result().to(device) if isinstance(o, Future) else o for o in outs]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
-def attend(q, k, v, mask, sparsity=1.0, k_new=None, v_new=None, n_prev=None) -> torch.Tensor:
+def attend(q, k, v, mask, sparsity=1.0, k_new=None, v_new=None, n_prev=None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """decode_attention over a plain or compressed cache (k, v whole or leading positions).
     A compressed cache at 16 bits attended densely goes to kernels.compressed_heads_decode_attention
     (on the GPU a fused kernel that reads the packed bytes once, elsewhere its float32 reference);
     otherwise (float32 runs, sparse attention) it is decompressed first. A plain cache on the CPU
-    attended densely goes to kernels.cpu_attention when its C kernel could be built."""
+    attended densely goes to kernels.cpu_attention when its C kernel could be built.
+    `out` (b, 1, hidden), optional: the result is written there (and returned)."""
     if sparsity == 1.0 and isinstance(k, torch.Tensor) and cpu_attention.supports(q, k, v):
         return cpu_attention.decode_attention(q, k, v, mask, k_new, v_new,
-                                              n_prev if k_new is not None else None)
+                                              n_prev if k_new is not None else None, out=out)
+    result = _attend_torch(q, k, v, mask, sparsity, k_new, v_new, n_prev)
+    return result if out is None else out.copy_(result)
+
+
+def _attend_torch(q, k, v, mask, sparsity, k_new, v_new, n_prev) -> torch.Tensor:
     if (not isinstance(k, torch.Tensor) and sparsity == 1.0
             and q.dtype in (torch.float16, torch.bfloat16)):
         from flexgen_repro import kernels
@@ -188,7 +242,17 @@ class MLP(Layer):
 
     def _mlp(self, x, w):
         hn = layer_norm(x, w["w_ln_mlp"], w["b_ln_mlp"], self.config.layer_norm_eps)
-        return linear(torch.relu(linear(hn, w["w_fc1"], w["b_fc1"])), w["w_fc2"], w["b_fc2"]) + x
+        return linear(_linear_relu(hn, w["w_fc1"], w["b_fc1"]), w["w_fc2"], w["b_fc2"]) + x
+
+
+def _linear_relu(x: torch.Tensor, w, b) -> torch.Tensor:
+    """relu(x @ w.T + b); on the GPU with plain 16-bit weights one GEMM with a ReLU epilogue
+    (torch._addmm_activation), saving a kernel per layer where decode is launch-bound."""
+    if (FUSED_DECODE and x.is_cuda and isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor)
+            and x.dtype in (torch.float16, torch.bfloat16) and hasattr(torch, "_addmm_activation")):
+        flat = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t())
+        return flat.view(*x.shape[:-1], w.shape[0])
+    return torch.relu(linear(x, w, b))
 
 
 class TransformerLayer(Layer):
