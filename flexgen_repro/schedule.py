@@ -76,8 +76,21 @@ class BlockRun:
         if j in self.weights or j >= len(self.layers):
             return
         home, gpu, pin = self.lm.weight_home[j], self.env.gpu.dev, self.policy.pin_weight
-        self.weights[j] = self.ch["weight"].submit(
-            lambda: {key: stored.load(gpu, pin) for key, stored in home.items()})
+        on_disk = [key for key, stored in home.items() if stored.tier == Tier.DISK]
+        if not self.policy.overlap or not on_disk or len(on_disk) == len(home):
+            self.weights[j] = self.ch["weight"].submit(
+                lambda: {key: stored.load(gpu, pin) for key, stored in home.items()})
+            return
+        # a layer split over disk and host memory: its disk reads run on their own channel while
+        # its host part crosses the link (one after the other, the slower tier waited on both)
+        from_disk = self.ch["weight_disk"].submit(
+            lambda: {key: home[key].load(gpu, pin) for key in on_disk})
+
+        def load() -> dict:
+            out = {key: stored.load(gpu, pin) for key, stored in home.items() if key not in on_disk}
+            out.update(from_disk.result())
+            return {key: out[key] for key in home}
+        self.weights[j] = self.ch["weight"].submit(load)
 
     def load_cache(self, i: int, j: int, k: int) -> None:
         if i == 0 or i >= self.gen_len or j >= len(self.layers) or not self.layers[j].has_cache:

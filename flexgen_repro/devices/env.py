@@ -217,7 +217,7 @@ class Channel:
 class ExecutionEnv:
     """The GPU, CPU, disk and mixed devices plus the copy channels. A context manager."""
 
-    CHANNELS = ("weight", "cache_load", "cache_store")
+    CHANNELS = ("weight", "weight_disk", "cache_load", "cache_store")
 
     def __init__(self, gpu: MemDevice, cpu: MemDevice, disk: DiskDevice, own_dir: str | None):
         self.gpu, self.cpu, self.disk = gpu, cpu, disk

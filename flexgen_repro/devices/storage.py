@@ -175,7 +175,10 @@ class Stored:
             comps = {name: p.load(device, pin) for name, p in self.parts.items()}
             return CompressedTensor.from_components(comps, self.meta)
         if isinstance(self.data, DiskFile):
-            return to_device(self.data.read(pin=pin and device.type == "cuda"), device)
+            # a disk read bound for the GPU lands in pinned memory whatever `pin` says: the buffer
+            # is transient (torch's pinned-block cache reuses it), and a pageable one would cross
+            # the link at a fraction of its speed (`pin` is for weights kept in host memory)
+            return to_device(self.data.read(pin=device.type == "cuda"), device)
         return to_device(self.data, device)
 
 
