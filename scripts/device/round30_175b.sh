@@ -14,6 +14,13 @@ setsid nohup bash -c "timeout 1560 python3 -c \"import sys; from flexgen_repro.b
   suite='h100-large', gpu_mem_gb=16.0, out='$R/res', path='_DUMMY_', offload_dir='/tmp/offload',
   cases='175b-c-16x2', profile='local'))\" > $R/bench.txt 2>&1; echo rc \$? > $R/DONE" > /dev/null 2>&1 < /dev/null &
 sleep 5
-( while [ ! -e $R/DONE ]; do echo "$(date +%T) $(free -g | awk '/Mem/{print "used",$3,"avail",$7}') $(tail -c 300 $R/res/h100-large/logs/175b-c-16x2.log 2>/dev/null | tail -1 | cut -c1-150)"; sleep 30; done ) > $R/progress.txt 2>&1 &
+cat > $R/progress.sh <<'LOOP'
+R=/tmp/r30
+while [ ! -e $R/DONE ]; do
+  echo "$(date +%T) $(free -g | awk '/Mem/{print "used",$3,"avail",$7}') $(tail -c 300 $R/res/h100-large/logs/175b-c-16x2.log 2>/dev/null | tail -1 | cut -c1-150)"
+  sleep 30
+done
+LOOP
+setsid nohup bash $R/progress.sh > $R/progress.txt 2>&1 < /dev/null &
 sleep ${WAIT:-540}
 cat $R/progress.txt | tail -20; cat $R/DONE 2>/dev/null
