@@ -9,12 +9,16 @@ with the unwritten positions masked. Captured once per GPU batch and block, repl
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 
 import torch
 
 from flexgen_repro.model.base import CachePart, StepInfo
 from flexgen_repro.policy import Policy, Tier
 
+# Decode tokens queued back to back (FLEXGEN_GRAPH_PIPELINE=0: each step waits for its ids on the
+# host and copies its inputs from there): the host collects token i's ids while token i + 1 runs.
+PIPELINE = os.environ.get("FLEXGEN_GRAPH_PIPELINE", "1") != "0"
 # q, k and v projections of each layer as one GEMM in graphed decode (FLEXGEN_FUSE_QKV=0: three,
 # for side-by-side runs). Their GPU homes become views of one buffer: no extra memory.
 FUSE_QKV = os.environ.get("FLEXGEN_FUSE_QKV", "1") != "0"
@@ -73,6 +77,16 @@ class GraphedDecode:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.static: dict[int, dict] = {}
         self.pool = None
+        self.picked: dict[int, torch.Tensor] = {}      # pipelined: last picked ids per batch
+        self.last: dict[int, int] = {}                 # pipelined: last token queued per batch
+        self.host_ids: dict[tuple, torch.Tensor] = {}  # pinned, per (token parity, batch)
+        self.in_flight: dict[int, list] = defaultdict(list)
+
+    def start_block(self, run) -> None:
+        """A new block reuses the graphs; its inputs start from the host again."""
+        self.run = run
+        self.last.clear()
+        self.in_flight.clear()
 
     def _inputs(self, i: int, k: int) -> dict:
         """This step's ids, positions, full-length mask and write index, on the GPU."""
@@ -122,6 +136,47 @@ class GraphedDecode:
             self._body(k)
         self.pool = graph.pool()
         self.graphs[k] = graph
+
+    def queue(self, i: int, k: int) -> None:
+        """Queue token i of GPU batch k without waiting for anything: where batch k replayed token
+        i - 1 last, its next inputs are made on the GPU from that step's (ids picked there, one
+        position and one mask column on, write index on), else copied from the host. The picked
+        ids go to a pinned buffer; `collect(i)` writes them into output_ids.
+
+        A row that stopped (its output is padding from then on) is fed its own picked token rather
+        than the pad token the host would feed; rows never mix, so every other row is unchanged."""
+        run = self.run
+        if self.last.get(k) == i - 1 and k in self.graphs:
+            st = self.static[k]
+            st["ids"].copy_(self.picked[k].view_as(st["ids"]))
+            st["pos"].add_(1)
+            st["mask"][:, run.prompt_len + i - 1] = True
+            st["index"].add_(1)
+        else:
+            fresh = self._inputs(i, k)
+            if k not in self.graphs:
+                self.static[k] = dict(fresh)
+                self._capture(k)
+            else:
+                for name, t in fresh.items():
+                    self.static[k][name].copy_(t)
+        self.graphs[k].replay()
+        ids = run.pick(self.static[k]["logits"])
+        self.picked[k], self.last[k] = ids, i
+        key = (i % 2, k)
+        if key not in self.host_ids or self.host_ids[key].shape != ids.shape:
+            self.host_ids[key] = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        self.host_ids[key].copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.in_flight[i].append((k, self.host_ids[key], done))
+
+    def collect(self, i: int) -> None:
+        """Wait for token i's picked ids (every GPU batch) and write them into output_ids."""
+        run = self.run
+        for k, host, done in self.in_flight.pop(i, []):
+            done.synchronize()
+            run.output_ids[k * run.B:(k + 1) * run.B, run.prompt_len + i] = host.numpy()
 
     def step(self, i: int, k: int) -> None:
         """Decode token i of GPU batch k and record the picked ids."""

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from flexgen_repro import trace
+from flexgen_repro import graph_decode
 from flexgen_repro.graph_decode import GraphedDecode, graphable
 from flexgen_repro.model.base import CachePart, Deferred, StepInfo
 from flexgen_repro.model.host_stage import HostStage
@@ -238,6 +239,9 @@ class BlockRun:
         n_layers = len(self.layers)
         graphs = self._graphs()
         for i in range(self.gen_len):
+            if graphs is not None and i > 0 and graph_decode.PIPELINE:
+                self._pipelined_decode(graphs, i)
+                break
             t0 = time.perf_counter()
             trace.set_phase("prefill" if i == 0 else "decode")
             if graphs is not None and i > 0:
@@ -265,6 +269,32 @@ class BlockRun:
         self._drain()
         return self.output_ids
 
+    def _pipelined_decode(self, graphs: GraphedDecode, start: int) -> None:
+        """Tokens start.. through the CUDA graphs, each queued before the previous one's ids are
+        collected, so the GPU never waits for the host between tokens. Stopping and max_steps
+        are checked one token late; a token queued past the end is never collected (its column
+        stays padding, as it would had it not run)."""
+        for fut in self.cache_stores.values():
+            fut.result()
+        trace.set_phase("decode")
+        end = min(self.gen_len, self.max_steps)
+        t0 = time.perf_counter()
+        prev = None
+        for i in range(start, end + 1):
+            if i < end:
+                for k in range(self.K):
+                    graphs.queue(i, k)
+            if prev is not None:
+                graphs.collect(prev)
+                self._finish_token(prev)
+                now = time.perf_counter()
+                self.step_times.append(now - t0)
+                t0 = now
+                if self.stop is not None and self.stopped.all():
+                    break
+            prev = i
+        graphs.in_flight.clear()
+
     def close(self) -> None:
         """Stop the CPU attention worker (after a failure too)."""
         if self.cpu_pool is not None:
@@ -284,7 +314,7 @@ class BlockRun:
             return None
         if state["graphs"] is None:
             state["graphs"] = GraphedDecode(self)
-        state["graphs"].run = self
+        state["graphs"].start_block(self)
         return state["graphs"]
 
     def _normal_step(self, i: int, j: int, k: int) -> None:

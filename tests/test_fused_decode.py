@@ -140,3 +140,59 @@ def test_linear_relu_epilogue_matches_linear_then_relu(dtype):
     # one rounding of a 64-term fp32-accumulated dot product to 16 bits: bounded by 16-bit ulp
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(got.double(), want, rtol=2 * eps, atol=2 * eps)
+
+
+class _FakeGraphs:
+    """Stands in for GraphedDecode (CUDA only): token i of every row picks `picks[i]`."""
+
+    def __init__(self, run, picks):
+        self.run, self.picks, self.queued, self.collected = run, picks, [], []
+        self.in_flight = {}
+
+    def queue(self, i, k):
+        self.queued.append((i, k))
+        self.in_flight.setdefault(i, []).append(k)
+
+    def collect(self, i):
+        for k in self.in_flight.pop(i):
+            rows = slice(k * self.run.B, (k + 1) * self.run.B)
+            self.run.output_ids[rows, self.run.prompt_len + i] = self.picks[i]
+        self.collected.append(i)
+
+
+def _pipelined(gen_len, stop, picks, max_steps=None, K=2, B=2, prompt_len=3):
+    import numpy as np
+    from types import SimpleNamespace
+    from flexgen_repro.schedule import BlockRun
+    run = SimpleNamespace(cache_stores={}, gen_len=gen_len, max_steps=max_steps or gen_len, K=K,
+                          B=B, stop=stop, want_logits=False, prompt_len=prompt_len, pad=1,
+                          stopped=np.zeros(B * K, dtype=bool), step_times=[],
+                          output_ids=np.full((B * K, prompt_len + gen_len), 1, np.int64))
+    run._finish_token = lambda i: BlockRun._finish_token(run, i)
+    graphs = _FakeGraphs(run, picks)
+    BlockRun._pipelined_decode(run, graphs, 1)
+    return run, graphs
+
+
+def test_pipelined_decode_queues_each_token_before_collecting_the_last():
+    run, graphs = _pipelined(5, None, {i: 10 + i for i in range(5)})
+    assert graphs.queued == [(i, k) for i in range(1, 5) for k in range(2)]
+    assert graphs.collected == [1, 2, 3, 4]
+    assert (run.output_ids[:, 4:] == [11, 12, 13, 14]).all()
+    assert len(run.step_times) == 4 and not graphs.in_flight
+
+
+def test_pipelined_decode_stops_one_token_late_and_leaves_that_token_padding():
+    # every row emits the stop token (7) at token 2: token 3 is already queued, never collected
+    run, graphs = _pipelined(6, 7, {1: 20, 2: 7, 3: 30, 4: 40, 5: 50})
+    assert graphs.collected == [1, 2]
+    assert [i for i, _ in graphs.queued] == [1, 1, 2, 2, 3, 3]
+    assert (run.output_ids[:, 3 + 1] == 20).all() and (run.output_ids[:, 3 + 2] == 7).all()
+    assert (run.output_ids[:, 3 + 3:] == 1).all()   # what the unpipelined loop leaves there
+    assert not graphs.in_flight
+
+
+def test_pipelined_decode_respects_max_steps():
+    run, graphs = _pipelined(6, None, {i: i for i in range(6)}, max_steps=3)
+    assert graphs.collected == [1, 2] and max(i for i, _ in graphs.queued) == 2
+    assert (run.output_ids[:, 3 + 3:] == 1).all()

@@ -20,3 +20,25 @@ def test_copy_chunked_matches_a_plain_copy(device, monkeypatch):
     if device == "cuda":
         torch.cuda.synchronize()
     assert torch.equal(dst.cpu(), src)
+
+
+def test_link_gate_waits_for_every_registered_small_copy_once():
+    from flexgen_repro.devices.storage import LinkGate
+
+    class Ev:
+        def __init__(self):
+            self.waited = 0
+
+        def synchronize(self):
+            self.waited += 1
+    gate = LinkGate()
+    gate.enabled = True
+    events = [Ev(), Ev()]
+    for e in events:
+        gate.register(e)
+    gate.wait_clear()
+    gate.wait_clear()            # nothing pending any more: no second wait
+    assert [e.waited for e in events] == [1, 1]
+    gate.enabled = False         # FLEXGEN_LINK_GATE=0: nothing is held back
+    gate.register(Ev())
+    assert gate._pending == []

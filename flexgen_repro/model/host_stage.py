@@ -15,6 +15,8 @@ from concurrent.futures import Future
 
 import torch
 
+from flexgen_repro.devices.storage import LINK_GATE
+
 SLOTS = 8   # per shape: at most num_gpu_batches attentions are in flight at once
 
 
@@ -56,6 +58,7 @@ class Slot:
         moved = self.out.to(device, non_blocking=True)
         self.read = torch.cuda.Event()
         self.read.record()
+        LINK_GATE.register(self.read)   # weight pieces wait for it: see storage.LinkGate
         return moved
 
 
