@@ -27,6 +27,9 @@ MLP_CHUNK_TOKENS = 4096
 # Small-batch decode on the GPU is bound by kernel count, not bytes. FLEXGEN_FUSED_DECODE=0
 # restores the general path (for side-by-side runs).
 FUSED_DECODE = os.environ.get("FLEXGEN_FUSED_DECODE", "1") != "0"
+# Linears over at most 16 rows (small-batch decode) in the Triton kernel kernels.small_linear
+# instead of cuBLAS (FLEXGEN_SMALL_LINEAR=1; off by default until measured faster).
+SMALL_LINEAR = os.environ.get("FLEXGEN_SMALL_LINEAR", "0") == "1"
 
 
 def dense(w):
@@ -48,6 +51,12 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None) -> torch.Tensor:
         if kernels.available() and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             return kernels.dequant_linear(x, w, dense(b) if b is not None else None)
         w = dense(w)
+    if SMALL_LINEAR and x.is_cuda and x.numel() <= 16 * x.shape[-1]:
+        from flexgen_repro import kernels
+        if kernels.available():
+            from flexgen_repro.kernels import small_linear
+            if small_linear.supports(x, w):
+                return small_linear.linear(x, w, None if b is None else dense(b))
     return F.linear(x, w, None if b is None else dense(b))
 
 
