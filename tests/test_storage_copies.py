@@ -42,3 +42,26 @@ def test_link_gate_waits_for_every_registered_small_copy_once():
     gate.enabled = False         # FLEXGEN_LINK_GATE=0: nothing is held back
     gate.register(Ev())
     assert gate._pending == []
+
+
+def test_wait_done_polls_until_the_handle_reports_done(monkeypatch):
+    from flexgen_repro.devices import storage
+
+    class Handle:
+        def __init__(self, polls):
+            self.polls, self.synced = polls, False
+
+        def query(self):
+            self.polls -= 1
+            return self.polls < 0
+
+        def synchronize(self):
+            self.synced = True
+    monkeypatch.setattr(storage, "COPY_POLL_S", 1e-6)
+    h = Handle(3)
+    storage.wait_done(h)
+    assert h.polls == -1 and not h.synced      # queried 4 times, never blocked
+    monkeypatch.setattr(storage, "COPY_POLL_S", 0.0)
+    h = Handle(3)
+    storage.wait_done(h)
+    assert h.synced and h.polls == 3           # FLEXGEN_COPY_POLL_US=0: one blocking wait

@@ -17,7 +17,7 @@ import torch
 
 from flexgen_repro import trace
 from flexgen_repro.devices.storage import (DiskFile, PackedStore, PlainStore, RowSplit, Segment,
-                                           Stored, new_disk_file)
+                                           Stored, new_disk_file, wait_done)
 from flexgen_repro.policy import Tier, split_rows
 
 
@@ -205,7 +205,7 @@ class Channel:
                 if ready is not None:
                     self.stream.wait_event(ready)
                 out = fn(*args)
-            self.stream.synchronize()
+            wait_done(self.stream)
             return out
 
     def close(self) -> None:

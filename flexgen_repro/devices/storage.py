@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,22 @@ _READ_THREADS = 4
 # small activation and query copies behind it (case C on an H200: 0.6 s of a 2.2 s decode step).
 COPY_CHUNK_BYTES = int(float(os.environ.get("FLEXGEN_COPY_CHUNK_MB", "16")) * (1 << 20))
 COPY_IN_FLIGHT = int(os.environ.get("FLEXGEN_COPY_IN_FLIGHT", "2"))
+
+
+# How a copy thread waits for its own copies: by polling the event or stream with short sleeps
+# (FLEXGEN_COPY_POLL_US microseconds; 0: a blocking synchronize). A thread blocked in
+# cudaEventSynchronize can keep other threads' CUDA calls (the main thread's queueing, its small
+# copies) waiting behind it; a query returns at once.
+COPY_POLL_S = float(os.environ.get("FLEXGEN_COPY_POLL_US", "0")) * 1e-6
+
+
+def wait_done(handle) -> None:
+    """Wait for a torch.cuda.Event or Stream: polled with sleeps when COPY_POLL_S > 0."""
+    if COPY_POLL_S <= 0:
+        handle.synchronize()
+        return
+    while not handle.query():
+        time.sleep(COPY_POLL_S)
 
 
 class LinkGate:
@@ -55,7 +72,7 @@ class LinkGate:
         with self._lock:
             pending, self._pending = self._pending, []
         for event in pending:
-            event.synchronize()
+            wait_done(event)
 
 
 LINK_GATE = LinkGate()
@@ -83,7 +100,7 @@ def copy_chunked_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
             done.record()
             queued.append(done)
             if len(queued) > COPY_IN_FLIGHT:
-                queued.popleft().synchronize()
+                wait_done(queued.popleft())
     return dst
 
 
@@ -253,7 +270,7 @@ class PlainStore:
             # faults in fresh pages each time): copy into a contiguous pinned block, then scatter
             staged = copy_chunked_(torch.empty(value.shape, dtype=value.dtype, pin_memory=True),
                                    value.contiguous())
-            torch.cuda.current_stream().synchronize()
+            wait_done(torch.cuda.current_stream())
             dst.copy_(staged)
         else:
             copy_chunked_(dst, value)
