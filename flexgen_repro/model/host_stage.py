@@ -1,15 +1,16 @@
-"""Pinned host buffers for CPU attention, so the main thread never waits on a copy.
+"""Pinned host buffers for CPU attention's results, so the main thread need not wait on their copy.
 
 CPU attention needs each GPU batch's new query, key and value on the host and sends its output
 back. As synchronous copies from and to pageable memory, each one made the main thread wait for
 the copy engine, which is busy with weight pieces: up to 5-8 ms per batch in case C's traces
-(rounds 22-23), while that thread should be queueing the next batch's GPU work. Here the copies
-are asynchronous, into and out of pinned buffers reused round-robin: the attention worker waits
-for the inputs' event, and a slot is handed out again only once the work that used it is done
-(its attention finished and its output's copy to the GPU completed).
+(rounds 22-23), while that thread should be queueing the next batch's GPU work. Here the output
+goes back asynchronously from pinned buffers reused round-robin (a slot is handed out again only
+once its attention finished and its output's copy to the GPU completed), and the link gate lets
+that copy through between weight pieces; the inputs go to the host as before (see `Slot.stage`).
 """
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import Future
 
@@ -18,6 +19,7 @@ import torch
 from flexgen_repro.devices.storage import LINK_GATE
 
 SLOTS = 8   # per shape: at most num_gpu_batches attentions are in flight at once
+PINNED_INPUTS = os.environ.get("FLEXGEN_HOST_STAGE_INPUTS", "pageable") == "pinned"
 
 
 class Slot:
@@ -25,8 +27,10 @@ class Slot:
 
     def __init__(self, shape: tuple, dtype: torch.dtype, pin: bool):
         b, heads, _, d = shape
-        self.q, self.k_new, self.v_new = (torch.empty(shape, dtype=dtype, pin_memory=pin)
-                                          for _ in range(3))
+        self.q = self.k_new = self.v_new = None
+        if PINNED_INPUTS:
+            self.q, self.k_new, self.v_new = (torch.empty(shape, dtype=dtype, pin_memory=pin)
+                                              for _ in range(3))
         self.out = torch.empty(b, 1, heads * d, dtype=dtype, pin_memory=pin)
         self.ready: torch.cuda.Event | None = None      # the inputs' copies to the host
         self.read: torch.cuda.Event | None = None       # the output's copy to the GPU
@@ -40,12 +44,21 @@ class Slot:
         self.future = self.ready = self.read = None
 
     def stage(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        """Queue the copies to the host on the current stream; `wait_ready` waits for them."""
+        """The inputs on the host: by default synchronous copies to pageable memory (the q, k_new,
+        v_new attributes become those tensors); with PINNED_INPUTS, asynchronous copies into
+        this slot's pinned buffers on the current stream, which `wait_ready` waits for.
+
+        Measured on the H100 (case C, rounds 31-32): the pinned device->host copies queued on the
+        compute stream waited for the weight stream's whole host->device copy (14 ms), while the
+        pageable ones went through at once; the result's pinned host->device copy, held back by
+        the link gate, was not delayed."""
+        if not PINNED_INPUTS or not q.is_cuda:
+            self.q, self.k_new, self.v_new = (t.to("cpu") for t in (q, k_new, v_new))
+            return
         for dst, src in ((self.q, q), (self.k_new, k_new), (self.v_new, v_new)):
             dst.copy_(src, non_blocking=True)
-        if q.is_cuda:
-            self.ready = torch.cuda.Event()
-            self.ready.record()
+        self.ready = torch.cuda.Event()
+        self.ready.record()
 
     def wait_ready(self) -> None:
         if self.ready is not None:
