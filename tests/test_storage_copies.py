@@ -31,6 +31,10 @@ def test_link_gate_waits_for_every_registered_small_copy_once():
 
         def synchronize(self):
             self.waited += 1
+
+        def query(self):          # polled (the default): done once asked
+            self.waited += 1
+            return True
     gate = LinkGate()
     gate.enabled = True
     events = [Ev(), Ev()]
