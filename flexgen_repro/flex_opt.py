@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu (the rest of each goes to "
                         "disk), or `auto` to use the cost model's choice")
     p.add_argument("--sep-layer", type=str2bool, nargs="?", const=True, default=True)
-    p.add_argument("--pin-weight", type=str2bool, nargs="?", const=True, default=True)
+    p.add_argument("--pin-weight", type=str2bool, nargs="?", const=True, default=True,
+                   help="keep host-resident weights in pinned memory (disk reads bound for the GPU "
+                        "are staged in pinned buffers either way)")
     p.add_argument("--cpu-cache-compute", "--cpu", dest="cpu_cache_compute", action="store_true")
     p.add_argument("--attn-sparsity", type=float, default=1.0)
     p.add_argument("--compress-weight", action="store_true")
