@@ -209,16 +209,20 @@ def test_fit_recovers_the_fields_that_generated_the_runs():
 
 
 # The H100 anchors bound by a link or by HBM (weights streamed over PCIe; everything on the GPU
-# through CUDA graphs), measured on the machine the shipped h100-lent profile was measured on.
+# through CUDA graphs), measured in the same call as the shipped h100-lent profile (session 3,
+# round 24, a79cb08; the records are kept in results/device-runs/session3-h100-anchors).
 # 10%: two runs of one case spread ~3% there, and the model leaves out per-token host work.
+# Later runs are on other machines and code (session 4's fused graphed decode launches fewer
+# kernels than the profile's graph floor assumes): the profile is not expected to match them.
 H100_MEASURED_BOUND = ("d-30b-wcpu", "a-6.7b-gpu")
 
 
 @pytest.mark.parametrize("case", H100_MEASURED_BOUND)
 def test_shipped_h100_profile_predicts_its_bandwidth_bound_anchors(case):
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
-    with open(os.path.join(root, "h100-anchors", "raw", f"{case}.json")) as f:
+    with open(os.path.join(root, "device-runs", "session3-h100-anchors", f"{case}.json")) as f:
         rec = json.load(f)
+    assert rec["commit"] == "a79cb08"
     assert rec["device"].startswith("NVIDIA H100")
     (row,) = calibrate.compare([rec], load_profile("h100-lent"))
     assert row["rel_error"] <= 0.10, row
