@@ -152,16 +152,10 @@ class GraphedDecode:
             st["pos"].add_(1)
             st["mask"][:, run.prompt_len + i - 1] = True
             st["index"].add_(1)
+            self.graphs[k].replay()
+            ids = run.pick(st["logits"])
         else:
-            fresh = self._inputs(i, k)
-            if k not in self.graphs:
-                self.static[k] = dict(fresh)
-                self._capture(k)
-            else:
-                for name, t in fresh.items():
-                    self.static[k][name].copy_(t)
-        self.graphs[k].replay()
-        ids = run.pick(self.static[k]["logits"])
+            ids = self._from_host(i, k)
         self.picked[k], self.last[k] = ids, i
         key = (i % 2, k)
         if key not in self.host_ids or self.host_ids[key].shape != ids.shape:
@@ -178,9 +172,9 @@ class GraphedDecode:
             done.synchronize()
             run.output_ids[k * run.B:(k + 1) * run.B, run.prompt_len + i] = host.numpy()
 
-    def step(self, i: int, k: int) -> None:
-        """Decode token i of GPU batch k and record the picked ids."""
-        run = self.run
+    def _from_host(self, i: int, k: int) -> torch.Tensor:
+        """Token i of batch k with its inputs copied from the host (captured at first use);
+        returns the picked ids, on the GPU."""
         fresh = self._inputs(i, k)
         if k not in self.graphs:
             self.static[k] = dict(fresh)
@@ -189,5 +183,10 @@ class GraphedDecode:
             for name, t in fresh.items():
                 self.static[k][name].copy_(t)
         self.graphs[k].replay()
-        ids = run.pick(self.static[k]["logits"])
+        return self.run.pick(self.static[k]["logits"])
+
+    def step(self, i: int, k: int) -> None:
+        """Decode token i of GPU batch k and record the picked ids (waiting for them)."""
+        run = self.run
+        ids = self._from_host(i, k)
         run.output_ids[k * run.B:(k + 1) * run.B, run.prompt_len + i] = ids.cpu().numpy()
