@@ -68,7 +68,8 @@ class BlockRun:
         self.cpu_pool = (ThreadPoolExecutor(1, thread_name_prefix="cpu-attention")
                          if self.policy.cpu_cache_compute and overlap and self.K > 1
                          and os.environ.get("FLEXGEN_CPU_ATTN_WORKER", "1") != "0" else None)
-        # its copies asynchronous, through pinned buffers (FLEXGEN_HOST_STAGE=0: synchronous)
+        # its results back to the GPU asynchronously, from pinned buffers (model/host_stage.py;
+        # FLEXGEN_HOST_STAGE=0: synchronous copies both ways)
         self.host_stage = (HostStage(pin=self.env.has_cuda) if self.cpu_pool is not None
                            and os.environ.get("FLEXGEN_HOST_STAGE", "1") != "0" else None)
 
