@@ -22,6 +22,14 @@ from flexgen_repro.policy import Tier
 
 _READ_CHUNK = 64 << 20   # bytes per pread: large sequential reads, several in flight
 _READ_THREADS = 4
+# Whole-tensor disk reads with O_DIRECT (FLEXGEN_DISK_DIRECT=1): straight from the drive into the
+# (pinned) buffer, bypassing the page cache, so a run measures and uses the drive itself rather
+# than whatever part of the offload folder the page cache happens to hold (OPT-175B in session 4
+# read 119% of its drive's rate for that reason). Off by default: not yet measured on the GPU
+# machine. Where the filesystem refuses O_DIRECT, or the data does not start on a block boundary,
+# reads are buffered as before.
+DISK_DIRECT = os.environ.get("FLEXGEN_DISK_DIRECT", "0") == "1"
+_DIRECT_ALIGN = 4096     # O_DIRECT: buffer address, file offset and length in whole blocks
 # Host<->GPU copies larger than this go as pieces of this size, at most COPY_IN_FLIGHT queued at a
 # time. The copy engine of a direction serves the copies of every stream in the order they were
 # queued: a 17 ms weight copy queued whole (or all its pieces at once) held up the compute stream's
@@ -164,26 +172,29 @@ class DiskFile:
         return self._offset
 
     def _read_whole(self, pin: bool) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=self.dtype, pin_memory=pin)
+        offset = self._data_offset()
+        direct = DISK_DIRECT and hasattr(os, "O_DIRECT") and offset % _DIRECT_ALIGN == 0
+        out = _aligned_empty(self.shape, self.dtype, pin) if direct else \
+            torch.empty(self.shape, dtype=self.dtype, pin_memory=pin)
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        offset, n = self._data_offset(), len(view)
-        chunks = [(s, min(n, s + _READ_CHUNK)) for s in range(0, n, _READ_CHUNK)]
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            def pread(span):
-                start, stop = span
-                while start < stop:
-                    got = os.preadv(fd, [view[start:stop]], offset + start)
-                    if got <= 0:
-                        raise OSError(f"{self.path}: short read at byte {offset + start}")
-                    start += got
-            if len(chunks) == 1:
-                pread(chunks[0])
+        n = len(view)
+        body = n - n % _DIRECT_ALIGN if direct else 0   # whole blocks, read with O_DIRECT
+        if body:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:            # the filesystem refuses O_DIRECT: buffered, as before
+                body = 0
             else:
-                with ThreadPoolExecutor(min(_READ_THREADS, len(chunks))) as pool:
-                    list(pool.map(pread, chunks))
-        finally:
-            os.close(fd)
+                try:
+                    _parallel_pread(fd, view, offset, 0, body, self.path)
+                finally:
+                    os.close(fd)
+        if body < n:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                _parallel_pread(fd, view, offset, body, n, self.path)
+            finally:
+                os.close(fd)
         return out
 
     def write(self, index, value: torch.Tensor) -> None:
@@ -193,6 +204,34 @@ class DiskFile:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _aligned_empty(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """An uninitialized tensor whose data starts on a _DIRECT_ALIGN boundary (a view into a
+    slightly larger byte buffer)."""
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(nbytes + _DIRECT_ALIGN, dtype=torch.uint8, pin_memory=pin)
+    skip = -raw.data_ptr() % _DIRECT_ALIGN
+    return raw[skip:skip + nbytes].view(dtype).view(shape)
+
+
+def _parallel_pread(fd: int, view: memoryview, offset: int, start: int, stop: int,
+                    path: str) -> None:
+    """Bytes [start, stop) of `view` from the file at `offset + start`, in _READ_CHUNK pieces
+    read by up to _READ_THREADS threads."""
+    def pread(span):
+        lo, hi = span
+        while lo < hi:
+            got = os.preadv(fd, [view[lo:hi]], offset + lo)
+            if got <= 0:
+                raise OSError(f"{path}: short read at byte {offset + lo}")
+            lo += got
+    chunks = [(s, min(stop, s + _READ_CHUNK)) for s in range(start, stop, _READ_CHUNK)]
+    if len(chunks) == 1:
+        pread(chunks[0])
+    elif chunks:
+        with ThreadPoolExecutor(min(_READ_THREADS, len(chunks))) as pool:
+            list(pool.map(pread, chunks))
 
 
 def new_disk_file(folder: str, shape, dtype: torch.dtype, prefix: str = "t") -> DiskFile:
