@@ -197,3 +197,29 @@ def test_a_host_backed_gpu_never_uses_graph_decode():
     pred = evaluate_policy(TOY, pol, hw, s, n)
     step = b * (L * 2 * LAYER_PARAMS + 2 * V * H) / 1e12 + L * b * 4 * (s + n / 2) * H / 1e11
     assert pred.decode_step_time == pytest.approx(step + (2 * L + 2) * 1e-3, rel=EXACT)
+
+
+def test_cpu_attention_serial_term_is_the_attention_sublayer_then_the_next_attention_weights():
+    s, n, b, k = 16, 8, 4, 3
+    pol = policy((0, 100, 0, 100, 100, 0), b, k, cpu_cache_compute=True)   # overlap, sep_layer
+    o = 2e-3
+    pred = evaluate_policy(TOY, pol, round_profile(cpu_attention_batch_overhead_s=o), s, n)
+    B = b * k
+    # the CPU attends for all k GPU batches over the average length (4 avg H flops per sequence),
+    # each batch also waiting o on the main thread; then the attention's share of a layer's
+    # weights (q, k, v, out: 4 H^2 of the 4 H^2 + 2 H F matrix parameters) crosses the link
+    attention = B * 4 * (s + n / 2) * H / 1e10 + k * o
+    weights = 4 * H * H / (4 * H * H + 2 * H * F) * (STORED_BYTES / L) / 1e9
+    assert pred.decode_terms["cpu_attn_serial"] == pytest.approx(attention + weights, rel=EXACT)
+    assert pred.decode_step_time == pytest.approx(L * max(pred.decode_terms.values()), rel=EXACT)
+    # a profile without the overhead, or a schedule it does not describe, has no such term
+    assert "cpu_attn_serial" not in evaluate_policy(TOY, pol, round_profile(), s, n).decode_terms
+    for other in (dataclasses.replace(pol, overlap=False), dataclasses.replace(pol, sep_layer=False),
+                  dataclasses.replace(pol, cpu_cache_compute=False)):
+        terms = evaluate_policy(TOY, other, round_profile(cpu_attention_batch_overhead_s=o), s, n)
+        assert "cpu_attn_serial" not in terms.decode_terms
+
+
+def test_cpu_attention_batch_overhead_must_not_be_negative():
+    with pytest.raises(ValueError, match="cpu_attention_batch_overhead_s"):
+        round_profile(cpu_attention_batch_overhead_s=-1e-3)

@@ -244,12 +244,15 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
     attn_flops = B * 4.0 * avg * c.hidden_size
     gpu_attn = _cache_read_share(z, p, hw) / hw.gpu_bmm_decode_flop_s
     dequant, cache_dequant = _decode_dequant(p, hw, z, k * z.w_layer_fp, B * avg * z.kv_token_fp)
+    extra = {}
     if p.cpu_cache_compute:              # CPU attends over the CPU and disk parts; q out, result back
         ctog += Affine.of(cc=hid, cd=hid) * per_byte
         gtoc += Affine.of(cc=hid, cd=hid) * (1 / hw.gpu_to_cpu_hidden_bytes_s)
         off_gpu_attn = attn_flops / hw.cpu_attention_flop_s + cache_dequant
         comp = Affine.of(mm + dequant, cg=attn_flops * gpu_attn + cache_dequant,
                          cc=off_gpu_attn, cd=off_gpu_attn)
+        if p.overlap and p.sep_layer and hw.cpu_attention_batch_overhead_s > 0:
+            extra["cpu_attn_serial"] = _cpu_attention_serial(c, p, hw, z, off_gpu_attn)
     else:                                # the whole cache comes to the GPU
         ctog += Affine.of(cc=read, cd=read) * per_byte
         gpu_side = attn_flops * gpu_attn + cache_dequant
@@ -259,7 +262,25 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
         "dtoc": Affine.of(wd=z.w_layer, cd=read, hd=hid) * (1 / hw.disk_to_cpu_bytes_s),
         "ctod": Affine.of(cd=new, hd=hid) * (1 / hw.cpu_to_disk_bytes_s),
         "comp": comp,
+        **extra,
     }
+
+
+def _cpu_attention_serial(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes,
+                          off_gpu_attn: float) -> Affine:
+    """The attention sublayer with CPU attention, then the next attention weights' load.
+
+    With one sublayer loaded ahead (sep_layer), the next layer's attention weights start loading
+    only when this layer's MLP starts, i.e. after the CPU has attended for all k GPU batches, each
+    also waiting `cpu_attention_batch_overhead_s` on the main thread. So a layer takes at least
+    that attention plus the load of the attention's share of the weights, whatever the link does
+    meanwhile (case C's traces, session 4). The CPU's share of the rows (cc + cd) scales both CPU
+    parts; the weights' share on the host (wc, wd) scales the load."""
+    h, f = c.hidden_size, c.ffn_embed_dim
+    share = 4 * h * h / (4 * h * h + 2 * h * f)         # attention's part of a layer's weights
+    h2d, h2d_w = _host_to_gpu(hw, p)
+    cpu = off_gpu_attn + p.num_gpu_batches * hw.cpu_attention_batch_overhead_s
+    return Affine.of(cc=cpu, cd=cpu, wc=share * z.w_layer / h2d_w, wd=share * z.w_layer / h2d)
 
 
 def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int, n: int,

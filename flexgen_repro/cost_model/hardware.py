@@ -26,7 +26,7 @@ RATE_FIELDS = (
     "gpu_bmm_prefill_flop_s", "gpu_bmm_decode_flop_s", "cpu_attention_flop_s", "gpu_dequant_bytes_s",
 )
 MEMORY_FIELDS = ("gpu_mem_bytes", "cpu_mem_bytes", "disk_mem_bytes", "gpu_step_overhead_s",
-                 "gpu_graph_step_overhead_s")
+                 "gpu_graph_step_overhead_s", "cpu_attention_batch_overhead_s")
 # Seconds per (layer, GPU batch) decode step replayed in a CUDA graph beyond its HBM time, for
 # profiles that do not measure it: the two all-GPU graph-decode runs on the H200
 # (results/h100-anchors/raw, prompt 512) leave the same floor once their weight and attention
@@ -52,6 +52,10 @@ class HardwareProfile:
     driver, one synchronization), which dominates small models on fast GPUs.
     `gpu_graph_step_overhead_s`: the same step replayed in a CUDA graph (the runtime's decode where
     everything is on the GPU): the floor of its small kernels, with no launches or driver.
+    `cpu_attention_batch_overhead_s`: with CPU attention overlapped (a worker thread attends
+    while the main thread prepares the next GPU batch), the time per (layer, GPU batch) the worker
+    still waits on the main thread (its synchronous copy of q, k, v to the host, queueing, finishing
+    the previous batch). Fitted from runs where measured (h100-lent); 0 leaves the term out.
     `gpu_headroom`: the
     fraction of a GPU memory cap (`with_memory(gpu_gb=...)`) usable for tensors.
     `host_backed_gpu`: no CUDA; the "GPU" tier is host memory, so GPU and CPU share `cpu_mem_bytes`.
@@ -81,6 +85,7 @@ class HardwareProfile:
     gpu_graph_step_overhead_s: float = GRAPH_STEP_OVERHEAD_S
     gpu_headroom: float = 1.0
     cpu_mm_flop_s: float = 0.0
+    cpu_attention_batch_overhead_s: float = 0.0
     host_backed_gpu: bool = False
     gpu_fused_kernels: bool = False
     description: str = ""

@@ -27,6 +27,7 @@ bench c1 h100-anchors c-30b-paper 140
 bench c2 h100-anchors c-30b-paper 110
 bench c3 h100-anchors c-30b-paper 110
 bench d h100-anchors d-30b-wcpu 90
+bench solver-serial h100-anchors 30b-solver-serial 130
 bench disk-buffered h100-anchors 1.3b-wdisk-overlap-1x16 40
 FLEXGEN_DISK_DIRECT=1 bench disk-direct h100-anchors 1.3b-wdisk-overlap-1x16 40
 (cd /tmp && tar czf $O/res.tgz res-*)
