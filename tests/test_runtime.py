@@ -77,6 +77,18 @@ def test_split_cache_with_cpu_attention(setup, tmp_path, cpu_attn, sep_layer):
     np.testing.assert_array_equal(generate(config, weights, pol, prompts, tmp_path), expected)
 
 
+@pytest.mark.parametrize("inputs", ["pageable", "pinned", "worker"])
+def test_cpu_attention_input_copies_match_transformers(setup, tmp_path, monkeypatch, inputs):
+    """CPU attention overlapped over several GPU batches, with each way q, k, v can reach the host
+    (model/host_stage.py; on a machine without CUDA all three are the same host path)."""
+    from flexgen_repro.model import host_stage
+    monkeypatch.setattr(host_stage, "INPUTS", inputs)
+    monkeypatch.setattr(host_stage, "PINNED_INPUTS", inputs == "pinned")
+    model, config, weights, prompts, expected = setup
+    pol = policy((20, 80, 0, 100, 0, 100), True, 3, cpu_cache_compute=True)
+    np.testing.assert_array_equal(generate(config, weights, pol, prompts, tmp_path), expected)
+
+
 def test_one_prompt_and_many_blocks(setup, tmp_path):
     model, config, weights, prompts, expected = setup
     pol = policy((0, 100, 0, 100, 100, 0), True, 2, gpu_batch_size=1)

@@ -19,7 +19,15 @@ import torch
 from flexgen_repro.devices.storage import LINK_GATE
 
 SLOTS = 8   # per shape: at most num_gpu_batches attentions are in flight at once
-PINNED_INPUTS = os.environ.get("FLEXGEN_HOST_STAGE_INPUTS", "pageable") == "pinned"
+# How q, k_new, v_new reach the host: "pageable" (the main thread copies them, synchronously),
+# "pinned" (asynchronous copies into pinned buffers: slower, see Slot.stage) or "worker" (the
+# attention worker makes the pageable copies itself, on a side stream that waits for them to be
+# computed, so the main thread never waits; not yet measured on the GPU).
+INPUTS = os.environ.get("FLEXGEN_HOST_STAGE_INPUTS", "pageable")
+if INPUTS not in ("pageable", "pinned", "worker"):
+    raise ValueError(f"FLEXGEN_HOST_STAGE_INPUTS={INPUTS!r}: use pageable, pinned or worker")
+PINNED_INPUTS = INPUTS == "pinned"
+_side_streams: dict = {}      # the worker's copy stream, per device
 
 
 class Slot:
@@ -35,13 +43,14 @@ class Slot:
         self.ready: torch.cuda.Event | None = None      # the inputs' copies to the host
         self.read: torch.cuda.Event | None = None       # the output's copy to the GPU
         self.future: Future | None = None                # the attention that uses it
+        self.src: tuple | None = None                    # "worker": the GPU inputs to copy
 
     def wait_free(self) -> None:
         if self.future is not None:
             self.future.exception()                      # finished (its error surfaces elsewhere)
         if self.read is not None:
             self.read.synchronize()
-        self.future = self.ready = self.read = None
+        self.future = self.ready = self.read = self.src = None
 
     def stage(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """The inputs on the host: by default synchronous copies to pageable memory (the q, k_new,
@@ -52,6 +61,11 @@ class Slot:
         compute stream waited for the weight stream's whole host->device copy (14 ms), while the
         pageable ones went through at once; the result's pinned host->device copy, held back by
         the link gate, was not delayed."""
+        if INPUTS == "worker" and q.is_cuda:
+            self.src = (q, k_new, v_new)       # held until copied: their memory stays theirs
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+            return
         if not PINNED_INPUTS or not q.is_cuda:
             self.q, self.k_new, self.v_new = (t.to("cpu") for t in (q, k_new, v_new))
             return
@@ -61,6 +75,15 @@ class Slot:
         self.ready.record()
 
     def wait_ready(self) -> None:
+        """On the worker, before attending: the inputs are on the host once this returns."""
+        if self.src is not None:           # "worker": copy them here, after they are computed
+            src, self.src = self.src, None
+            dev = src[0].device
+            side = _side_streams.get(dev) or _side_streams.setdefault(dev, torch.cuda.Stream(dev))
+            with torch.cuda.stream(side):
+                side.wait_event(self.ready)
+                self.q, self.k_new, self.v_new = (t.to("cpu") for t in src)
+            return
         if self.ready is not None:
             self.ready.synchronize()
 
