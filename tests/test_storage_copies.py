@@ -122,9 +122,10 @@ def test_direct_disk_reads_fall_back_to_buffered_where_refused(tmp_path, monkeyp
 
 def test_buffered_disk_reads_by_default_and_for_npy_files(tmp_path, monkeypatch):
     import numpy as np
+    monkeypatch.setattr(storage, "DISK_DIRECT", False)                  # FLEXGEN_DISK_DIRECT unset
     f, values = _disk_file(tmp_path, 5000, torch.float16, seed=2)
     opened = _record_opens(monkeypatch)
-    assert torch.equal(f.read(), values) and opened == [False]          # FLEXGEN_DISK_DIRECT unset
+    assert torch.equal(f.read(), values) and opened == [False]
     monkeypatch.setattr(storage, "DISK_DIRECT", True)
     path = tmp_path / "w.npy"                                            # data after a 128-byte header
     np.save(path, values.numpy())
