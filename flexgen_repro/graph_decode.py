@@ -53,7 +53,6 @@ def fuse_qkv(home: dict) -> dict:
         whole = torch.cat(parts)
         for i, n in enumerate("qkv"):
             home[f"{p}_{n}"].data = whole[i * rows:(i + 1) * rows]
-        del parts
         fused[f"{p}_qkv"] = whole
     return fused
 
@@ -167,10 +166,9 @@ class GraphedDecode:
 
     def collect(self, i: int) -> None:
         """Wait for token i's picked ids (every GPU batch) and write them into output_ids."""
-        run = self.run
         for k, host, done in self.in_flight.pop(i, []):
             done.synchronize()
-            run.output_ids[k * run.B:(k + 1) * run.B, run.prompt_len + i] = host.numpy()
+            self.run.record_ids(i, k, host.numpy())
 
     def _from_host(self, i: int, k: int) -> torch.Tensor:
         """Token i of batch k with its inputs copied from the host (captured at first use);
@@ -187,6 +185,4 @@ class GraphedDecode:
 
     def step(self, i: int, k: int) -> None:
         """Decode token i of GPU batch k and record the picked ids (waiting for them)."""
-        run = self.run
-        ids = self._from_host(i, k)
-        run.output_ids[k * run.B:(k + 1) * run.B, run.prompt_len + i] = ids.cpu().numpy()
+        self.run.record_ids(i, k, self._from_host(i, k).cpu().numpy())

@@ -158,12 +158,16 @@ class BlockRun:
         self.env.mixed.free(h)
         return x
 
+    def record_ids(self, i: int, k: int, ids: np.ndarray) -> None:
+        """The ids GPU batch k picked at token i, into output_ids."""
+        self.output_ids[k * self.B:(k + 1) * self.B, self.prompt_len + i] = ids
+
     def store_hidden(self, i: int, j: int, k: int, out) -> None:
         if j == len(self.layers) - 1:
             if self.want_logits:
                 self.logits[k * self.B:(k + 1) * self.B] = out.float().cpu().numpy()
             else:
-                self.output_ids[k * self.B:(k + 1) * self.B, self.prompt_len + i] = out.cpu().numpy()
+                self.record_ids(i, k, out.cpu().numpy())
             return
         pct = self.policy.act_percents()
         if pct[0] == 100:

@@ -83,7 +83,6 @@ def test_cpu_attention_input_copies_match_transformers(setup, tmp_path, monkeypa
     (model/host_stage.py; on a machine without CUDA all three are the same host path)."""
     from flexgen_repro.model import host_stage
     monkeypatch.setattr(host_stage, "INPUTS", inputs)
-    monkeypatch.setattr(host_stage, "PINNED_INPUTS", inputs == "pinned")
     model, config, weights, prompts, expected = setup
     pol = policy((20, 80, 0, 100, 0, 100), True, 3, cpu_cache_compute=True)
     np.testing.assert_array_equal(generate(config, weights, pol, prompts, tmp_path), expected)

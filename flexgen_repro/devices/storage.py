@@ -185,16 +185,9 @@ class DiskFile:
             except OSError:            # the filesystem refuses O_DIRECT: buffered, as before
                 body = 0
             else:
-                try:
-                    _parallel_pread(fd, view, offset, 0, body, self.path)
-                finally:
-                    os.close(fd)
+                _pread_and_close(fd, view, offset, 0, body, self.path)
         if body < n:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                _parallel_pread(fd, view, offset, body, n, self.path)
-            finally:
-                os.close(fd)
+            _pread_and_close(os.open(self.path, os.O_RDONLY), view, offset, body, n, self.path)
         return out
 
     def write(self, index, value: torch.Tensor) -> None:
@@ -215,10 +208,10 @@ def _aligned_empty(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     return raw[skip:skip + nbytes].view(dtype).view(shape)
 
 
-def _parallel_pread(fd: int, view: memoryview, offset: int, start: int, stop: int,
-                    path: str) -> None:
-    """Bytes [start, stop) of `view` from the file at `offset + start`, in _READ_CHUNK pieces
-    read by up to _READ_THREADS threads."""
+def _pread_and_close(fd: int, view: memoryview, offset: int, start: int, stop: int,
+                     path: str) -> None:
+    """Bytes [start, stop) of `view` from the open file `fd` at `offset + start`, in _READ_CHUNK
+    pieces read by up to _READ_THREADS threads; `fd` is closed afterwards, on error too."""
     def pread(span):
         lo, hi = span
         while lo < hi:
@@ -226,12 +219,15 @@ def _parallel_pread(fd: int, view: memoryview, offset: int, start: int, stop: in
             if got <= 0:
                 raise OSError(f"{path}: short read at byte {offset + lo}")
             lo += got
-    chunks = [(s, min(stop, s + _READ_CHUNK)) for s in range(start, stop, _READ_CHUNK)]
-    if len(chunks) == 1:
-        pread(chunks[0])
-    elif chunks:
-        with ThreadPoolExecutor(min(_READ_THREADS, len(chunks))) as pool:
-            list(pool.map(pread, chunks))
+    try:
+        chunks = [(s, min(stop, s + _READ_CHUNK)) for s in range(start, stop, _READ_CHUNK)]
+        if len(chunks) == 1:
+            pread(chunks[0])
+        elif chunks:
+            with ThreadPoolExecutor(min(_READ_THREADS, len(chunks))) as pool:
+                list(pool.map(pread, chunks))
+    finally:
+        os.close(fd)
 
 
 def new_disk_file(folder: str, shape, dtype: torch.dtype, prefix: str = "t") -> DiskFile:

@@ -26,17 +26,17 @@ SLOTS = 8   # per shape: at most num_gpu_batches attentions are in flight at onc
 INPUTS = os.environ.get("FLEXGEN_HOST_STAGE_INPUTS", "pageable")
 if INPUTS not in ("pageable", "pinned", "worker"):
     raise ValueError(f"FLEXGEN_HOST_STAGE_INPUTS={INPUTS!r}: use pageable, pinned or worker")
-PINNED_INPUTS = INPUTS == "pinned"
 _side_streams: dict = {}      # the worker's copy stream, per device
 
 
 class Slot:
-    """One batch's pinned q, k_new, v_new (b, heads, 1, d) and output (b, 1, heads * d)."""
+    """One batch's q, k_new, v_new (b, heads, 1, d) on the host (pinned buffers of the slot in
+    "pinned" mode) and its pinned output (b, 1, heads * d)."""
 
     def __init__(self, shape: tuple, dtype: torch.dtype, pin: bool):
         b, heads, _, d = shape
         self.q = self.k_new = self.v_new = None
-        if PINNED_INPUTS:
+        if INPUTS == "pinned":
             self.q, self.k_new, self.v_new = (torch.empty(shape, dtype=dtype, pin_memory=pin)
                                               for _ in range(3))
         self.out = torch.empty(b, 1, heads * d, dtype=dtype, pin_memory=pin)
@@ -54,7 +54,7 @@ class Slot:
 
     def stage(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """The inputs on the host: by default synchronous copies to pageable memory (the q, k_new,
-        v_new attributes become those tensors); with PINNED_INPUTS, asynchronous copies into
+        v_new attributes become those tensors); in "pinned" mode, asynchronous copies into
         this slot's pinned buffers on the current stream, which `wait_ready` waits for.
 
         Measured on the H100 (case C, rounds 31-32): the pinned device->host copies queued on the
@@ -66,7 +66,7 @@ class Slot:
             self.ready = torch.cuda.Event()
             self.ready.record()
             return
-        if not PINNED_INPUTS or not q.is_cuda:
+        if INPUTS != "pinned" or not q.is_cuda:
             self.q, self.k_new, self.v_new = (t.to("cpu") for t in (q, k_new, v_new))
             return
         for dst, src in ((self.q, q), (self.k_new, k_new), (self.v_new, v_new)):
@@ -117,11 +117,11 @@ class HostStage:
 
 
 class Staged:
-    """A CPU attention running on the worker, with its output in `slot`."""
+    """A CPU attention running on the worker (`slot.future`), with its output in `slot`."""
 
-    def __init__(self, future: Future, slot: Slot):
-        self.future, self.slot = future, slot
+    def __init__(self, slot: Slot):
+        self.slot = slot
 
     def result(self, device: torch.device) -> torch.Tensor:
-        self.future.result()
+        self.slot.future.result()
         return self.slot.to_device(device)

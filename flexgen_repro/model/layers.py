@@ -159,7 +159,7 @@ class SelfAttention(Layer):
                     job = functools.partial(_staged_attend, slot, k, v, mask.to(dev), step.attn_sparsity,
                                             part.valid)
                     slot.future = step.cpu_pool.submit(job)
-                    outs.append(Staged(slot.future, slot))
+                    outs.append(Staged(slot))
                     continue
                 with trace.span(f"to_{dev.type}"):
                     args = q[rows].to(dev), k_new[rows].to(dev), v_new[rows].to(dev), mask.to(dev)
