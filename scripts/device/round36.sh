@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared in session 4 for the next one (not yet run; session 4's device time was spent). On the
+# Prepared in session 4, run in session 5 (part b also runs the Triton kernel GPU tests). On the
 # H100 (`kind: nvidia-h100-x1`): the GPU tests at the final commit; the machine's profile first, so
 # limits and figures come from one machine; C three times (is 35 tok/s machine spread or a
 # first-run effect?), and once with the worker copying q/k/v itself; D; the solver's choice with the
@@ -31,7 +31,9 @@ case "${1:-a}" in   # two calls on one warm machine: `round36.sh a`, then at onc
      bench c2 h100-anchors c-30b-paper 110
      FLEXGEN_HOST_STAGE_INPUTS=worker bench c-worker h100-anchors c-30b-paper 110
      bench d h100-anchors d-30b-wcpu 90 ;;
-  b) bench c3 h100-anchors c-30b-paper 140
+  b) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py > $O/tests-kernels.txt 2>&1
+     echo "kernel tests rc $?"; tail -n 2 $O/tests-kernels.txt
+     bench c3 h100-anchors c-30b-paper 140
      bench solver-serial h100-anchors 30b-solver-serial 150
      bench disk-buffered h100-anchors 1.3b-wdisk-overlap-1x16 40
      FLEXGEN_DISK_DIRECT=1 bench disk-direct h100-anchors 1.3b-wdisk-overlap-1x16 40 ;;
