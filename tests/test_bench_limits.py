@@ -190,8 +190,38 @@ def test_unpinned_weights_cross_at_the_pageable_rate():
     unpinned = limits.step_bytes(config, (0, 100, 100, 0, 100, 0), 8, 1, 512, 32, pin_weight=False)
     weights = config.model_bytes()
     fast, slow = limits.decode_limit(pinned, 8, bw), limits.decode_limit(unpinned, 8, bw)
-    assert slow.binding == "weights over PCIe"
+    assert slow.binding == "unpinned weights over PCIe"
     assert slow.throughput == pytest.approx(8 / (weights / 7.2e9), rel=1e-9)
     assert fast.throughput == pytest.approx(8 / (weights / 54.7e9), rel=1e-9)
     no_pageable = dataclasses.replace(bw, h2d_pageable_gbps=None)
     assert limits.decode_limit(unpinned, 8, no_pageable).throughput == pytest.approx(fast.throughput)
+
+
+def test_staged_unpinned_weights_cross_at_the_pinned_rate_after_a_host_copy():
+    """With the runtime's pinned staging blocks, unpinned host weights cross at the pinned rate,
+    after a host copy that reads and writes each byte: OPT-30B's weights at 54.7 GB/s over PCIe
+    and 2 x weights at 60 GB/s of host memory; the host copy binds (2 / 60 > 1 / 54.7). Half the
+    weights on disk: only the host half is copied, the disk half is read into pinned memory."""
+    config = get_opt_config("opt-30b")
+    weights = config.model_bytes()
+    bw = limits.Bandwidths("t", h2d_gbps=54.7, d2h_gbps=53.0, h2d_pageable_gbps=7.2,
+                           cpu_mem_gbps=60.0, disk_read_gbps=100.0)
+    staged = limits.step_bytes(config, (0, 100, 100, 0, 100, 0), 8, 1, 512, 32, pin_weight=False,
+                               staged=True)
+    lim = limits.decode_limit(staged, 8, bw)
+    assert "unpinned weights over PCIe" not in staged
+    assert lim.binding == "weights staged on the host"
+    assert lim.throughput == pytest.approx(8 / (2 * weights / 60e9), rel=1e-9)
+    assert lim.terms["weights over PCIe"] == pytest.approx(weights / 54.7e9, rel=1e-9)
+    half = limits.step_bytes(config, (0, 50, 100, 0, 100, 0), 8, 1, 512, 32, pin_weight=False,
+                             staged=True)
+    assert half["weights staged on the host"][0] == pytest.approx(weights, rel=1e-12)
+    assert half["weights over PCIe"][0] == pytest.approx(weights, rel=1e-12)
+    unstaged = limits.step_bytes(config, (0, 50, 100, 0, 100, 0), 8, 1, 512, 32, pin_weight=False)
+    assert unstaged["unpinned weights over PCIe"][0] == pytest.approx(weights / 2, rel=1e-12)
+    # a record says whether its run staged its weights; older records (no field) did not
+    record = dict(model="opt-30b", percent="0 100 100 0 100 0", gpu_batch_size=8,
+                  num_gpu_batches=1, prompt_len=512, gen_len=32, pin_weight=False)
+    assert limits.record_limit(record, bw).binding == "unpinned weights over PCIe"
+    assert limits.record_limit({**record, "staged_weights": True}, bw).throughput == \
+        pytest.approx(lim.throughput, rel=1e-12)

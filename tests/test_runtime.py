@@ -88,6 +88,30 @@ def test_cpu_attention_input_copies_match_transformers(setup, tmp_path, monkeypa
     np.testing.assert_array_equal(generate(config, weights, pol, prompts, tmp_path), expected)
 
 
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("staged", [False, True])
+def test_unpinned_weights_match_transformers(setup, tmp_path, monkeypatch, staged, compress):
+    """`--pin-weight false`: host weights stay pageable; on CUDA they cross through the pinned
+    staging blocks (every weight here, with the size floor lowered; in pieces of 4 KiB, so the
+    blocks are refilled many times per layer), or, staging off, through the driver's path. Weights
+    split over host and disk, both schedules. On the CPU the two are one path."""
+    from flexgen_repro.devices import storage
+    model, config, weights, prompts, expected = setup
+    monkeypatch.setattr(storage, "STAGE_PAGEABLE", staged)
+    monkeypatch.setattr(storage, "STAGE_MIN_BYTES", 1)
+    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 4096)
+    for overlap, k in ((False, 1), (True, 2)):
+        pol = policy((0, 70, 100, 0, 100, 0), overlap, k, pin_weight=False, compress_weight=compress)
+        out = generate(config, weights, pol, prompts, tmp_path)
+        if compress:   # 4-bit weights change the tokens: the unstaged path is the reference
+            monkeypatch.setattr(storage, "STAGE_PAGEABLE", False)
+            ref = generate(config, weights, pol, prompts, tmp_path)
+            monkeypatch.setattr(storage, "STAGE_PAGEABLE", staged)
+            np.testing.assert_array_equal(out, ref)
+        else:
+            np.testing.assert_array_equal(out, expected)
+
+
 def test_one_prompt_and_many_blocks(setup, tmp_path):
     model, config, weights, prompts, expected = setup
     pol = policy((0, 100, 0, 100, 100, 0), True, 2, gpu_batch_size=1)

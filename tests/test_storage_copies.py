@@ -132,3 +132,60 @@ def test_buffered_disk_reads_by_default_and_for_npy_files(tmp_path, monkeypatch)
     npy = storage.DiskFile(str(path), (5000,), torch.float16, npy=True)
     opened.clear()
     assert torch.equal(npy.read(), values) and opened == [False]         # not block-aligned: buffered
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,dtype", [((1000,), torch.float32), ((7, 33), torch.float16),
+                                         ((4097,), torch.uint8)])
+def test_copy_staged_matches_a_plain_copy(device, shape, dtype, monkeypatch):
+    """Pageable host memory through the staging blocks: many pieces (more than there are blocks,
+    so each block is refilled), a short last one, any element size."""
+    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 64)
+    src = (torch.arange(torch.Size(shape).numel()) % 251).to(dtype).view(shape)
+    dst = torch.empty(shape, dtype=dtype, device=device)
+    assert storage.copy_staged_(dst, src) is dst
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(dst.cpu(), src)
+    assert len(storage._STAGE_RING.blocks) == storage.COPY_IN_FLIGHT + 1  # reused, not grown
+
+
+def test_staging_blocks_grow_with_the_piece_size(monkeypatch):
+    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 16)
+    storage.copy_staged_(torch.empty(40, dtype=torch.uint8), torch.ones(40, dtype=torch.uint8))
+    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 256)
+    src = torch.arange(300, dtype=torch.int64) % 256
+    dst = torch.empty(300, dtype=torch.int64)
+    storage.copy_staged_(dst, src)
+    assert torch.equal(dst, src)
+    assert all(b.numel() >= 256 for b in storage._STAGE_RING.blocks)
+
+
+def test_only_large_pageable_host_tensors_bound_for_the_gpu_are_staged(monkeypatch):
+    gpu, big = torch.device("cuda"), torch.ones(storage.STAGE_MIN_BYTES // 4, dtype=torch.float32)
+    monkeypatch.setattr(storage, "STAGE_PAGEABLE", True)
+    assert storage._wants_staging(big, gpu)
+    assert not storage._wants_staging(big[:-1], gpu)            # under STAGE_MIN_BYTES
+    assert not storage._wants_staging(big, torch.device("cpu"))
+    monkeypatch.setattr(storage, "STAGE_PAGEABLE", False)      # FLEXGEN_STAGE_PAGEABLE=0
+    assert not storage._wants_staging(big, gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_stages_pageable_tensors_and_not_pinned_ones(monkeypatch):
+    """A large pageable tensor goes through the staging blocks (in 64 KiB pieces here: 128 of
+    them through 3 blocks, so a block refilled before its copy had crossed would corrupt the
+    result); a pinned one is copied directly."""
+    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 64 << 10)
+    calls = []
+    real = storage.copy_staged_
+    monkeypatch.setattr(storage, "copy_staged_", lambda d, s: calls.append(s) or real(d, s))
+    src = torch.randn(2 << 20)                                # 8 MiB, pageable
+    out = storage.to_device(src, torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert len(calls) == 1 and torch.equal(out.cpu(), src)
+    pinned = src.pin_memory()
+    out = storage.to_device(pinned, torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert len(calls) == 1 and torch.equal(out.cpu(), src)

@@ -115,9 +115,12 @@ class Limit:
 def step_bytes(config: OptConfig, percent: tuple[float, ...], gpu_batch_size: int,
                num_gpu_batches: int, prompt_len: int, gen_len: int, cpu_cache_compute: bool = False,
                compress_weight: bool = False, compress_cache: bool = False,
-               pin_weight: bool = True) -> dict[str, tuple[float, str]]:
-    """Bytes moved per decode step, by term: {term: (bytes, bandwidth field)}. Unpinned weights
-    cross from pageable memory (`h2d_pageable_gbps`, where the profile measured it)."""
+               pin_weight: bool = True, staged: bool = False) -> dict[str, tuple[float, str]]:
+    """Bytes moved per decode step, by term: {term: (bytes, bandwidth field)}. Unpinned host
+    weights cross from pageable memory (`h2d_pageable_gbps`, where the profile measured it), or,
+    `staged` (the runtime's pinned staging blocks, storage.copy_staged_), at the pinned rate after
+    a host copy that reads and writes each byte (`cpu_mem_gbps`). Disk-resident weights are read
+    into pinned buffers either way."""
     db, layers = config.dtype_bytes, config.num_hidden_layers
     block = gpu_batch_size * num_gpu_batches
     w_gpu, w_cpu, c_gpu, c_cpu, a_gpu, a_cpu = (p / 100 for p in percent)
@@ -127,13 +130,20 @@ def step_bytes(config: OptConfig, percent: tuple[float, ...], gpu_batch_size: in
     cache = stored_bytes(cache_raw, db, CACHE_COMP if compress_cache else None)
     new_kv = stored_bytes(config.cache_bytes(block, 1), db, CACHE_COMP if compress_cache else None)
     off_gpu_cache = (c_cpu + c_disk) * cache
+    if not pin_weight and staged:
+        unpinned = {"weights staged on the host": (2 * w_cpu * weights, "cpu_mem_gbps")}
+    elif not pin_weight:
+        unpinned = {"unpinned weights over PCIe": (w_cpu * weights, "h2d_pageable_gbps")}
+    else:
+        unpinned = {}
     terms = {
-        "weights over PCIe": ((w_cpu + w_disk) * weights, "h2d_gbps" if pin_weight else "h2d_pageable_gbps"),
+        "weights over PCIe": ((w_cpu + w_disk) * weights, "h2d_gbps"),
         "weights from disk": (w_disk * weights, "disk_read_gbps"),
         "cache from disk": (c_disk * cache, "disk_read_gbps"),
         "new cache to disk": (c_disk * new_kv, "disk_write_gbps"),
         "activations over PCIe": ((a_cpu + a_disk) * 2 * layers * config.hidden_bytes(block, 1),
                                   "h2d_gbps"),
+        **unpinned,
     }
     if cpu_cache_compute:
         terms["cache read by CPU attention"] = (off_gpu_cache, "cpu_mem_gbps")
@@ -168,7 +178,8 @@ def record_limit(record: dict, bw: Bandwidths) -> Limit:
     terms = step_bytes(config, percent, int(record["gpu_batch_size"]), int(record["num_gpu_batches"]),
                        int(record["prompt_len"]), int(record["gen_len"]),
                        bool(record.get("cpu_cache_compute")), bool(record.get("compress_weight")),
-                       bool(record.get("compress_cache")), bool(record.get("pin_weight", True)))
+                       bool(record.get("compress_cache")), bool(record.get("pin_weight", True)),
+                       bool(record.get("staged_weights", False)))
     block = int(record["gpu_batch_size"]) * int(record["num_gpu_batches"])
     return decode_limit(terms, block, bw)
 

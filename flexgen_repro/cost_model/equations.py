@@ -195,9 +195,21 @@ def model_sizes(config: OptConfig, policy: Policy) -> Sizes:
 
 def _host_to_gpu(hw: HardwareProfile, p: Policy) -> tuple[float, float]:
     """(rate of caches and hidden states, which the runtime keeps in pinned host memory; rate of
-    CPU-resident and disk-staged weights, pinned unless pin_weight is off)."""
+    CPU-resident and disk-staged weights, pinned unless pin_weight is off). Unpinned weights go
+    through the runtime's pinned staging blocks (storage.copy_staged_): at the rate profile-hardware
+    measured for that path (`measurements["h2d_staged"]`), else at the slower of the pinned link
+    and a host copy (half the host memory bandwidth: it reads and writes each byte); with staging
+    off (FLEXGEN_STAGE_PAGEABLE=0), or where the profile has neither, at the pageable rate."""
     pinned = hw.cpu_to_gpu_bytes_s
-    return pinned, pinned if p.pin_weight else hw.cpu_to_gpu_pageable_bytes_s
+    if p.pin_weight:
+        return pinned, pinned
+    from flexgen_repro.devices.storage import STAGE_PAGEABLE
+    m = hw.measurements or {}
+    if STAGE_PAGEABLE and m.get("h2d_staged"):
+        return pinned, float(m["h2d_staged"])
+    if STAGE_PAGEABLE and m.get("cpu_mem_bytes_s"):
+        return pinned, min(pinned, float(m["cpu_mem_bytes_s"]) / 2)
+    return pinned, hw.cpu_to_gpu_pageable_bytes_s
 
 
 def _step_overheads(c: OptConfig, p: Policy, hw: HardwareProfile) -> float:

@@ -1,7 +1,7 @@
 """`invoke profile-hardware`: measure this machine into a HardwareProfile and save it as JSON.
 
-Measures host<->GPU copies (pinned and pageable; the cache rate writes into a slice of a larger
-pageable tensor, as a cache store does), host memory bandwidth (kept under `measurements`), disk
+Measures host<->GPU copies (pinned and pageable, and pageable through the runtime's pinned
+staging blocks; the cache rate writes into a slice of a larger tensor, as a cache store does), host memory bandwidth (kept under `measurements`), disk
 reads and writes with O_DIRECT in the offload folder (buffered with a warning where O_DIRECT is
 refused, e.g. tmpfs), GPU memory bandwidth, fp16 matmul (prefill- and decode-shaped), attention
 (prefill- and decode-shaped) on the GPU and, with fp16 data upcast to fp32 as the runtime does, on
@@ -69,6 +69,9 @@ def measure_copies(dev: torch.device, nbytes: int, reps: int) -> dict:
         kind = "pinned" if pinned else "pageable"
         out[f"h2d_{kind}"] = nbytes / _timed(lambda: dst_dev.copy_(host, non_blocking=pinned), reps, sync)
         out[f"d2h_{kind}"] = nbytes / _timed(lambda: host.copy_(src_dev, non_blocking=pinned), reps, sync)
+        if cuda and not pinned:  # the runtime's path for unpinned weights: pinned staging blocks
+            from flexgen_repro.devices.storage import copy_staged_
+            out["h2d_staged"] = nbytes / _timed(lambda: copy_staged_(dst_dev, host), reps, sync)
     rows, heads, d = 8, 8, 128
     seq = max(1, n // (rows * heads * d))
     cache = torch.empty(rows, heads, seq * 2, d, dtype=torch.float16, pin_memory=cuda)

@@ -113,13 +113,86 @@ def copy_chunked_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
+# Pageable host memory crosses to the GPU at a fraction of the pinned rate: the driver stages it
+# through small buffers of its own, one at a time (8.0 against 52.3 GB/s on the H100 machine,
+# round 35's profile). Weights kept unpinned (`--pin-weight false`, as OPT-66B runs) therefore go
+# through pinned staging buffers of ours: a host copy (torch's, multithreaded) fills one buffer
+# while the link drains the ones before. Copies under STAGE_MIN_BYTES go as they are.
+# FLEXGEN_STAGE_PAGEABLE=0: the driver's path, for side-by-side runs.
+STAGE_PAGEABLE = os.environ.get("FLEXGEN_STAGE_PAGEABLE", "1") != "0"
+STAGE_MIN_BYTES = 1 << 20
+
+
+class _StageRing(threading.local):
+    """A copy thread's staging buffers: COPY_IN_FLIGHT + 1 pinned blocks of COPY_CHUNK_BYTES, each
+    with the event of the last copy that read it (a block is refilled only once that is done)."""
+
+    def __init__(self):
+        self.blocks: list[torch.Tensor] = []
+        self.done: list = []
+        self.next = 0
+
+    def take(self, pin: bool) -> tuple[torch.Tensor, int]:
+        if self.blocks and self.blocks[0].numel() < COPY_CHUNK_BYTES:  # the piece size grew
+            for done in filter(None, self.done):
+                wait_done(done)
+            self.blocks = []
+        if not self.blocks:
+            count = COPY_IN_FLIGHT + 1
+            self.blocks = [torch.empty(COPY_CHUNK_BYTES, dtype=torch.uint8, pin_memory=pin)
+                           for _ in range(count)]
+            self.done = [None] * count
+        i, self.next = self.next, (self.next + 1) % len(self.blocks)
+        if self.done[i] is not None:
+            wait_done(self.done[i])
+            self.done[i] = None
+        return self.blocks[i], i
+
+
+_STAGE_RING = _StageRing()
+
+
+def copy_staged_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src) for a pageable host `src`, through this thread's pinned staging blocks: each
+    piece is copied into a block on the host, then queued to `dst` asynchronously. Returns before
+    the last pieces have crossed, like a non-blocking copy from pinned memory; a block is reused
+    only after its copy is done. Both contiguous, same shape and dtype."""
+    assert dst.shape == src.shape and dst.dtype == src.dtype
+    assert dst.is_contiguous() and src.is_contiguous() and src.device.type == "cpu"
+    cuda = dst.is_cuda
+    s = src.view(-1).view(torch.uint8)
+    d = dst.view(-1).view(torch.uint8)
+    for start in range(0, s.numel(), COPY_CHUNK_BYTES):
+        stop = min(start + COPY_CHUNK_BYTES, s.numel())
+        block, i = _STAGE_RING.take(pin=cuda)
+        piece = block[:stop - start]
+        piece.copy_(s[start:stop])
+        if cuda:
+            LINK_GATE.wait_clear()
+        d[start:stop].copy_(piece, non_blocking=True)
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+            _STAGE_RING.done[i] = done
+    return dst
+
+
+def _wants_staging(t: torch.Tensor, device: torch.device) -> bool:
+    return (STAGE_PAGEABLE and device.type == "cuda" and t.device.type == "cpu"
+            and t.numel() * t.element_size() >= STAGE_MIN_BYTES and not t.is_pinned())
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """t on `device` (non-blocking; host->GPU in COPY_CHUNK_BYTES pieces)."""
+    """t on `device` (non-blocking; host->GPU in COPY_CHUNK_BYTES pieces, a large pageable tensor
+    through pinned staging blocks)."""
     if t.device == device:
         return t
     if device.type != "cuda" or not t.is_contiguous():
         return t.to(device, non_blocking=True)
-    return copy_chunked_(torch.empty(t.shape, dtype=t.dtype, device=device), t)
+    dst = torch.empty(t.shape, dtype=t.dtype, device=device)
+    if _wants_staging(t, device):
+        return copy_staged_(dst, t)
+    return copy_chunked_(dst, t)
 _NP_OF_TORCH = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
                 torch.uint8: np.uint8, torch.int64: np.int64}
 
