@@ -33,6 +33,23 @@ MAX_PENDING_STORES = 2
 # OPT-30B with CPU attention, rounds 14-15): one 27-29 tok/s, two 23-24 tok/s (more copies queued
 # ahead of the compute stream's small ones, and more GPU memory).
 PREFETCH_LAYERS = max(1, int(os.environ.get("FLEXGEN_PREFETCH_LAYERS", "1")))  # env: A/B runs
+# Weights cross in COPY_CHUNK_BYTES pieces so that the compute stream's small host->GPU copies
+# (CPU attention's results, host activations) queue between them; the pieces cost link rate: 16 MiB
+# two at a time reached 48.4 GB/s against 55.1 for one whole copy (stream probe, round 15, H200),
+# which is where case D stood (90% of the pinned rate). `auto`: whole copies where a policy makes
+# no such small copies (no CPU attention, cache and activations all on the GPU); `1` always; `0`
+# never (pieces, as before).
+WHOLE_WEIGHT_COPIES = os.environ.get("FLEXGEN_WHOLE_WEIGHT_COPIES", "auto")
+if WHOLE_WEIGHT_COPIES not in ("auto", "0", "1"):
+    raise ValueError(f"FLEXGEN_WHOLE_WEIGHT_COPIES={WHOLE_WEIGHT_COPIES!r}: use auto, 0 or 1")
+
+
+def whole_weight_copies(policy) -> bool:
+    """Whether this policy's weights go to the GPU as whole copies (WHOLE_WEIGHT_COPIES)."""
+    if WHOLE_WEIGHT_COPIES != "auto":
+        return WHOLE_WEIGHT_COPIES == "1"
+    return (not policy.cpu_cache_compute and policy.cache_gpu_percent >= 100
+            and policy.act_gpu_percent >= 100)
 
 
 class BlockRun:
@@ -72,24 +89,27 @@ class BlockRun:
         # FLEXGEN_HOST_STAGE=0: synchronous copies both ways)
         self.host_stage = (HostStage(pin=self.env.has_cuda) if self.cpu_pool is not None
                            and os.environ.get("FLEXGEN_HOST_STAGE", "1") != "0" else None)
+        self.whole_weight_copies = whole_weight_copies(self.policy)
 
     # ---- the steps -------------------------------------------------------------------------
     def load_weight(self, j: int) -> None:
         if j in self.weights or j >= len(self.layers):
             return
         home, gpu, pin = self.lm.weight_home[j], self.env.gpu.dev, self.policy.pin_weight
+        whole = self.whole_weight_copies
         on_disk = [key for key, stored in home.items() if stored.tier == Tier.DISK]
         if not self.policy.overlap or not on_disk or len(on_disk) == len(home):
             self.weights[j] = self.ch["weight"].submit(
-                lambda: {key: stored.load(gpu, pin) for key, stored in home.items()})
+                lambda: {key: stored.load(gpu, pin, whole) for key, stored in home.items()})
             return
         # a layer split over disk and host memory: its disk reads run on their own channel while
         # its host part crosses the link (one after the other, the slower tier waited on both)
         from_disk = self.ch["weight_disk"].submit(
-            lambda: {key: home[key].load(gpu, pin) for key in on_disk})
+            lambda: {key: home[key].load(gpu, pin, whole) for key in on_disk})
 
         def load() -> dict:
-            out = {key: stored.load(gpu, pin) for key, stored in home.items() if key not in on_disk}
+            out = {key: stored.load(gpu, pin, whole) for key, stored in home.items()
+                   if key not in on_disk}
             out.update(from_disk.result())
             return {key: out[key] for key in home}
         self.weights[j] = self.ch["weight"].submit(load)

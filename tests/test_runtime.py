@@ -112,6 +112,29 @@ def test_unpinned_weights_match_transformers(setup, tmp_path, monkeypatch, stage
             np.testing.assert_array_equal(out, expected)
 
 
+def test_whole_weight_copies_only_where_no_small_copies_wait():
+    from flexgen_repro import schedule
+    assert schedule.whole_weight_copies(policy((0, 100, 100, 0, 100, 0)))        # case D
+    assert not schedule.whole_weight_copies(policy((20, 80, 0, 100, 0, 100),     # case C
+                                                   cpu_cache_compute=True))
+    assert not schedule.whole_weight_copies(policy((0, 100, 100, 0, 0, 100)))    # host activations
+    assert not schedule.whole_weight_copies(policy((0, 100, 50, 50, 100, 0)))    # host cache
+
+
+@pytest.mark.parametrize("mode", ["0", "1"])
+def test_whole_or_pieced_weight_copies_match_transformers(setup, tmp_path, monkeypatch, mode):
+    """Weights over the link as whole copies or in pieces (small pieces here: many per weight),
+    host and disk weights, one and two GPU batches; on the CPU the two are one path."""
+    from flexgen_repro import schedule
+    from flexgen_repro.devices import storage
+    model, config, weights, prompts, expected = setup
+    monkeypatch.setattr(schedule, "WHOLE_WEIGHT_COPIES", mode)
+    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 4096)
+    for overlap, k in ((False, 1), (True, 2)):
+        pol = policy((0, 60, 100, 0, 100, 0), overlap, k)
+        np.testing.assert_array_equal(generate(config, weights, pol, prompts, tmp_path), expected)
+
+
 def test_one_prompt_and_many_blocks(setup, tmp_path):
     model, config, weights, prompts, expected = setup
     pol = policy((0, 100, 0, 100, 100, 0), True, 2, gpu_batch_size=1)

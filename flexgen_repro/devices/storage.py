@@ -182,9 +182,9 @@ def _wants_staging(t: torch.Tensor, device: torch.device) -> bool:
             and t.numel() * t.element_size() >= STAGE_MIN_BYTES and not t.is_pinned())
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """t on `device` (non-blocking; host->GPU in COPY_CHUNK_BYTES pieces, a large pageable tensor
-    through pinned staging blocks)."""
+def to_device(t: torch.Tensor, device: torch.device, whole: bool = False) -> torch.Tensor:
+    """t on `device` (non-blocking; host->GPU in COPY_CHUNK_BYTES pieces, or as one copy when
+    `whole`; a large pageable tensor through pinned staging blocks either way)."""
     if t.device == device:
         return t
     if device.type != "cuda" or not t.is_contiguous():
@@ -192,6 +192,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     dst = torch.empty(t.shape, dtype=t.dtype, device=device)
     if _wants_staging(t, device):
         return copy_staged_(dst, t)
+    if whole:
+        return dst.copy_(t, non_blocking=True)
     return copy_chunked_(dst, t)
 _NP_OF_TORCH = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
                 torch.uint8: np.uint8, torch.int64: np.int64}
@@ -328,18 +330,19 @@ class Stored:
             return self.data.nbytes
         return self.data.numel() * self.data.element_size()
 
-    def load(self, device: torch.device, pin: bool = False):
-        """This tensor on `device` (a torch.Tensor, or a CompressedTensor when compressed)."""
+    def load(self, device: torch.device, pin: bool = False, whole: bool = False):
+        """This tensor on `device` (a torch.Tensor, or a CompressedTensor when compressed);
+        `whole`: host->GPU as one copy, not in pieces (to_device)."""
         if self.parts:
             from flexgen_repro.compression import CompressedTensor
-            comps = {name: p.load(device, pin) for name, p in self.parts.items()}
+            comps = {name: p.load(device, pin, whole) for name, p in self.parts.items()}
             return CompressedTensor.from_components(comps, self.meta)
         if isinstance(self.data, DiskFile):
             # a disk read bound for the GPU lands in pinned memory whatever `pin` says: the buffer
             # is transient (torch's pinned-block cache reuses it), and a pageable one would cross
             # the link at a fraction of its speed (`pin` is for weights kept in host memory)
-            return to_device(self.data.read(pin=device.type == "cuda"), device)
-        return to_device(self.data, device)
+            return to_device(self.data.read(pin=device.type == "cuda"), device, whole)
+        return to_device(self.data, device, whole)
 
 
 class Segment:
