@@ -201,10 +201,15 @@ def _host_to_gpu(hw: HardwareProfile, p: Policy) -> tuple[float, float]:
     and a host copy (half the host memory bandwidth: it reads and writes each byte); with staging
     off (FLEXGEN_STAGE_PAGEABLE=0), or where the profile has neither, at the pageable rate."""
     pinned = hw.cpu_to_gpu_bytes_s
+    m = hw.measurements or {}
+    from flexgen_repro.schedule import whole_weight_copies
+    if m.get("h2d_pieces") and not whole_weight_copies(p):
+        # the copy channels send weights and caches in pieces (storage.copy_chunked_), which the
+        # link serves below its whole-copy rate: the rate profile-hardware measured for them
+        pinned = min(pinned, float(m["h2d_pieces"]))
     if p.pin_weight:
         return pinned, pinned
     from flexgen_repro.devices.storage import STAGE_PAGEABLE
-    m = hw.measurements or {}
     if STAGE_PAGEABLE and m.get("h2d_staged"):
         return pinned, float(m["h2d_staged"])
     if STAGE_PAGEABLE and m.get("cpu_mem_bytes_s"):

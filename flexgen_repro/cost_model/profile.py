@@ -1,7 +1,7 @@
 """`invoke profile-hardware`: measure this machine into a HardwareProfile and save it as JSON.
 
-Measures host<->GPU copies (pinned and pageable, and pageable through the runtime's pinned
-staging blocks; the cache rate writes into a slice of a larger tensor, as a cache store does), host memory bandwidth (kept under `measurements`), disk
+Measures host<->GPU copies (pinned and pageable, pinned in the runtime's pieces from a copy
+thread, and pageable through the runtime's pinned staging blocks; the cache rate writes into a slice of a larger tensor, as a cache store does), host memory bandwidth (kept under `measurements`), disk
 reads and writes with O_DIRECT in the offload folder (buffered with a warning where O_DIRECT is
 refused, e.g. tmpfs), GPU memory bandwidth, fp16 matmul (prefill- and decode-shaped), attention
 (prefill- and decode-shaped) on the GPU and, with fp16 data upcast to fp32 as the runtime does, on
@@ -55,6 +55,24 @@ def _sync(device: torch.device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
+def _on_copy_thread(dst: torch.Tensor, src: torch.Tensor):
+    """A function that copies src to dst as a copy channel does: storage.copy_chunked_ on a
+    thread and stream of its own (pieces of COPY_CHUNK_BYTES, COPY_IN_FLIGHT queued at a time),
+    and waits for it."""
+    from flexgen_repro.devices.storage import copy_chunked_
+    stream = torch.cuda.Stream(dst.device)
+
+    def copy():
+        with torch.cuda.stream(stream):
+            copy_chunked_(dst, src)
+        stream.synchronize()
+
+    def run():
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(copy).result()
+    return run
+
+
 def measure_copies(dev: torch.device, nbytes: int, reps: int) -> dict:
     """Bytes per second of host->device and device->host copies, pinned and pageable, and of a
     cache store as the runtime does it (a device tensor into the sequence slice of a larger,
@@ -72,6 +90,8 @@ def measure_copies(dev: torch.device, nbytes: int, reps: int) -> dict:
         if cuda and not pinned:  # the runtime's path for unpinned weights: pinned staging blocks
             from flexgen_repro.devices.storage import copy_staged_
             out["h2d_staged"] = nbytes / _timed(lambda: copy_staged_(dst_dev, host), reps, sync)
+        if cuda and pinned:      # the runtime's pieced copies, as a copy channel makes them
+            out["h2d_pieces"] = nbytes / _timed(_on_copy_thread(dst_dev, host), reps, sync)
     rows, heads, d = 8, 8, 128
     seq = max(1, n // (rows * heads * d))
     cache = torch.empty(rows, heads, seq * 2, d, dtype=torch.float16, pin_memory=cuda)
