@@ -94,7 +94,10 @@ def test_case_d_is_bound_by_weights_over_pcie():
 
 def test_case_c_pcie_binds_and_the_original_reached_under_a_third():
     cfg, lim = _limit("opt-30b", (20, 80, 0, 100, 0, 100), 16, 3, H100, cpu_cache_compute=True)
-    assert lim.binding == "weights over PCIe"
+    # the link carries the weights and the host activations' way in: their seconds add
+    assert lim.binding == "weights over PCIe + activations over PCIe"
+    link = lim.terms["weights over PCIe"] + lim.terms["activations over PCIe"]
+    assert lim.throughput == pytest.approx(48 / link, rel=REL)
     assert lim.terms["weights over PCIe"] == pytest.approx(0.8 * cfg.model_bytes() / 54.7e9, rel=REL)
     cache_mean = cfg.cache_bytes(48, 512 + 16)  # mean length over the decode steps
     assert lim.terms["cache read by CPU attention"] == pytest.approx(cache_mean / 71e9, rel=REL)

@@ -7,10 +7,13 @@ first); the KV cache not on the GPU crosses PCIe, unless attention runs on the C
 from host memory instead; activations placed off the GPU go out and back; and the GPU reads its
 weights once per GPU batch plus its cache from its own memory. So
 
-    limit_throughput = block tokens / max(seconds of each term)
+    limit_throughput = block tokens / max over resources (sum of the seconds of its terms)
 
-with the terms' bytes divided by the bandwidths of a hardware profile (GB/s = 1e9 bytes/s).
-The limit is per decode step, so it is compared with the measured decode throughput.
+with the terms' bytes divided by the bandwidths of a hardware profile (GB/s = 1e9 bytes/s). Terms
+that use one resource add up: every host->GPU transfer (weights, cache, activations, from pinned or
+pageable memory) shares the link's one direction, and the host copies of CPU attention and of
+staged weights share host memory. The binding term names the binding resource's terms, largest
+first. The limit is per decode step, so it is compared with the measured decode throughput.
 """
 from __future__ import annotations
 
@@ -130,14 +133,14 @@ def step_bytes(config: OptConfig, percent: tuple[float, ...], gpu_batch_size: in
     cache = stored_bytes(cache_raw, db, CACHE_COMP if compress_cache else None)
     new_kv = stored_bytes(config.cache_bytes(block, 1), db, CACHE_COMP if compress_cache else None)
     off_gpu_cache = (c_cpu + c_disk) * cache
+    pinned_weights, unpinned = (w_cpu + w_disk) * weights, {}
     if not pin_weight and staged:
         unpinned = {"weights staged on the host": (2 * w_cpu * weights, "cpu_mem_gbps")}
-    elif not pin_weight:
+    elif not pin_weight:  # host weights at the pageable rate, disk ones (read into pinned) not
+        pinned_weights = w_disk * weights
         unpinned = {"unpinned weights over PCIe": (w_cpu * weights, "h2d_pageable_gbps")}
-    else:
-        unpinned = {}
     terms = {
-        "weights over PCIe": ((w_cpu + w_disk) * weights, "h2d_gbps"),
+        "weights over PCIe": (pinned_weights, "h2d_gbps"),
         "weights from disk": (w_disk * weights, "disk_read_gbps"),
         "cache from disk": (c_disk * cache, "disk_read_gbps"),
         "new cache to disk": (c_disk * new_kv, "disk_write_gbps"),
@@ -156,19 +159,27 @@ def step_bytes(config: OptConfig, percent: tuple[float, ...], gpu_batch_size: in
     return terms
 
 
+# The resource each bandwidth field measures: pinned and pageable host->GPU copies share the link.
+RESOURCE = {"h2d_pageable_gbps": "h2d_gbps"}
+
+
 def decode_limit(terms: dict[str, tuple[float, str]], block: int, bw: Bandwidths) -> Limit:
-    """Combine the per-step bytes with the bandwidths; terms whose bandwidth is unknown are left out."""
-    seconds = {}
+    """Combine the per-step bytes with the bandwidths, adding the seconds of terms that share a
+    resource; terms whose bandwidth is unknown are left out."""
+    seconds, by_resource = {}, {}
     for term, (nbytes, rate) in terms.items():
         gbps = getattr(bw, rate)
         if rate == "h2d_pageable_gbps" and not gbps:  # not measured: the pinned rate bounds it
             gbps = bw.h2d_gbps
         if nbytes > 0 and gbps:
             seconds[term] = nbytes / (gbps * GB)
+            by_resource.setdefault(RESOURCE.get(rate, rate), []).append(term)
     if not seconds:
         return Limit(None, "none (no transfer with a known bandwidth)", {}, bw.name)
-    binding = max(seconds, key=seconds.get)
-    return Limit(block / seconds[binding], binding, seconds, bw.name)
+    total = {res: sum(seconds[t] for t in names) for res, names in by_resource.items()}
+    res = max(total, key=total.get)
+    binding = " + ".join(sorted(by_resource[res], key=seconds.get, reverse=True))
+    return Limit(block / total[res], binding, seconds, bw.name)
 
 
 def record_limit(record: dict, bw: Bandwidths) -> Limit:
