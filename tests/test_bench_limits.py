@@ -228,3 +228,32 @@ def test_staged_unpinned_weights_cross_at_the_pinned_rate_after_a_host_copy():
     assert limits.record_limit(record, bw).binding == "unpinned weights over PCIe"
     assert limits.record_limit({**record, "staged_weights": True}, bw).throughput == \
         pytest.approx(lim.throughput, rel=1e-12)
+
+
+def test_recompute_limits_script_rewrites_a_record_in_place(tmp_path):
+    """scripts/recompute_limits.py: the limit columns from the current code and the named profile
+    (round 36's, kept in results), noted in limit_note; a failed record is left as it is."""
+    import importlib.util
+    import json
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "recompute_limits", os.path.join(root, "scripts", "recompute_limits.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    profile = os.path.join(root, "results", "device-runs", "session5", "r36a-hardware_local.json")
+    record = dict(model="opt-30b", percent="0 100 100 0 100 0", gpu_batch_size=8, num_gpu_batches=1,
+                  prompt_len=512, gen_len=32, pin_weight=True, status="ok", decode_throughput=6.6,
+                  binding_term="old")
+    ok, failed = tmp_path / "ok.json", tmp_path / "failed.json"
+    ok.write_text(json.dumps(record))
+    failed.write_text(json.dumps({**record, "status": "failed"}))
+    assert script.main(["--profile", profile, "--note", "r36", str(ok), str(failed)]) == 0
+    out = json.loads(ok.read_text())
+    terms = limits.step_bytes(get_opt_config("opt-30b"), (0, 100, 100, 0, 100, 0), 8, 1, 512, 32)
+    expected = limits.decode_limit(terms, 8, limits.load_bandwidths(profile))
+    assert out["limit_throughput"] == pytest.approx(expected.throughput, rel=1e-12)
+    assert out["binding_term"] == "weights over PCIe"
+    assert out["fraction_of_limit"] == pytest.approx(6.6 / expected.throughput, rel=1e-12)
+    assert "r36" in out["limit_note"]
+    assert json.loads(failed.read_text())["binding_term"] == "old"
