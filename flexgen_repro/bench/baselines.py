@@ -247,11 +247,13 @@ def build_parser(prog: str = "python -m flexgen_repro.bench.baselines",
     return p
 
 
-def run_main(args, package: str, missing: str, run_case, label: str) -> int:
+def run_main(args, package: str, missing: str, run_case, label: str,
+             expandable_segments: bool = True) -> int:
     """Import `package` (else print `missing`, exit 2), run the case, print and write its record;
     bad input (ValueError) exits 2 with its message."""
-    # before CUDA starts: loading layer by layer under a cap fragmented the default allocator
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if expandable_segments:
+        # before CUDA starts: loading layer by layer under a cap fragmented the default allocator
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         __import__(package)
     except ImportError:

@@ -97,8 +97,26 @@ def zero_inference_command(case: Case, s: Settings, json_file: str, log_file: st
     return cmd + ["--json-file", json_file, "--log-file", log_file]
 
 
+def original_command(case: Case, s: Settings, json_file: str, log_file: str) -> list[str]:
+    """The original FlexGen's command line (original.py): the case's policy, percent verbatim."""
+    cmd = [s.python, "-m", "flexgen_repro.bench.original", "--model", case.model,
+           "--prompt-len", str(case.prompt_len), "--gen-len", str(case.gen_len),
+           "--gpu-batch-size", str(case.gpu_batch_size),
+           "--num-gpu-batches", str(case.num_gpu_batches), "--offload-dir", s.offload_dir,
+           "--percent", *case.percent.split()]
+    cmd += [f"--{name}={'true' if on else 'false'}" for name, on in
+            (("overlap", case.overlap), ("sep-layer", case.sep_layer), ("pin-weight", case.pin_weight))]
+    cmd += [flag for flag, on in (("--cpu-cache-compute", case.cpu_cache_compute),
+                                  ("--compress-weight", case.compress_weight),
+                                  ("--compress-cache", case.compress_cache)) if on]
+    if s.cap(case):
+        cmd += ["--gpu-mem-gb", f"{s.cap(case):g}"]
+    return cmd + ["--json-file", json_file, "--log-file", log_file]
+
+
 def default_command(case: Case, s: Settings, json_file: str, log_file: str) -> list[str]:
-    build = {"accelerate": accelerate_command, "deepspeed": zero_inference_command}.get(
+    build = {"accelerate": accelerate_command, "deepspeed": zero_inference_command,
+             "original": original_command}.get(
         case.runner, flexgen_command)
     return build(case, s, json_file, log_file)
 
@@ -149,6 +167,12 @@ def why_not_run(case: Case, s: Settings, hardware: dict) -> str | None:
     if case.runner == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         return ("DeepSpeed is not installed in this Python (not in requirements.lock; "
                 "scripts/device/fetch_deepspeed_wheels.sh builds wheels): the baseline cannot run here")
+    if case.runner == "original":
+        if importlib.util.find_spec("flexgen") is None:
+            return ("the original FlexGen (`flexgen` on PyPI) is not installed in this Python (not in "
+                    "requirements.lock; scripts/device/fetch_original_wheel.sh makes a wheel to "
+                    "carry): the baseline cannot run here")
+        return None  # its own placement rule decides what fits; a run that does not fit fails
     weights = s.weight_path(case)
     if weights != DUMMY:
         folder = os.path.join(weights, f"{case.config().name}-np")

@@ -18,7 +18,7 @@ from flexgen_repro.config import OptConfig, get_opt_config
 from flexgen_repro.policy import Policy, parse_percent
 
 SUITES_DIR = os.path.join(os.path.dirname(__file__), "suites")
-RUNNERS = ("flexgen", "accelerate", "deepspeed")
+RUNNERS = ("flexgen", "accelerate", "deepspeed", "original")
 WEIGHTS = ("dummy", "real")
 # What `invoke bench` runs with no suite on a machine with a GPU: needs no downloads (dummy
 # weights), a minute or two on an H100: case A (OPT-6.7B on the GPU) and OPT-1.3B streaming its
@@ -155,9 +155,11 @@ class Case:
                              f"{config.name}'s {config.max_seq_len} positions")
         if self.gpu_mem_gb is not None and self.gpu_mem_gb <= 0:
             raise ValueError(f"gpu_mem_gb must be > 0 (or empty for no cap), got {self.gpu_mem_gb}")
-        if self.runner in ("accelerate", "deepspeed"):
+        if self.runner in ("accelerate", "deepspeed", "original"):
             if self.auto or self.gpu_batch_size is None:
                 raise ValueError(f"a {self.runner} case needs an explicit percent and gpu_batch_size")
+            if self.runner == "original" and not all(v.isdigit() for v in self.percent.split()):
+                raise ValueError(f"the original takes six whole percentages, got {self.percent!r}")
             return
         if not self.auto:
             if self.gpu_batch_size is None or self.num_gpu_batches is None:

@@ -105,6 +105,7 @@ def write_markdown(recs: list[dict], path: str, suite: str) -> None:
             how = {True: "measured", False: "projected"}.get(r.get("paper_measured"), "")
             lines.append(f"- {r['case']}: {r['paper_throughput']:g} tok/s, {r.get('paper_system')}, "
                          f"{how}; {r.get('paper_source')}")
+    lines += side_by_side_lines(recs)
     notes = [r for r in recs if r.get("status") != "ok"]
     if notes:
         lines += ["", "Not measured:", ""]
@@ -113,6 +114,56 @@ def write_markdown(recs: list[dict], path: str, suite: str) -> None:
             lines.append(f"- {r['case']} ({r['status']}): {reason[:600]}")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+ORIGINAL_PREFIX = "orig-"
+SAME_CALL_S = 3 * 3600
+
+
+def _seconds(stamp: str | None) -> float | None:
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(stamp).timestamp() if stamp else None
+    except ValueError:
+        return None
+
+
+def side_by_side(recs: list[dict]) -> list[dict]:
+    """Pairs of our measured case `X` and the original's `orig-X` measured on the same machine
+    (same GPU and host description) within SAME_CALL_S of each other: the ratio of the two."""
+    ok = {r["case"]: r for r in recs if r.get("status") == "ok"}
+    pairs = []
+    for name, orig in ok.items():
+        ours = ok.get(name[len(ORIGINAL_PREFIX):]) if name.startswith(ORIGINAL_PREFIX) else None
+        if ours is None or orig.get("runner") != "original":
+            continue
+        t0, t1 = _seconds(ours.get("timestamp")), _seconds(orig.get("timestamp"))
+        same = (ours.get("hardware") == orig.get("hardware") and t0 is not None and t1 is not None
+                and abs(t0 - t1) <= SAME_CALL_S)
+        pairs.append(dict(case=ours["case"], ours=ours["total_throughput"],
+                          original=orig["total_throughput"],
+                          ratio=ours["total_throughput"] / orig["total_throughput"],
+                          reference=orig.get("paper_throughput"), same_machine=same,
+                          commit=ours.get("commit"), original_percent=orig.get("percent")))
+    return pairs
+
+
+def side_by_side_lines(recs: list[dict]) -> list[str]:
+    pairs = side_by_side(recs)
+    if not pairs:
+        return []
+    out = ["", "Side by side with the original FlexGen (`orig-<case>`, the published package run "
+           "by bench/original.py on the same machine):", "",
+           "| case | ours tok/s | original tok/s | ours / original | original's reference tok/s "
+           "| original / its reference | same machine and call | original placed (percent) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        ref = p["reference"]
+        out.append(f"| {p['case']} | {_md_cell(p['ours'])} | {_md_cell(p['original'])} | "
+                   f"{p['ratio']:.2f}x | {_md_cell(ref)} | "
+                   f"{_md_cell(p['original'] / ref if ref else None)} | "
+                   f"{'yes' if p['same_machine'] else 'no'} | {p['original_percent']} |")
+    return out
 
 
 def write_plot(recs: list[dict], path: str, suite: str) -> None:
