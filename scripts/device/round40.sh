@@ -3,14 +3,16 @@
 # original FlexGen itself (PyPI flexgen 0.1.8 through bench/original.py) beside ours, on one
 # machine. Part a: install, a short smoke run of the original (stop if it fails), the profile,
 # then A and D, ours and the original's. Part b: C, ours and the original's. Part c: OPT-66B with
-# 4-bit weights and cache in host memory, ours and the original's.
+# 4-bit weights and cache in host memory, ours and the original's. Part d: why the original's D
+# is faster (round 40a: 6.93 against 6.67): pinned-memory kinds probed, D with registered and
+# with torch-allocated pinned weights, and the original's D.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export FLEXGEN_REPRO_COMMIT=${FLEXGEN_REPRO_COMMIT:-unknown}
 O=${OUT:-/tmp/out}; mkdir -p /tmp/offload ~/.cache/flexgen_repro
 nvidia-smi --query-gpu=name --format=csv,noheader
-python3 -c "import flexgen" 2>/dev/null || pip install -q --no-deps --no-index .whl/flexgen-0.1.8-py3-none-any.whl
-python3 -c "import attr" 2>/dev/null || pip install -q --no-deps --no-index .whl/attrs-*.whl
+python3 -c "import flexgen" 2>/dev/null || python3 -m pip install --root-user-action=ignore -q --no-deps --no-index .whl/flexgen-0.1.8-py3-none-any.whl
+python3 -c "import attr" 2>/dev/null || python3 -m pip install --root-user-action=ignore -q --no-deps --no-index .whl/attrs-*.whl
 python3 -c "import flexgen.flex_opt, attr, tqdm; print('original importable')" || exit 3
 bench() { # tag suite cases timeout
   if [ $((SECONDS + $4)) -gt 595 ]; then echo "$1: skipped (time)"; return; fi
@@ -34,6 +36,14 @@ case "${1:-a}" in
      fi
      bench ad h100-anchors a-6.7b-gpu,d-30b-wcpu,orig-a-6.7b-gpu,orig-d-30b-wcpu 440 ;;
   b) bench c h100-anchors c-30b-paper,orig-c-30b-paper 560 ;;
+  d) [ -s ~/.cache/flexgen_repro/hardware_local.json ] || { timeout 60 python3 -c "import sys; from flexgen_repro.cost_model.profile import main; sys.exit(main(
+         offload_dir='/tmp/offload', out='$O/hardware_local.json'))" > $O/profile.txt 2>&1
+       cp $O/hardware_local.json ~/.cache/flexgen_repro/hardware_local.json; }
+     grep -E '"h2d_p|cpu_mem_bytes_s' ~/.cache/flexgen_repro/hardware_local.json | head -4
+     timeout 60 python3 scripts/device/pin_probe.py | tee $O/pin_probe.json
+     bench d h100-anchors d-30b-wcpu 150
+     FLEXGEN_PIN=alloc bench d-alloc h100-anchors d-30b-wcpu 150
+     bench d-orig h100-anchors orig-d-30b-wcpu 170 ;;
   c) bench 66b h100-large 66b-c-32x2,orig-66b-c-32x2 560 ;;
 esac
 (cd /tmp && tar czf $O/res.tgz res-*) 2>/dev/null
