@@ -99,8 +99,11 @@ class BlockRun:
         whole = self.whole_weight_copies
         on_disk = [key for key, stored in home.items() if stored.tier == Tier.DISK]
         if not self.policy.overlap or not on_disk or len(on_disk) == len(home):
+            # a layer held in host memory needs nothing of the host once its copies are queued:
+            # its copies queue behind the previous layer's (Channel, pipelined)
             self.weights[j] = self.ch["weight"].submit(
-                lambda: {key: stored.load(gpu, pin, whole) for key, stored in home.items()})
+                lambda: {key: stored.load(gpu, pin, whole) for key, stored in home.items()},
+                pipelined=not on_disk)
             return
         # a layer split over disk and host memory: its disk reads run on their own channel while
         # its host part crosses the link (one after the other, the slower tier waited on both)

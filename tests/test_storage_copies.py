@@ -189,3 +189,36 @@ def test_to_device_stages_pageable_tensors_and_not_pinned_ones(monkeypatch):
     out = storage.to_device(pinned, torch.device("cuda"))
     torch.cuda.synchronize()
     assert len(calls) == 1 and torch.equal(out.cpu(), src)
+
+
+@pytest.mark.parametrize("use_cuda", [False, pytest.param(True, marks=CUDA)])
+def test_pipelined_channel_jobs_resolve_in_order_with_their_copies_done(use_cuda, monkeypatch):
+    """A pipelined job's future holds its result only once its copies are done; the thread queues
+    the next job meanwhile; a failing job reaches its caller and later jobs still run."""
+    from flexgen_repro.devices import env as env_mod
+    monkeypatch.setattr(env_mod, "PIPELINED_COPIES", True)
+    ch = env_mod.Channel("weight", use_cuda, inline=False)
+    assert (ch._waiter is not None) == use_cuda  # no stream, no waiter: plain jobs
+    dev = torch.device("cuda" if use_cuda else "cpu")
+    srcs = [torch.full((1 << 22,), float(i)).pin_memory() if use_cuda else torch.full((1 << 22,), float(i))
+            for i in range(6)]
+
+    def load(src):
+        dst = torch.empty(src.shape, dtype=src.dtype, device=dev)
+        return dst.copy_(src, non_blocking=True)
+
+    def fail():
+        raise RuntimeError("copy failed")
+
+    futs = [ch.submit(load, s, pipelined=True) for s in srcs[:3]]
+    bad = ch.submit(fail, pipelined=True)
+    futs += [ch.submit(load, s, pipelined=True) for s in srcs[3:]]
+    for i, fut in enumerate(futs):
+        out = fut.result()
+        assert out.device.type == dev.type
+        # no synchronize here: the future resolving means the copy is done
+        assert torch.equal(out.cpu(), srcs[i])
+    with pytest.raises(RuntimeError, match="copy failed"):
+        bad.result()
+    ch.close()
+    assert ch._pool is None and ch._waiter is None

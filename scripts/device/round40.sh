@@ -5,7 +5,9 @@
 # then A and D, ours and the original's. Part b: C, ours and the original's. Part c: OPT-66B with
 # 4-bit weights and cache in host memory, ours and the original's. Part d: why the original's D
 # is faster (round 40a: 6.93 against 6.67): pinned-memory kinds probed, D with registered and
-# with torch-allocated pinned weights, and the original's D.
+# with torch-allocated pinned weights, and the original's D. Part e: weight jobs pipelined on the
+# copy channel (FLEXGEN_PIPELINED_COPIES) on D, on and off, beside the original's D, after the GPU
+# tests. Part f: the same for C.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export FLEXGEN_REPRO_COMMIT=${FLEXGEN_REPRO_COMMIT:-unknown}
@@ -44,6 +46,18 @@ case "${1:-a}" in
      bench d h100-anchors d-30b-wcpu 150
      FLEXGEN_PIN=alloc bench d-alloc h100-anchors d-30b-wcpu 150
      bench d-orig h100-anchors orig-d-30b-wcpu 170 ;;
+  e) [ -s ~/.cache/flexgen_repro/hardware_local.json ] || { timeout 60 python3 -c "import sys; from flexgen_repro.cost_model.profile import main; sys.exit(main(
+         offload_dir='/tmp/offload', out='$O/hardware_local.json'))" > $O/profile.txt 2>&1
+       cp $O/hardware_local.json ~/.cache/flexgen_repro/hardware_local.json; }
+     grep -E '"h2d_p|cpu_mem_bytes_s' ~/.cache/flexgen_repro/hardware_local.json | head -4
+     timeout 150 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_storage_copies.py \
+       tests/test_runtime.py tests/test_runtime_random.py > $O/tests.txt 2>&1; echo "gpu tests rc $?"; tail -2 $O/tests.txt
+     bench d-pipe h100-anchors d-30b-wcpu 150
+     FLEXGEN_PIPELINED_COPIES=0 bench d-serial h100-anchors d-30b-wcpu 150
+     bench d-orig2 h100-anchors orig-d-30b-wcpu 170 ;;
+  f) bench c-pipe h100-anchors c-30b-paper 200
+     bench c-orig h100-anchors orig-c-30b-paper 260
+     FLEXGEN_PIPELINED_COPIES=0 bench c-serial h100-anchors c-30b-paper 200 ;;
   c) bench 66b h100-large 66b-c-32x2,orig-66b-c-32x2 560 ;;
 esac
 (cd /tmp && tar czf $O/res.tgz res-*) 2>/dev/null
