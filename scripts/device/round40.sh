@@ -7,7 +7,7 @@
 # is faster (round 40a: 6.93 against 6.67): pinned-memory kinds probed, D with registered and
 # with torch-allocated pinned weights, and the original's D. Part e: weight jobs pipelined on the
 # copy channel (FLEXGEN_PIPELINED_COPIES) on D, on and off, beside the original's D, after the GPU
-# tests. Part f: the same for C.
+# tests. Part f: the same for C. Part g (an H100): D pipelined beside the original's D.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export FLEXGEN_REPRO_COMMIT=${FLEXGEN_REPRO_COMMIT:-unknown}
@@ -58,6 +58,12 @@ case "${1:-a}" in
   f) bench c-pipe h100-anchors c-30b-paper 200
      bench c-orig h100-anchors orig-c-30b-paper 260
      FLEXGEN_PIPELINED_COPIES=0 bench c-serial h100-anchors c-30b-paper 200 ;;
+  g) [ -s ~/.cache/flexgen_repro/hardware_local.json ] || { timeout 60 python3 -c "import sys; from flexgen_repro.cost_model.profile import main; sys.exit(main(
+         offload_dir='/tmp/offload', out='$O/hardware_local.json'))" > $O/profile.txt 2>&1
+       cp $O/hardware_local.json ~/.cache/flexgen_repro/hardware_local.json; }
+     grep -E '"h2d_p|cpu_mem_bytes_s' ~/.cache/flexgen_repro/hardware_local.json | head -4
+     bench d-pipe h100-anchors d-30b-wcpu 150
+     bench d-orig2 h100-anchors orig-d-30b-wcpu 170 ;;
   c) bench 66b h100-large 66b-c-32x2,orig-66b-c-32x2 560 ;;
 esac
 (cd /tmp && tar czf $O/res.tgz res-*) 2>/dev/null
