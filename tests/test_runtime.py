@@ -99,7 +99,7 @@ def test_unpinned_weights_match_transformers(setup, tmp_path, monkeypatch, stage
     model, config, weights, prompts, expected = setup
     monkeypatch.setattr(storage, "STAGE_PAGEABLE", staged)
     monkeypatch.setattr(storage, "STAGE_MIN_BYTES", 1)
-    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(storage, "STAGE_CHUNK_BYTES", 4096)
     for overlap, k in ((False, 1), (True, 2)):
         pol = policy((0, 70, 100, 0, 100, 0), overlap, k, pin_weight=False, compress_weight=compress)
         out = generate(config, weights, pol, prompts, tmp_path)

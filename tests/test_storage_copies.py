@@ -140,7 +140,7 @@ def test_buffered_disk_reads_by_default_and_for_npy_files(tmp_path, monkeypatch)
 def test_copy_staged_matches_a_plain_copy(device, shape, dtype, monkeypatch):
     """Pageable host memory through the staging blocks: many pieces (more than there are blocks,
     so each block is refilled), a short last one, any element size."""
-    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 64)
+    monkeypatch.setattr(storage, "STAGE_CHUNK_BYTES", 64)
     src = (torch.arange(torch.Size(shape).numel()) % 251).to(dtype).view(shape)
     dst = torch.empty(shape, dtype=dtype, device=device)
     assert storage.copy_staged_(dst, src) is dst
@@ -151,9 +151,9 @@ def test_copy_staged_matches_a_plain_copy(device, shape, dtype, monkeypatch):
 
 
 def test_staging_blocks_grow_with_the_piece_size(monkeypatch):
-    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 16)
+    monkeypatch.setattr(storage, "STAGE_CHUNK_BYTES", 16)
     storage.copy_staged_(torch.empty(40, dtype=torch.uint8), torch.ones(40, dtype=torch.uint8))
-    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 256)
+    monkeypatch.setattr(storage, "STAGE_CHUNK_BYTES", 256)
     src = torch.arange(300, dtype=torch.int64) % 256
     dst = torch.empty(300, dtype=torch.int64)
     storage.copy_staged_(dst, src)

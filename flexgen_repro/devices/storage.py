@@ -121,10 +121,16 @@ def copy_chunked_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 # FLEXGEN_STAGE_PAGEABLE=0: the driver's path, for side-by-side runs.
 STAGE_PAGEABLE = os.environ.get("FLEXGEN_STAGE_PAGEABLE", "1") != "0"
 STAGE_MIN_BYTES = 1 << 20
+# Staging blocks are larger than the pieces of pinned copies: each block costs a host copy on the
+# copy thread, an event and some Python, and nothing small waits behind them on the link (the
+# pieces stay small for the compute stream's copies, LinkGate). OPT-66B with unpinned 4-bit
+# weights, H100, two machines: 64 MiB blocks 28.03 vs 25.69 tok/s (round 39b) and 26.33 vs 23.56
+# (round 40h), both runs with FLEXGEN_COPY_CHUNK_MB=64 (pieces too). FLEXGEN_STAGE_CHUNK_MB sets it.
+STAGE_CHUNK_BYTES = int(float(os.environ.get("FLEXGEN_STAGE_CHUNK_MB", "64")) * (1 << 20))
 
 
 class _StageRing(threading.local):
-    """A copy thread's staging buffers: COPY_IN_FLIGHT + 1 pinned blocks of COPY_CHUNK_BYTES, each
+    """A copy thread's staging buffers: COPY_IN_FLIGHT + 1 pinned blocks of STAGE_CHUNK_BYTES, each
     with the event of the last copy that read it (a block is refilled only once that is done)."""
 
     def __init__(self):
@@ -133,13 +139,13 @@ class _StageRing(threading.local):
         self.next = 0
 
     def take(self, pin: bool) -> tuple[torch.Tensor, int]:
-        if self.blocks and self.blocks[0].numel() < COPY_CHUNK_BYTES:  # the piece size grew
+        if self.blocks and self.blocks[0].numel() < STAGE_CHUNK_BYTES:  # the block size grew
             for done in filter(None, self.done):
                 wait_done(done)
             self.blocks = []
         if not self.blocks:
             count = COPY_IN_FLIGHT + 1
-            self.blocks = [torch.empty(COPY_CHUNK_BYTES, dtype=torch.uint8, pin_memory=pin)
+            self.blocks = [torch.empty(STAGE_CHUNK_BYTES, dtype=torch.uint8, pin_memory=pin)
                            for _ in range(count)]
             self.done = [None] * count
         i, self.next = self.next, (self.next + 1) % len(self.blocks)
@@ -162,8 +168,8 @@ def copy_staged_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     cuda = dst.is_cuda
     s = src.view(-1).view(torch.uint8)
     d = dst.view(-1).view(torch.uint8)
-    for start in range(0, s.numel(), COPY_CHUNK_BYTES):
-        stop = min(start + COPY_CHUNK_BYTES, s.numel())
+    for start in range(0, s.numel(), STAGE_CHUNK_BYTES):
+        stop = min(start + STAGE_CHUNK_BYTES, s.numel())
         block, i = _STAGE_RING.take(pin=cuda)
         piece = block[:stop - start]
         piece.copy_(s[start:stop])
