@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 from types import SimpleNamespace
 
 from flexgen_repro.bench import baselines
 from flexgen_repro.config import OptConfig, get_opt_config
+from flexgen_repro.flex_opt import str2bool
 from flexgen_repro.metrics import GB
 
 PACKAGE_VERSION = "0.1.8"
@@ -196,19 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-batch-size", type=int, required=True)
     p.add_argument("--num-gpu-batches", type=int, default=1)
     for flag, default in (("--overlap", True), ("--sep-layer", True), ("--pin-weight", True)):
-        p.add_argument(flag, type=_bool, default=default, metavar="true|false")
+        p.add_argument(flag, type=str2bool, default=default, metavar="true|false")
     for flag in ("--cpu-cache-compute", "--compress-weight", "--compress-cache"):
         p.add_argument(flag, action="store_true")
     return p
-
-
-def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes"):
-        return True
-    if low in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,15 @@ def _flag(name: str, value: bool) -> list[str]:
     return [name, "true" if value else "false"]
 
 
+def _policy_switches(case: Case) -> list[str]:
+    """The policy's switches, as flex_opt and the original's driver both take them."""
+    cmd = [*_flag("--overlap", case.overlap), *_flag("--sep-layer", case.sep_layer),
+           *_flag("--pin-weight", case.pin_weight)]
+    return cmd + [flag for flag, on in (("--cpu-cache-compute", case.cpu_cache_compute),
+                                        ("--compress-weight", case.compress_weight),
+                                        ("--compress-cache", case.compress_cache)) if on]
+
+
 def flexgen_command(case: Case, s: Settings, json_file: str, log_file: str) -> list[str]:
     """The flex_opt command line of a case."""
     cmd = [s.python, "-m", "flexgen_repro.flex_opt", "--model", case.model,
@@ -58,11 +67,7 @@ def flexgen_command(case: Case, s: Settings, json_file: str, log_file: str) -> l
         cmd += ["--gpu-batch-size", str(case.gpu_batch_size)]
     if case.num_gpu_batches is not None:
         cmd += ["--num-gpu-batches", str(case.num_gpu_batches)]
-    cmd += [*_flag("--overlap", case.overlap), *_flag("--sep-layer", case.sep_layer),
-            *_flag("--pin-weight", case.pin_weight)]
-    cmd += [flag for flag, on in (("--cpu-cache-compute", case.cpu_cache_compute),
-                                  ("--compress-weight", case.compress_weight),
-                                  ("--compress-cache", case.compress_cache)) if on]
+    cmd += _policy_switches(case)
     if case.attn_sparsity != 1.0:
         cmd += ["--attn-sparsity", f"{case.attn_sparsity:g}"]
     if case.dtype != "float16":
@@ -104,11 +109,7 @@ def original_command(case: Case, s: Settings, json_file: str, log_file: str) -> 
            "--gpu-batch-size", str(case.gpu_batch_size),
            "--num-gpu-batches", str(case.num_gpu_batches), "--offload-dir", s.offload_dir,
            "--percent", *case.percent.split()]
-    cmd += [f"--{name}={'true' if on else 'false'}" for name, on in
-            (("overlap", case.overlap), ("sep-layer", case.sep_layer), ("pin-weight", case.pin_weight))]
-    cmd += [flag for flag, on in (("--cpu-cache-compute", case.cpu_cache_compute),
-                                  ("--compress-weight", case.compress_weight),
-                                  ("--compress-cache", case.compress_cache)) if on]
+    cmd += _policy_switches(case)
     if s.cap(case):
         cmd += ["--gpu-mem-gb", f"{s.cap(case):g}"]
     return cmd + ["--json-file", json_file, "--log-file", log_file]

@@ -144,7 +144,7 @@ def side_by_side(recs: list[dict]) -> list[dict]:
                           original=orig["total_throughput"],
                           ratio=ours["total_throughput"] / orig["total_throughput"],
                           reference=orig.get("paper_throughput"), same_machine=same,
-                          commit=ours.get("commit"), original_percent=orig.get("percent")))
+                          original_percent=orig.get("percent")))
     return pairs
 
 
