@@ -87,8 +87,18 @@ class OptConfig:
                              f"n_head ({self.n_head})")
 
     @property
+    def family(self) -> str:
+        """The model family (which layers the runtime builds): "opt"."""
+        return "opt"
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.n_head
+
+    @property
+    def n_kv_head(self) -> int:
+        """Key/value heads: the KV cache holds (batch, n_kv_head, seq, head_dim) per layer."""
+        return self.n_head
 
     @property
     def dtype_bytes(self) -> int:

@@ -150,7 +150,7 @@ class BlockRun:
     def store_cache(self, i: int, j: int, k: int, kv) -> None:
         if (j, k) not in self.cache_home:
             c = self.config
-            shape = (self.B, c.n_head, self.prompt_len + self.gen_len, c.head_dim)
+            shape = (self.B, c.n_kv_head, self.prompt_len + self.gen_len, c.head_dim)
             comp = None
             if self.policy.compress_cache:  # groups along head_dim, the original's group_dim 2
                 comp = dataclasses.replace(self.policy.comp_cache_config, group_dim=3)
