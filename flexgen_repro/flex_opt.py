@@ -9,9 +9,6 @@ import argparse
 import datetime
 import gc
 import os
-
-# less fragmentation under a GPU memory cap (read when CUDA first allocates)
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import platform
 import subprocess
 import sys
@@ -20,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from flexgen_repro import trace
+from flexgen_repro import envs
 from flexgen_repro.config import get_opt_config
 from flexgen_repro.devices import storage
 from flexgen_repro.devices.env import ExecutionEnv
@@ -28,6 +25,7 @@ from flexgen_repro.graph_decode import graphable
 from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_outputs
 from flexgen_repro.model.weight_home import DUMMY
 from flexgen_repro.opt_lm import OptLM
+from flexgen_repro.options import DISK_IO_MODES, RuntimeOptions
 from flexgen_repro.policy import CompressionConfig, Policy, parse_percent
 
 
@@ -74,7 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--cuda-graphs", type=str2bool, nargs="?", const=True, default=True,
                    help="decode through CUDA graphs where everything is on the GPU")
+    p.add_argument("--profile", action="store_true",
+                   help="print where each token's time went per kind of layer (synchronizes the GPU "
+                        "after every layer: slows overlapped runs)")
+    p.add_argument("--trace", metavar="FILE", default=None,
+                   help="write a timeline of the measured generation (spans per thread) as JSON")
+    p.add_argument("--disk-io", choices=DISK_IO_MODES, default="auto",
+                   help="how the disk tier reads and writes its files")
+    p.add_argument("--cpu-attention-threads", type=int, default=None, metavar="N",
+                   help="threads of the CPU attention kernel (default: the cores less a reserve)")
     return p
+
+
+def options_from_args(args) -> RuntimeOptions:
+    """The runtime settings the flags describe."""
+    return RuntimeOptions(cuda_graphs=args.cuda_graphs, disk_io=args.disk_io,
+                          cpu_attention_threads=args.cpu_attention_threads, profile=args.profile,
+                          trace_path=args.trace)
 
 
 def policy_from_args(args, config) -> Policy:
@@ -118,9 +132,9 @@ def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int) -> np.ndar
 
 
 def _git_commit() -> str:
-    """The checkout's commit; FLEXGEN_REPRO_COMMIT overrides it (a copy without .git, e.g. a GPU box)."""
-    if os.environ.get("FLEXGEN_REPRO_COMMIT"):
-        return os.environ["FLEXGEN_REPRO_COMMIT"]
+    """The checkout's commit; FLEXGEN_REPRO_COMMIT (envs.py) overrides it (a copy without .git)."""
+    if envs.get("FLEXGEN_REPRO_COMMIT"):
+        return envs.get("FLEXGEN_REPRO_COMMIT")
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
@@ -142,12 +156,12 @@ def run(args) -> dict:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GB / total))
     policy = policy_from_args(args, config)
+    options = options_from_args(args)
     num_prompts = policy.block_size
     prompts = synthetic_prompts(num_prompts, args.prompt_len, config.vocab_size, args.seed)
     t0 = time.perf_counter()
-    with ExecutionEnv.create(args.offload_dir) as env:
-        lm = OptLM(config, env, args.path, policy)
-        lm.use_cuda_graphs = args.cuda_graphs
+    with ExecutionEnv.create(args.offload_dir, options=options) as env:
+        lm = OptLM(config, env, args.path, policy, options)
         _progress(args, f"weights at home in {time.perf_counter() - t0:.1f} s")
         if args.warmup:  # prefill only (buffers allocated for the full run and kept for it);
             graphed = args.cuda_graphs and graphable(policy, env, False)  # or capture the graphs
@@ -157,12 +171,13 @@ def run(args) -> dict:
         # out of the cyclic collector's passes, which stop every thread (copy threads included)
         gc.collect()
         gc.freeze()
-        trace.reset()  # FLEXGEN_TRACE: the measured generation only
+        if lm.tracer is not None:  # --trace: the measured generation only
+            lm.tracer.reset()
         with PeakMemory() as peak:
             lm.generate(prompts, max_new_tokens=args.gen_len)
-    if trace.enabled():
-        trace.dump()
-        for phase, busy in trace.summary().items():
+    if lm.tracer is not None:
+        lm.tracer.dump()
+        for phase, busy in lm.tracer.summary().items():
             print(f"[trace] {phase}: " + ", ".join(f"{k} {v:.3f} s" for k, v in busy.items()),
                   file=sys.stderr)
     metrics = RunMetrics(num_prompts, args.prompt_len, args.gen_len, lm.times.prefill_s,
@@ -190,7 +205,13 @@ def run(args) -> dict:
     return record
 
 
+# Less fragmentation under a GPU memory cap. CUDA's allocator reads this once, at its first
+# allocation, so main() sets it (where the user has not) before anything touches CUDA.
+CUDA_ALLOC_CONF = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def main(argv=None) -> int:
+    os.environ.setdefault(*CUDA_ALLOC_CONF)
     args = build_parser().parse_args(argv)
     try:
         record = run(args)

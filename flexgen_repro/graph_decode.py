@@ -4,24 +4,37 @@ With weights, cache and activations resident there is nothing to move, and small
 bound by kernel launches, not by the GPU. The same layers run with static inputs (token ids,
 positions, a mask over the whole preallocated cache, the write position as a device tensor): each
 attention layer writes the new key and value into its home buffer and attends over all of it
-with the unwritten positions masked. Captured once per GPU batch and block, replayed per token.
+with the unwritten positions masked. Captured once per GPU batch and block shape, replayed per
+token; tokens are queued back to back (the host collects token i's ids while token i + 1 runs).
+
+GraphedDecode sees a block only through `DecodeBlock`; the q, k and v projections are fused into
+one GEMM per layer by `fuse_qkv_weights`, a named step of setting graph decode up.
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 
 from flexgen_repro.model.base import CachePart, StepInfo
 from flexgen_repro.policy import Policy, Tier
 
-# Decode tokens queued back to back (FLEXGEN_GRAPH_PIPELINE=0: each step waits for its ids on the
-# host and copies its inputs from there): the host collects token i's ids while token i + 1 runs.
-PIPELINE = os.environ.get("FLEXGEN_GRAPH_PIPELINE", "1") != "0"
-# q, k and v projections of each layer as one GEMM in graphed decode (FLEXGEN_FUSE_QKV=0: three,
-# for side-by-side runs). Their GPU homes become views of one buffer: no extra memory.
-FUSE_QKV = os.environ.get("FLEXGEN_FUSE_QKV", "1") != "0"
+
+@dataclass(frozen=True)
+class DecodeBlock:
+    """What graph decode needs of one block, and nothing more."""
+    layers: list
+    batch: int                 # rows per GPU batch
+    prompt_len: int
+    total_len: int             # prompt_len + gen_len: the cache buffers' length
+    device: torch.device
+    pick: Callable[[torch.Tensor], torch.Tensor]                       # logits -> ids
+    step_inputs: Callable[[int, int], tuple]   # (i, k) -> ids, positions, mask, on the GPU
+    cache_homes: Callable[[int], dict]         # k -> {layer j: (k home, v home)}
+    record_ids: Callable[[int, int, np.ndarray], None]                 # (i, k, ids)
 
 
 def graphable(policy: Policy, env, want_logits: bool) -> bool:
@@ -48,13 +61,25 @@ def fuse_qkv(home: dict) -> dict:
         base = parts[0]._base
         if (base is not None and base.shape[0] == 3 * rows and parts[0].data_ptr() == base.data_ptr()
                 and all(t._base is base for t in parts)):
-            fused[f"{p}_qkv"] = base   # fused by an earlier capture
+            fused[f"{p}_qkv"] = base   # fused earlier
             continue
         whole = torch.cat(parts)
         for i, n in enumerate("qkv"):
             home[f"{p}_{n}"].data = whole[i * rows:(i + 1) * rows]
         fused[f"{p}_qkv"] = whole
     return fused
+
+
+def fuse_qkv_weights(weight_home: list[dict], device: torch.device) -> list[dict]:
+    """Fuse every layer's q, k, v projections (fuse_qkv) and return each layer's weights as loaded
+    on `device` for graph decode, with "w_qkv"/"b_qkv" where fused."""
+    weights = []
+    for home in weight_home:
+        extra = fuse_qkv(home)
+        if extra:
+            torch.cuda.empty_cache()  # the three old buffers go back before the next layer's
+        weights.append({**{key: s.load(device) for key, s in home.items()}, **extra})
+    return weights
 
 
 def _full_buffer(row_split):
@@ -69,62 +94,53 @@ def _full_buffer(row_split):
 
 
 class GraphedDecode:
-    """Captured decode steps of one block: `step(i, k)` fills the static inputs and replays."""
+    """Captured decode steps over fused weights: `queue(i, k)` replays token i of GPU batch k,
+    `collect(i)` records token i's ids. `start_block` hands it the next block."""
 
-    def __init__(self, run):
-        self.run = run  # the BlockRun being decoded (set anew for each block)
+    def __init__(self, weights: list[dict]):
+        self.weights = weights
+        self.block: DecodeBlock | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.static: dict[int, dict] = {}
         self.pool = None
-        self.picked: dict[int, torch.Tensor] = {}      # pipelined: last picked ids per batch
-        self.last: dict[int, int] = {}                 # pipelined: last token queued per batch
+        self.picked: dict[int, torch.Tensor] = {}      # last picked ids per batch
+        self.last: dict[int, int] = {}                 # last token queued per batch
         self.host_ids: dict[tuple, torch.Tensor] = {}  # pinned, per (token parity, batch)
         self.in_flight: dict[int, list] = defaultdict(list)
 
-    def start_block(self, run) -> None:
+    def start_block(self, block: DecodeBlock) -> None:
         """A new block reuses the graphs; its inputs start from the host again."""
-        self.run = run
+        self.block = block
         self.last.clear()
         self.in_flight.clear()
 
     def _inputs(self, i: int, k: int) -> dict:
         """This step's ids, positions, full-length mask and write index, on the GPU."""
-        run = self.run
-        dev = run.env.gpu.dev
-        info = run.step_info(i, k)
-        b = run.B
-        total = run.prompt_len + run.gen_len
-        mask = torch.zeros(b, total, dtype=torch.bool, device=dev)
-        mask[:, :info.mask.shape[1]] = info.mask
-        ids = run.load_hidden(i, 0, k)
-        return dict(ids=ids, pos=info.positions, mask=mask,
-                    index=torch.tensor([run.prompt_len + i - 1], device=dev))
+        blk = self.block
+        ids, pos, step_mask = blk.step_inputs(i, k)
+        mask = torch.zeros(blk.batch, blk.total_len, dtype=torch.bool, device=blk.device)
+        mask[:, :step_mask.shape[1]] = step_mask
+        return dict(ids=ids, pos=pos, mask=mask,
+                    index=torch.tensor([blk.prompt_len + i - 1], device=blk.device))
 
     def _body(self, k: int) -> None:
-        run, st = self.run, self.static[k]
-        step = StepInfo(1, run.prompt_len, st["mask"], st["pos"], 1.0, pick=lambda logits: logits)
+        blk, st = self.block, self.static[k]
+        step = StepInfo(1, blk.prompt_len, st["mask"], st["pos"], 1.0, pick=lambda logits: logits)
         x = st["ids"]
-        for j, layer in enumerate(run.layers):
-            w = st["weights"][j]
+        for j, layer in enumerate(blk.layers):
+            w = self.weights[j]
             if layer.has_cache:
                 k_home, v_home = st["homes"][j]
-                part = CachePart(0, run.B, run.env.gpu.dev, k_home, v_home, True, st["index"])
+                part = CachePart(0, blk.batch, blk.device, k_home, v_home, True, st["index"])
                 x, _ = layer.forward(x, w, step, [part])
             else:
                 x = layer.forward(x, w, step)
         st["logits"] = x
 
     def _capture(self, k: int) -> None:
-        run, st = self.run, self.static[k]
-        gpu = run.env.gpu.dev
-        st["weights"] = []
-        for home in run.lm.weight_home:
-            extra = fuse_qkv(home) if FUSE_QKV else {}
-            if extra:
-                torch.cuda.empty_cache()  # the three old buffers go back before the next layer's
-            st["weights"].append({**{key: s.load(gpu) for key, s in home.items()}, **extra})
-        st["homes"] = {j: tuple(_full_buffer(t) for t in run.cache_home[(j, k)])
-                       for j, layer in enumerate(run.layers) if layer.has_cache}
+        st = self.static[k]
+        st["homes"] = {j: tuple(_full_buffer(t) for t in home)
+                       for j, home in self.block.cache_homes(k).items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: this step's real work, idempotent when replayed
@@ -140,19 +156,19 @@ class GraphedDecode:
         """Queue token i of GPU batch k without waiting for anything: where batch k replayed token
         i - 1 last, its next inputs are made on the GPU from that step's (ids picked there, one
         position and one mask column on, write index on), else copied from the host. The picked
-        ids go to a pinned buffer; `collect(i)` writes them into output_ids.
+        ids go to a pinned buffer; `collect(i)` records them.
 
         A row that stopped (its output is padding from then on) is fed its own picked token rather
         than the pad token the host would feed; rows never mix, so every other row is unchanged."""
-        run = self.run
+        blk = self.block
         if self.last.get(k) == i - 1 and k in self.graphs:
             st = self.static[k]
             st["ids"].copy_(self.picked[k].view_as(st["ids"]))
             st["pos"].add_(1)
-            st["mask"][:, run.prompt_len + i - 1] = True
+            st["mask"][:, blk.prompt_len + i - 1] = True
             st["index"].add_(1)
             self.graphs[k].replay()
-            ids = run.pick(st["logits"])
+            ids = blk.pick(st["logits"])
         else:
             ids = self._from_host(i, k)
         self.picked[k], self.last[k] = ids, i
@@ -165,10 +181,10 @@ class GraphedDecode:
         self.in_flight[i].append((k, self.host_ids[key], done))
 
     def collect(self, i: int) -> None:
-        """Wait for token i's picked ids (every GPU batch) and write them into output_ids."""
+        """Wait for token i's picked ids (every GPU batch) and record them."""
         for k, host, done in self.in_flight.pop(i, []):
             done.synchronize()
-            self.run.record_ids(i, k, host.numpy())
+            self.block.record_ids(i, k, host.numpy())
 
     def _from_host(self, i: int, k: int) -> torch.Tensor:
         """Token i of batch k with its inputs copied from the host (captured at first use);
@@ -181,8 +197,4 @@ class GraphedDecode:
             for name, t in fresh.items():
                 self.static[k][name].copy_(t)
         self.graphs[k].replay()
-        return self.run.pick(self.static[k]["logits"])
-
-    def step(self, i: int, k: int) -> None:
-        """Decode token i of GPU batch k and record the picked ids (waiting for them)."""
-        self.run.record_ids(i, k, self._from_host(i, k).cpu().numpy())
+        return self.block.pick(self.static[k]["logits"])

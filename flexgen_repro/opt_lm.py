@@ -12,8 +12,10 @@ import torch
 from flexgen_repro.config import OptConfig
 from flexgen_repro.model.layers import build_layers
 from flexgen_repro.model.weight_home import DUMMY, WeightLoader
+from flexgen_repro.options import RuntimeOptions
 from flexgen_repro.policy import Policy
 from flexgen_repro.schedule import BlockRun
+from flexgen_repro.trace import Tracer, activate
 from flexgen_repro.weights.layout import weight_dir
 
 
@@ -48,10 +50,15 @@ def _as_prompts(inputs, pad: int) -> np.ndarray:
 
 
 class OptLM:
-    """`path` holds `<config.name>-np/`, or is "_DUMMY_" for dummy weights."""
+    """`path` holds `<config.name>-np/`, or is "_DUMMY_" for dummy weights. `options`: how it
+    runs (None: the env's options, else RuntimeOptions())."""
 
-    def __init__(self, config: OptConfig, env, path: str, policy: Policy):
+    def __init__(self, config: OptConfig, env, path: str, policy: Policy,
+                 options: RuntimeOptions | None = None):
         self.config, self.env, self.policy = config, env, policy
+        self.options = options or getattr(env, "options", None) or RuntimeOptions()
+        # the run's timeline (RuntimeOptions.trace_path), recorded while generate runs
+        self.tracer = Tracer(self.options.trace_path) if self.options.trace_path else None
         self.dtype = config.torch_dtype
         self.layers = build_layers(config, policy.sep_layer)
         folder = None
@@ -61,7 +68,6 @@ class OptLM:
         loader = WeightLoader(env, path, folder, policy, self.dtype, config.dtype_bytes)
         self.weight_home, self.weight_placement = loader.place(self.layers)
         self.times = RunTimes()
-        self.use_cuda_graphs = True  # all-GPU policies decode through captured CUDA graphs
         self.block_state: dict = {}  # cache homes of the last shape, and graphs captured on them
 
     def release_cache(self) -> None:
@@ -96,8 +102,9 @@ class OptLM:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         pick = self._picker(do_sample, temperature, seed)
         self.times = RunTimes()
-        outs = [self._run_block(block, max_new_tokens, pick, stop, max_steps)[:n]
-                for block, n in self._blocks(prompts)]
+        with activate(self.tracer):
+            outs = [self._run_block(block, max_new_tokens, pick, stop, max_steps)[:n]
+                    for block, n in self._blocks(prompts)]
         return np.concatenate(outs, axis=0)
 
     def logits(self, inputs) -> np.ndarray:
@@ -105,13 +112,14 @@ class OptLM:
         prompts = _as_prompts(inputs, self.config.pad_token_id)
         self._check_vocab(prompts)
         outs = []
-        for block, n in self._blocks(prompts):
-            run = BlockRun(self, block, 1, None, None, want_logits=True)
-            try:
-                run.run()
-            finally:
-                run.close()
-            outs.append(run.logits[:n])
+        with activate(self.tracer):
+            for block, n in self._blocks(prompts):
+                run = BlockRun(self, block, 1, None, None, want_logits=True)
+                try:
+                    run.run()
+                finally:
+                    run.close()
+                outs.append(run.logits[:n])
         return np.concatenate(outs, axis=0)
 
     def _blocks(self, prompts: np.ndarray):

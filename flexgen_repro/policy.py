@@ -152,3 +152,14 @@ def parse_percent(values) -> tuple[float, ...]:
         raise ValueError(f"--percent takes six numbers (w_gpu w_cpu cache_gpu cache_cpu act_gpu "
                          f"act_cpu), got {len(values)}")
     return tuple(int(v) if v.is_integer() else v for v in values)
+
+
+def whole_weight_copies(policy: Policy) -> bool:
+    """Whether weights cross host->GPU as whole copies rather than in pieces.
+
+    Pieces let the compute stream's small host->GPU copies (CPU attention's results, host
+    activations, host cache) queue between them, at some cost in link rate (docs/tuning.md); a
+    policy that makes no such copies (no CPU attention, cache and activations all on the GPU)
+    copies whole."""
+    return (not policy.cpu_cache_compute and policy.cache_gpu_percent >= 100
+            and policy.act_gpu_percent >= 100)

@@ -155,7 +155,9 @@ def test_driver_turns_the_original_run_into_our_record(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 7 * GB)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
     args = _args(offload_dir=str(tmp_path))
+    before = (fake.AutoTokenizer, fake.OptLM)
     rec = original.run(args)
+    assert (fake.AutoTokenizer, fake.OptLM) == before   # the patch is undone after the run
     assert fraction == [pytest.approx(0.2)]
     assert rec["system"] == "original-flexgen" and rec["device"] == "NVIDIA H100 80GB HBM3"
     assert rec["prefill_latency_s"] == 3.0 and rec["decode_latency_s"] == pytest.approx(31 * 1.25)

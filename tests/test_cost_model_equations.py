@@ -91,25 +91,23 @@ def test_all_weights_on_cpu_decode_step_is_weight_bytes_over_host_to_gpu_bandwid
     assert pred.decode_step_time == pytest.approx(STORED_BYTES / 0.25e9, rel=EXACT)
 
 
-def test_staged_unpinned_weights_and_pieced_copies_use_their_measured_rates(monkeypatch):
+def test_staged_unpinned_weights_and_pieced_copies_use_their_measured_rates():
     """Unpinned weights cross through the runtime's pinned staging blocks: at the profile's
     measured staged rate, else at the slower of the pinned link and half the host memory
     bandwidth (a host copy reads and writes each byte); with staging off, at the pageable rate.
     Policies that copy in pieces (host activations here) cross at the measured pieced rate; a
     policy that copies weights whole (everything but the weights on the GPU) at the pinned one."""
-    from flexgen_repro.devices import storage
     fast = round_profile(gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18,
                          cpu_to_gpu_pageable_bytes_s=0.25e9)
     unpinned = policy((0, 100, 100, 0, 100, 0), b=1, pin_weight=False)
-    monkeypatch.setattr(storage, "STAGE_PAGEABLE", True)
     host_bw = dataclasses.replace(fast, measurements={"cpu_mem_bytes_s": 1.2e9})
     step = evaluate_policy(TOY, unpinned, host_bw, 16, 8).decode_step_time
     assert step == pytest.approx(STORED_BYTES / 0.6e9, rel=EXACT)           # 1.2 / 2 < 1
     staged = dataclasses.replace(fast, measurements={"cpu_mem_bytes_s": 1.2e9, "h2d_staged": 0.8e9})
     step = evaluate_policy(TOY, unpinned, staged, 16, 8).decode_step_time
     assert step == pytest.approx(STORED_BYTES / 0.8e9, rel=EXACT)
-    monkeypatch.setattr(storage, "STAGE_PAGEABLE", False)                    # FLEXGEN_STAGE_PAGEABLE=0
-    step = evaluate_policy(TOY, unpinned, staged, 16, 8).decode_step_time
+    unstaged = dataclasses.replace(staged, stages_pageable=False)            # a runtime without staging
+    step = evaluate_policy(TOY, unpinned, unstaged, 16, 8).decode_step_time
     assert step == pytest.approx(STORED_BYTES / 0.25e9, rel=EXACT)
     pieces = dataclasses.replace(fast, measurements={"h2d_pieces": 0.5e9})
     whole = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1), pieces, 16, 8)

@@ -3,7 +3,7 @@ buffering constants and weight tensors, the placement the runtime realizes from 
 the OPT-30B policy that ran out of a 16 GiB cap.
 
 Expected bytes are worked by hand from the shapes the runtime allocates (model/layers.py,
-schedule.py); the model's named constants (fragmentation factor, cuBLAS workspaces) enter as
+schedule/); the model's named constants (fragmentation factor, cuBLAS workspaces) enter as
 themselves. Memory is compared with rel=1e-12: the same integer arithmetic, round-off only.
 """
 from __future__ import annotations

@@ -163,14 +163,15 @@ class _FakeGraphs:
 def _pipelined(gen_len, stop, picks, max_steps=None, K=2, B=2, prompt_len=3):
     import numpy as np
     from types import SimpleNamespace
-    from flexgen_repro.schedule import BlockRun
+    from flexgen_repro.schedule import BlockSteps, GraphedPipeline
     run = SimpleNamespace(cache_stores={}, gen_len=gen_len, max_steps=max_steps or gen_len, K=K,
                           B=B, stop=stop, want_logits=False, prompt_len=prompt_len, pad=1,
                           stopped=np.zeros(B * K, dtype=bool), step_times=[],
                           output_ids=np.full((B * K, prompt_len + gen_len), 1, np.int64))
-    run._finish_token = lambda i: BlockRun._finish_token(run, i)
+    for name in ("finish_token", "all_stopped", "wait_cache_stores"):
+        setattr(run, name, getattr(BlockSteps, name).__get__(run))
     graphs = _FakeGraphs(run, picks)
-    BlockRun._pipelined_decode(run, graphs, 1)
+    GraphedPipeline(graphs).decode(run, 1)
     return run, graphs
 
 

@@ -60,15 +60,14 @@ def test_strided_cache_and_no_new_token():
     assert (out.double() - ref).abs().max() <= _bound(ref, torch.float16)
 
 
-def test_fully_masked_row_gives_zeros_and_threads_agree(monkeypatch):
+def test_fully_masked_row_gives_zeros_and_threads_agree():
     q, k, v, kn, vn = _case(torch.float16, b=2)
     mask = torch.ones(2, 21, dtype=torch.bool)
     mask[1] = False
     one = cpu_attention.decode_attention(q, k, v, mask, kn, vn)
     assert torch.equal(one[1], torch.zeros_like(one[1]))
-    monkeypatch.setenv("FLEXGEN_CPU_ATTN_THREADS", "1")
     # each (row, head) is summed by one thread in a fixed order: bitwise equal for any team size
-    assert torch.equal(cpu_attention.decode_attention(q, k, v, mask, kn, vn), one)
+    assert torch.equal(cpu_attention.decode_attention(q, k, v, mask, kn, vn, threads=1), one)
 
 
 def test_bad_shapes_are_rejected():

@@ -121,17 +121,18 @@ def test_whole_weight_copies_only_where_no_small_copies_wait():
     assert not schedule.whole_weight_copies(policy((0, 100, 50, 50, 100, 0)))    # host cache
 
 
-@pytest.mark.parametrize("mode", ["0", "1"])
-def test_whole_or_pieced_weight_copies_match_transformers(setup, tmp_path, monkeypatch, mode):
-    """Weights over the link as whole copies or in pieces (small pieces here: many per weight),
-    host and disk weights, one and two GPU batches; on the CPU the two are one path."""
+@pytest.mark.parametrize("act", [(100, 0), (0, 100)], ids=["whole", "pieces"])
+def test_whole_or_pieced_weight_copies_match_transformers(setup, tmp_path, monkeypatch, act):
+    """Weights over the link as whole copies (activations on the GPU) or in pieces (small pieces
+    here: many per weight; activations in host memory), host and disk weights, one and two GPU
+    batches; on the CPU the two are one path."""
     from flexgen_repro import schedule
     from flexgen_repro.devices import storage
     model, config, weights, prompts, expected = setup
-    monkeypatch.setattr(schedule, "WHOLE_WEIGHT_COPIES", mode)
     monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 4096)
     for overlap, k in ((False, 1), (True, 2)):
-        pol = policy((0, 60, 100, 0, 100, 0), overlap, k)
+        pol = policy((0, 60, 100, 0) + act, overlap, k)
+        assert schedule.whole_weight_copies(pol) == (act[0] == 100)
         np.testing.assert_array_equal(generate(config, weights, pol, prompts, tmp_path), expected)
 
 

@@ -22,6 +22,7 @@ GPU machine (`scripts/device/fetch_original_wheel.sh`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -131,6 +132,25 @@ def weight_placement(model) -> dict[str, float]:
     return {t: 100 * b / whole for t, b in totals.items()}
 
 
+@contextlib.contextmanager
+def recording_models(fo, built: list):
+    """Within: the original's flex_opt module builds its OptLM as a subclass that appends each
+    model to `built` (to read its placement), and tokenizes with PromptIds (no hub access).
+    Both names are restored on exit, also after a failure."""
+    saved = fo.AutoTokenizer, fo.OptLM
+
+    class Recorded(saved[1]):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            built.append(self)
+
+    fo.AutoTokenizer, fo.OptLM = PromptIds, Recorded
+    try:
+        yield
+    finally:
+        fo.AutoTokenizer, fo.OptLM = saved
+
+
 def run(args) -> dict:
     import torch
 
@@ -142,17 +162,10 @@ def run(args) -> dict:
     total = torch.cuda.get_device_properties(0).total_memory
     if args.gpu_mem_gb:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GB / total))
-    built = []
-
-    class Recorded(fo.OptLM):  # keeps the model run_flexgen builds, to read its placement
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            built.append(self)
-
-    fo.AutoTokenizer, fo.OptLM = PromptIds, Recorded
+    built: list = []
     offload = os.path.expanduser(args.offload_dir)
     os.makedirs(offload, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="original-flexgen-") as tmp:
+    with recording_models(fo, built), tempfile.TemporaryDirectory(prefix="original-flexgen-") as tmp:
         parser = argparse.ArgumentParser()
         fo.add_parser_arguments(parser)
         fo_args = parser.parse_args(original_argv(args, os.path.join(tmp, "original.log")))

@@ -44,7 +44,7 @@ import numpy as np
 from flexgen_repro.config import OptConfig
 from flexgen_repro.cost_model.hardware import HardwareProfile
 from flexgen_repro.cost_model.placement import compression_ratio, layer_tensors, realized_placement
-from flexgen_repro.policy import Policy
+from flexgen_repro.policy import Policy, whole_weight_copies
 
 PLACEMENT = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
 TERMS = ("ctog", "gtoc", "dtoc", "ctod", "comp")
@@ -196,23 +196,21 @@ def model_sizes(config: OptConfig, policy: Policy) -> Sizes:
 def _host_to_gpu(hw: HardwareProfile, p: Policy) -> tuple[float, float]:
     """(rate of caches and hidden states, which the runtime keeps in pinned host memory; rate of
     CPU-resident and disk-staged weights, pinned unless pin_weight is off). Unpinned weights go
-    through the runtime's pinned staging blocks (storage.copy_staged_): at the rate profile-hardware
-    measured for that path (`measurements["h2d_staged"]`), else at the slower of the pinned link
-    and a host copy (half the host memory bandwidth: it reads and writes each byte); with staging
-    off (FLEXGEN_STAGE_PAGEABLE=0), or where the profile has neither, at the pageable rate."""
+    through pinned staging blocks where the profile says so (`stages_pageable`): at the rate
+    profile-hardware measured for that path (`measurements["h2d_staged"]`), else at the slower of
+    the pinned link and a host copy (half the host memory bandwidth: it reads and writes each
+    byte); without staging, or where the profile has neither, at the pageable rate."""
     pinned = hw.cpu_to_gpu_bytes_s
     m = hw.measurements or {}
-    from flexgen_repro.schedule import whole_weight_copies
     if m.get("h2d_pieces") and not whole_weight_copies(p):
-        # the copy channels send weights and caches in pieces (storage.copy_chunked_), which the
-        # link serves below its whole-copy rate: the rate profile-hardware measured for them
+        # the policy's weights and caches cross in pieces, which the link serves below its
+        # whole-copy rate: the rate profile-hardware measured for them
         pinned = min(pinned, float(m["h2d_pieces"]))
     if p.pin_weight:
         return pinned, pinned
-    from flexgen_repro.devices.storage import STAGE_PAGEABLE
-    if STAGE_PAGEABLE and m.get("h2d_staged"):
+    if hw.stages_pageable and m.get("h2d_staged"):
         return pinned, float(m["h2d_staged"])
-    if STAGE_PAGEABLE and m.get("cpu_mem_bytes_s"):
+    if hw.stages_pageable and m.get("cpu_mem_bytes_s"):
         return pinned, min(pinned, float(m["cpu_mem_bytes_s"]) / 2)
     return pinned, hw.cpu_to_gpu_pageable_bytes_s
 

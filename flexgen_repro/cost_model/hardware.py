@@ -62,6 +62,8 @@ class HardwareProfile:
     `gpu_fused_kernels`: the runtime's fused 4-bit kernels run here (CUDA and Triton): decode
     matmuls and attention read compressed weights and cache in place, at HBM rate, with no
     separate dequantization (the original's unfused torch path, and the t4-paper profile: False).
+    `stages_pageable`: unpinned weights bound for the GPU cross through pinned staging blocks (the
+    runtime's path); False: straight from pageable memory, at `cpu_to_gpu_pageable_bytes_s`.
     """
     name: str
     gpu_mem_bytes: float
@@ -88,6 +90,7 @@ class HardwareProfile:
     cpu_attention_batch_overhead_s: float = 0.0
     host_backed_gpu: bool = False
     gpu_fused_kernels: bool = False
+    stages_pageable: bool = True
     description: str = ""
     sources: dict = field(default_factory=dict)
     measurements: dict = field(default_factory=dict)

@@ -18,6 +18,7 @@ import torch
 from flexgen_repro import trace
 from flexgen_repro.devices.storage import (DiskFile, PackedStore, PlainStore, RowSplit, Segment,
                                            Stored, new_disk_file, wait_done)
+from flexgen_repro.options import RuntimeOptions
 from flexgen_repro.policy import Tier, split_rows
 
 
@@ -261,8 +262,10 @@ class ExecutionEnv:
 
     CHANNELS = ("weight", "weight_disk", "cache_load", "cache_store")
 
-    def __init__(self, gpu: MemDevice, cpu: MemDevice, disk: DiskDevice, own_dir: str | None):
+    def __init__(self, gpu: MemDevice, cpu: MemDevice, disk: DiskDevice, own_dir: str | None,
+                 options: RuntimeOptions | None = None):
         self.gpu, self.cpu, self.disk = gpu, cpu, disk
+        self.options = options if options is not None else RuntimeOptions()  # how runs here run
         self.mixed = MixedDevice(self)
         self._own_dir = own_dir
         self._channels: dict[str, Channel] = {}
@@ -273,8 +276,10 @@ class ExecutionEnv:
         self.compute_stream = torch.cuda.Stream(gpu.dev) if gpu.dev.type == "cuda" else None
 
     @classmethod
-    def create(cls, offload_dir: str | None = None, gpu_device: str | None = None) -> "ExecutionEnv":
-        """Make the tiers. `offload_dir` None: a temporary folder (removed on close)."""
+    def create(cls, offload_dir: str | None = None, gpu_device: str | None = None,
+               options: RuntimeOptions | None = None) -> "ExecutionEnv":
+        """Make the tiers. `offload_dir` None: a temporary folder (removed on close). `options`:
+        the runtime settings of runs in this env (None: RuntimeOptions())."""
         cuda = torch.cuda.is_available() and gpu_device != "cpu"
         gdev = torch.device(gpu_device or "cuda:0") if cuda else torch.device("cpu")
         own_dir = None
@@ -282,7 +287,7 @@ class ExecutionEnv:
             offload_dir = own_dir = tempfile.mkdtemp(prefix="flexgen_offload_")
         offload_dir = os.path.abspath(os.path.expanduser(offload_dir))
         return cls(MemDevice(Tier.GPU, gdev, False), MemDevice(Tier.CPU, torch.device("cpu"), cuda),
-                   DiskDevice(offload_dir), own_dir)
+                   DiskDevice(offload_dir), own_dir, options)
 
     def computing(self):
         """Context in which the driver queues its GPU work (the compute stream)."""

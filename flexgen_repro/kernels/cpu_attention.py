@@ -7,10 +7,11 @@ masked ones. Torch's CPU path instead runs two batched matmuls with float16 inte
 full-length mask.
 
 The shared library is compiled once per source, compiler flags and CPU model into
-FLEXGEN_KERNEL_CACHE (default ~/.cache/flexgen_repro/kernels), written to a temporary name and
-renamed, so concurrent first uses never see a half-written file. Without a C compiler, or with
-FLEXGEN_CPU_ATTN_KERNEL=0, `library()` is None and callers use the torch path.
-FLEXGEN_CPU_ATTN_THREADS sets the team size (default: see `n_threads`).
+the folder envs.get("FLEXGEN_KERNEL_CACHE") names, written to a temporary name and renamed, so
+concurrent first uses never see a half-written file. Without a C compiler, `library()` is None and
+callers use the torch path; so do they where RuntimeOptions.cpu_attention_kernel is off (they pass
+`enabled=False` to `supports`). RuntimeOptions.cpu_attention_threads sets the team size
+(`threads`; default: see `n_threads`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from flexgen_repro import envs
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -59,16 +62,14 @@ def _build(compiler: str, target: Path) -> None:
 
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The built kernel, or None (disabled, no compiler, or the build failed: then a warning)."""
-    if os.environ.get("FLEXGEN_CPU_ATTN_KERNEL", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    """The built kernel, or None (no compiler, or the build failed: then a warning)."""
+    compiler = envs.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         warnings.warn("no C compiler (cc/gcc) found: CPU attention uses the slower torch path; "
                       "install gcc to build kernels/cpu_attention.c", RuntimeWarning, stacklevel=2)
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS, _cpu_model())).encode())
-    cache = Path(os.environ.get("FLEXGEN_KERNEL_CACHE", "~/.cache/flexgen_repro/kernels")).expanduser()
+    cache = Path(envs.get("FLEXGEN_KERNEL_CACHE"))
     target = cache / f"cpu_attention-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
@@ -83,34 +84,34 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """CPU tensors of one supported dtype, cache blocks with a contiguous last dim."""
-    return (q.device.type == "cpu" and k.device.type == "cpu" and v.device.type == "cpu"
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enabled: bool = True) -> bool:
+    """CPU tensors of one supported dtype, cache blocks with a contiguous last dim, and the kernel
+    `enabled` (RuntimeOptions.cpu_attention_kernel) and built."""
+    return (enabled and q.device.type == "cpu" and k.device.type == "cpu" and v.device.type == "cpu"
             and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
             and k.dim() == 4 and k.stride(-1) == 1 and v.stride(-1) == 1 and library() is not None)
 
 
 # Cores left to the threads that run beside CPU attention (the main thread and the weight and
-# cache copy threads, which spin while they wait on the GPU). A team as large as the machine lost a
-# core to one spinning copy thread and ran 4x slower (2.2 -> 12.4 ms at case C's shape on 16
-# cores, round 22); 14 threads ran in 3.0 ms there, 12 in 3.6.
+# cache copy threads, which spin while they wait on the GPU); docs/tuning.md has the measurement.
 RESERVED_CORES = 4
 
 
-def n_threads() -> int:
-    """FLEXGEN_CPU_ATTN_THREADS, else torch's thread count less RESERVED_CORES (on >= 8 cores)."""
-    given = int(os.environ.get("FLEXGEN_CPU_ATTN_THREADS", 0))
+def n_threads(given: int | None = None) -> int:
+    """`given`, else torch's thread count less RESERVED_CORES (on >= 8 cores)."""
     cores = os.cpu_count() or 1
     return given or max(1, min(torch.get_num_threads(), cores - (RESERVED_CORES if cores >= 8 else 0)))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
-                     n_prev: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     n_prev: int | None = None, out: torch.Tensor | None = None,
+                     threads: int | None = None) -> torch.Tensor:
     """attention_math.decode_attention at sparsity 1, in the C kernel. q: (b, heads, 1, d)
     pre-scaled; k, v: (b, heads, L, d), of which the first n_prev (default L) positions are read;
     mask (b, L_total) bool with the new token last when k_new is given. Returns (b, 1, heads * d),
-    written into `out` when given (contiguous, q's dtype, on the host)."""
+    written into `out` when given (contiguous, q's dtype, on the host). `threads`: the team size
+    (None: n_threads())."""
     b, heads, length, d = k.shape
     n_prev = length if n_prev is None else n_prev
     news_ok = (k_new is None and v_new is None) or (
@@ -140,7 +141,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     rc = library().fg_decode_attention(
         ctypes.c_int(DTYPES[q.dtype]), ctypes.c_long(b), ctypes.c_long(heads), ctypes.c_int(d),
         ctypes.c_long(n_prev), ptr(q), ptr(k), ptr(v), ks, vs, ptr(mask), ctypes.c_long(mask.stride(0)),
-        ptr(new[0]), ptr(new[1]), ptr(new_mask), ptr(out), ctypes.c_int(n_threads()))
+        ptr(new[0]), ptr(new[1]), ptr(new_mask), ptr(out), ctypes.c_int(n_threads(threads)))
     if rc != 0:
         raise MemoryError("cpu_attention: the kernel could not allocate its score buffers")
     return out

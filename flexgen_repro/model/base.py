@@ -1,7 +1,7 @@
 """The one interface every OPT layer implements, and what a step tells a layer.
 
 A layer declares its weights (`specs`), and computes `forward` on the compute device given its
-loaded weights; it never moves bytes itself. The driver (schedule.py) loads weights and caches,
+loaded weights; it never moves bytes itself. The driver (schedule/) loads weights and caches,
 calls `forward`, and stores what comes back.
 """
 from __future__ import annotations
@@ -55,6 +55,7 @@ class StepInfo:
     cpu_pool: object = None                  # an Executor: CPU attention runs there, deferred
     host_mask: torch.Tensor | None = None    # `mask` in host memory, for attention on the CPU
     host_stage: object = None                # a host_stage.HostStage: CPU attention's copies
+    options: object = None                   # RuntimeOptions (CPU attention kernel); None: defaults
 
     @property
     def is_prefill(self) -> bool:

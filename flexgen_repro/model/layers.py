@@ -19,6 +19,7 @@ from flexgen_repro.kernels import cpu_attention
 from flexgen_repro.model.attention_math import decode_attention, prefill_attention, to_heads
 from flexgen_repro.model.base import CachePart, Deferred, Layer, StepInfo, WeightSpec
 from flexgen_repro.model.host_stage import Staged
+from flexgen_repro.options import RuntimeOptions
 from flexgen_repro.weights.layout import layer_tensor_names
 
 MLP_CHUNK_TOKENS = 4096
@@ -121,7 +122,7 @@ class SelfAttention(Layer):
         Same maths as the general path; softmax stays in float32 inside the fused kernel."""
         c = self.config
         b, s, _ = hn.shape
-        if "w_qkv" in w:  # q, k, v projections as one GEMM (GraphedDecode fuses them at capture)
+        if "w_qkv" in w:  # q, k, v projections as one GEMM (fused for graph decode)
             qkv = linear(hn, w["w_qkv"], w["b_qkv"]).view(b, s, 3, c.n_head, c.head_dim)
             q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
         else:
@@ -157,14 +158,15 @@ class SelfAttention(Layer):
                     with trace.span("to_cpu"):
                         slot.stage(q[rows], k_new[rows], v_new[rows])
                     job = functools.partial(_staged_attend, slot, k, v, mask.to(dev), step.attn_sparsity,
-                                            part.valid)
+                                            part.valid, step.options)
                     slot.future = step.cpu_pool.submit(job)
                     outs.append(Staged(slot))
                     continue
                 with trace.span(f"to_{dev.type}"):
                     args = q[rows].to(dev), k_new[rows].to(dev), v_new[rows].to(dev), mask.to(dev)
                 job = functools.partial(_traced_attend, f"attention_{dev.type}", args[0], k, v,
-                                        args[3], step.attn_sparsity, args[1], args[2], part.valid)
+                                        args[3], step.attn_sparsity, args[1], args[2], part.valid,
+                                        options=step.options)
                 if dev.type == "cpu" and step.cpu_pool is not None:
                     outs.append(step.cpu_pool.submit(job))
                     continue
@@ -175,16 +177,17 @@ class SelfAttention(Layer):
         return _gather(outs, q.device)
 
 
-def _traced_attend(name: str, *args) -> torch.Tensor:
+def _traced_attend(name: str, *args, **kwargs) -> torch.Tensor:
     with trace.span(name):
-        return attend(*args)
+        return attend(*args, **kwargs)
 
 
-def _staged_attend(slot, k, v, mask, sparsity, valid) -> None:
+def _staged_attend(slot, k, v, mask, sparsity, valid, options=None) -> None:
     """On the worker: wait for the slot's inputs to reach the host, attend into its output."""
     with trace.span("attention_cpu"):
         slot.wait_ready()
-        attend(slot.q, k, v, mask, sparsity, slot.k_new, slot.v_new, valid, out=slot.out)
+        attend(slot.q, k, v, mask, sparsity, slot.k_new, slot.v_new, valid, out=slot.out,
+               options=options)
 
 
 def _gather(outs: list, device: torch.device) -> torch.Tensor:
@@ -195,16 +198,20 @@ def _gather(outs: list, device: torch.device) -> torch.Tensor:
 
 
 def attend(q, k, v, mask, sparsity=1.0, k_new=None, v_new=None, n_prev=None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, options: RuntimeOptions | None = None) -> torch.Tensor:
     """decode_attention over a plain or compressed cache (k, v whole or leading positions).
     A compressed cache at 16 bits attended densely goes to kernels.compressed_heads_decode_attention
     (on the GPU a fused kernel that reads the packed bytes once, elsewhere its float32 reference);
     otherwise (float32 runs, sparse attention) it is decompressed first. A plain cache on the CPU
     attended densely goes to kernels.cpu_attention when its C kernel could be built.
-    `out` (b, 1, hidden), optional: the result is written there (and returned)."""
-    if sparsity == 1.0 and isinstance(k, torch.Tensor) and cpu_attention.supports(q, k, v):
+    `out` (b, 1, hidden), optional: the result is written there (and returned). `options`: the
+    C kernel's switch and team size (RuntimeOptions; None: the defaults)."""
+    options = options or RuntimeOptions()
+    if (sparsity == 1.0 and isinstance(k, torch.Tensor)
+            and cpu_attention.supports(q, k, v, options.cpu_attention_kernel)):
         return cpu_attention.decode_attention(q, k, v, mask, k_new, v_new,
-                                              n_prev if k_new is not None else None, out=out)
+                                              n_prev if k_new is not None else None, out=out,
+                                              threads=options.cpu_attention_threads)
     result = _attend_torch(q, k, v, mask, sparsity, k_new, v_new, n_prev)
     return result if out is None else out.copy_(result)
 

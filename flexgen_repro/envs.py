@@ -1,0 +1,35 @@
+"""Every environment variable the package reads, outside the storage tiers (devices/), in one
+place: name -> a small reader, called when the value is needed, never at import.
+
+Settings of a run are `RuntimeOptions` fields (options.py) and command-line flags, not variables
+here; this list holds only what must come from the environment of the process:
+
+- FLEXGEN_REPRO_COMMIT: the commit a benchmark record names, for a copy of the tree whose .git is
+  absent or stale (a machine the tree was copied to). Unset: `git rev-parse` of the checkout.
+- FLEXGEN_KERNEL_CACHE: the folder where kernels/cpu_attention.c is compiled to, once per source,
+  flags and CPU (default ~/.cache/flexgen_repro/kernels).
+- CC: the C compiler that builds it (default: cc, else gcc, from PATH).
+
+Usage: `envs.get("FLEXGEN_KERNEL_CACHE")`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+READERS: dict[str, Callable[[], object]] = {
+    # commit of the running tree for benchmark records; "" where unset
+    "FLEXGEN_REPRO_COMMIT": lambda: os.environ.get("FLEXGEN_REPRO_COMMIT", ""),
+    # where the CPU attention kernel is built and kept
+    "FLEXGEN_KERNEL_CACHE": lambda: os.path.expanduser(
+        os.environ.get("FLEXGEN_KERNEL_CACHE", "~/.cache/flexgen_repro/kernels")),
+    # the C compiler for that kernel; None: look for cc or gcc
+    "CC": lambda: os.environ.get("CC") or None,
+}
+
+
+def get(name: str):
+    """The current value of environment variable `name` (one of READERS)."""
+    if name not in READERS:
+        raise KeyError(f"{name} is not a setting read from the environment; known: {sorted(READERS)}")
+    return READERS[name]()

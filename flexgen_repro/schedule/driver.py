@@ -1,0 +1,71 @@
+"""The block driver: the paper's Algorithm 1 over (token i, layer j, GPU batch k), one strategy
+ordering the steps of each (i, j, k) (strategies.py), the steps on the block's state (steps.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flexgen_repro.graph_decode import DecodeBlock, GraphedDecode, fuse_qkv_weights, graphable
+from flexgen_repro.schedule.steps import BlockSteps
+from flexgen_repro.schedule.strategies import GraphedPipeline, layer_strategy
+
+
+class BlockRun(BlockSteps):
+    """One block through the driver: `run()` returns its output ids."""
+
+    def run(self) -> np.ndarray:
+        with self.env.computing():
+            out = generate_block(self, layer_strategy(self.policy), self._graphed())
+        if self.env.has_cuda:  # results leave the compute stream for the caller's
+            torch.cuda.current_stream().wait_stream(self.env.compute_stream)
+        return out
+
+    def _graphed(self) -> GraphedPipeline | None:
+        """Cache homes persist across blocks and calls of the same shape (no re-allocation, no
+        re-pinning, and captured CUDA graphs stay valid); graph decode where everything is on
+        the GPU."""
+        key = (self.prompt_len, self.gen_len)
+        state = self.lm.block_state
+        if state.get("key") != key:
+            self.lm.release_cache()
+            state.update(key=key, homes={}, graphs=None)
+        self.cache_home = state["homes"]
+        if not (self.lm.options.cuda_graphs and graphable(self.policy, self.env, self.want_logits)):
+            return None
+        if state["graphs"] is None:
+            state["graphs"] = GraphedDecode(fuse_qkv_weights(self.lm.weight_home, self.env.gpu.dev))
+        state["graphs"].start_block(self.decode_block())
+        return GraphedPipeline(state["graphs"])
+
+    def decode_block(self) -> DecodeBlock:
+        """What graph decode needs of this block, and nothing more."""
+        return DecodeBlock(layers=self.layers, batch=self.B, prompt_len=self.prompt_len,
+                           total_len=self.prompt_len + self.gen_len, device=self.env.gpu.dev,
+                           pick=self.pick, step_inputs=self._graph_inputs,
+                           cache_homes=self._cache_homes, record_ids=self.record_ids)
+
+    def _graph_inputs(self, i: int, k: int):
+        info = self.step_info(i, k)
+        return self.load_hidden(i, 0, k), info.positions, info.mask
+
+    def _cache_homes(self, k: int) -> dict[int, tuple]:
+        return {j: self.cache_home[(j, k)] for j, layer in enumerate(self.layers) if layer.has_cache}
+
+
+def generate_block(run: BlockSteps, strategy, graphed: GraphedPipeline | None) -> np.ndarray:
+    """Algorithm 1: for each token, each layer, each GPU batch, the strategy's ordering of
+    load_weight / load_cache / compute / store_cache (compute stores the cache and hidden state).
+    With graphs, decode (tokens 1..) replays them instead, pipelined."""
+    for i in range(run.gen_len):
+        if graphed is not None and i > 0:
+            graphed.decode(run, i)
+            break
+        t0 = run.start_token(i)
+        for j in range(len(run.layers)):
+            for k in range(run.K):
+                strategy.step(run, i, j, k)
+        if run.end_token(i, t0):
+            break
+    run.drain()
+    return run.output_ids
