@@ -10,7 +10,7 @@ here; this list holds only what must come from the environment of the process:
   flags and CPU (default ~/.cache/flexgen_repro/kernels).
 - CC: the C compiler that builds it (default: cc, else gcc, from PATH).
 
-Usage: `envs.get("FLEXGEN_KERNEL_CACHE")`.
+Callers use the named readers (`envs.repro_commit()`, ...) or `envs.get(NAME)`.
 """
 from __future__ import annotations
 
@@ -33,3 +33,18 @@ def get(name: str):
     if name not in READERS:
         raise KeyError(f"{name} is not a setting read from the environment; known: {sorted(READERS)}")
     return READERS[name]()
+
+
+def repro_commit() -> str:
+    """FLEXGEN_REPRO_COMMIT: the commit to record ("" where unset)."""
+    return get("FLEXGEN_REPRO_COMMIT")
+
+
+def kernel_cache() -> str:
+    """FLEXGEN_KERNEL_CACHE: the folder compiled kernels are kept in."""
+    return get("FLEXGEN_KERNEL_CACHE")
+
+
+def c_compiler() -> str | None:
+    """CC: the C compiler to build kernels with (None: look one up)."""
+    return get("CC")

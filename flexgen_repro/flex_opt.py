@@ -132,9 +132,9 @@ def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int) -> np.ndar
 
 
 def _git_commit() -> str:
-    """The checkout's commit; FLEXGEN_REPRO_COMMIT (envs.py) overrides it (a copy without .git)."""
-    if envs.get("FLEXGEN_REPRO_COMMIT"):
-        return envs.get("FLEXGEN_REPRO_COMMIT")
+    """The checkout's commit; envs.repro_commit() overrides it (a copy without .git)."""
+    if envs.repro_commit():
+        return envs.repro_commit()
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,

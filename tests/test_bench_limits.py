@@ -232,7 +232,7 @@ def test_staged_unpinned_weights_cross_at_the_pinned_rate_after_a_host_copy():
 
 def test_recompute_limits_script_rewrites_a_record_in_place(tmp_path):
     """scripts/recompute_limits.py: the limit columns from the current code and the named profile
-    (round 36's, kept in results), noted in limit_note; a failed record is left as it is."""
+    (an H100's measured profile, kept in tests/data/records), noted in limit_note; a failed record is left as it is."""
     import importlib.util
     import json
     import os
@@ -241,7 +241,7 @@ def test_recompute_limits_script_rewrites_a_record_in_place(tmp_path):
         "recompute_limits", os.path.join(root, "scripts", "recompute_limits.py"))
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    profile = os.path.join(root, "results", "device-runs", "session5", "r36a-hardware_local.json")
+    profile = os.path.join(root, "tests", "data", "records", "h100-hardware-local.json")
     record = dict(model="opt-30b", percent="0 100 100 0 100 0", gpu_batch_size=8, num_gpu_batches=1,
                   prompt_len=512, gen_len=32, pin_weight=True, status="ok", decode_throughput=6.6,
                   binding_term="old")

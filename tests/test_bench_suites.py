@@ -1,6 +1,6 @@
 """Suite files: every shipped case parses into a valid Policy, t4-paper holds the paper's 18 cells
-with the published figures (checked against ../shared/reference when it is there), h100-anchors
-holds issue 7's cases, smoke covers every tier, compression and schedule, and bad input is named."""
+with the published figures (checked against the reference tables in tests/data/reference), h100-anchors
+holds the H100 anchor cases, smoke covers every tier, compression and schedule, and bad input is named."""
 from __future__ import annotations
 
 import csv
@@ -12,16 +12,13 @@ import pytest
 from flexgen_repro.bench import suites
 from flexgen_repro.policy import Policy
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+REFERENCE = os.path.join(os.path.dirname(__file__), "data", "reference")
 HEADER = ("case,model,prompt_len,gen_len,percent,gpu_batch_size,num_gpu_batches,overlap,"
           "paper_throughput,note")
 
 
 def _reference(name: str) -> list[dict]:
-    path = os.path.join(REFERENCE, name)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} is not here (shared/ sits beside the repository in CI and sessions)")
-    with open(path) as f:
+    with open(os.path.join(REFERENCE, name)) as f:
         return list(csv.DictReader(f))
 
 

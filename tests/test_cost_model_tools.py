@@ -17,6 +17,7 @@ from flexgen_repro.cost_model.hardware import GIB, load_profile, profile_from_di
 from flexgen_repro.cost_model.predict import evaluate_policy
 
 # The constants of the paper's cost model (shared/reference/README.md), in GB/s and TFLOP/s.
+RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "records")
 PAPER_CONSTANTS = {
     "cpu_to_gpu_bytes_s": 12.89, "gpu_to_cpu_cache_bytes_s": 0.97, "gpu_to_cpu_hidden_bytes_s": 4.82,
     "cpu_to_disk_cache_bytes_s": 0.746, "cpu_to_disk_bytes_s": 2.015,
@@ -209,18 +210,17 @@ def test_fit_recovers_the_fields_that_generated_the_runs():
 
 
 # The H100 anchors bound by a link or by HBM (weights streamed over PCIe; everything on the GPU
-# through CUDA graphs), measured in the same call as the shipped h100-lent profile (session 3,
-# round 24, a79cb08; the records are kept in results/device-runs/session3-h100-anchors).
+# through CUDA graphs), measured in the same call as the shipped h100-lent profile (commit
+# a79cb08; copies of the records are in tests/data/records).
 # 10%: two runs of one case spread ~3% there, and the model leaves out per-token host work.
-# Later runs are on other machines and code (session 4's fused graphed decode launches fewer
-# kernels than the profile's graph floor assumes): the profile is not expected to match them.
+# Later runs are on other machines and code (the fused graphed decode launches fewer kernels
+# than the profile's graph floor assumes): the profile is not expected to match them.
 H100_MEASURED_BOUND = ("d-30b-wcpu", "a-6.7b-gpu")
 
 
 @pytest.mark.parametrize("case", H100_MEASURED_BOUND)
 def test_shipped_h100_profile_predicts_its_bandwidth_bound_anchors(case):
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
-    with open(os.path.join(root, "device-runs", "session3-h100-anchors", f"{case}.json")) as f:
+    with open(os.path.join(RECORDS, f"h100-{case}.json")) as f:
         rec = json.load(f)
     assert rec["commit"] == "a79cb08"
     assert rec["device"].startswith("NVIDIA H100")
@@ -229,18 +229,18 @@ def test_shipped_h100_profile_predicts_its_bandwidth_bound_anchors(case):
 
 
 # The shipped h100-lent profile's CPU-attention terms (in-place rate, per-batch overhead) are
-# fitted to the decode throughput of these H100 records and 30b-auto's (session 5; PERF_NOTES):
+# fitted to the decode throughput of these H100 records and 30b-auto's (PERF_NOTES; copies in
+# tests/data/records):
 # in-sample, so this only checks that the profile keeps the fit. 10%: C's decode ran 37.97-38.74 in
 # three runs on one machine, and the fit's worst case is 6.7%.
-H100_CPU_ATTENTION_FIT = (("session5/r36-records/c2-c-30b-paper.json", "efddb8e"),
-                          ("session5/r36-records/solver-serial-30b-solver-serial.json", "efddb8e"),
-                          ("session5/r38-records/solver-fit-30b-solver-fit.json", "3d29c7f"))
+H100_CPU_ATTENTION_FIT = (("h100-c-30b-paper.json", "efddb8e"),
+                          ("h100-30b-solver-serial.json", "efddb8e"),
+                          ("h100-30b-solver-fit.json", "3d29c7f"))
 
 
 @pytest.mark.parametrize("path,commit", H100_CPU_ATTENTION_FIT)
 def test_shipped_h100_profile_keeps_its_cpu_attention_fit(path, commit):
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
-    with open(os.path.join(root, "device-runs", path)) as f:
+    with open(os.path.join(RECORDS, path)) as f:
         rec = json.load(f)
     assert rec["commit"] == commit and rec["cpu_cache_compute"]
     (row,) = calibrate.compare([rec], load_profile("h100-lent"))

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from importlib import metadata
 
+from flexgen_repro import envs
+
 GiB = 1 << 30
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _VERSIONED = ("torch", "transformers", "accelerate", "numpy", "flexgen-repro")
@@ -87,7 +89,7 @@ def probe(offload_dir: str, python: str = sys.executable, timeout_s: float = 120
 
 def git_state(repo: str = REPO_ROOT) -> dict:
     """{"commit": short hash plus "-dirty" when tracked files changed, "commit_full", "dirty"}.
-    FLEXGEN_REPRO_COMMIT, when set, is the commit (a copy of the tree whose .git is absent or stale)."""
+    envs.repro_commit(), when set, is the commit (a copy of the tree whose .git is absent or stale)."""
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
@@ -95,7 +97,7 @@ def git_state(repo: str = REPO_ROOT) -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    given = os.environ.get("FLEXGEN_REPRO_COMMIT", "")
+    given = envs.repro_commit()
     full = None if given else git("rev-parse", "HEAD")
     if not full:  # given (the Docker image's build arg; a copy whose .git is stale), or unknown
         known = given not in ("", "unknown")

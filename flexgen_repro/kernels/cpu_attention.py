@@ -7,7 +7,7 @@ masked ones. Torch's CPU path instead runs two batched matmuls with float16 inte
 full-length mask.
 
 The shared library is compiled once per source, compiler flags and CPU model into
-the folder envs.get("FLEXGEN_KERNEL_CACHE") names, written to a temporary name and renamed, so
+the folder envs.kernel_cache() names, written to a temporary name and renamed, so
 concurrent first uses never see a half-written file. Without a C compiler, `library()` is None and
 callers use the torch path; so do they where RuntimeOptions.cpu_attention_kernel is off (they pass
 `enabled=False` to `supports`). RuntimeOptions.cpu_attention_threads sets the team size
@@ -63,13 +63,13 @@ def _build(compiler: str, target: Path) -> None:
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The built kernel, or None (no compiler, or the build failed: then a warning)."""
-    compiler = envs.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = envs.c_compiler() or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         warnings.warn("no C compiler (cc/gcc) found: CPU attention uses the slower torch path; "
                       "install gcc to build kernels/cpu_attention.c", RuntimeWarning, stacklevel=2)
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS, _cpu_model())).encode())
-    cache = Path(envs.get("FLEXGEN_KERNEL_CACHE"))
+    cache = Path(envs.kernel_cache())
     target = cache / f"cpu_attention-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:

@@ -1,0 +1,158 @@
+"""The block driver's strategies: which ordering each policy gets, the exact order of the steps
+each queues (hand-worked for a 3-layer model, two GPU batches), Algorithm 1's loop over them, and
+token-identical greedy output against transformers for every ordering and runtime option."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from conftest import hf_greedy, random_prompts
+from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config, trace
+from flexgen_repro.options import RuntimeOptions
+from flexgen_repro.schedule import (PREFETCH_LAYERS, NoOverlap, OverlapBatches, OverlapOneBatch,
+                                    generate_block, layer_strategy)
+
+GEN = 5
+
+
+def policy(overlap: bool, k: int, pct=(0, 100, 0, 100, 100, 0), **kw) -> Policy:
+    return Policy(gpu_batch_size=2, num_gpu_batches=k, w_gpu_percent=pct[0], w_cpu_percent=pct[1],
+                  cache_gpu_percent=pct[2], cache_cpu_percent=pct[3], act_gpu_percent=pct[4],
+                  act_cpu_percent=pct[5], overlap=overlap, **kw)
+
+
+class Recorder:
+    """Stands in for a block: records each step as (name, args); layers 0 and 2 have no cache."""
+
+    def __init__(self, K: int, gen_len: int = 3, stop_after: int | None = None):
+        self.layers = [SimpleNamespace(has_cache=c) for c in (False, True, False)]
+        self.K, self.gen_len, self.calls = K, gen_len, []
+        self.stop_after, self.output_ids = stop_after, np.zeros(1)
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, args))
+
+    def start_token(self, i):
+        self.calls.append(("start_token", (i,)))
+        return 0.0
+
+    def end_token(self, i, t0):
+        self.calls.append(("end_token", (i,)))
+        return self.stop_after is not None and i >= self.stop_after
+
+
+def test_each_policy_gets_its_ordering():
+    assert isinstance(layer_strategy(policy(False, 1)), NoOverlap)
+    assert isinstance(layer_strategy(policy(False, 3)), NoOverlap)
+    assert isinstance(layer_strategy(policy(True, 1)), OverlapOneBatch)
+    assert isinstance(layer_strategy(policy(True, 3)), OverlapBatches)
+
+
+def test_no_overlap_loads_then_computes():
+    run = Recorder(K=2)
+    NoOverlap().step(run, 1, 1, 0)
+    assert run.calls == [("load_weight", (1,)), ("load_cache", (1, 1, 0)), ("compute", (1, 1, 0))]
+
+
+def test_overlap_one_batch_loads_the_next_layer_while_this_one_computes():
+    assert PREFETCH_LAYERS == 1
+    run = Recorder(K=1)
+    OverlapOneBatch().step(run, 1, 1, 0)
+    assert run.calls == [("load_weight", (1,)), ("load_cache", (1, 1, 0)), ("load_weight", (2,)),
+                         ("load_cache", (1, 2, 0)), ("compute", (1, 1, 0))]
+    run.calls.clear()
+    OverlapOneBatch().step(run, 1, 2, 0)   # the last layer: the next token's first weights
+    assert run.calls == [("load_weight", (2,)), ("load_cache", (1, 2, 0)), ("load_weight", (0,)),
+                         ("compute", (1, 2, 0))]
+    run.calls.clear()
+    OverlapOneBatch().step(run, 2, 2, 0)   # the last layer of the last token: nothing ahead
+    assert run.calls == [("load_weight", (2,)), ("load_cache", (2, 2, 0)), ("compute", (2, 2, 0))]
+
+
+def test_overlap_batches_share_one_weight_load_and_load_the_next_batchs_cache():
+    run = Recorder(K=2)
+    OverlapBatches().step(run, 1, 1, 0)
+    assert run.calls == [("load_weight", (1,)), ("load_cache", (1, 1, 0)), ("load_weight", (2,)),
+                         ("load_cache", (1, 1, 1)), ("compute", (1, 1, 0))]
+    run.calls.clear()
+    OverlapBatches().step(run, 1, 1, 1)    # batch 1: no weight prefetch; the next layer's batch 0
+    assert run.calls == [("load_weight", (1,)), ("load_cache", (1, 1, 1)),
+                         ("load_cache", (1, 2, 0)), ("compute", (1, 1, 1))]
+
+
+def test_algorithm_1_visits_token_layer_batch_in_order_and_stops_when_told():
+    run = Recorder(K=2, gen_len=3, stop_after=1)
+    generate_block(run, NoOverlap(), None)
+    computes = [args for name, args in run.calls if name == "compute"]
+    assert computes == [(i, j, k) for i in range(2) for j in range(3) for k in range(2)]
+    assert [n for n, _ in run.calls if n in ("start_token", "end_token", "drain")] == \
+        ["start_token", "end_token"] * 2 + ["drain"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_opt):
+    model, ckpt, weights = tiny_opt
+    config = get_opt_config(ckpt, dtype=np.float32)
+    prompts = random_prompts(6, 7, config.vocab_size, seed=3, pad_rows=3)
+    return config, weights, prompts, hf_greedy(model, prompts, GEN)
+
+
+@pytest.mark.parametrize("overlap,k", [(False, 1), (False, 2), (True, 1), (True, 2), (True, 3)])
+@pytest.mark.parametrize("cpu_attention", [False, True])
+def test_every_ordering_is_token_identical_to_transformers(setup, tmp_path, overlap, k, cpu_attention):
+    config, weights, prompts, expected = setup
+    pol = policy(overlap, k, pct=(0, 60, 0, 100, 0, 100), cpu_cache_compute=cpu_attention)
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        out = OptLM(config, env, weights, pol).generate(prompts, max_new_tokens=GEN)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_options_come_from_the_env_unless_given(setup, tmp_path):
+    config, weights, prompts, expected = setup
+    mine = RuntimeOptions(cpu_attention_kernel=False, cpu_attention_threads=1)
+    with ExecutionEnv.create(str(tmp_path / "offload"), options=mine) as env:
+        assert OptLM(config, env, weights, policy(True, 2)).options is mine
+        other = RuntimeOptions(cuda_graphs=False)
+        assert OptLM(config, env, weights, policy(True, 2), other).options is other
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        assert env.options == RuntimeOptions()
+
+
+@pytest.mark.parametrize("options", [
+    RuntimeOptions(cpu_attention_kernel=False), RuntimeOptions(cpu_attention_threads=1),
+    RuntimeOptions(cuda_graphs=False)], ids=["torch-attention", "one-thread", "no-graphs"])
+def test_runtime_options_keep_tokens(setup, tmp_path, options):
+    config, weights, prompts, expected = setup
+    pol = policy(True, 2, pct=(0, 100, 0, 100, 100, 0), cpu_cache_compute=True)
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        out = OptLM(config, env, weights, pol, options).generate(prompts, max_new_tokens=GEN)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_profile_prints_each_token_and_keeps_tokens(setup, tmp_path, capsys):
+    config, weights, prompts, expected = setup
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        lm = OptLM(config, env, weights, policy(True, 2), RuntimeOptions(profile=True))
+        np.testing.assert_array_equal(lm.generate(prompts, max_new_tokens=GEN), expected)
+    err = capsys.readouterr().err
+    blocks = 2                                      # 6 prompts, 2 x 2 per block
+    assert err.count("[profile] token 0:") == blocks
+    assert err.count(f"[profile] token {GEN - 1}:") == blocks
+    assert "decode/SelfAttention wait" in err
+
+
+def test_trace_records_the_run_and_leaves_nothing_active(setup, tmp_path):
+    config, weights, prompts, expected = setup
+    path = tmp_path / "trace.json"
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        lm = OptLM(config, env, weights, policy(True, 2), RuntimeOptions(trace_path=str(path)))
+        np.testing.assert_array_equal(lm.generate(prompts, max_new_tokens=GEN), expected)
+    assert trace.current() is None
+    lm.tracer.dump()
+    summary = json.loads(path.read_text())["summary"]
+    assert set(summary) == {"prefill", "decode"}
+    assert summary["decode"]["MainThread/SelfAttention"] > 0 and "MainThread/wait" in summary["decode"]
+    assert any(name.startswith("copy-weight") for name in summary["decode"])
