@@ -289,7 +289,7 @@ def _cpu_attention_serial(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes
     only when this layer's MLP starts, i.e. after the CPU has attended for all k GPU batches, each
     also waiting `cpu_attention_batch_overhead_s` on the main thread. So a layer takes at least
     that attention plus the load of the attention's share of the weights, whatever the link does
-    meanwhile (case C's traces, session 4). The CPU's share of the rows (cc + cd) scales both CPU
+    meanwhile (case C's traces). The CPU's share of the rows (cc + cd) scales both CPU
     parts; the weights' share on the host (wc, wd) scales the load."""
     h, f = c.hidden_size, c.ffn_embed_dim
     share = 4 * h * h / (4 * h * h + 2 * h * f)         # attention's part of a layer's weights
