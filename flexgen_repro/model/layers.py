@@ -23,6 +23,7 @@ from flexgen_repro.options import RuntimeOptions
 from flexgen_repro.weights.layout import layer_tensor_names
 
 MLP_CHUNK_TOKENS = 4096
+DEFAULT_OPTIONS = RuntimeOptions()  # frozen: what `attend` uses where a caller passes none
 # Decode over a resident cache (the CUDA-graph path) in fewer kernels: one fused attention call
 # with the query scale folded in, heads as views (no copies), ReLU fused into fc1's GEMM.
 # Small-batch decode on the GPU is bound by kernel count, not bytes. FLEXGEN_FUSED_DECODE=0
@@ -206,7 +207,7 @@ def attend(q, k, v, mask, sparsity=1.0, k_new=None, v_new=None, n_prev=None,
     attended densely goes to kernels.cpu_attention when its C kernel could be built.
     `out` (b, 1, hidden), optional: the result is written there (and returned). `options`: the
     C kernel's switch and team size (RuntimeOptions; None: the defaults)."""
-    options = options or RuntimeOptions()
+    options = options or DEFAULT_OPTIONS
     if (sparsity == 1.0 and isinstance(k, torch.Tensor)
             and cpu_attention.supports(q, k, v, options.cpu_attention_kernel)):
         return cpu_attention.decode_attention(q, k, v, mask, k_new, v_new,
