@@ -10,6 +10,9 @@ here; this list holds only what must come from the environment of the process:
   flags and CPU (default ~/.cache/flexgen_repro/kernels).
 - CC: the C compiler that builds it (default: cc, else gcc, from PATH).
 
+One variable is written, not read: PYTORCH_CUDA_ALLOC_CONF, which the benchmark command's
+`main()` sets (where the user has not) before anything touches CUDA (`use_expandable_segments`).
+
 Callers use the named readers (`envs.repro_commit()`, ...) or `envs.get(NAME)`.
 """
 from __future__ import annotations
@@ -48,3 +51,13 @@ def kernel_cache() -> str:
 def c_compiler() -> str | None:
     """CC: the C compiler to build kernels with (None: look one up)."""
     return get("CC")
+
+
+# Less fragmentation under a GPU memory cap: layers and caches of many sizes come and go.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def use_expandable_segments() -> None:
+    """Set PYTORCH_CUDA_ALLOC_CONF to CUDA_ALLOC_CONF unless the user set it. CUDA's allocator
+    reads it once, at its first allocation: call this before anything touches CUDA."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)

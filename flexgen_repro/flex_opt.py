@@ -176,10 +176,7 @@ def run(args) -> dict:
         with PeakMemory() as peak:
             lm.generate(prompts, max_new_tokens=args.gen_len)
     if lm.tracer is not None:
-        lm.tracer.dump()
-        for phase, busy in lm.tracer.summary().items():
-            print(f"[trace] {phase}: " + ", ".join(f"{k} {v:.3f} s" for k, v in busy.items()),
-                  file=sys.stderr)
+        _report_trace(lm.tracer)
     metrics = RunMetrics(num_prompts, args.prompt_len, args.gen_len, lm.times.prefill_s,
                          lm.times.decode_s, peak.gpu_peak_bytes / GB, peak.cpu_peak_bytes / GB)
     sizes = (config.model_bytes(), config.cache_bytes(num_prompts, args.prompt_len + args.gen_len),
@@ -187,13 +184,13 @@ def run(args) -> dict:
     text = log_text(metrics, *sizes)
     record = dict(
         model=config.name, path="_DUMMY_" if args.path == DUMMY else args.path,
-        
         percent=" ".join(f"{v:g}" for v in policy.percent), gpu_batch_size=policy.gpu_batch_size,
         num_gpu_batches=policy.num_gpu_batches, compress_weight=policy.compress_weight,
         compress_cache=policy.compress_cache, cpu_cache_compute=policy.cpu_cache_compute,
         overlap=policy.overlap, sep_layer=policy.sep_layer, pin_weight=policy.pin_weight,
         attn_sparsity=policy.attn_sparsity, dtype=args.dtype, gpu_mem_cap_gb=args.gpu_mem_gb,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=options.cuda_graphs, disk_io=options.disk_io,
+        cpu_attention_threads=options.cpu_attention_threads,
         staged_weights=not policy.pin_weight and storage.STAGE_PAGEABLE and env.has_cuda,
         model_size_gb=sizes[0] / GB, cache_size_gb=sizes[1] / GB, hidden_size_gb=sizes[2] / GB,
         weight_placement=lm.weight_placement, device=device_name(), torch_version=torch.__version__,
@@ -205,13 +202,16 @@ def run(args) -> dict:
     return record
 
 
-# Less fragmentation under a GPU memory cap. CUDA's allocator reads this once, at its first
-# allocation, so main() sets it (where the user has not) before anything touches CUDA.
-CUDA_ALLOC_CONF = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+def _report_trace(tracer) -> None:
+    """Write the trace file (--trace) and print its busy seconds per phase."""
+    tracer.dump()
+    for phase, busy in tracer.summary().items():
+        print(f"[trace] {phase}: " + ", ".join(f"{k} {v:.3f} s" for k, v in busy.items()),
+              file=sys.stderr)
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault(*CUDA_ALLOC_CONF)
+    envs.use_expandable_segments()  # before CUDA is first touched
     args = build_parser().parse_args(argv)
     try:
         record = run(args)
