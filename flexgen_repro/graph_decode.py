@@ -141,6 +141,10 @@ class GraphedDecode:
         st = self.static[k]
         st["homes"] = {j: tuple(_full_buffer(t) for t in home)
                        for j, home in self.block.cache_homes(k).items()}
+        self.graphs[k] = self._record(k)
+
+    def _record(self, k: int):
+        """Run batch k's body once for real, then capture it as a CUDA graph."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: this step's real work, idempotent when replayed
@@ -150,7 +154,7 @@ class GraphedDecode:
         with torch.cuda.graph(graph, pool=self.pool):
             self._body(k)
         self.pool = graph.pool()
-        self.graphs[k] = graph
+        return graph
 
     def queue(self, i: int, k: int) -> None:
         """Queue token i of GPU batch k without waiting for anything: where batch k replayed token
@@ -172,13 +176,17 @@ class GraphedDecode:
         else:
             ids = self._from_host(i, k)
         self.picked[k], self.last[k] = ids, i
+        self.in_flight[i].append((k, *self._to_host(i, k, ids)))
+
+    def _to_host(self, i: int, k: int, ids: torch.Tensor) -> tuple:
+        """Queue the picked ids' copy to a pinned buffer; (that buffer, an event marking the end)."""
         key = (i % 2, k)
         if key not in self.host_ids or self.host_ids[key].shape != ids.shape:
             self.host_ids[key] = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
         self.host_ids[key].copy_(ids, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        self.in_flight[i].append((k, self.host_ids[key], done))
+        return self.host_ids[key], done
 
     def collect(self, i: int) -> None:
         """Wait for token i's picked ids (every GPU batch) and record them."""
