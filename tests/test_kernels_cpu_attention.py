@@ -12,6 +12,7 @@ from conftest import hf_greedy, random_prompts
 from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config
 from flexgen_repro.kernels import cpu_attention
 from flexgen_repro.model.attention_math import decode_attention
+from flexgen_repro.options import RuntimeOptions
 
 pytestmark = pytest.mark.skipif(cpu_attention.library() is None, reason="no C compiler here")
 
@@ -112,3 +113,25 @@ def test_runtime_cpu_attention_goes_through_the_kernel(tiny_opt, tmp_path, monke
         out = OptLM(config, env, weights, pol).generate(prompts, max_new_tokens=5)
     np.testing.assert_array_equal(out, hf_greedy(model, prompts, 5))
     assert len(calls) >= 4 * config.num_hidden_layers  # every decode step, layer and GPU batch
+
+
+@pytest.mark.parametrize("options,calls_with", [
+    (RuntimeOptions(cpu_attention_threads=1), [1]), (RuntimeOptions(cpu_attention_kernel=False), [])],
+    ids=["one-thread", "kernel-off"])
+def test_runtime_options_reach_the_kernel(tiny_opt, tmp_path, monkeypatch, options, calls_with):
+    """RuntimeOptions.cpu_attention_threads is the kernel's team size; cpu_attention_kernel=False
+    sends CPU attention to the torch path. Tokens stay transformers' either way."""
+    model, ckpt, weights = tiny_opt
+    config = get_opt_config(ckpt, dtype=np.float32)
+    prompts = random_prompts(4, 9, config.vocab_size, seed=2, pad_rows=2)
+    threads = []
+    real = cpu_attention.decode_attention
+    monkeypatch.setattr(cpu_attention, "decode_attention",
+                        lambda *a, **k: threads.append(k["threads"]) or real(*a, **k))
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=20, w_cpu_percent=80,
+                 cache_gpu_percent=0, cache_cpu_percent=100, act_gpu_percent=0, act_cpu_percent=100,
+                 overlap=True, cpu_cache_compute=True)
+    with ExecutionEnv.create(str(tmp_path / "offload"), options=options) as env:
+        out = OptLM(config, env, weights, pol).generate(prompts, max_new_tokens=5)
+    np.testing.assert_array_equal(out, hf_greedy(model, prompts, 5))
+    assert sorted(set(threads)) == calls_with
