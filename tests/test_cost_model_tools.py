@@ -210,7 +210,7 @@ def test_fit_recovers_the_fields_that_generated_the_runs():
 
 
 # The H100 anchors bound by a link or by HBM (weights streamed over PCIe; everything on the GPU
-# through CUDA graphs), measured in the same call as the shipped h100-lent profile (commit
+# through CUDA graphs), measured in the same call as the shipped h100 profile (commit
 # a79cb08; copies of the records are in tests/data/records).
 # 10%: two runs of one case spread ~3% there, and the model leaves out per-token host work.
 # Later runs are on other machines and code (the fused graphed decode launches fewer kernels
@@ -224,11 +224,11 @@ def test_shipped_h100_profile_predicts_its_bandwidth_bound_anchors(case):
         rec = json.load(f)
     assert rec["commit"] == "a79cb08"
     assert rec["device"].startswith("NVIDIA H100")
-    (row,) = calibrate.compare([rec], load_profile("h100-lent"))
+    (row,) = calibrate.compare([rec], load_profile("h100"))
     assert row["rel_error"] <= 0.10, row
 
 
-# The shipped h100-lent profile's CPU-attention terms (in-place rate, per-batch overhead) are
+# The shipped h100 profile's CPU-attention terms (in-place rate, per-batch overhead) are
 # fitted to the decode throughput of these H100 records and 30b-auto's (PERF_NOTES; copies in
 # tests/data/records):
 # in-sample, so this only checks that the profile keeps the fit. 10%: C's decode ran 37.97-38.74 in
@@ -243,7 +243,7 @@ def test_shipped_h100_profile_keeps_its_cpu_attention_fit(path, commit):
     with open(os.path.join(RECORDS, path)) as f:
         rec = json.load(f)
     assert rec["commit"] == commit and rec["cpu_cache_compute"]
-    (row,) = calibrate.compare([rec], load_profile("h100-lent"))
+    (row,) = calibrate.compare([rec], load_profile("h100"))
     assert row["decode_bound"] == "cpu_attn_serial"
     ratio = row["predicted_decode_throughput"] / row["measured_decode_throughput"]
     assert abs(ratio - 1) <= 0.10, row

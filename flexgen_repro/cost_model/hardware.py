@@ -1,6 +1,7 @@
 """Hardware profiles for the cost model: the HardwareProfile dataclass, reading and writing its JSON,
-and the named profiles (shipped with the package: `t4-paper`, the paper's T4 machine, and `h100-lent`,
-measured on an H100 machine; `local`, measured on this machine by `invoke profile-hardware`).
+and the named profiles (shipped with the package: `t4-paper`, the paper's T4 machine, and `h100`,
+measured on an H100 80GB machine, also accepted as `h100-lent`; `local`, measured on this machine by
+`invoke profile-hardware`).
 
 Units are SI base units throughout: bytes, bytes per second, floating-point operations per second.
 Memory figures are what the runtime may use for tensors (not the nominal size of the part).
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 GIB = float(1 << 30)
 TERA = 1e12
 PROFILES_DIR = os.path.join(os.path.dirname(__file__), "profiles")
-BUILTIN_PROFILES = ("t4-paper", "h100-lent")
+BUILTIN_PROFILES = ("t4-paper", "h100")
+PROFILE_ALIASES = {"h100-lent": "h100"}   # earlier names of shipped profiles
 LOCAL_PROFILE = "~/.cache/flexgen_repro/hardware_local.json"
 
 # Every rate the equations divide by; each must be > 0.
@@ -55,7 +57,7 @@ class HardwareProfile:
     `cpu_attention_batch_overhead_s`: with CPU attention overlapped (a worker thread attends
     while the main thread prepares the next GPU batch), the time per (layer, GPU batch) the worker
     still waits on the main thread (its synchronous copy of q, k, v to the host, queueing, finishing
-    the previous batch). Fitted from runs where measured (h100-lent); 0 leaves the term out.
+    the previous batch). Fitted from runs where measured (h100); 0 leaves the term out.
     `gpu_headroom`: the
     fraction of a GPU memory cap (`with_memory(gpu_gb=...)`) usable for tensors.
     `host_backed_gpu`: no CUDA; the "GPU" tier is host memory, so GPU and CPU share `cpu_mem_bytes`.
@@ -168,6 +170,7 @@ def _read_json(path: str) -> HardwareProfile:
 def load_profile(name_or_path: str) -> HardwareProfile:
     """A shipped profile (BUILTIN_PROFILES), `local` (the measured profile of this machine) or a
     path to a profile JSON file."""
+    name_or_path = PROFILE_ALIASES.get(name_or_path, name_or_path)
     if name_or_path in BUILTIN_PROFILES:
         return _read_json(os.path.join(PROFILES_DIR, f"{name_or_path}.json"))
     if name_or_path == "local":
