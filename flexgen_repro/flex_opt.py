@@ -116,6 +116,7 @@ def _auto_policy(args, config) -> Policy:
     result = best_policy(config, profile, args.prompt_len, args.gen_len,
                          compress=args.compress_weight or args.compress_cache, **kwargs)
     print(f"--percent auto chose: {result.policy} (predicted {result.predicted_throughput:.2f} token/s)")
+    args.predicted_throughput = result.predicted_throughput  # into the record
     return dataclasses.replace(result.policy, overlap=args.overlap, sep_layer=args.sep_layer,
                                pin_weight=args.pin_weight, attn_sparsity=args.attn_sparsity)
 
@@ -196,6 +197,7 @@ def run(args) -> dict:
         weight_placement=lm.weight_placement, device=device_name(), torch_version=torch.__version__,
         python_version=platform.python_version(), commit=_git_commit(), measured=True,
         decode_step_s=lm.times.decode_steps,
+        predicted_throughput=getattr(args, "predicted_throughput", None),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **metrics.as_dict())
     record["log_text"] = text

@@ -74,6 +74,8 @@ def flexgen_command(case: Case, s: Settings, json_file: str, log_file: str) -> l
         cmd += ["--dtype", case.dtype]
     if s.cap(case):
         cmd += ["--gpu-mem-gb", f"{s.cap(case):g}"]
+    if case.hardware:
+        cmd += ["--hardware", case.hardware]
     return cmd + ["--json-file", json_file, "--log-file", log_file]
 
 

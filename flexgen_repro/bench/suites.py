@@ -9,6 +9,7 @@ with its file, line and column before anything runs.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ _COLUMNS: dict[str, tuple[Callable[[str], object], object, bool]] = {
     "dtype": (_choice(("float16", "float32", "bfloat16")), "float16", False),
     "gpu_mem_gb": (_opt_float, None, False),
     "timeout_s": (float, 1800.0, False),
+    "hardware": (str, "", False),
+    "repeat": (int, 1, False),
     "paper_throughput": (_opt_float, None, False),
     "paper_system": (str, "", False),
     "paper_measured": (_opt_bool, None, False),
@@ -117,6 +120,8 @@ class Case:
     dtype: str = "float16"
     gpu_mem_gb: float | None = None
     timeout_s: float = 1800.0
+    hardware: str = ""      # the cost-model profile `--percent auto` picks with ("": flex_opt's default)
+    repeat: int = 1         # runs of the case in one call (see expand_repeats)
     paper_throughput: float | None = None
     paper_system: str = ""
     paper_measured: bool | None = None
@@ -153,6 +158,10 @@ class Case:
         if self.prompt_len + self.gen_len > config.max_seq_len:
             raise ValueError(f"prompt_len + gen_len = {self.prompt_len + self.gen_len} exceeds "
                              f"{config.name}'s {config.max_seq_len} positions")
+        if self.repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {self.repeat}")
+        if self.hardware and not self.auto:
+            raise ValueError("hardware names the profile of `percent auto`; leave it empty otherwise")
         if self.gpu_mem_gb is not None and self.gpu_mem_gb <= 0:
             raise ValueError(f"gpu_mem_gb must be > 0 (or empty for no cap), got {self.gpu_mem_gb}")
         if self.runner in ("accelerate", "deepspeed", "original"):
@@ -221,8 +230,32 @@ def read_cases(path: str, suite: str | None = None) -> list[Case]:
 
 
 def load_suite(name: str) -> list[Case]:
-    """The validated cases of a shipped suite, in file order."""
-    return read_cases(suite_file(name), name)
+    """The validated cases of a shipped suite, in file order, repeats expanded (expand_repeats)."""
+    return expand_repeats(read_cases(suite_file(name), name))
+
+
+REPEAT_SUFFIX = ".rep"
+
+
+def expand_repeats(cases: list[Case]) -> list[Case]:
+    """Each case `repeat` times, in rounds: every case once (ids as written), then the cases with
+    repeat >= 2 again as `<id>.rep2`, and so on. A case and its `orig-` twin of the same round
+    then run close together in one call, so each round is one same-call pair (tables.py)."""
+    out = []
+    for r in range(1, max(c.repeat for c in cases) + 1):
+        for c in cases:
+            if c.repeat >= r:
+                name = c.case if r == 1 else f"{c.case}{REPEAT_SUFFIX}{r}"
+                out.append(dataclasses.replace(c, case=name, index=len(out)))
+    return out
+
+
+def base_case(case_id: str) -> tuple[str, int]:
+    """("x", 2) for "x.rep2"; (case_id, 1) for a case id without a repeat suffix."""
+    head, sep, tail = case_id.rpartition(REPEAT_SUFFIX)
+    if sep and tail.isdigit() and int(tail) >= 2:
+        return head, int(tail)
+    return case_id, 1
 
 
 def select_cases(cases: list[Case], wanted: str | list[str] | tuple[str, ...] | None) -> list[Case]:
@@ -235,5 +268,6 @@ def select_cases(cases: list[Case], wanted: str | list[str] | tuple[str, ...] | 
     missing = [w for w in wanted if w not in ids]
     if missing:
         raise ValueError(f"unknown case(s) {missing} in suite {cases[0].suite!r}; "
-                         f"choose from: {', '.join(ids)}")
-    return [c for c in cases if c.case in wanted]
+                         f"choose from: {', '.join(i for i in ids if base_case(i)[1] == 1)}")
+    # a case named without a repeat suffix brings its repeats along
+    return [c for c in cases if c.case in wanted or base_case(c.case)[0] in wanted]

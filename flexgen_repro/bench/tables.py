@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import statistics
 import sys
 
 CONTRACT_COLUMNS = ("model", "prompt_len", "gen_len", "percent", "gpu_batch_size", "num_gpu_batches",
@@ -18,7 +19,7 @@ COMPARISON_COLUMNS = ("paper_throughput", "ratio", "limit_throughput", "fraction
 CSV_COLUMNS = ("case", "status", *CONTRACT_COLUMNS[:9], "overlap", "sep_layer", "pin_weight",
                "attn_sparsity", "dtype", "gpu_mem_cap_gb", "prefill_latency_s", "decode_latency_s",
                "total_latency_s", "decode_throughput", "total_throughput", "peak_gpu_mem_gb",
-               "peak_cpu_mem_gb", *COMPARISON_COLUMNS, "limit_profile", "paper_system",
+               "peak_cpu_mem_gb", "predicted_throughput", *COMPARISON_COLUMNS, "limit_profile", "paper_system",
                "paper_measured", "measured", "runner", "weights", "device", "commit", "dirty",
                "torch_version", "transformers_version", "cuda_version", "timestamp", "reason")
 MD_COLUMNS = ("case", "status", *CONTRACT_COLUMNS, *COMPARISON_COLUMNS)
@@ -163,6 +164,38 @@ def side_by_side_lines(recs: list[dict]) -> list[str]:
                    f"{p['ratio']:.2f}x | {_md_cell(ref)} | "
                    f"{_md_cell(p['original'] / ref if ref else None)} | "
                    f"{'yes' if p['same_machine'] else 'no'} | {p['original_percent']} |")
+    return out + pair_summary_lines(pairs)
+
+
+def pair_summary(pairs: list[dict]) -> list[dict]:
+    """Per case (repeats folded: suites.base_case), over its same-call pairs: how many, and the
+    median, min and max of ours / original and the medians of the two throughputs."""
+    from flexgen_repro.bench.suites import base_case
+    groups: dict[str, list[dict]] = {}
+    for p in pairs:
+        if p["same_machine"]:
+            groups.setdefault(base_case(p["case"])[0], []).append(p)
+    out = []
+    for case, group in groups.items():
+        ratios = [p["ratio"] for p in group]
+        out.append(dict(case=case, pairs=len(group), ratio=statistics.median(ratios),
+                        ratio_min=min(ratios), ratio_max=max(ratios),
+                        ours=statistics.median(p["ours"] for p in group),
+                        original=statistics.median(p["original"] for p in group)))
+    return out
+
+
+def pair_summary_lines(pairs: list[dict]) -> list[str]:
+    rows = pair_summary(pairs)
+    if not rows:
+        return []
+    out = ["", "Ours / original as the median of the same-call pairs, with their range (a ratio is "
+           "published from three pairs or more):", "",
+           "| case | pairs | ours tok/s (median) | original tok/s (median) | ours / original "
+           "(median) | min - max |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['case']} | {r['pairs']} | {_md_cell(r['ours'])} | {_md_cell(r['original'])} "
+                   f"| {r['ratio']:.2f}x | {r['ratio_min']:.2f}x - {r['ratio_max']:.2f}x |")
     return out
 
 

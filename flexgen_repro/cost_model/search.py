@@ -300,9 +300,12 @@ def best_policy(config: OptConfig, profile: HardwareProfile, prompt_len: int, ge
         pct = repair(model, _round_percent(x, shape.gpu_batch_size), space.allow_act_disk)
         if pct is None:
             continue
-        pred = evaluate_at(model, model.placement(pct))
+        # judged as the policy itself, whose terms may depend on its placement (e.g. whether its
+        # weights cross in pieces), not as the shape the LP was built for
+        policy = _with_percent(shape, pct)
+        pred = evaluate_policy(config, policy, profile, prompt_len, gen_len)
         if best is None or pred.throughput > best[1].throughput:
-            best = (_with_percent(shape, pct), pred, 1.0 / per_token)
+            best = (policy, pred, 1.0 / per_token)
     if best is None:
         raise diagnose(config, profile, prompt_len, gen_len, compress, space)
     return SearchResult(policy=best[0], predicted_throughput=best[1].throughput, prediction=best[1],
