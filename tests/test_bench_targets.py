@@ -1,0 +1,135 @@
+"""The target suites (placements, table2, table2-large, sweep-30b), repeats run in rounds, and the
+median and range of same-call pairs in the tables.
+
+The paper's published Table 2 policies (prompt 512) are copied in tests/data/paper_table2_policies.csv.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+
+import pytest
+
+from flexgen_repro.bench import runner, suites, tables
+from flexgen_repro.config import get_opt_config
+from flexgen_repro.cost_model.hardware import load_profile
+from flexgen_repro.cost_model.predict import evaluate_policy
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "paper_table2_policies.csv")
+TWIN_FIELDS = ("model", "prompt_len", "gen_len", "percent", "gpu_batch_size", "num_gpu_batches",
+               "overlap", "sep_layer", "pin_weight", "cpu_cache_compute", "compress_weight",
+               "compress_cache", "gpu_mem_gb")
+
+
+def _raw(suite: str) -> dict:
+    """The suite's cases as written (repeats not expanded), by id."""
+    return {c.case: c for c in suites.read_cases(suites.suite_file(suite), suite)}
+
+
+def test_repeats_run_in_rounds_with_suffixed_ids():
+    cases = suites.load_suite("placements")
+    ids = [c.case for c in cases]
+    assert ids[:2] == ["1.3b-wdisk-1x16", "orig-1.3b-wdisk-1x16"]
+    assert ids[8:10] == ["1.3b-wdisk-1x16.rep2", "orig-1.3b-wdisk-1x16.rep2"]
+    assert len(ids) == 3 * 8 and len(set(ids)) == len(ids)
+    assert [c.index for c in cases] == list(range(len(cases)))
+    assert suites.base_case("orig-1.3b-wdisk-1x16.rep3") == ("orig-1.3b-wdisk-1x16", 3)
+    assert suites.base_case("opt-6.7b") == ("opt-6.7b", 1)
+    picked = suites.select_cases(cases, "1.3b-wdisk-1x16")
+    assert [c.case for c in picked] == ["1.3b-wdisk-1x16", "1.3b-wdisk-1x16.rep2",
+                                        "1.3b-wdisk-1x16.rep3"]
+
+
+@pytest.mark.parametrize("row, message", [
+    ("x,opt-1.3b,512,32,100 0 100 0 100 0,4,1,0", "repeat must be >= 1"),
+    ("x,opt-1.3b,512,32,100 0 100 0 100 0,4,1,1,h100", "leave it empty"),
+])
+def test_bad_repeat_and_hardware_are_named(tmp_path, row, message):
+    path = tmp_path / "s.csv"
+    path.write_text("case,model,prompt_len,gen_len,percent,gpu_batch_size,num_gpu_batches,repeat,"
+                    "hardware\n" + row + "\n")
+    with pytest.raises(ValueError, match=message):
+        suites.read_cases(str(path))
+
+
+def test_placements_pair_each_of_ours_with_the_original_on_the_same_placement():
+    cases = _raw("placements")
+    ours = [c for c in cases.values() if c.runner == "flexgen"]
+    assert {c.case for c in ours} == {"1.3b-wdisk-1x16", "1.3b-cdisk-cpuattn-1x16",
+                                      "1.3b-wcpu-overlap-1x16", "1.3b-wcpu-overlap-4x4"}
+    for c in ours:
+        twin = cases["orig-" + c.case]
+        assert twin.runner == "original"
+        assert all(getattr(c, f) == getattr(twin, f) for f in TWIN_FIELDS), c.case
+        assert (c.model, c.prompt_len, c.gen_len, c.gpu_mem_gb, c.weights) == \
+            ("opt-1.3b", 512, 32, 16.0, "dummy")
+        assert c.repeat >= 3 and twin.repeat == c.repeat
+
+
+def test_table2_runs_our_pick_beside_the_papers_published_policies():
+    with open(DATA) as f:
+        paper = {r["case"]: r for r in csv.DictReader(f)}
+    cases = {**_raw("table2"), **_raw("table2-large")}
+    for ours, ref in (("t2-6.7b", "6b7-512"), ("t2-6.7b-c", "6b7c-512"), ("t2-30b", "30b-512"),
+                      ("t2-30b-c", "30bc-512"), ("t2-175b-c", "175bc-512")):
+        mine, orig, row = cases[ours], cases["orig-" + ours], paper[ref]
+        assert mine.auto and mine.hardware == "h100" and mine.gpu_mem_gb == 16
+        assert (mine.compress_weight or mine.compress_cache) == ours.endswith("-c")
+        assert orig.runner == "original" and orig.model == row["model"] == mine.model
+        assert orig.percent == row["percent"]
+        assert (orig.gpu_batch_size, orig.num_gpu_batches) == (int(row["gpu_batch_size"]),
+                                                               int(row["num_gpu_batches"]))
+        for field in ("pin_weight", "cpu_cache_compute", "compress_weight", "compress_cache", "overlap"):
+            assert getattr(orig, field) == bool(int(row[field])), (ours, field)
+
+
+def test_auto_cases_ask_flex_opt_for_their_profile():
+    from flexgen_repro import flex_opt
+    case = _raw("table2")["t2-30b-c"]
+    s = runner.Settings(out="o", path="_DUMMY_", offload_dir="/tmp/off", gpu_mem_gb=None)
+    cmd = runner.flexgen_command(case, s, "r.json", "r.log")
+    args = flex_opt.build_parser().parse_args(cmd[3:])
+    assert args.hardware == "h100" and args.percent == ["auto"] and args.gpu_mem_gb == 16
+    assert args.compress_weight and args.compress_cache
+
+
+def test_h100_lent_is_an_alias_of_the_shipped_h100_profile():
+    assert load_profile("h100-lent") == load_profile("h100")
+    assert load_profile("h100").name == "h100"
+
+
+def test_sweep_cases_fit_and_their_notes_give_the_cost_models_prediction():
+    profile = load_profile("h100").with_memory(gpu_gb=16)
+    config = get_opt_config("opt-30b")
+    for case in _raw("sweep-30b").values():
+        pred = evaluate_policy(config, case.policy(), profile, case.prompt_len, case.gen_len)
+        assert pred.feasible, case.case
+        stated = float(re.search(r"predicted ([0-9.]+) tok/s", case.note).group(1))
+        assert stated == pytest.approx(pred.throughput, abs=0.05), case.case
+
+
+def _record(case: str, ours: float, stamp: str) -> dict:
+    return {"case": case, "status": "ok", "runner": "original" if case.startswith("orig-") else "flexgen",
+            "total_throughput": ours, "timestamp": stamp, "hardware": {"gpu_name": "H100"},
+            "percent": "0 100 100 0 100 0", "index": 0}
+
+
+def test_tables_give_the_median_and_range_of_same_call_pairs(tmp_path):
+    stamp = "2026-01-01T00:00:00+00:00"
+    recs = []
+    for suffix, ours, orig in (("", 30.0, 20.0), (".rep2", 33.0, 20.0), (".rep3", 24.0, 20.0)):
+        recs += [_record("x" + suffix, ours, stamp), _record("orig-x" + suffix, orig, stamp)]
+    (summary,) = tables.pair_summary(tables.side_by_side(recs))
+    # ratios 1.5, 1.65, 1.2: the median is the middle one, the range their extremes
+    assert summary["pairs"] == 3 and summary["case"] == "x"
+    assert summary["ratio"] == pytest.approx(1.5)
+    assert (summary["ratio_min"], summary["ratio_max"]) == (pytest.approx(1.2), pytest.approx(1.65))
+    assert summary["ours"] == 30.0 and summary["original"] == 20.0
+    raw = tmp_path / "s" / "raw"
+    raw.mkdir(parents=True)
+    for r in recs:
+        (raw / f"{r['case']}.json").write_text(json.dumps(r))
+    tables.write_markdown(tables.load_records(str(tmp_path / "s")), str(tmp_path / "t.md"), "s")
+    assert "| x | 3 | 30.00 | 20.00 | 1.50x | 1.20x - 1.65x |" in (tmp_path / "t.md").read_text()
