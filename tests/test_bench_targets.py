@@ -133,3 +133,18 @@ def test_tables_give_the_median_and_range_of_same_call_pairs(tmp_path):
         (raw / f"{r['case']}.json").write_text(json.dumps(r))
     tables.write_markdown(tables.load_records(str(tmp_path / "s")), str(tmp_path / "t.md"), "s")
     assert "| x | 3 | 30.00 | 20.00 | 1.50x | 1.20x - 1.65x |" in (tmp_path / "t.md").read_text()
+
+
+def test_flex_opt_records_the_prediction_of_its_auto_pick(tmp_path):
+    from flexgen_repro import flex_opt
+    from flexgen_repro.cost_model import calibrate
+    out = tmp_path / "r.json"
+    argv = ["--model", "opt-tiny", "--path", "_DUMMY_", "--offload-dir", str(tmp_path / "off"),
+            "--prompt-len", "8", "--gen-len", "2", "--percent", "auto", "--hardware", "t4-paper",
+            "--json-file", str(out), "--log-file", str(tmp_path / "r.log"), "--no-warmup"]
+    assert flex_opt.main(argv) == 0
+    record = json.loads(out.read_text())
+    # the recorded figure is the cost model's prediction of the policy that ran (same arithmetic)
+    ran = calibrate.record_policy(record)
+    pred = evaluate_policy(get_opt_config("opt-tiny"), ran, load_profile("t4-paper"), 8, 2)
+    assert record["predicted_throughput"] == pytest.approx(pred.throughput, rel=1e-9)
