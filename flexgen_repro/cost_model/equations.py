@@ -233,18 +233,19 @@ def _prefill_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: in
     dequant = (k * z.w_layer_fp if p.compress_weight else 0.0) + \
         (B * s * z.kv_token_fp if p.compress_cache else 0.0)
     mm += _step_overheads(c, p, hw)
+    weights = Affine.of(wc=z.w_layer / h2d_w, wd=z.w_layer / h2d)
     terms = {
-        "ctog": Affine.of(wc=z.w_layer / h2d_w, wd=z.w_layer / h2d) + Affine.of(hc=hid, hd=hid) * (1 / h2d),
+        "ctog": weights + Affine.of(hc=hid, hd=hid) * (1 / h2d),
         "gtoc": Affine.of(cc=cache_new, cd=cache_new) * (1 / hw.gpu_to_cpu_cache_bytes_s)
         + Affine.of(hc=hid, hd=hid) * (1 / hw.gpu_to_cpu_hidden_bytes_s),
         "dtoc": Affine.of(wd=z.w_layer, hd=hid) * (1 / hw.disk_to_cpu_bytes_s),
         "ctod": Affine.of(cd=cache_new / hw.cpu_to_disk_cache_bytes_s, hd=hid / hw.cpu_to_disk_bytes_s),
-        "comp": Affine.of(mm + attn + dequant / hw.gpu_dequant_bytes_s) + _prefill_host_hidden(p, hw, z, s),
+        "comp": Affine.of(mm + attn + dequant / hw.gpu_dequant_bytes_s) + _prefill_host_hidden(p, hw, z, s, h2d),
     }
-    return {**terms, **_prefill_sublayer_terms(c, p, hw, z, terms["comp"], attn)}
+    return {**terms, **_prefill_sublayer_terms(c, p, hw, z, terms["comp"], attn, weights)}
 
 
-def _prefill_host_hidden(p: Policy, hw: HardwareProfile, z: Sizes, s: int) -> Affine:
+def _prefill_host_hidden(p: Policy, hw: HardwareProfile, z: Sizes, s: int, h2d: float) -> Affine:
     """Seconds per layer that prefill's compute waits for hidden states kept off the GPU.
 
     Each runtime layer (attention and MLP apart with sep_layer) loads its input from the host and
@@ -252,10 +253,9 @@ def _prefill_host_hidden(p: Policy, hw: HardwareProfile, z: Sizes, s: int) -> Af
     add to it instead of overlapping it. The outputs' device->host copies also share that
     direction of the link with the prompt's cache stores, which delay them by up to the smaller
     of the two byte counts (taken at the whole prompt's cache: a policy that keeps hidden states
-    on the host keeps its cache there too)."""
+    on the host keeps its cache there too). h2d: the host->GPU rate of hidden states."""
     B = p.gpu_batch_size * p.num_gpu_batches
     moved = (2 if p.sep_layer else 1) * B * s * z.hid_token      # each runtime layer's output
-    h2d, _ = _host_to_gpu(hw, p)
     d2h = hw.gpu_to_cpu_hidden_bytes_s
     seconds = moved / h2d + moved / d2h + min(moved, B * s * z.kv_token) / d2h
     return Affine.of(hc=seconds, hd=seconds)
@@ -269,21 +269,20 @@ def attention_share(c: OptConfig) -> float:
 
 
 def _prefill_sublayer_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes,
-                            comp: Affine, attn: float) -> dict:
+                            comp: Affine, attn: float, link: Affine) -> dict:
     """With sep_layer and overlap the runtime loads one sublayer ahead: the MLP's weights load while
     the attention computes, the next attention's while the MLP computes. A layer then takes
     max(load MLP, compute attention) + max(load attention, compute MLP), which exceeds
     max(loads, computes) when the two sublayers are unbalanced; the two cross sums are the terms
-    missing from the max (one per link the weights cross: host->GPU, disk->host). Compute splits by
-    the matmul share (attention_share), the attention itself (attn) to the attention sublayer, the
-    rest (overheads, hidden-state copies) evenly."""
+    missing from the max (one per link the weights cross: host->GPU, disk->host). The attention
+    itself (attn) goes to the attention sublayer, the rest of the compute (matmuls, dequantization,
+    step overheads, hidden-state copies) by the matmul share (attention_share). link: a layer's
+    weights over host->GPU."""
     if not (p.sep_layer and p.overlap):
         return {}
     share = attention_share(c)
-    h2d, h2d_w = _host_to_gpu(hw, p)
     matmul = comp + Affine.of(-attn)
     comp_attn, comp_mlp = matmul * share + Affine.of(attn), matmul * (1 - share)
-    link = Affine.of(wc=z.w_layer / h2d_w, wd=z.w_layer / h2d)
     disk = Affine.of(wd=z.w_layer / hw.disk_to_cpu_bytes_s)
     return {"sub_link_mlp": link * (1 - share) + comp_mlp, "sub_link_attn": link * share + comp_attn,
             "sub_disk_mlp": disk * (1 - share) + comp_mlp, "sub_disk_attn": disk * share + comp_attn}
