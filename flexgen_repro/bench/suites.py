@@ -3,8 +3,10 @@
 A row holds the case's model, lengths, policy (the six `--percent` numbers or `auto`), the flags
 `flex_opt` takes, an optional GPU memory cap, and the reference figure it is compared with (the
 paper's, or the original FlexGen's on the same card) with where that figure comes from and whether
-it was measured or projected. `load_suite` parses and validates every row, so a bad row fails
-with its file, line and column before anything runs.
+it was measured or projected; for `auto`, the cost-model profile that picks (`hardware`); and how
+many times the case runs in one call (`repeat`, expanded in rounds by `load_suite`, so that ours and
+the original's twin of each round form one same-call pair). `load_suite` parses and validates every
+row, so a bad row fails with its file, line and column before anything runs.
 """
 from __future__ import annotations
 
