@@ -1,7 +1,7 @@
 """The target suites (placements, table2, table2-large, sweep-30b), repeats run in rounds, and the
 median and range of same-call pairs in the tables.
 
-The paper's published Table 2 policies (prompt 512) are copied in tests/data/paper_table2_policies.csv.
+The paper's published policies are the copy in tests/data/reference/paper_t4_policies.csv.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from flexgen_repro.config import get_opt_config
 from flexgen_repro.cost_model.hardware import load_profile
 from flexgen_repro.cost_model.predict import evaluate_policy
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "paper_table2_policies.csv")
+DATA = os.path.join(os.path.dirname(__file__), "data", "reference", "paper_t4_policies.csv")
 TWIN_FIELDS = ("model", "prompt_len", "gen_len", "percent", "gpu_batch_size", "num_gpu_batches",
                "overlap", "sep_layer", "pin_weight", "cpu_cache_compute", "compress_weight",
                "compress_cache", "gpu_mem_gb")
