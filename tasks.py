@@ -46,7 +46,7 @@ def verify_weights(c, model, path="~/opt_weights"):
             "path": "weight root for non-dummy cases",
             "offload_dir": "offload folder for disk tiers",
             "cases": "comma-separated case ids to run (default: all)",
-            "profile": "bandwidth profile for the limit column (h100-issue7, t4-paper, local, or a JSON file)"})
+            "profile": "bandwidth profile for the limit column (h100-reference, t4-paper, local, or a JSON file)"})
 def bench(c, suite="", gpu_mem_gb=0.0, out="results", path="~/opt_weights",
           offload_dir="~/flexllmgen_offload_dir", cases="", profile=""):
     """Run a benchmark suite: one process per case, raw JSON, CSV, Markdown and a plot under results/."""

@@ -1,8 +1,9 @@
 """Recompute the limit columns of raw run records in place with the current limits code and a
-named bandwidth profile (the run's own `hardware_local.json`, kept with its round), and say so in
-`limit_note`. For records made before a change to bench/limits.py. Usage:
-python3 scripts/recompute_limits.py --profile results/device-runs/session5/r38a-hardware_local.json \
-    --note "round 38's profile" results/h100-large/raw/66b-c-32x2.json ..."""
+named bandwidth profile (the run's own `hardware_local.json`, from `invoke profile-hardware` on
+the machine that ran it), and say so in `limit_note`. For records made before a change to
+bench/limits.py. Usage:
+python3 scripts/recompute_limits.py --profile hardware_local.json \
+    --note "the run machine's profile" results/h100-large/raw/66b-c-32x2.json ..."""
 import argparse
 import json
 import os
@@ -17,8 +18,8 @@ def recompute(record: dict, bw: limits.Bandwidths, note: str) -> dict:
     record.update(limit_throughput=lim.throughput, binding_term=lim.binding, limit_terms=lim.terms,
                   limit_profile="local",
                   fraction_of_limit=decode / lim.throughput if decode and lim.throughput else None,
-                  limit_note=f"recomputed after the run (bench/limits.py of session 5: terms on one "
-                             f"resource add up) with {note}")
+                  limit_note=f"recomputed after the run (bench/limits.py: terms on one resource "
+                             f"add up) with {note}")
     return record
 
 

@@ -109,8 +109,8 @@ def test_record_matches_flex_opt_fields_and_feeds_the_limit():
     assert rec["total_throughput"] == pytest.approx(8 * 32 / 176.0)
     assert rec["decode_throughput"] == pytest.approx(8 * 31 / 172.0)
     assert rec["accelerate_version"] == "1.15.0"
-    lim = limits.record_limit(rec, limits.BUILTIN["h100-issue7"])
-    # accelerate's offloaded weights are pageable; h100-issue7 has no pageable rate: the pinned one
+    lim = limits.record_limit(rec, limits.BUILTIN["h100-reference"])
+    # accelerate's offloaded weights are pageable; h100-reference has no pageable rate: the pinned one
     assert lim.terms["unpinned weights over PCIe"] == pytest.approx(0.815 * cfg.model_bytes() / 54.7e9,
                                                                     rel=1e-12)
 

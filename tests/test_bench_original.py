@@ -167,7 +167,7 @@ def test_driver_turns_the_original_run_into_our_record(monkeypatch, tmp_path):
     assert rec["peak_gpu_mem_gb"] == 7.0 and rec["flexgen_version"] == "0.1.8"
     assert "total throughput" in rec["original_log"]
     # the record feeds the limit with the placement the original made
-    lim = limits.record_limit(rec, limits.BUILTIN["h100-issue7"])
+    lim = limits.record_limit(rec, limits.BUILTIN["h100-reference"])
     cfg = get_opt_config("opt-30b")
     assert lim.terms["weights over PCIe"] == pytest.approx(0.75 * cfg.model_bytes() / 54.7e9, rel=1e-9)
 
@@ -204,7 +204,7 @@ def test_runner_command_and_skip(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "flexgen" else real(name, *a))
-    assert "scripts/device/fetch_original_wheel.sh" in runner.why_not_run(case, s, {})
+    assert "pip install flexgen==0.1.8 attrs" in runner.why_not_run(case, s, {})
     with pytest.raises(ValueError, match="six whole percentages"):
         suites.Case(suite="x", index=0, case="o", model="opt-30b", prompt_len=8, gen_len=2,
                     percent="20.5 79.5 0 100 0 100", runner="original", gpu_batch_size=1,

@@ -64,7 +64,7 @@ def fake_suite(tmp_path, monkeypatch):
 def _run(tmp_path, **kw):
     out = str(tmp_path / "results")
     rc = runner.main("fake", None, out, "_DUMMY_", str(tmp_path / "offload"), kw.pop("cases", ""),
-                     build=fake_command, probe=fake_probe, profile="h100-issue7", **kw)
+                     build=fake_command, probe=fake_probe, profile="h100-reference", **kw)
     return rc, os.path.join(out, "fake")
 
 
@@ -204,8 +204,8 @@ def test_deepspeed_case_without_deepspeed_is_skipped_with_why(monkeypatch, tmp_p
 def test_profile_limits_match_limits_module(fake_suite):
     _, folder = _run(fake_suite, cases="ok-1")
     rec = tables.load_records(folder)[0]
-    again = limits.record_limit(rec, limits.BUILTIN["h100-issue7"])
-    assert rec["limit_terms"] == pytest.approx(again.terms) and rec["limit_profile"] == "h100-issue7"
+    again = limits.record_limit(rec, limits.BUILTIN["h100-reference"])
+    assert rec["limit_terms"] == pytest.approx(again.terms) and rec["limit_profile"] == "h100-reference"
     assert json.load(open(os.path.join(folder, "raw", "ok-1.json")))["case"] == "ok-1"
 
 

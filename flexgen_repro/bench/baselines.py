@@ -152,7 +152,7 @@ def gpu_device_map(model, config: OptConfig, batch: int, prompt_len: int, gen_le
 def fit_gpu_share(sizes: dict, device_map: dict, budget: int) -> dict:
     """device_map with its last GPU entries moved to the CPU until the GPU holds at most `budget`
     bytes of weights. accelerate's map overshot its budget for OPT-30B at batch 8 (12.9 GiB of
-    weights on the GPU against about 10; the load ran out of the 16 GiB cap, round 25)."""
+    weights on the GPU against about 10; the load ran out of the 16 GiB cap)."""
     out = dict(device_map)
     on_gpu = lambda: sum(n for k, n in sizes.items() if tier_of(device_of(k, out)) == "gpu")  # noqa: E731
     for key in reversed(list(out)):

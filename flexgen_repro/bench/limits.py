@@ -50,12 +50,13 @@ class Bandwidths:
                 raise ValueError(f"Bandwidths.{f.name} must be > 0 GB/s (or None), got {value!r}")
 
 
-# Figures measured on the H100 lending machine (issue 7), for runs there without a `local` profile.
+# Figures measured on the H100 machine of the original FlexGen's reference runs (its figures are
+# the h100-anchors suite's references), for H100 runs without a `local` profile.
 # Other machines' profiles (`t4-paper`, `local`, a JSON file) come from the cost model.
 BUILTIN: dict[str, Bandwidths] = {
-    "h100-issue7": Bandwidths("h100-issue7", h2d_gbps=54.7, d2h_gbps=53.0, cpu_mem_gbps=71.0,
+    "h100-reference": Bandwidths("h100-reference", h2d_gbps=54.7, d2h_gbps=53.0, cpu_mem_gbps=71.0,
                               disk_read_gbps=1.2,
-                              source="measured on the H100 lending machine (issue 7): pinned "
+                              source="measured on the reference H100 machine: pinned "
                                      "host->GPU, device->host, host memcpy, disk read"),
 }
 
@@ -87,7 +88,7 @@ def from_cost_model_profile(prof) -> Bandwidths | None:
 
 
 def load_bandwidths(name_or_path: str) -> Bandwidths | None:
-    """`h100-issue7`, a JSON file of `Bandwidths` fields, or any cost-model profile (`t4-paper`,
+    """`h100-reference`, a JSON file of `Bandwidths` fields, or any cost-model profile (`t4-paper`,
     `local`, a profile JSON file); None for a host-backed cost-model profile."""
     if name_or_path in BUILTIN:
         return BUILTIN[name_or_path]
@@ -198,7 +199,7 @@ def record_limit(record: dict, bw: Bandwidths) -> Limit:
 def resolve_bandwidths(hardware: dict, profile: str | None = None) -> Bandwidths | None:
     """The profile to bound this machine's cases with: the one named, else this machine's measured
     `local` profile (`invoke profile-hardware`) if it exists, else a built-in one for the same GPU
-    (H100: issue 7's figures; T4: the paper's), else None (no limit columns)."""
+    (H100: the reference machine's figures; T4: the paper's), else None (no limit columns)."""
     if profile:
         return load_bandwidths(profile)
     try:
@@ -207,7 +208,7 @@ def resolve_bandwidths(hardware: dict, profile: str | None = None) -> Bandwidths
         pass
     gpu = (hardware.get("gpu_name") or "").upper()
     if "H100" in gpu:
-        return BUILTIN["h100-issue7"]
+        return BUILTIN["h100-reference"]
     if "T4" in gpu.split():
         return load_bandwidths("t4-paper")
     return None

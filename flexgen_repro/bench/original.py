@@ -17,7 +17,7 @@ measured on another day. Nothing of the original is copied here; this module onl
   per decode step, after its one-token warm-up), turned into our record with the same formulas.
 
 `flexgen` is not in requirements.lock (it pins nothing and pulls `pulp`); carry its wheel to the
-GPU machine (`scripts/device/fetch_original_wheel.sh`).
+GPU machine (`python3 -m pip download --no-deps flexgen==0.1.8 attrs` makes the wheels).
 """
 from __future__ import annotations
 
@@ -220,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_size = args.gpu_batch_size * args.num_gpu_batches
     return baselines.run_main(args, "flexgen",
                               f"the original FlexGen baseline needs the `flexgen` package "
-                              f"(pip install flexgen=={PACKAGE_VERSION}; not in requirements.lock; "
-                              f"scripts/device/fetch_original_wheel.sh makes a wheel to carry)",
+                              f"(`python3 -m pip install flexgen=={PACKAGE_VERSION} attrs`; not in requirements.lock)",
                               run, "original-flexgen", expandable_segments=False)
 
 

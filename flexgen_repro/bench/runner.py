@@ -165,16 +165,17 @@ def case_fields(case: Case) -> dict:
 def why_not_run(case: Case, s: Settings, hardware: dict) -> str | None:
     """The reason a case is skipped (missing weights, or not enough memory), or None."""
     if case.runner == "accelerate" and importlib.util.find_spec("accelerate") is None:
-        return ("HF Accelerate is not installed in this Python (`pip install accelerate`; it is not "
-                "in requirements.lock): the baseline cannot run here")
+        return ("HF Accelerate is not installed in this Python (`python3 -m pip install --require-hashes "
+                "-r requirements.lock` installs it): the baseline cannot run here")
     if case.runner == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         return ("DeepSpeed is not installed in this Python (not in requirements.lock; "
-                "scripts/device/fetch_deepspeed_wheels.sh builds wheels): the baseline cannot run here")
+                "`DS_BUILD_OPS=0 python3 -m pip install deepspeed==0.19.8` installs it): the baseline "
+                "cannot run here")
     if case.runner == "original":
         if importlib.util.find_spec("flexgen") is None:
             return ("the original FlexGen (`flexgen` on PyPI) is not installed in this Python (not in "
-                    "requirements.lock; scripts/device/fetch_original_wheel.sh makes a wheel to "
-                    "carry): the baseline cannot run here")
+                    "requirements.lock; `python3 -m pip install flexgen==0.1.8 attrs` installs it): "
+                    "the baseline cannot run here")
         return None  # its own placement rule decides what fits; a run that does not fit fails
     weights = s.weight_path(case)
     if weights != DUMMY:

@@ -12,7 +12,7 @@ It is then timed through `generate` exactly as the HF Accelerate baseline (`base
 Not attempted: ZeRO-Inference's KV-cache offload, which needs DeepSpeedExamples' patched model
 classes; the cache stays on the GPU, so the batch is bounded by the GPU cap as for Accelerate.
 DeepSpeed is not in requirements.lock (it ships only a source archive; its CUDA ops build on first
-use); `scripts/device/fetch_deepspeed_wheels.sh` makes wheels to carry to the GPU machine.
+use): `DS_BUILD_OPS=0 python3 -m pip install deepspeed==0.19.8` installs it.
 """
 from __future__ import annotations
 
@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     return baselines.run_main(build_parser().parse_args(argv), "deepspeed",
                               "the ZeRO-Inference baseline needs `deepspeed` (not in "
-                              "requirements.lock; scripts/device/fetch_deepspeed_wheels.sh builds "
-                              "wheels)", run, "deepspeed zero-inference")
+                              "requirements.lock; `DS_BUILD_OPS=0 python3 -m pip install "
+                              "deepspeed==0.19.8` installs it)", run, "deepspeed zero-inference")
 
 
 if __name__ == "__main__":
