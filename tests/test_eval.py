@@ -202,3 +202,46 @@ def test_cli_errors_name_the_fix(tiny, tokenizer_dir, tmp_path, capsys):
     bad.write_text('{"txt": "no text field"}\n')
     assert cli.main("lambada", ckpt, weights, data=str(bad), tokenizer=tokenizer_dir) == 2
     assert 'bad.jsonl:1 is not a JSON object with a "text" field' in capsys.readouterr().err
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens on it once closed
+
+
+def test_unreachable_hub_fails_at_once_without_a_network_attempt(monkeypatch, tmp_path, capsys):
+    """No network: the tokenizer is looked up in the local cache only, then the error names the fix
+    (--tokenizer DIR) instead of retrying the hub for tens of seconds."""
+    import transformers
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(source, *args, **kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    assert cli.main("lambada", "opt-125m", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "hub is unreachable" in err and "--tokenizer DIR" in err
+    assert calls and all(calls), "only the local cache may be asked"
+
+
+def test_hub_probe_honours_offline_and_finds_a_listening_endpoint(monkeypatch):
+    import socket
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert not cli.hub_reachable()
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        assert cli.hub_reachable()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    assert not cli.hub_reachable()

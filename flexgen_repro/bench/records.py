@@ -88,8 +88,9 @@ def probe(offload_dir: str, python: str = sys.executable, timeout_s: float = 120
 
 
 def git_state(repo: str = REPO_ROOT) -> dict:
-    """{"commit": short hash plus "-dirty" when tracked files changed, "commit_full", "dirty"}.
-    envs.repro_commit(), when set, is the commit (a copy of the tree whose .git is absent or stale)."""
+    """{"commit": short hash plus "-dirty" when tracked files outside results/ changed,
+    "commit_full", "dirty"}. envs.repro_commit(), when set, is the commit (a copy of the tree whose
+    .git is absent or stale)."""
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
@@ -103,7 +104,8 @@ def git_state(repo: str = REPO_ROOT) -> dict:
         known = given not in ("", "unknown")
         return {"commit": given[:7] if known else "unknown", "commit_full": given if known else None,
                 "dirty": None}
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    # the benchmark's own outputs (results/) do not make the code dirty
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"))
     return {"commit": full[:7] + ("-dirty" if dirty else ""), "commit_full": full, "dirty": dirty}
 
 

@@ -1,24 +1,27 @@
-"""`invoke bench`: run a suite's cases, each in its own process, into results/<suite>/.
+"""`invoke bench`: run a suite's cases, each in its own process, into <out>/<suite>/.
 
-For every case: skip it (with the memory it needs and the memory there is) when it cannot fit;
-otherwise run `python -m flexgen_repro.flex_opt` (or the accelerate baseline) under a timeout with
-its output captured in logs/<case>.log; then merge the run's JSON record with the case's reference
-figure and ratio, the hardware limit, the hardware, versions and commit, and write raw/<case>.json.
-Tables and the plot are rebuilt from raw/ at the end (tables.py).
+<out> is a run folder, results/runs/<suite>-<date>-<commit>/ (ignored by git), unless --out names
+one (`--out results` publishes into the committed records). Cases that need a GPU are refused up
+front on a machine without one (unless allow_cpu). For every case: skip it (with the memory it
+needs and the memory there is) when it cannot fit; otherwise run `python -m flexgen_repro.flex_opt`
+(or a baseline) under a timeout, in its own process group, with its output in logs/<case>.log; then
+merge the run's JSON record with the case's reference figure and ratio, the hardware limit, the
+hardware, versions and commit, and write raw/<case>.json. Tables and the plot are rebuilt from raw/
+at the end (tables.py). SIGINT or SIGTERM stops the running case's whole process group, removes
+its partial outputs and exits with 130 or 143.
 """
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
-from flexgen_repro.bench import fit, limits, records, suites, tables
+from flexgen_repro.bench import fit, limits, process, records, suites, tables
 from flexgen_repro.bench.suites import Case
 
 DUMMY = "_DUMMY_"
@@ -33,6 +36,7 @@ class Settings:
     gpu_mem_gb: float | None = None
     python: str = sys.executable
     profile: str | None = None
+    allow_cpu: bool = False
 
     def cap(self, case: Case) -> float | None:
         return self.gpu_mem_gb or case.gpu_mem_gb
@@ -125,22 +129,10 @@ def default_command(case: Case, s: Settings, json_file: str, log_file: str) -> l
 
 
 def _run_process(cmd: list[str], log_path: str, timeout_s: float) -> tuple[int | None, float]:
-    """Run `cmd` in its own session with output to `log_path`; (exit code or None on timeout, seconds)."""
+    """Run `cmd` in its own process group with output to `log_path` (process.run_logged)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [records.REPO_ROOT, os.environ.get("PYTHONPATH")])))
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
-    return rc, time.perf_counter() - start
+    return process.run_logged(cmd, log_path, timeout_s, env)
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -162,8 +154,16 @@ def case_fields(case: Case) -> dict:
             "paper_source": case.paper_source, "note": case.note}
 
 
+def needs_gpu(case: Case) -> bool:
+    """Whether a case is meant for a GPU: it caps GPU memory, or it runs a baseline."""
+    return case.gpu_mem_gb is not None or case.runner != "flexgen"
+
+
 def why_not_run(case: Case, s: Settings, hardware: dict) -> str | None:
-    """The reason a case is skipped (missing weights, or not enough memory), or None."""
+    """The reason a case is skipped (no GPU, missing weights, or not enough memory), or None."""
+    if needs_gpu(case) and not hardware.get("cuda_available") and not s.allow_cpu:
+        return (f"needs a GPU and this machine has none (`invoke bench --suite {case.suite} "
+                f"--allow-cpu` runs it on the CPU anyway: hours for models this size)")
     if case.runner == "accelerate" and importlib.util.find_spec("accelerate") is None:
         return ("HF Accelerate is not installed in this Python (`python3 -m pip install --require-hashes "
                 "-r requirements.lock` installs it): the baseline cannot run here")
@@ -193,10 +193,17 @@ def run_case(case: Case, s: Settings, build: CommandBuilder = default_command) -
     os.makedirs(logs, exist_ok=True)
     json_file = os.path.join(logs, f"{case.case}.child.json")
     log_file = os.path.join(logs, f"{case.case}.log")
+    child_log = os.path.join(logs, f"{case.case}.flexgen.log")
     if os.path.exists(json_file):
         os.remove(json_file)
-    cmd = build(case, s, json_file, os.path.join(logs, f"{case.case}.flexgen.log"))
-    rc, wall = _run_process(cmd, log_file, case.timeout_s)
+    cmd = build(case, s, json_file, child_log)
+    try:
+        rc, wall = _run_process(cmd, log_file, case.timeout_s)
+    except process.Interrupted:
+        for partial in (json_file, log_file, child_log):
+            if os.path.exists(partial):
+                os.remove(partial)
+        raise
     out = {"command": cmd, "wall_s": round(wall, 2), "log": os.path.relpath(log_file, s.out)}
     if rc is None:
         return {**out, "status": "failed", "reason": f"timed out after {case.timeout_s:g} s",
@@ -276,42 +283,77 @@ def default_suite(hardware: dict) -> tuple[str, tuple[str, ...]]:
     return suites.DEFAULT_CPU_SUITE, ()
 
 
-def main(suite: str | None, gpu_mem_gb: float | None, out: str, path: str, offload_dir: str,
-         cases: str = "", *, build: CommandBuilder = default_command, profile: str | None = None,
-         probe: Callable[[str], dict] = records.probe) -> int:
-    """Run a suite into `out`/<suite>/; 0 when every case ran or was skipped, 1 when one failed,
-    2 on bad input."""
+def run_folder(suite: str, git: dict, now: datetime.datetime | None = None) -> str:
+    """results/runs/<suite>-<UTC date and time>-<commit>: a user's run, ignored by git."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return os.path.join("results", "runs", f"{suite}-{now:%Y%m%d-%H%M%S}-{git['commit']}")
+
+
+def _prepare(suite: str | None, gpu_mem_gb: float | None, cases: str, offload_dir: str,
+             profile: str | None, probe: Callable[[str], dict]) -> tuple:
+    """Validate the input and probe the machine: (suite, selected cases, probed, bandwidths)."""
+    if gpu_mem_gb is not None and gpu_mem_gb <= 0:
+        raise ValueError(f"--gpu-mem-gb must be > 0, got {gpu_mem_gb:g}")
+    if suite:
+        suites.suite_file(suite)  # an unknown name fails before the probe
+    os.makedirs(offload_dir, exist_ok=True)
+    probed = probe(offload_dir)
+    if not suite:
+        suite, default_cases = default_suite(probed["hardware"])
+        cases = cases or ",".join(default_cases)
+        print(f"no --suite given: running {suite!r}" + (f" cases {cases}" if cases else ""))
+    selected = suites.select_cases(suites.load_suite(suite), cases)
+    return suite, selected, probed, limits.resolve_bandwidths(probed["hardware"], profile)
+
+
+def _report(results: list[dict], out: str, suite: str) -> int:
+    """The exit code of a finished suite, with what went wrong on stderr."""
+    failed = [r["case"] for r in results if r["status"] == "failed"]
+    if failed:
+        print(f"{len(failed)} case(s) failed: {', '.join(failed)} (see {out}/{suite}/logs/)",
+              file=sys.stderr)
+        return 1
+    if results and all(r["status"] == "skipped" for r in results):
+        reasons = sorted({r["reason"] for r in results})
+        print(f"every case of {suite} was skipped, nothing was measured: " + "; ".join(reasons),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(suite: str | None, gpu_mem_gb: float | None, out: str | None, path: str,
+         offload_dir: str, cases: str = "", *, build: CommandBuilder = default_command,
+         profile: str | None = None, probe: Callable[[str], dict] = records.probe,
+         allow_cpu: bool = False) -> int:
+    """Run a suite into `out`/<suite>/ (default: a run folder); 0 when cases ran or were skipped,
+    1 when one failed or all were skipped, 2 on bad input, 130/143 when interrupted."""
     offload_dir = os.path.abspath(os.path.expanduser(offload_dir))
     path = path if path == DUMMY else os.path.abspath(os.path.expanduser(path))
     try:
-        if gpu_mem_gb is not None and gpu_mem_gb <= 0:
-            raise ValueError(f"--gpu-mem-gb must be > 0, got {gpu_mem_gb:g}")
-        if suite:
-            suites.suite_file(suite)  # an unknown name fails before the probe
-        os.makedirs(offload_dir, exist_ok=True)
-        probed = probe(offload_dir)
-        if not suite:
-            suite, default_cases = default_suite(probed["hardware"])
-            cases = cases or ",".join(default_cases)
-            print(f"no --suite given: running {suite!r}" + (f" cases {cases}" if cases else ""))
-        selected = suites.select_cases(suites.load_suite(suite), cases)
-        bw = limits.resolve_bandwidths(probed["hardware"], profile)
+        suite, selected, probed, bw = _prepare(suite, gpu_mem_gb, cases, offload_dir, profile, probe)
     except (ValueError, OSError, RuntimeError, subprocess.SubprocessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     hw = probed["hardware"]
     context = {"hardware": hw, "versions": probed["versions"], "git": records.git_state(),
                "device": hw.get("device") or hw.get("gpu_name") or "cpu"}
+    out = out or run_folder(suite, context["git"])
     settings = Settings(out=out, path=path, offload_dir=offload_dir, gpu_mem_gb=gpu_mem_gb,
-                        profile=profile)
+                        profile=profile, allow_cpu=allow_cpu)
     limit_text = f"limits from the {bw.name!r} profile" if bw else \
         "no limit columns (no GPU bandwidth profile: `invoke profile-hardware` on a GPU machine)"
-    print(f"suite {suite}: {len(selected)} case(s) on {context['device']}; {limit_text}")
-    results = run_suite(selected, settings, context, build, bw)
-    written = tables.write_suite(os.path.join(out, suite))
-    print("wrote " + ", ".join(written))
-    failed = [r["case"] for r in results if r["status"] == "failed"]
-    if failed:
-        print(f"{len(failed)} case(s) failed: {', '.join(failed)} (see {out}/{suite}/logs/)",
-              file=sys.stderr)
-    return 1 if failed else 0
+    print(f"suite {suite}: {len(selected)} case(s) on {context['device']} into {out}/{suite}/; "
+          f"{limit_text}")
+    refused = [c.case for c in selected if needs_gpu(c) and not hw.get("cuda_available")]
+    if refused and not allow_cpu:
+        print(f"no GPU here: {len(refused)} case(s) that need one are skipped "
+              f"(`invoke bench --suite {suite} --allow-cpu` runs them on the CPU)", file=sys.stderr)
+    try:
+        with process.stop_on_signals():
+            results = run_suite(selected, settings, context, build, bw)
+    except process.Interrupted as e:
+        print(f"interrupted ({e}): the running case was stopped and its partial outputs removed; "
+              f"finished cases' records are in {out}/{suite}/raw/", file=sys.stderr)
+        return e.exit_code
+    print("wrote " + ", ".join(tables.write_suite(os.path.join(out, suite))))
+    return _report(results, out, suite)

@@ -7,15 +7,18 @@ it, the small passages bundled in flexgen_repro/eval/data/ (written for this pro
 not the benchmark). The real data sets are not downloaded here: fetch LAMBADA's test split and
 WikiText-2's raw test split yourself and pass them with --data. The tokenizer comes from
 `--tokenizer DIR`, else from --model when it is a local checkpoint folder, else from the Hugging
-Face hub as facebook/<name> (cached or online).
+Face hub as facebook/<name>: the local cache first, the network only when the hub answers a quick
+probe (HF_HUB_OFFLINE=1 skips it), so a machine without network fails at once with the fix.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 from flexgen_repro.eval import lambada, wikitext
 
@@ -33,18 +36,44 @@ class EvalError(Exception):
     """A problem the user can fix; its message says how."""
 
 
+TOKENIZER_FIX = ("pass --tokenizer DIR (a folder with tokenizer.json or vocab.json + merges.txt) "
+                 "or a local checkpoint folder as --model")
+HUB_PROBE_TIMEOUT_S = 0.5  # a reachable hub answers a TCP connect well within this
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT, default huggingface.co) may be used: not when
+    HF_HUB_OFFLINE is set, nor when a TCP connect to it fails within `timeout_s`."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def load_tokenizer(model: str, tokenizer: str | None = None):
+    """The tokenizer of --tokenizer, of a local --model folder, or facebook/<name> from the hub's
+    cache (or the hub itself when it is reachable)."""
     from transformers import AutoTokenizer
     source = tokenizer or (model if os.path.isdir(os.path.expanduser(model)) else None)
+    local = source is not None
     if source is None:
         from flexgen_repro.config import get_opt_config
         source = f"facebook/{get_opt_config(model).name}"
     try:
-        return AutoTokenizer.from_pretrained(os.path.expanduser(source))
+        return AutoTokenizer.from_pretrained(os.path.expanduser(source), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise EvalError(f"cannot load the tokenizer from {source!r} ({err}); pass --tokenizer DIR "
-                        "(a folder with tokenizer.json or vocab.json + merges.txt) or a local "
-                        "checkpoint folder as --model") from err
+        if local or not hub_reachable():
+            where = "" if local else " (not in the local cache, and the Hugging Face hub is unreachable)"
+            raise EvalError(f"cannot load the tokenizer from {source!r}{where}: {TOKENIZER_FIX}") from err
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise EvalError(f"cannot load the tokenizer from {source!r} ({err}); {TOKENIZER_FIX}") from err
 
 
 def read_data(task: str, data: str | None) -> list[str] | str:
