@@ -453,3 +453,28 @@ def test_real_gcp_setup_on_loop_devices(loops, tmp_path):
     out = io.StringIO()
     assert main("gcp", str(home), devices, vg_name=vg, out=out) == 0
     assert "nothing to do" in out.getvalue()
+
+
+@pytest.mark.parametrize("cloud,doc,first", [
+    ("aws", "gcp_n1_4lssd", ("mkfs.xfs", "/dev/nvme1n1")),
+    ("gcp", "aws_i4i_8xlarge", ("pvcreate", "/dev/disk/by-id/google-local-nvme-ssd-0",
+                                "/dev/disk/by-id/google-local-nvme-ssd-1"))])
+def test_dry_run_without_local_drives_prints_the_plan_and_the_checks_not_made(cloud, doc, first):
+    """The help promises a dry run anywhere: without the drives it plans for stand-ins, names them
+    and the checks it could not make, and refuses nothing."""
+    p = plan(lsblk(doc), cloud=cloud, is_root=False, dry_run=True)
+    assert p.refusals == () and p.commands[0] == first
+    assert p.commands[-2][0] == "mount" and p.commands[-1] == ("chown", ALICE, HOME_T)
+    (note,) = p.unchecked
+    assert "no local NVMe drives here" in note and "not the root disk" in note
+
+
+def test_invoke_dry_run_on_a_machine_without_the_drives(tmp_path):
+    """`invoke setup-nvme --cloud aws --dry-run` as a user types it, here (no instance store)."""
+    done = subprocess.run([sys.executable, "-m", "invoke", "setup-nvme", "--cloud", "aws",
+                           "--dry-run", "--mount-path", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "# not checked: " in done.stdout and "these commands would run" in done.stdout
+    assert f"mount -o noatime /dev/nvme1n1 {tmp_path}/flexllmgen_offload_dir" in done.stdout
+    assert not (tmp_path / "flexllmgen_offload_dir").exists()

@@ -13,6 +13,11 @@ from flexgen_repro.nvme.drives import (
 CLOUDS = ("aws", "gcp")
 OFFLOAD_DIR_NAME = "flexllmgen_offload_dir"
 STRIPE_SIZE = "1m"  # LVM stripe size on GCP: 1 MiB
+# A dry run on a machine without the cloud's local drives plans for these stand-ins: AWS's first
+# instance-store drive, and the names GCP gives two local NVMe SSDs under /dev/disk/by-id.
+DRY_RUN_STAND_INS = {"aws": ("/dev/nvme1n1",),
+                     "gcp": ("/dev/disk/by-id/google-local-nvme-ssd-0",
+                             "/dev/disk/by-id/google-local-nvme-ssd-1")}
 PACKAGES = {"mkfs.xfs": "xfsprogs", "pvcreate": "lvm2", "vgcreate": "lvm2", "lvcreate": "lvm2",
             "wipefs": "util-linux", "mount": "util-linux", "mkdir": "coreutils",
             "chown": "coreutils"}
@@ -113,6 +118,14 @@ def _detected_drives(devices: list[BlockDevice], opts: Options, draft: _Draft) -
         models = sorted({d.model or "(none)" for d in disks}) or ["(no disks)"]
         kind = ("instance-store NVMe (instance types such as i4i, p4d, g4dn)" if opts.cloud == "aws"
                 else "local SSDs with the NVMe interface")
+        if opts.dry_run:
+            stand_ins = DRY_RUN_STAND_INS[opts.cloud]
+            draft.unchecked.append(
+                f"no local NVMe drives here (drive models seen: {', '.join(models)}), so the plan "
+                f"uses {', '.join(stand_ins)} in their place; on a machine with {kind} it uses the "
+                "drives it detects. These checks were not made: which drives are local, that they "
+                "are not mounted, not the root disk, and hold no filesystem or partitions")
+            return list(stand_ins)
         draft.refusals.append(f"no local NVMe drives found on this {opts.cloud} machine (drive "
                               f"models seen: {', '.join(models)}); use a machine with {kind}, or "
                               "name the drives with --devices")
