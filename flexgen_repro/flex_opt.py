@@ -1,7 +1,9 @@
 """`python -m flexgen_repro.flex_opt`: the original FlexGen benchmark command line.
 
 Runs a warm-up (prefill only), then the measured generation of gpu_batch_size x num_gpu_batches
-prompts, prints the original's log text, appends it to --log-file and writes one JSON record.
+prompts, prints the original's log text, appends it to --log-file when given (`auto`: the original's
+file name, in the current folder) and writes the JSON record to --json-file when given. Every
+argument is checked before any weight is read (exit code 2 with the fix).
 """
 from __future__ import annotations
 
@@ -61,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress-weight", action="store_true")
     p.add_argument("--compress-cache", action="store_true")
     p.add_argument("--overlap", type=str2bool, nargs="?", const=True, default=True)
-    p.add_argument("--log-file", default="auto", help="text log (appended); `auto` names it after the run")
+    p.add_argument("--log-file", default=None,
+                   help="append the text log here (default: none; `auto` names it after the run, "
+                        "in the current folder, as the original does)")
     p.add_argument("--json-file", default=None, help="write the run's JSON record here")
     p.add_argument("--verbose", type=int, default=2)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
@@ -89,6 +93,30 @@ def options_from_args(args) -> RuntimeOptions:
     return RuntimeOptions(cuda_graphs=args.cuda_graphs, disk_io=args.disk_io,
                           cpu_attention_threads=args.cpu_attention_threads, profile=args.profile,
                           trace_path=args.trace)
+
+
+def check_args(args) -> None:
+    """Every argument that can be wrong, checked before any weight is read: ValueError naming the
+    fix (the model's positions, sizes, the policy, the weight folder, the output folders)."""
+    config = get_opt_config(args.model, dtype=args.dtype)
+    for name in ("prompt_len", "gen_len", "gpu_batch_size", "num_gpu_batches"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.prompt_len + args.gen_len > config.max_seq_len:
+        raise ValueError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} exceeds "
+                         f"{config.name}'s {config.max_seq_len} positions; shorten one of them")
+    if args.gpu_mem_gb is not None and args.gpu_mem_gb <= 0:
+        raise ValueError(f"--gpu-mem-gb must be > 0, got {args.gpu_mem_gb:g}")
+    if [v.lower() for v in args.percent] != ["auto"]:
+        policy_from_args(args, config)  # the Policy's own checks (percentages, sparsity, ...)
+    weights = os.path.join(os.path.expanduser(args.path), f"{config.name}-np")
+    if args.path != DUMMY and not os.path.isdir(weights):
+        raise ValueError(f"no weight folder at {weights}: run `invoke prepare-weights --model "
+                         f"{config.name} --path {args.path}` first, or pass --path {DUMMY}")
+    for flag, file in (("--json-file", args.json_file), ("--log-file", args.log_file)):
+        folder = os.path.dirname(os.path.abspath(file)) if file and file != "auto" else None
+        if folder and not os.path.isdir(folder):
+            raise ValueError(f"{flag} {file}: the folder {folder} does not exist; create it first")
 
 
 def policy_from_args(args, config) -> Policy:
@@ -216,6 +244,7 @@ def main(argv=None) -> int:
     envs.use_expandable_segments()  # before CUDA is first touched
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         record = run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
