@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import statistics
 import sys
 
@@ -21,7 +22,8 @@ CSV_COLUMNS = ("case", "status", *CONTRACT_COLUMNS[:9], "overlap", "sep_layer", 
                "total_latency_s", "decode_throughput", "total_throughput", "peak_gpu_mem_gb",
                "peak_cpu_mem_gb", "predicted_throughput", *COMPARISON_COLUMNS, "limit_profile", "paper_system",
                "paper_measured", "measured", "runner", "weights", "device", "commit", "dirty",
-               "torch_version", "transformers_version", "cuda_version", "timestamp", "reason")
+               "torch_version", "transformers_version", "cuda_version", "timestamp", "machine",
+               "command", "reason")
 MD_COLUMNS = ("case", "status", *CONTRACT_COLUMNS, *COMPARISON_COLUMNS)
 MD_HEADERS = {"prompt_len": "prompt", "gen_len": "gen", "gpu_batch_size": "gpu batch",
               "num_gpu_batches": "gpu batches", "compress_weight": "4-bit w",
@@ -44,7 +46,21 @@ def load_records(suite_dir: str) -> list[dict]:
     return sorted(recs, key=lambda r: (r.get("index", 1 << 30), r.get("case", "")))
 
 
+def machine(r: dict) -> str | None:
+    """The machine a record ran on, in words: its CPU, cores and memory (the GPU is `device`)."""
+    hw = r.get("hardware") or {}
+    if not hw.get("cpu_model"):
+        return None
+    cores = f", {hw['cpu_cores_logical']} cores" if hw.get("cpu_cores_logical") else ""
+    ram = f", {hw['ram_gb']:g} GiB RAM" if hw.get("ram_gb") else ""
+    return f"{hw['cpu_model']}{cores}{ram}"
+
+
 def _value(r: dict, column: str):
+    if column == "machine":
+        return machine(r)
+    if column == "command":
+        return shlex.join(r["command"]) if isinstance(r.get("command"), list) else r.get("command")
     versions = r.get("versions") or {}
     if column.endswith("_version") and column not in r:
         return versions.get(column[: -len("_version")])
