@@ -160,7 +160,7 @@ def test_long_prompts_run_the_mlp_in_chunks():
 
 
 def test_the_opt30b_policy_that_ran_out_of_16_gib_is_refused():
-    """results/PERF_NOTES.md, 30b-auto: 12 x 6, 25% of the cache on the GPU, prompt 512, 32 new
+    """30b-auto on an H200 (calibration suite): 12 x 6, 25% of the cache on the GPU, prompt 512, 32 new
     tokens ran out of a 16 GiB cap in prefill on the H200 (of which a measured profile may use
     94%). The model now puts its peak above even the whole cap."""
     config = get_opt_config("opt-30b")

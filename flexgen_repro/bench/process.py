@@ -64,7 +64,7 @@ def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
 
 
 def run_logged(cmd: list[str], log_path: str, timeout_s: float, env: dict) -> tuple[int | None, float]:
-    """Run `cmd` in a new session (its own process group) with stdout and stderr in `log_path`;
+    """Run `cmd` as the leader of its own process group with stdout and stderr in `log_path`;
     (exit code, or None when it timed out, and the seconds it ran). On Interrupted the group is
     stopped before the exception goes on."""
     start = time.perf_counter()
