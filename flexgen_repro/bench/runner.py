@@ -159,11 +159,8 @@ def needs_gpu(case: Case) -> bool:
     return case.gpu_mem_gb is not None or case.runner != "flexgen"
 
 
-def why_not_run(case: Case, s: Settings, hardware: dict) -> str | None:
-    """The reason a case is skipped (no GPU, missing weights, or not enough memory), or None."""
-    if needs_gpu(case) and not hardware.get("cuda_available") and not s.allow_cpu:
-        return (f"needs a GPU and this machine has none (`invoke bench --suite {case.suite} "
-                f"--allow-cpu` runs it on the CPU anyway: hours for models this size)")
+def _missing_package(case: Case) -> str | None:
+    """Why a baseline case cannot run in this Python (its package is not installed), or None."""
     if case.runner == "accelerate" and importlib.util.find_spec("accelerate") is None:
         return ("HF Accelerate is not installed in this Python (`python3 -m pip install --require-hashes "
                 "-r requirements.lock` installs it): the baseline cannot run here")
@@ -171,11 +168,23 @@ def why_not_run(case: Case, s: Settings, hardware: dict) -> str | None:
         return ("DeepSpeed is not installed in this Python (not in requirements.lock; "
                 "`DS_BUILD_OPS=0 python3 -m pip install deepspeed==0.19.8` installs it): the baseline "
                 "cannot run here")
+    if case.runner == "original" and importlib.util.find_spec("flexgen") is None:
+        return ("the original FlexGen (`flexgen` on PyPI) is not installed in this Python (not in "
+                "requirements.lock; `python3 -m pip install flexgen==0.1.8 attrs` installs it): "
+                "the baseline cannot run here")
+    return None
+
+
+def why_not_run(case: Case, s: Settings, hardware: dict) -> str | None:
+    """The reason a case is skipped (a baseline not installed, no GPU, missing weights, or not
+    enough memory), or None."""
+    missing = _missing_package(case)
+    if missing:
+        return missing
+    if needs_gpu(case) and not hardware.get("cuda_available") and not s.allow_cpu:
+        return (f"needs a GPU and this machine has none (`invoke bench --suite {case.suite} "
+                f"--allow-cpu` runs it on the CPU anyway: hours for models this size)")
     if case.runner == "original":
-        if importlib.util.find_spec("flexgen") is None:
-            return ("the original FlexGen (`flexgen` on PyPI) is not installed in this Python (not in "
-                    "requirements.lock; `python3 -m pip install flexgen==0.1.8 attrs` installs it): "
-                    "the baseline cannot run here")
         return None  # its own placement rule decides what fits; a run that does not fit fails
     weights = s.weight_path(case)
     if weights != DUMMY:
