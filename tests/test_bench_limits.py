@@ -1,5 +1,5 @@
 """The memory floor of a case (fit.py) and the decode-step limit (limits.py), against hand-worked
-numbers and against issue 7's reading of the original FlexGen's H100 figures."""
+numbers and against the original FlexGen's H100 reference figures."""
 from __future__ import annotations
 
 import dataclasses
@@ -81,14 +81,14 @@ def _limit(model, percent, gbs, ngb, bw, prompt=512, gen=32, **flags):
     return cfg, limits.decode_limit(terms, gbs * ngb, bw)
 
 
-H100 = limits.BUILTIN["h100-issue7"]
+H100 = limits.BUILTIN["h100-reference"]
 
 
 def test_case_d_is_bound_by_weights_over_pcie():
     cfg, lim = _limit("opt-30b", (0, 100, 100, 0, 100, 0), 8, 1, H100)
     assert lim.binding == "weights over PCIe"
     assert lim.throughput == pytest.approx(8 * 54.7e9 / cfg.model_bytes(), rel=REL)
-    # issue 7: the original's case D (decode 7.13 tok/s) is "at the PCIe limit already"
+    # the original's case D (decode 7.13 tok/s) is at the PCIe limit already
     assert 0.9 < 7.13 / lim.throughput <= 1.0
 
 
@@ -102,7 +102,7 @@ def test_case_c_pcie_binds_and_the_original_reached_under_a_third():
     cache_mean = cfg.cache_bytes(48, 512 + 16)  # mean length over the decode steps
     assert lim.terms["cache read by CPU attention"] == pytest.approx(cache_mean / 71e9, rel=REL)
     assert "cache over PCIe" not in lim.terms
-    assert 14.41 / lim.throughput < 1 / 3  # issue 7: "under a third of what PCIe allows"
+    assert 14.41 / lim.throughput < 1 / 3  # under a third of what PCIe allows
 
 
 def test_cache_over_pcie_without_cpu_attention():
@@ -174,7 +174,7 @@ def test_resolve_picks_a_profile_for_a_known_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "LOCAL_PROFILE", str(tmp_path / "absent.json"))
     h100 = {"gpu_name": "NVIDIA H100 80GB HBM3"}
     assert limits.resolve_bandwidths(h100, "t4-paper").name == "t4-paper"
-    assert limits.resolve_bandwidths(h100).name == "h100-issue7"
+    assert limits.resolve_bandwidths(h100).name == "h100-reference"
     assert limits.resolve_bandwidths({"gpu_name": "Tesla T4"}).name == "t4-paper"
     assert limits.resolve_bandwidths({"gpu_name": None}) is None
     # a measured `local` profile wins over the built-in figures

@@ -92,7 +92,7 @@ def test_h100_anchors_carry_issue_7_cases_and_the_original_figures():
         assert c.paper_throughput == float(row[0]["total_throughput"])
         assert c.overlap == bool(int(row[0]["overlap"]))
         assert c.cpu_cache_compute == bool(int(row[0]["cpu_cache_compute"]))
-    # issue 7's table: A 130.0, C 13.96, D 7.12, compressed OPT-6.7B 303
+    # the original's H100 reference table: A 130.0, C 13.96, D 7.12, compressed OPT-6.7B 303
     assert [cases[k].paper_throughput for k in ("a-6.7b-gpu", "c-30b-paper", "d-30b-wcpu", "6.7b-c-72")] \
         == [130.03, 13.96, 7.12, 302.95]
     assert any(c.auto and c.model == "opt-30b" for c in cases.values())

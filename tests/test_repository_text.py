@@ -23,7 +23,8 @@ BINARY = (".png", ".gguf", ".npy", ".gz", ".whl", ".so")
 # Files whose wording is being rewritten on other branches (the runtime's copy engine and layers,
 # the cost model and its shipped H100 profile); enabled at integration.
 ELSEWHERE = ("flexgen_repro/devices/", "flexgen_repro/cost_model/", "flexgen_repro/kernels/",
-             "flexgen_repro/model/", "flexgen_repro/schedule.py", "tests/test_cost_model_tools.py")
+             "flexgen_repro/model/", "flexgen_repro/schedule", "tests/test_cost_model_tools.py",
+             "tests/test_bench_targets.py")
 
 
 def _tracked() -> list[str]:
