@@ -21,7 +21,6 @@ import torch
 
 from flexgen_repro import envs
 from flexgen_repro.config import get_opt_config
-from flexgen_repro.devices import storage
 from flexgen_repro.devices.env import ExecutionEnv
 from flexgen_repro.graph_decode import graphable
 from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_outputs
@@ -220,7 +219,7 @@ def run(args) -> dict:
         attn_sparsity=policy.attn_sparsity, dtype=args.dtype, gpu_mem_cap_gb=args.gpu_mem_gb,
         cuda_graphs=options.cuda_graphs, disk_io=options.disk_io,
         cpu_attention_threads=options.cpu_attention_threads,
-        staged_weights=not policy.pin_weight and storage.STAGE_PAGEABLE and env.has_cuda,
+        staged_weights=not policy.pin_weight and env.has_cuda,
         model_size_gb=sizes[0] / GB, cache_size_gb=sizes[1] / GB, hidden_size_gb=sizes[2] / GB,
         weight_placement=lm.weight_placement, device=device_name(), torch_version=torch.__version__,
         python_version=platform.python_version(), commit=_git_commit(), measured=True,

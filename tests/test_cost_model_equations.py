@@ -94,7 +94,7 @@ def test_all_weights_on_cpu_decode_step_is_weight_bytes_over_host_to_gpu_bandwid
 def test_staged_unpinned_weights_and_pieced_copies_use_their_measured_rates():
     """Unpinned weights cross through the runtime's pinned staging blocks: at the profile's
     measured staged rate, else at the slower of the pinned link and half the host memory
-    bandwidth (a host copy reads and writes each byte); with staging off, at the pageable rate.
+    bandwidth (a host copy reads and writes each byte); with neither measured, at the pageable rate.
     Policies that copy in pieces (host activations here) cross at the measured pieced rate; a
     policy that copies weights whole (everything but the weights on the GPU) at the pinned one."""
     fast = round_profile(gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18,

@@ -77,36 +77,30 @@ def test_split_cache_with_cpu_attention(setup, tmp_path, cpu_attn, sep_layer):
     np.testing.assert_array_equal(generate(config, weights, pol, prompts, tmp_path), expected)
 
 
-@pytest.mark.parametrize("inputs", ["pageable", "pinned", "worker"])
-def test_cpu_attention_input_copies_match_transformers(setup, tmp_path, monkeypatch, inputs):
-    """CPU attention overlapped over several GPU batches, with each way q, k, v can reach the host
-    (model/host_stage.py; on a machine without CUDA all three are the same host path)."""
-    from flexgen_repro.model import host_stage
-    monkeypatch.setattr(host_stage, "INPUTS", inputs)
+def test_cpu_attention_through_the_host_stage_matches_transformers(setup, tmp_path):
+    """CPU attention overlapped over several GPU batches, its results back through the pinned
+    slots of devices/host_stage.py."""
     model, config, weights, prompts, expected = setup
     pol = policy((20, 80, 0, 100, 0, 100), True, 3, cpu_cache_compute=True)
     np.testing.assert_array_equal(generate(config, weights, pol, prompts, tmp_path), expected)
 
 
 @pytest.mark.parametrize("compress", [False, True])
-@pytest.mark.parametrize("staged", [False, True])
-def test_unpinned_weights_match_transformers(setup, tmp_path, monkeypatch, staged, compress):
+def test_unpinned_weights_match_transformers(setup, tmp_path, monkeypatch, compress):
     """`--pin-weight false`: host weights stay pageable; on CUDA they cross through the pinned
     staging blocks (every weight here, with the size floor lowered; in pieces of 4 KiB, so the
-    blocks are refilled many times per layer), or, staging off, through the driver's path. Weights
-    split over host and disk, both schedules. On the CPU the two are one path."""
-    from flexgen_repro.devices import storage
+    blocks are refilled many times per layer). Weights split over host and disk, both schedules.
+    On the CPU nothing is staged."""
+    from flexgen_repro.devices import copy_engine
     model, config, weights, prompts, expected = setup
-    monkeypatch.setattr(storage, "STAGE_PAGEABLE", staged)
-    monkeypatch.setattr(storage, "STAGE_MIN_BYTES", 1)
-    monkeypatch.setattr(storage, "STAGE_CHUNK_BYTES", 4096)
     for overlap, k in ((False, 1), (True, 2)):
         pol = policy((0, 70, 100, 0, 100, 0), overlap, k, pin_weight=False, compress_weight=compress)
-        out = generate(config, weights, pol, prompts, tmp_path)
-        if compress:   # 4-bit weights change the tokens: the unstaged path is the reference
-            monkeypatch.setattr(storage, "STAGE_PAGEABLE", False)
+        with monkeypatch.context() as m:
+            m.setattr(copy_engine, "STAGE_MIN_BYTES", 1)
+            m.setattr(copy_engine, "STAGE_CHUNK_BYTES", 4096)
+            out = generate(config, weights, pol, prompts, tmp_path)
+        if compress:   # 4-bit weights change the tokens: the tiny weights unstaged are the reference
             ref = generate(config, weights, pol, prompts, tmp_path)
-            monkeypatch.setattr(storage, "STAGE_PAGEABLE", staged)
             np.testing.assert_array_equal(out, ref)
         else:
             np.testing.assert_array_equal(out, expected)
@@ -127,9 +121,9 @@ def test_whole_or_pieced_weight_copies_match_transformers(setup, tmp_path, monke
     here: many per weight; activations in host memory), host and disk weights, one and two GPU
     batches; on the CPU the two are one path."""
     from flexgen_repro import schedule
-    from flexgen_repro.devices import storage
+    from flexgen_repro.devices import copy_engine
     model, config, weights, prompts, expected = setup
-    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(copy_engine, "COPY_CHUNK_BYTES", 4096)
     for overlap, k in ((False, 1), (True, 2)):
         pol = policy((0, 60, 100, 0) + act, overlap, k)
         assert schedule.whole_weight_copies(pol) == (act[0] == 100)

@@ -56,10 +56,10 @@ def _sync(device: torch.device):
 
 
 def _on_copy_thread(dst: torch.Tensor, src: torch.Tensor):
-    """A function that copies src to dst as a copy channel does: storage.copy_chunked_ on a
+    """A function that copies src to dst as a copy channel does: copy_engine.copy_chunked_ on a
     thread and stream of its own (pieces of COPY_CHUNK_BYTES, COPY_IN_FLIGHT queued at a time),
     and waits for it."""
-    from flexgen_repro.devices.storage import copy_chunked_
+    from flexgen_repro.devices.copy_engine import copy_chunked_
     stream = torch.cuda.Stream(dst.device)
 
     def copy():
@@ -88,7 +88,8 @@ def measure_copies(dev: torch.device, nbytes: int, reps: int) -> dict:
         out[f"h2d_{kind}"] = nbytes / _timed(lambda: dst_dev.copy_(host, non_blocking=pinned), reps, sync)
         out[f"d2h_{kind}"] = nbytes / _timed(lambda: host.copy_(src_dev, non_blocking=pinned), reps, sync)
         if cuda and not pinned:  # the runtime's path for unpinned weights: pinned staging blocks
-            from flexgen_repro.devices.storage import copy_staged_
+            from flexgen_repro.devices.copy_engine import CopyEngine
+            copy_staged_ = CopyEngine().copy_staged_   # one engine: its staging blocks reused
             out["h2d_staged"] = nbytes / _timed(lambda: copy_staged_(dst_dev, host), reps, sync)
         if cuda and pinned:      # the runtime's pieced copies, as a copy channel makes them
             out["h2d_pieces"] = nbytes / _timed(_on_copy_thread(dst_dev, host), reps, sync)

@@ -18,7 +18,7 @@ from flexgen_repro.config import OptConfig
 from flexgen_repro.kernels import cpu_attention
 from flexgen_repro.model.attention_math import decode_attention, prefill_attention, to_heads
 from flexgen_repro.model.base import CachePart, Deferred, Layer, StepInfo, WeightSpec
-from flexgen_repro.model.host_stage import Staged
+from flexgen_repro.devices.host_stage import Staged
 from flexgen_repro.options import RuntimeOptions
 from flexgen_repro.weights.layout import layer_tensor_names
 

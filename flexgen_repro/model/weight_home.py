@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import torch
 
-from flexgen_repro.devices.storage import DiskFile, Stored
+from flexgen_repro.devices.storage import Stored
 from flexgen_repro.model.base import Layer, WeightSpec
 from flexgen_repro.policy import Policy, Tier, place_weights
 
@@ -103,13 +103,14 @@ class WeightLoader:
             packed = compress(self._values(spec).to(self.env.gpu.dev), self.policy.comp_weight_config)
             parts = {name: device.put(t.cpu() if tier != Tier.GPU else t, pin)
                      for name, t in packed.components().items()}
-            return Stored(tier, parts=parts, meta=packed.meta())
+            return Stored(tier, parts=parts, meta=packed.meta(), engine=self.env.engine)
         if tier == Tier.DISK and self.dummy is None and self._folder_file_usable(spec):
-            return Stored(Tier.DISK, DiskFile(os.path.join(self.folder, spec.file), spec.shape,
-                                              self.dtype, npy=True))
+            return Stored(Tier.DISK, self.env.disk.file(os.path.join(self.folder, spec.file),
+                                                        spec.shape, self.dtype, npy=True),
+                          engine=self.env.engine)
         values = self._values(spec)
         if tier == Tier.GPU and values.device == self.env.gpu.dev and self.dummy is not None:
-            return Stored(Tier.GPU, values)
+            return Stored(Tier.GPU, values, engine=self.env.engine)
         return device.put(values, pin)
 
     def _folder_file_usable(self, spec: WeightSpec) -> bool:

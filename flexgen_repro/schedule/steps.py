@@ -19,7 +19,7 @@ import torch
 
 from flexgen_repro import trace
 from flexgen_repro.model.base import CachePart, Deferred, StepInfo
-from flexgen_repro.model.host_stage import HostStage
+from flexgen_repro.devices.host_stage import HostStage
 from flexgen_repro.policy import Tier, whole_weight_copies
 
 # Cache stores in flight at once; each pending store holds its (GPU) keys and values, so compute
@@ -58,10 +58,11 @@ class BlockSteps:
         self.profile = {} if lm.options.profile else None
         self.unfinished: deque = deque()
         # CPU attention on a worker thread overlaps the main thread's work on the next GPU batch;
-        # its results go back to the GPU asynchronously, from pinned buffers (model/host_stage.py)
+        # its results go back to the GPU asynchronously, from pinned buffers (devices/host_stage.py)
         self.cpu_pool = (ThreadPoolExecutor(1, thread_name_prefix="cpu-attention")
                          if self.policy.cpu_cache_compute and overlap and self.K > 1 else None)
-        self.host_stage = HostStage(pin=self.env.has_cuda) if self.cpu_pool is not None else None
+        self.host_stage = (HostStage(pin=self.env.has_cuda, gate=self.env.engine.gate)
+                           if self.cpu_pool is not None else None)
         self.whole_weight_copies = whole_weight_copies(self.policy)
 
     # ---- load_weight ---------------------------------------------------------------------------
@@ -111,11 +112,12 @@ class BlockSteps:
         for ks, vs in zip(k_home.segments, v_home.segments):
             on_cpu = self.policy.cpu_cache_compute and ks.tier != Tier.GPU
             dev = self.env.cpu.dev if on_cpu else self.env.gpu.dev
-            if ks.tier == Tier.CPU:
+            if ks.tier == Tier.CPU or (on_cpu and ks.store.in_place):
                 # the whole (zero-initialized) home buffer, positions from `length` on masked:
                 # CPU batched matmuls are fast only on densely strided batches, and a contiguous
                 # pinned buffer crosses to the GPU at full link speed (its first `length`
-                # positions are strided: torch would stage them through pageable memory)
+                # positions are strided: torch would stage them through pageable memory); a
+                # mapped disk file the same way, without a copy
                 parts.append(CachePart(ks.start, ks.stop, dev, ks.store.read_whole(dev),
                                        vs.store.read_whole(dev), valid=length))
             else:

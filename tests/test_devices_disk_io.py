@@ -1,0 +1,240 @@
+"""The disk tier in each I/O mode (devices/disk_io.py): bit-exact reads and writes of plain and
+compressed tensors, aligned and unaligned sizes, rows split over tiers; O_DIRECT where the
+filesystem takes it; "auto"'s choice; environments that share nothing; and the runtime's greedy
+tokens, token-identical to transformers, with disk placements under every mode."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_greedy, random_prompts
+from flexgen_repro import CompressionConfig, ExecutionEnv, OptLM, Policy, get_opt_config
+from flexgen_repro.compression import decompress
+from flexgen_repro.devices import disk_io
+from flexgen_repro.devices.storage import PackedStore
+from flexgen_repro.devices.tiers import DiskDevice
+from flexgen_repro.options import RuntimeOptions
+from flexgen_repro.policy import Tier
+
+MODES = ["direct", "buffered", "mmap"]
+HAS_DIRECT = hasattr(os, "O_DIRECT")
+# element counts at 2 bytes each: a block and a half, whole blocks over several requests, less
+# than one block
+NUMELS = [3 * 1024, 16 * 4096, 100]
+
+
+def _values(shape, dtype, seed=0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bytes (bfloat16 and float16 compared as raw 16-bit patterns)."""
+    a, b = a.contiguous(), b.contiguous()
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("numel", NUMELS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_each_mode_writes_and_reads_whole_tensors_bit_exactly(tmp_path, monkeypatch, mode, numel, dtype):
+    monkeypatch.setattr(disk_io, "READ_CHUNK", 8192)     # several requests, several threads
+    disk = DiskDevice(str(tmp_path), mode)
+    values = _values((numel,), dtype)
+    stored = disk.put(values)
+    assert _same_bits(stored.data.read(), values)
+    assert _same_bits(stored.load(torch.device("cpu")), values)
+    with open(stored.data.path, "rb") as f:                 # the file holds exactly those bytes
+        assert f.read() == values.view(torch.int16).numpy().tobytes()
+    disk.close()
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_writes_positions_and_reads_them_back(tmp_path, mode):
+    """A cache-like (rows, heads, seq, d) file written one position at a time and in a block, read
+    at a length and whole; only the written positions change."""
+    disk = DiskDevice(str(tmp_path), mode)
+    f = disk.alloc((3, 2, 10, 5), torch.float32)
+    want = torch.zeros(3, 2, 10, 5)
+    block = _values((3, 2, 4, 5), torch.float32, seed=1)
+    f.write((slice(None), slice(None), slice(0, 4)), block)
+    want[:, :, 0:4] = block
+    for pos in (4, 5):
+        tok = _values((3, 2, 1, 5), torch.float32, seed=pos)
+        f.write((slice(None), slice(None), slice(pos, pos + 1)), tok)
+        want[:, :, pos:pos + 1] = tok
+    assert torch.equal(f.read((slice(None), slice(None), slice(0, 6))), want[:, :, :6])
+    assert torch.equal(f.read(), want)
+    disk.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("compressed", [False, True])
+def test_row_split_over_the_tiers_reads_back_what_was_written(tmp_path, mode, compressed):
+    """Rows over GPU (host memory here), CPU and disk; plain values exactly, 4-bit values as the
+    reference quantizer's round trip."""
+    comp = CompressionConfig(num_bits=4, group_size=4, group_dim=3) if compressed else None
+    with ExecutionEnv.create(str(tmp_path), options=RuntimeOptions(disk_io=mode)) as env:
+        assert env.disk.io_mode == mode
+        shape = (7, 2, 9, 8)
+        t = env.mixed.alloc(shape, torch.float32, (30, 30, 40), compression=comp, seq_dim=2, zero=True)
+        assert [s.tier for s in t.segments] == [Tier.GPU, Tier.CPU, Tier.DISK]
+        values = _values((7, 2, 6, 8), torch.float32, seed=3)
+        t.write(0, values[:, :, :5])
+        t.write(5, values[:, :, 5:6])
+        got = t.read_all(6, torch.device("cpu"))
+        if compressed:
+            from flexgen_repro.compression import compress
+            # each write quantizes its own positions of each segment's rows (groups along d)
+            def round_trip(x):
+                return torch.cat([decompress(compress(x[s.start:s.stop], comp)) for s in t.segments])
+            want = torch.cat([round_trip(values[:, :, :5]), round_trip(values[:, :, 5:6])], 2)
+            assert torch.equal(got, want) and not torch.equal(got, values)
+        else:
+            assert torch.equal(got, values)
+        disk_seg = t.segments[2]
+        whole = disk_seg.store.read_whole(torch.device("cpu"))
+        whole = whole if isinstance(whole, torch.Tensor) else decompress(whole)
+        assert whole.shape[2] == 9 and torch.equal(whole[:, :, :6], got[disk_seg.start:])
+        assert torch.equal(whole[:, :, 6:], torch.zeros_like(whole[:, :, 6:]))  # unwritten: zero
+        assert disk_seg.store.in_place == (mode == "mmap")
+        env.mixed.free(t)
+
+
+def test_mmap_reads_for_the_cpu_are_views_of_the_file_and_see_later_writes(tmp_path):
+    disk = DiskDevice(str(tmp_path), "mmap")
+    f = disk.alloc((4, 6), torch.float16)
+    view = f.view()
+    f.write((slice(None), slice(2, 3)), torch.ones(4, 1, dtype=torch.float16))
+    assert torch.equal(view[:, 2], torch.ones(4, dtype=torch.float16))     # no copy was made
+    copy = f.read()
+    f.write((slice(None), slice(3, 4)), torch.ones(4, 1, dtype=torch.float16))
+    assert torch.equal(copy[:, 3], torch.zeros(4, dtype=torch.float16))   # a read is its own buffer
+    disk.close()
+
+
+def _record_opens(monkeypatch, refuse_direct=False):
+    opened, real_open = [], os.open
+
+    def fake_open(path, flags, *args):
+        direct = bool(flags & getattr(os, "O_DIRECT", 0))
+        opened.append(direct)
+        if direct and refuse_direct:
+            raise OSError(22, "Invalid argument")   # what tmpfs answers
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(disk_io.os, "open", fake_open)
+    return opened
+
+
+@pytest.mark.skipif(not HAS_DIRECT, reason="O_DIRECT is Linux-only")
+@pytest.mark.parametrize("numel", NUMELS)
+def test_direct_mode_uses_o_direct_for_whole_blocks_only(tmp_path, monkeypatch, numel):
+    if not disk_io.accepts_direct(str(tmp_path)):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    disk = DiskDevice(str(tmp_path), "direct")
+    values = _values((numel,), torch.float16, seed=4)
+    f = disk.alloc((numel,), torch.float16)
+    opened = _record_opens(monkeypatch)
+    f.write(Ellipsis, values)
+    got = f.read()
+    assert _same_bits(got, values) and got.data_ptr() % disk_io.DIRECT_ALIGN == 0
+    nbytes = numel * 2
+    whole, tail = nbytes >= disk_io.DIRECT_ALIGN, nbytes % disk_io.DIRECT_ALIGN > 0
+    assert opened == ([True] * whole + [False] * tail) * 2      # the write, then the read
+    disk.close()
+
+
+def test_direct_mode_falls_back_to_buffered_where_refused(tmp_path, monkeypatch):
+    disk = DiskDevice(str(tmp_path), "direct")
+    values = _values((5000,), torch.float16, seed=5)
+    f = disk.alloc((5000,), torch.float16)
+    opened = _record_opens(monkeypatch, refuse_direct=HAS_DIRECT)
+    f.write(Ellipsis, values)
+    assert _same_bits(f.read(), values)
+    assert opened[-1] is False and opened.count(False) == 2
+    npy = disk.file(str(tmp_path / "w.npy"), (5000,), torch.float16, npy=True)
+    np.save(tmp_path / "w.npy", values.numpy())                # data after a 128-byte header
+    opened.clear()
+    assert _same_bits(npy.read(), values) and opened == [False]  # not block-aligned: buffered
+    disk.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm") or disk_io.mount_of("/dev/shm")[0] != "tmpfs",
+                    reason="no tmpfs at /dev/shm")
+def test_auto_maps_files_on_tmpfs_and_says_why():
+    import tempfile
+    folder = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        disk = DiskDevice(folder, "auto")
+        assert disk.io_mode == "mmap" and "tmpfs" in disk.io_reason
+    finally:
+        os.rmdir(folder)
+
+
+def test_auto_decides_from_the_filesystem_and_the_probe(tmp_path, monkeypatch):
+    monkeypatch.setattr(disk_io, "mount_of", lambda folder: ("overlay", "overlay"))
+    assert disk_io.resolve_io_mode(str(tmp_path), "auto")[0] == "mmap"
+    monkeypatch.setattr(disk_io, "mount_of", lambda folder: ("xfs", "/dev/nvme0n1"))
+    monkeypatch.setattr(disk_io, "accepts_direct", lambda folder: True)
+    mode, why = disk_io.resolve_io_mode(str(tmp_path), "auto")
+    assert mode == "direct" and "/dev/nvme0n1" in why
+    monkeypatch.setattr(disk_io, "accepts_direct", lambda folder: False)
+    assert disk_io.resolve_io_mode(str(tmp_path), "auto")[0] == "mmap"
+    assert disk_io.resolve_io_mode(str(tmp_path), "buffered") == ("buffered", "asked for")
+
+
+def test_two_environments_share_nothing(tmp_path):
+    """Each environment has its own copy engine (link gate, staging rings) and channels; closing
+    one leaves the other's channels, files and copies working."""
+    a = ExecutionEnv.create(str(tmp_path / "a"), options=RuntimeOptions(disk_io="mmap"))
+    b = ExecutionEnv.create(str(tmp_path / "b"), options=RuntimeOptions(disk_io="buffered"))
+    assert a.engine is not b.engine and a.engine.gate is not b.engine.gate
+    assert a.engine.ring is not b.engine.ring
+    assert a.channel("weight") is not b.channel("weight")
+    assert a.disk.io_mode == "mmap" and b.disk.io_mode == "buffered"
+    a.engine.gate.register(object())                    # pending in a's gate only
+    assert b.engine.gate._pending == []
+    sa, sb = a.disk.put(torch.arange(10.0)), b.disk.put(torch.arange(10.0) * 2)
+    assert sa.engine is a.engine and sb.engine is b.engine
+    a.close()
+    assert not os.path.exists(sa.data.path)
+    fut = b.channel("weight").submit(lambda: sb.load(torch.device("cpu")))
+    assert torch.equal(fut.result(), torch.arange(10.0) * 2)
+    b.close()
+
+
+# --- the runtime under each mode -------------------------------------------------------------
+
+GEN = 5
+DISK_PLACEMENTS = [  # (w_gpu, w_cpu, cache_gpu, cache_cpu, act_gpu, act_cpu, cpu_cache_compute)
+    (0, 0, 0, 0, 0, 0, False),          # everything on disk
+    (100, 0, 0, 0, 100, 0, True),       # cache on disk, attention on the CPU over it
+    (0, 50, 30, 30, 50, 0, True),       # weights and cache split with the disk
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_opt):
+    model, ckpt, weights = tiny_opt
+    config = get_opt_config(ckpt, dtype=np.float32)
+    prompts = random_prompts(5, 8, config.vocab_size, seed=2, pad_rows=2)
+    return config, weights, prompts, hf_greedy(model, prompts, GEN)
+
+
+@pytest.mark.parametrize("mode", MODES + ["auto"])
+@pytest.mark.parametrize("placement", range(len(DISK_PLACEMENTS)))
+def test_runtime_is_token_identical_under_each_disk_io_mode(tiny, tmp_path, mode, placement):
+    config, weights, prompts, expected = tiny
+    *pct, cpu_attn = DISK_PLACEMENTS[placement]
+    for overlap, k in ((False, 1), (True, 2)):
+        pol = Policy(gpu_batch_size=2, num_gpu_batches=k, w_gpu_percent=pct[0], w_cpu_percent=pct[1],
+                     cache_gpu_percent=pct[2], cache_cpu_percent=pct[3], act_gpu_percent=pct[4],
+                     act_cpu_percent=pct[5], overlap=overlap, cpu_cache_compute=cpu_attn)
+        with ExecutionEnv.create(str(tmp_path / "off"), options=RuntimeOptions(disk_io=mode)) as env:
+            assert env.disk.io_mode in MODES
+            out = OptLM(config, env, weights, pol).generate(prompts, max_new_tokens=GEN)
+        np.testing.assert_array_equal(out, expected)
