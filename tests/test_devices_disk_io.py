@@ -14,7 +14,6 @@ from conftest import hf_greedy, random_prompts
 from flexgen_repro import CompressionConfig, ExecutionEnv, OptLM, Policy, get_opt_config
 from flexgen_repro.compression import decompress
 from flexgen_repro.devices import disk_io
-from flexgen_repro.devices.storage import PackedStore
 from flexgen_repro.devices.tiers import DiskDevice
 from flexgen_repro.options import RuntimeOptions
 from flexgen_repro.policy import Tier
@@ -101,7 +100,7 @@ def test_row_split_over_the_tiers_reads_back_what_was_written(tmp_path, mode, co
         whole = whole if isinstance(whole, torch.Tensor) else decompress(whole)
         assert whole.shape[2] == 9 and torch.equal(whole[:, :, :6], got[disk_seg.start:])
         assert torch.equal(whole[:, :, 6:], torch.zeros_like(whole[:, :, 6:]))  # unwritten: zero
-        assert disk_seg.store.in_place == (mode == "mmap")
+        assert disk_seg.store.whole_on_cpu == (mode == "mmap")
         env.mixed.free(t)
 
 

@@ -6,8 +6,9 @@ file, read in place). Its `io` mode, decided once per disk device (`resolve_io_m
   (pinned where CUDA exists) buffers, several requests in flight; bytes that do not fill a block
   go through the page cache;
 - "buffered": through the page cache, whole reads as parallel preads;
-- "mmap": reads map the file: a CPU consumer gets a view of the mapping (no copy), a GPU-bound read
-  one copy into pinned memory. Writes of "buffered" and "mmap" go through the page cache.
+- "mmap": reads map the file (one long-lived mapping per file): a weight computed on the CPU is a
+  view of the mapping (no copy); any other read is one copy out of it (into pinned memory where it
+  goes to the GPU). Writes of "buffered" and "mmap" go through the page cache.
 """
 from __future__ import annotations
 

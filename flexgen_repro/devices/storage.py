@@ -50,7 +50,7 @@ class Stored:
         engine = self.engine or CopyEngine()
         if isinstance(self.data, DiskFile):
             if device.type == "cpu" and self.data.io == "mmap":
-                return self.data.view()   # computed on the CPU: the mapped file itself
+                return self.data.view()   # read-only, computed on the CPU: the mapped file itself
             # a disk read bound for the GPU lands in pinned memory whatever `pin` says: the buffer
             # is transient (torch's pinned-block cache reuses it), and a pageable one would cross
             # the link at a fraction of its speed (`pin` is for weights kept in host memory)
@@ -83,9 +83,9 @@ class PlainStore:
         self.engine = engine or CopyEngine()
 
     @property
-    def in_place(self) -> bool:
-        """Whether `read_whole` to the CPU hands out the stored bytes themselves (host memory, or
-        a mapped disk file), not a copy."""
+    def whole_on_cpu(self) -> bool:
+        """Whether the CPU should read every position (`read_whole`) rather than the first ones:
+        host memory is handed out as it is, a mapped disk file as one contiguous copy."""
         return not isinstance(self.buf, DiskFile) or self.buf.io == "mmap"
 
     def _index(self, start: int, stop: int) -> tuple:
@@ -113,10 +113,10 @@ class PlainStore:
         return self.engine.to_device(self.buf[self._index(0, length)], device)
 
     def _read_disk(self, index, device: torch.device) -> torch.Tensor:
-        """`index` of the disk file on `device`: a view of the mapping for the CPU in "mmap" mode,
-        else a host copy (pinned where bound for the GPU) sent on."""
-        if device.type == "cpu" and self.buf.io == "mmap":
-            return self.buf.view(index)
+        """`index` of the disk file on `device`: a host copy (pinned where bound for the GPU),
+        sent on. Not a view of the mapping even for the CPU: a segment is written at every step,
+        and attention computed over the mapped pages of such a file ran 3x slower than over one
+        contiguous copy of them (docs/tuning-devices.md)."""
         host = self.buf.read(index, pin=device.type == "cuda")
         return self.engine.to_device(host, device)
 
@@ -159,8 +159,8 @@ class PackedStore:
         return CompressedTensor.from_components(comps, (tuple(shape), dtype, config))
 
     @property
-    def in_place(self) -> bool:
-        return all(s.in_place for s in self.stores.values())
+    def whole_on_cpu(self) -> bool:
+        return all(s.whole_on_cpu for s in self.stores.values())
 
     def read_whole(self, device: torch.device):
         from flexgen_repro.compression import CompressedTensor

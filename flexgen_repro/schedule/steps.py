@@ -112,12 +112,12 @@ class BlockSteps:
         for ks, vs in zip(k_home.segments, v_home.segments):
             on_cpu = self.policy.cpu_cache_compute and ks.tier != Tier.GPU
             dev = self.env.cpu.dev if on_cpu else self.env.gpu.dev
-            if ks.tier == Tier.CPU or (on_cpu and ks.store.in_place):
+            if ks.tier == Tier.CPU or (on_cpu and ks.store.whole_on_cpu):
                 # the whole (zero-initialized) home buffer, positions from `length` on masked:
                 # CPU batched matmuls are fast only on densely strided batches, and a contiguous
                 # pinned buffer crosses to the GPU at full link speed (its first `length`
                 # positions are strided: torch would stage them through pageable memory); a
-                # mapped disk file the same way, without a copy
+                # mapped disk file the same way, as one contiguous copy
                 parts.append(CachePart(ks.start, ks.stop, dev, ks.store.read_whole(dev),
                                        vs.store.read_whole(dev), valid=length))
             else:

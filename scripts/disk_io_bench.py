@@ -1,0 +1,84 @@
+"""Micro-benchmark of the disk tier: bytes/s of its read paths in each I/O mode, and, optionally,
+a flex_opt run per mode (decode tokens/s).
+
+    python scripts/disk_io_bench.py --folder DIR [--mib 512] [--reps 5]
+    python scripts/disk_io_bench.py --folder DIR --flex-opt "--model facebook/opt-125m --path _DUMMY_ ..."
+
+Reads are measured with the file in the page cache (a first read warms it), as a run that
+re-reads its offload folder every token sees it. Prints one JSON object per line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+
+import torch
+
+from flexgen_repro.devices.tiers import DiskDevice
+
+MODES = ("direct", "buffered", "mmap")
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def read_rates(folder: str, mib: int, reps: int) -> list[dict]:
+    """Per mode: a whole weight-like tensor read into host memory, and a cache-like file
+    (rows, heads, seq, d) read for CPU attention as the runtime does (every position)."""
+    out = []
+    numel = (mib << 20) // 2
+    values = torch.randn(numel).to(torch.float16)
+    rows, heads, d = 8, 12, 64
+    seq = max(1, numel // (rows * heads * d))
+    for mode in MODES:
+        disk = DiskDevice(folder, mode)
+        whole = disk.put(values).data
+        cache = disk.alloc((rows, heads, seq, d), torch.float16)
+        cache.write(Ellipsis, values[:rows * heads * seq * d].view(rows, heads, seq, d))
+        from flexgen_repro.devices.storage import PlainStore
+        store = PlainStore(cache, seq_dim=2)
+        nbytes = numel * 2
+        t_whole = _best(lambda: whole.read(), reps)
+        t_cache = _best(lambda: store.read_whole(torch.device("cpu")).sum(), reps)
+        out.append(dict(mode=mode, what="read", mib=mib, whole_read_gb_s=nbytes / t_whole / 1e9,
+                        cache_read_and_sum_gb_s=cache.nbytes / t_cache / 1e9))
+        disk.close()
+    return out
+
+
+def flex_opt_rates(folder: str, flags: str) -> list[dict]:
+    from flexgen_repro import flex_opt
+    out = []
+    for mode in MODES:
+        args = flex_opt.build_parser().parse_args(
+            shlex.split(flags) + ["--offload-dir", folder, "--disk-io", mode])
+        rec = flex_opt.run(args)
+        out.append(dict(mode=mode, what="flex_opt", flags=flags,
+                        prefill_latency_s=rec.get("prefill_latency_s"),
+                        decode_throughput=rec.get("decode_throughput")))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--folder", required=True, help="an offload folder to measure in")
+    ap.add_argument("--mib", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--flex-opt", default=None, help="flex_opt flags: run them once per mode")
+    a = ap.parse_args()
+    rows = flex_opt_rates(a.folder, a.flex_opt) if a.flex_opt else read_rates(a.folder, a.mib, a.reps)
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
