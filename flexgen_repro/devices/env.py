@@ -37,8 +37,7 @@ class ExecutionEnv:
         self._channels: dict[str, Channel] = {}
         # Compute runs on a stream of its own, not CUDA's legacy default stream: work on the
         # default stream waits for everything queued on torch's (blocking) pool streams, so a
-        # small copy or kernel there would wait for the weight stream's whole queue (measured:
-        # scripts/device/stream_probe.py).
+        # small copy or kernel there would wait for the weight stream's whole queue.
         self.compute_stream = torch.cuda.Stream(gpu.dev) if gpu.dev.type == "cuda" else None
 
     @classmethod
