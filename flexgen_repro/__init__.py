@@ -2,7 +2,8 @@
 from flexgen_repro.config import OptConfig, get_opt_config
 from flexgen_repro.policy import CompressionConfig, Policy
 
-__all__ = ["CompressionConfig", "Policy", "OptConfig", "get_opt_config", "ExecutionEnv", "OptLM"]
+__all__ = ["CompressionConfig", "Policy", "OptConfig", "get_opt_config", "ExecutionEnv", "OptLM", "LLM",
+           "Completion"]
 __version__ = "0.1.0"
 
 
@@ -13,4 +14,7 @@ def __getattr__(name):
     if name == "OptLM":
         from flexgen_repro.opt_lm import OptLM
         return OptLM
+    if name in ("LLM", "Completion"):
+        from flexgen_repro import llm
+        return getattr(llm, name)
     raise AttributeError(f"module 'flexgen_repro' has no attribute {name!r}")

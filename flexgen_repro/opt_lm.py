@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,14 +86,23 @@ class OptLM:
 
     def generate(self, inputs, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, stop: int | None = None, seed: int | None = None,
-                 max_steps: int | None = None) -> np.ndarray:
+                 max_steps: int | None = None, attention_mask=None,
+                 eos_token_ids: Iterable[int] | None = None, top_p: float = 1.0,
+                 stop_check: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                 ) -> np.ndarray:
         """Token ids (prompts, prompt_len + max_new_tokens); after `stop` a row holds pad ids.
 
+        `attention_mask` (prompts, prompt_len), optional: 1 for real tokens, 0 for (left) padding;
+        by default every position holding the pad id is padding. A row ends after any of
+        `eos_token_ids` (or `stop`), or when `stop_check(rows, generated)` says so for it (rows:
+        indices into `inputs`; generated: their ids so far, (len(rows), tokens)); the rest of an
+        ended row is pad ids, and a GPU batch whose rows all ended decodes no further.
         `max_steps` (benchmark warm-up): generate only that many tokens, with the cache sized and
         kept for `max_new_tokens`, so a following full call reuses it; the rest stays pad.
         """
         prompts = _as_prompts(inputs, self.config.pad_token_id)
         self._check_vocab(prompts)
+        mask = _as_mask(attention_mask, prompts, self.config.pad_token_id)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if prompts.shape[1] + max_new_tokens > self.config.max_seq_len:
@@ -100,11 +110,21 @@ class OptLM:
                              f"exceeds the model's {self.config.max_seq_len} positions")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        pick = self._picker(do_sample, temperature, seed)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        pick = self._picker(do_sample, temperature, seed, top_p)
+        ends = set(eos_token_ids or ()) | ({int(stop)} if stop is not None else set())
         self.times = RunTimes()
+        outs = []
         with activate(self.tracer):
-            outs = [self._run_block(block, max_new_tokens, pick, stop, max_steps)[:n]
-                    for block, n in self._blocks(prompts)]
+            for start, block, n in self._blocks(prompts):
+                check = None if stop_check is None else \
+                    (lambda rows, ids, s=start: stop_check(rows + s, ids))
+                live = np.arange(block.shape[0]) < n
+                out = self._run_block(block, max_new_tokens, pick, frozenset(ends) or None,
+                                      max_steps, live=live, stop_check=check,
+                                      prompt_mask=_fill_rows(mask[start:start + n], block.shape[0]))
+                outs.append(out[:n])
         return np.concatenate(outs, axis=0)
 
     def logits(self, inputs) -> np.ndarray:
@@ -113,7 +133,7 @@ class OptLM:
         self._check_vocab(prompts)
         outs = []
         with activate(self.tracer):
-            for block, n in self._blocks(prompts):
+            for _, block, n in self._blocks(prompts):
                 run = BlockRun(self, block, 1, None, None, want_logits=True)
                 try:
                     run.run()
@@ -123,17 +143,15 @@ class OptLM:
         return np.concatenate(outs, axis=0)
 
     def _blocks(self, prompts: np.ndarray):
-        """Blocks of exactly block_size prompts; the last is filled with copies of its last prompt."""
+        """(start, block, real rows): blocks of exactly block_size prompts; the last is filled
+        with copies of its last prompt."""
         size = self.policy.block_size
         for start in range(0, prompts.shape[0], size):
             block = prompts[start:start + size]
-            n = block.shape[0]
-            if n < size:
-                block = np.concatenate([block, np.repeat(block[-1:], size - n, axis=0)])
-            yield block, n
+            yield start, _fill_rows(block, size), block.shape[0]
 
-    def _run_block(self, block, gen_len, pick, stop, max_steps=None) -> np.ndarray:
-        run = BlockRun(self, block, gen_len, pick, stop, max_steps=max_steps)
+    def _run_block(self, block, gen_len, pick, stop, max_steps=None, **rows) -> np.ndarray:
+        run = BlockRun(self, block, gen_len, pick, stop, max_steps=max_steps, **rows)
         try:
             out = run.run()
         finally:
@@ -144,15 +162,47 @@ class OptLM:
         self.times.decode_steps.extend(run.step_times[1:])
         return out
 
-    def _picker(self, do_sample: bool, temperature: float, seed: int | None):
+    def _picker(self, do_sample: bool, temperature: float, seed: int | None, top_p: float = 1.0):
         if not do_sample:
             return lambda logits: logits.argmax(dim=-1)
         gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
 
         def sample(logits: torch.Tensor) -> torch.Tensor:
             probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+            if top_p < 1:
+                probs = _nucleus(probs, top_p)
             return torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
         return sample
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs (rows, vocab) kept on the smallest set of most likely ids whose mass reaches top_p."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the ids ranked above each one
+    sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+
+
+def _fill_rows(rows: np.ndarray, size: int) -> np.ndarray:
+    """`rows` followed by copies of its last row, `size` rows in all."""
+    if rows.shape[0] >= size:
+        return rows
+    return np.concatenate([rows, np.repeat(rows[-1:], size - rows.shape[0], axis=0)])
+
+
+def _as_mask(mask, prompts: np.ndarray, pad: int) -> np.ndarray:
+    """The prompts' attention mask as bool (prompts, prompt_len); by default `prompts != pad`."""
+    if mask is None:
+        return prompts != pad
+    if isinstance(mask, torch.Tensor):
+        mask = mask.cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.shape != prompts.shape:
+        raise ValueError(f"attention_mask must have the inputs' shape {prompts.shape}, got {mask.shape}")
+    mask = mask.astype(bool)
+    if not mask.any(axis=1).all():
+        raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
+    return mask
 
 
 def _check_folder(config: OptConfig, folder: str) -> None:

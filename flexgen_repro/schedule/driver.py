@@ -63,7 +63,7 @@ def generate_block(run: BlockSteps, strategy, graphed: GraphedPipeline | None) -
             break
         t0 = run.start_token(i)
         for j in range(len(run.layers)):
-            for k in range(run.K):
+            for k in run.live_batches:  # a GPU batch whose rows have all ended is skipped
                 strategy.step(run, i, j, k)
         if run.end_token(i, t0):
             break

@@ -31,8 +31,13 @@ class BlockSteps:
     """Generates `gen_len` tokens for one block of gpu_batch_size x num_gpu_batches prompts: the
     block's state and the steps the strategies order."""
 
-    def __init__(self, lm, input_ids: np.ndarray, gen_len: int, pick, stop: int | None,
-                 want_logits: bool = False, max_steps: int | None = None):
+    def __init__(self, lm, input_ids: np.ndarray, gen_len: int, pick, stop,
+                 want_logits: bool = False, max_steps: int | None = None,
+                 prompt_mask: np.ndarray | None = None, live: np.ndarray | None = None,
+                 stop_check=None):
+        """`stop`: an id or a set of ids that end a row; `prompt_mask` (rows, prompt_len): real
+        prompt tokens (default: not the pad id); `live` (rows,): False for filler rows, which
+        count as ended from the start; `stop_check(rows, generated) -> ended` ends rows too."""
         self.lm, self.env, self.policy, self.config = lm, lm.env, lm.policy, lm.config
         self.layers, self.gen_len, self.pick, self.stop = lm.layers, gen_len, pick, stop
         self.want_logits = want_logits
@@ -42,6 +47,11 @@ class BlockSteps:
         self.pad = self.config.pad_token_id
         self.output_ids = np.full((self.B * self.K, self.prompt_len + gen_len), self.pad, np.int64)
         self.output_ids[:, :self.prompt_len] = input_ids
+        self.prompt_mask = input_ids != self.pad if prompt_mask is None else prompt_mask
+        if isinstance(stop, (int, np.integer)):
+            stop = {int(stop)}
+        self.stop = None if stop is None else np.array(sorted(stop), np.int64)
+        self.stop_check = stop_check
         overlap = self.policy.overlap
         self.ch = {name: self.env.channel(name, overlap) for name in self.env.CHANNELS}
         self.weights: dict[int, Future] = {}
@@ -50,7 +60,8 @@ class BlockSteps:
         self.cache_home: dict[tuple[int, int], tuple] = {}
         self.hidden: dict[int, object] = {}
         self.steps: dict[int, StepInfo] = {}
-        self.stopped = np.zeros(self.B * self.K, dtype=bool)
+        self.stopped = np.zeros(self.B * self.K, dtype=bool) if live is None else ~live
+        self.live_batches = self._unfinished_batches()
         self.logits = np.zeros((self.B * self.K, self.prompt_len, self.config.vocab_size),
                                np.float32) if want_logits else None
         self.step_times: list[float] = []
@@ -97,7 +108,7 @@ class BlockSteps:
         """Queue the cache of (layer j, batch k) for token i, after that pair's last store."""
         if i == 0 or i >= self.gen_len or j >= len(self.layers) or not self.layers[j].has_cache:
             return
-        if (j, k) in self.cache_loads:
+        if (j, k) in self.cache_loads or k not in self.live_batches:
             return
         pending = self.cache_stores.get((j, k))
         length = self.prompt_len + i - 1
@@ -201,8 +212,7 @@ class BlockSteps:
     def mask_and_positions(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(b, prompt_len + i) bool mask of real positions; position ids of token i's inputs."""
         rows = slice(k * self.B, (k + 1) * self.B)
-        ids = self.output_ids[rows, :self.prompt_len]
-        mask = np.concatenate([ids != self.pad, np.ones((self.B, i), bool)], axis=1)
+        mask = np.concatenate([self.prompt_mask[rows], np.ones((self.B, i), bool)], axis=1)
         pos = np.cumsum(mask, axis=1) * mask - 1
         return mask, (pos if i == 0 else pos[:, -1:])
 
@@ -221,10 +231,11 @@ class BlockSteps:
             x = self.load_hidden(i, j, k)
             out = layer.forward(x, w, self.step_info(i, k), cache)
         self.unfinished.append((i, j, k, out, w, cache, t1 - t0))
-        keep = 1 if isinstance(out, Deferred) and k < self.K - 1 else 0
+        last = self.live_batches[-1]
+        keep = 1 if isinstance(out, Deferred) and k < last else 0
         while len(self.unfinished) > keep:
             self._finish(*self.unfinished.popleft())
-        if k == self.K - 1:
+        if k == last:
             del self.weights[j]
 
     def _finish(self, i: int, j: int, k: int, out, w, cache, waited: float) -> None:
@@ -259,15 +270,28 @@ class BlockSteps:
         return self.want_logits or self.all_stopped() or i + 1 >= self.max_steps
 
     def finish_token(self, i: int) -> None:
-        """Rows that emitted `stop` before token i hold the pad id from there on."""
-        if self.stop is None or self.want_logits:
+        """Rows that ended before token i hold the pad id from there on; rows end at a stop id
+        or by stop_check; GPU batches whose rows have all ended leave the decode steps."""
+        if self.want_logits:
             return
         col = self.prompt_len + i
         self.output_ids[self.stopped, col] = self.pad
-        self.stopped |= self.output_ids[:, col] == self.stop
+        if self.stop is not None:
+            self.stopped |= np.isin(self.output_ids[:, col], self.stop)
+        rows = np.flatnonzero(~self.stopped)
+        if self.stop_check is not None and rows.size:
+            ended = self.stop_check(rows, self.output_ids[rows, self.prompt_len:col + 1])
+            self.stopped[rows] |= np.asarray(ended, bool)
+        if not self.stopped.all():
+            self.live_batches = self._unfinished_batches()
+
+    def _unfinished_batches(self) -> list[int]:
+        """GPU batches with a row still generating (all of them when every row has ended)."""
+        done = self.stopped.reshape(self.K, self.B).all(axis=1)
+        return [k for k in range(self.K) if not done[k]] or list(range(self.K))
 
     def all_stopped(self) -> bool:
-        return self.stop is not None and bool(self.stopped.all())
+        return bool(self.stopped.all())
 
     def _profile_layer(self, i: int, layer, waited: float, t1: float) -> None:
         """RuntimeOptions.profile: where the time of each phase goes (synchronizes the GPU)."""

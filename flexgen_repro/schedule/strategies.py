@@ -59,9 +59,10 @@ class OverlapBatches:
     def step(self, run, i: int, j: int, k: int) -> None:
         run.load_weight(j)
         run.load_cache(i, j, k)
-        if k == 0:
+        if k == run.live_batches[0]:
             _prefetch_weights(run, i, j)
-        nj, nk = (j, k + 1) if k + 1 < run.K else (j + 1, 0)
+        later = [b for b in run.live_batches if b > k]
+        nj, nk = (j, later[0]) if later else (j + 1, run.live_batches[0])
         if nj < len(run.layers):           # the next step's cache (same token only)
             run.load_cache(i, nj, nk)
         run.compute(i, j, k)
@@ -85,7 +86,7 @@ class GraphedPipeline:
         prev = None
         for i in range(start, end + 1):
             if i < end:
-                for k in range(run.K):
+                for k in run.live_batches:
                     self.graphs.queue(i, k)
             if prev is not None:
                 self.graphs.collect(prev)
