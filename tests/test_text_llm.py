@@ -1,0 +1,182 @@
+"""LLM (the Python text API) against transformers: each prompt's greedy completion, in a batch of
+mixed lengths under several policies, equals transformers' greedy generation on that prompt alone
+(float32, token-identical); eos ids and stop strings end completions with their finish reasons;
+sampling with a seed repeats."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from flexgen_repro import LLM, Policy
+from text_checkpoint import corpus_lines, hf_greedy_text, make_text_checkpoint
+
+GEN = 8
+# (percent, gpu_batch_size, num_gpu_batches, cpu_cache_compute): all on the GPU tier with two GPU
+# batches; weights, cache and activations in host memory with attention there; disk for all three
+POLICIES = {
+    "gpu": ((100, 0, 100, 0, 100, 0), 2, 2, False),
+    "cpu-attention": ((0, 100, 0, 100, 0, 100), 3, 2, True),
+    "disk": ((0, 30, 0, 50, 0, 50), 2, 1, False),
+}
+
+
+def make_policy(name: str) -> Policy:
+    pct, b, k, cpu = POLICIES[name]
+    return Policy(gpu_batch_size=b, num_gpu_batches=k, w_gpu_percent=pct[0], w_cpu_percent=pct[1],
+                  cache_gpu_percent=pct[2], cache_cpu_percent=pct[3], act_gpu_percent=pct[4],
+                  act_cpu_percent=pct[5], cpu_cache_compute=cpu)
+
+
+def mixed_prompts(n: int = 11) -> list[str]:
+    """Prompts of 1 to about 40 tokens (not a multiple of any block size above)."""
+    lines = corpus_lines()
+    return [lines[i % len(lines)][: 1 + (i * 53) % 160] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_text_checkpoint(str(tmp_path_factory.mktemp("text") / "tiny-text"))
+
+
+@pytest.fixture(scope="module")
+def expected(ckpt):
+    return hf_greedy_text(ckpt, mixed_prompts(), GEN)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_greedy_equals_transformers_per_prompt(ckpt, expected, tmp_path, name):
+    with LLM(ckpt, path=str(tmp_path / "w"), policy=make_policy(name), dtype="float32",
+             offload_dir=str(tmp_path / "off")) as llm:
+        out = llm.generate(mixed_prompts(), max_new_tokens=GEN)
+        assert llm.stats.blocks > 1  # several blocks, the last one partial
+    assert [c.token_ids for c in out] == expected
+    assert all(c.finish_reason == "length" for c in out)
+    assert [c.prompt_tokens for c in out] == [len(t) for t in llm.tokenize(mixed_prompts())]
+
+
+def test_auto_policy_and_real_token_equal_to_pad_id(ckpt, tmp_path):
+    """A prompt holding the pad id as a real token ("<pad>" is id 1): padding comes from the
+    mask, not the id, so it is attended to as transformers attends to it unpadded."""
+    prompts = ["<pad> The river <pad> was high", "A", "Tom lost his keys in the garden <pad>"]
+    with LLM(ckpt, path=str(tmp_path / "w"), policy="auto", dtype="float32") as llm:
+        assert 1 in llm.tokenize(prompts)[0][1:]
+        out = llm.generate(prompts, max_new_tokens=GEN)
+        assert llm.policy.block_size >= 1
+    assert [c.token_ids for c in out] == hf_greedy_text(ckpt, prompts, GEN)
+
+
+def test_eos_ends_a_completion(ckpt, expected, tmp_path):
+    """A copy of the checkpoint whose eos id is the third token greedy picks for one prompt: that
+    prompt ends there ("eos", the id kept, its text left out), as in transformers; others too."""
+    row = next(i for i, ids in enumerate(expected) if ids[2] not in ids[:2])
+    eos = expected[row][2]
+    other = str(tmp_path / "tiny-eos")
+    shutil.copytree(ckpt, other)
+    with open(os.path.join(other, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["eos_token_id"] = eos
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    reference = hf_greedy_text(other, mixed_prompts(), GEN)
+    with LLM(other, path=str(tmp_path / "w"), policy=make_policy("gpu"), dtype="float32") as llm:
+        out = llm.generate(mixed_prompts(), max_new_tokens=GEN)
+        assert out[row].text == llm.tokenizer.decode(expected[row][:2], skip_special_tokens=True)
+    assert [c.token_ids for c in out] == reference
+    assert out[row].token_ids == expected[row][:3] and out[row].finish_reason == "eos"
+    assert all((c.finish_reason == "eos") == (eos in c.token_ids) for c in out)
+
+
+def test_stop_string_ends_a_completion(ckpt, expected, tmp_path):
+    """The stop string is the text of a greedy completion's fourth token: the text ends just
+    before it, the ids end with the token that completed it, finish reason "stop"."""
+    with LLM(ckpt, path=str(tmp_path / "w"), policy=make_policy("cpu-attention"), dtype="float32") as llm:
+        full = [llm.tokenizer.decode(ids, skip_special_tokens=True) for ids in expected]
+        stop = llm.tokenizer.decode(expected[0][3:4], skip_special_tokens=True)
+        assert stop.strip()
+        out = llm.generate(mixed_prompts(), max_new_tokens=GEN, stop=[stop, "\x00never"])
+    for c, text, ids in zip(out, full, expected):
+        cut = text.find(stop)
+        if cut < 0:
+            assert (c.text, c.token_ids, c.finish_reason) == (text, ids, "length")
+            continue
+        assert c.finish_reason == "stop" and c.text == text[:cut]
+        assert c.token_ids == ids[:len(c.token_ids)] and 1 <= len(c.token_ids) <= len(ids)
+        assert stop in llm.tokenizer.decode(c.token_ids) and \
+            stop not in llm.tokenizer.decode(c.token_ids[:-1])
+    assert out[0].finish_reason == "stop" and len(out[0].token_ids) <= 4
+
+
+def test_sampling_with_a_seed_repeats(ckpt, expected, tmp_path):
+    with LLM(ckpt, path=str(tmp_path / "w"), policy=make_policy("gpu"), dtype="float32") as llm:
+        runs = [llm.generate(mixed_prompts(), max_new_tokens=GEN, temperature=1.0, seed=s)
+                for s in (7, 7, 8)]
+        # top_p this small keeps only the most likely id: sampling becomes greedy
+        narrow = llm.generate(mixed_prompts(), max_new_tokens=GEN, temperature=1.0, top_p=1e-6, seed=1)
+    ids = [[c.token_ids for c in run] for run in runs]
+    assert ids[0] == ids[1]
+    assert ids[0] != ids[2]
+    assert ids[0] != expected  # it sampled
+    assert [c.token_ids for c in narrow] == expected
+
+
+def test_bad_arguments_are_named(ckpt, tmp_path):
+    from flexgen_repro.llm import TextJobError
+    with pytest.raises(TextJobError, match="dtype"):
+        LLM(ckpt, dtype="int8")
+    with pytest.raises(TextJobError, match="tokenizer"):
+        LLM("opt-tiny", path="_DUMMY_")
+    with LLM(ckpt, path=str(tmp_path / "w"), policy=make_policy("gpu"), dtype="float32") as llm:
+        with pytest.raises(TextJobError, match="prompt 1 has .* tokens"):
+            llm.generate(["short", "word " * 200], max_new_tokens=GEN)
+        assert not os.path.exists(tmp_path / "w")  # checked before any weight was prepared
+        assert llm.generate([], max_new_tokens=GEN) == []
+
+
+def test_finished_gpu_batches_skip_decode(ckpt, tmp_path):
+    """OptLM.generate with eos ids: a GPU batch decodes token i only while one of its rows is
+    still going (counted at the first layer), and ended rows hold pad ids; the ids equal
+    transformers' greedy generation with the same eos, row by row."""
+    from flexgen_repro import ExecutionEnv, OptLM
+    from flexgen_repro.text.batching import make_blocks
+    from flexgen_repro.text.model import model_config
+    config = model_config(ckpt, dtype="float32")
+    with LLM(ckpt, path=str(tmp_path / "w"), policy=make_policy("gpu"), dtype="float32") as llm:
+        llm.generate(["warm"], max_new_tokens=1)  # prepares the weight folder
+        ids = llm.tokenize(mixed_prompts()[:4])
+    block = make_blocks(ids, 4, config.pad_token_id, 64)[0]
+    rows = [mixed_prompts()[i] for i in block.index]
+    eos = {ids[0] for ids in hf_greedy_text(ckpt, rows[:2], 1)}  # batch 0 ends at its first token
+    other = str(tmp_path / "tiny-eos")
+    shutil.copytree(ckpt, other)
+    reference = []
+    for eos_id in sorted(eos):  # transformers' generate takes one eos per run here: end at either
+        with open(os.path.join(other, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["eos_token_id"] = eos_id
+        with open(os.path.join(other, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        reference.append(hf_greedy_text(other, rows, GEN))
+    ends = [min([r.index(e) for r, e in zip((ref[row] for ref in reference), sorted(eos))
+                 if e in r] or [GEN - 1]) for row in range(4)]
+    calls: list[tuple[int, int]] = []
+    with ExecutionEnv.create(str(tmp_path / "off")) as env:
+        lm = OptLM(config, env, str(tmp_path / "w"), make_policy("gpu"))
+        embed, forward = lm.layers[0], lm.layers[0].forward
+
+        def counted(x, w, step, cache=None):
+            calls.append(step.i)
+            return forward(x, w, step, cache)
+        embed.forward = counted
+        out = lm.generate(block.ids, GEN, attention_mask=block.mask, eos_token_ids=eos)
+    batch_end = [max(ends[:2]), max(ends[2:])]
+    assert batch_end[0] == 0 < batch_end[1]
+    expected_calls = [sum(i <= e for e in batch_end) for i in range(max(batch_end) + 1)]
+    assert [calls.count(i) for i in range(GEN)] == expected_calls + [0] * (GEN - len(expected_calls))
+    for row in range(4):
+        gen = out[row, block.prompt_len:]
+        assert list(gen[:ends[row] + 1]) == reference[0][row][:ends[row] + 1]
+        assert (gen[ends[row] + 1:] == config.pad_token_id).all()
