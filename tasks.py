@@ -118,6 +118,38 @@ def eval(c, task="", model="", path="~/opt_weights", compress_weight=False, comp
                       tokenizer=tokenizer or None))
 
 
+@task(iterable=["stop"], auto_shortflags=False,
+      help={"model": "a known name or a local checkpoint folder", "input": "JSONL, .txt or - (stdin)",
+            "output": "output JSONL (a run record goes beside it)", "path": "weight root, or _DUMMY_",
+            "percent": 'six numbers in quotes, or "auto" (the cost model)',
+            "stop": "a string that ends a completion (repeat the flag for more)",
+            "truncate": "left: keep the tail of prompts too long for the model",
+            "hardware": "cost-model profile for --percent auto", "tokenizer": "tokenizer folder",
+            "resume": "continue an existing output", "overwrite": "replace an existing output",
+            "log_every": "seconds between progress updates"})
+def generate(c, input, output, model="", path="~/opt_weights", offload_dir="~/flexllmgen_offload_dir",
+             percent="auto", gpu_batch_size=4, num_gpu_batches=1, max_new_tokens=32, temperature="0",
+             top_p="1", seed=-1, stop=None, dtype="", truncate="", compress_weight=False,
+             compress_cache=False, cpu_cache_compute=False, tokenizer="", hardware="", resume=False,
+             overwrite=False, log_every="1"):
+    """Prompts in, completions out: the same as `python -m flexgen_repro.generate`."""
+    from flexgen_repro import generate as job
+    argv = ["--input", input, "--output", output, "--path", path, "--offload-dir", offload_dir,
+            "--percent", *percent.split(), "--gpu-batch-size", str(gpu_batch_size),
+            "--num-gpu-batches", str(num_gpu_batches), "--max-new-tokens", str(max_new_tokens),
+            "--temperature", str(temperature), "--top-p", str(top_p), "--log-every", str(log_every)]
+    for flag, value in (("--model", model), ("--dtype", dtype), ("--truncate", truncate),
+                        ("--tokenizer", tokenizer), ("--hardware", hardware)):
+        argv += [flag, value] if value else []
+    argv += ["--seed", str(seed)] if int(seed) >= 0 else []
+    argv += ["--stop", *stop] if stop else []
+    for flag, on in (("--compress-weight", compress_weight), ("--compress-cache", compress_cache),
+                     ("--cpu-cache-compute", cpu_cache_compute), ("--resume", resume),
+                     ("--overwrite", overwrite)):
+        argv += [flag] if on else []
+    _exit_on(job.main(argv))
+
+
 @task
 def test(c):
     """Run the test suite (the README's test command)."""
