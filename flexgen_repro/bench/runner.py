@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from flexgen_repro.bench import fit, limits, process, records, suites, tables
+from flexgen_repro.bench import fit, limits, process, records, suites, tables, text_bench
 from flexgen_repro.bench.suites import Case
 
 DUMMY = "_DUMMY_"
@@ -123,7 +123,8 @@ def original_command(case: Case, s: Settings, json_file: str, log_file: str) -> 
 
 def default_command(case: Case, s: Settings, json_file: str, log_file: str) -> list[str]:
     build = {"accelerate": accelerate_command, "deepspeed": zero_inference_command,
-             "original": original_command}.get(
+             "original": original_command, "text": text_bench.command,
+             "text-hf": text_bench.command}.get(
         case.runner, flexgen_command)
     return build(case, s, json_file, log_file)
 

@@ -21,7 +21,7 @@ from flexgen_repro.config import OptConfig, get_opt_config
 from flexgen_repro.policy import Policy, parse_percent
 
 SUITES_DIR = os.path.join(os.path.dirname(__file__), "suites")
-RUNNERS = ("flexgen", "accelerate", "deepspeed", "original")
+RUNNERS = ("flexgen", "accelerate", "deepspeed", "original", "text", "text-hf")
 WEIGHTS = ("dummy", "real")
 # What `invoke bench` runs with no suite on a machine with a GPU: needs no downloads (dummy
 # weights), a minute or two on an H100: case A (OPT-6.7B on the GPU) and OPT-1.3B streaming its

@@ -1,0 +1,210 @@
+"""The text bench: the batch job on a corpus of real prompts (text_corpus.py), one case per process.
+
+    python -m flexgen_repro.bench.text_bench --model opt-6.7b --path _DUMMY_ --percent 100 0 100 0 100 0 \
+        --gpu-batch-size 32 --num-gpu-batches 1 --prompt-len 512 --gen-len 32 --json-file r.json
+
+Runner `text`: `LLM` on the first `--blocks` blocks of the corpus (prompts longer than
+`--prompt-len` tokens keep their tail), after a one-block warm-up. Runner `text-hf`: transformers'
+batched `generate` on the same prompts in corpus order, a block at a time, left-padded to the
+longest of each batch. Both report useful tokens per second: generated tokens (not padding, not
+filler rows) over the wall time. Dummy-weight cases need a tokenizer (`--tokenizer`, default: the
+GPT-2 BPE one text_corpus.build_tokenizer makes offline) and say the weights were dummy.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+
+from flexgen_repro.bench import text_corpus
+
+DUMMY = "_DUMMY_"
+BLOCKS = 4
+
+
+def command(case, s, json_file: str, log_file: str) -> list[str]:
+    """The command line of a `text` or `text-hf` case (runner.py's builder for them)."""
+    cmd = [s.python, "-m", "flexgen_repro.bench.text_bench", "--runner", case.runner,
+           "--model", case.model, "--path", s.weight_path(case), "--offload-dir", s.offload_dir,
+           "--prompt-len", str(case.prompt_len), "--gen-len", str(case.gen_len),
+           "--percent", *case.percent.split(), "--dtype", case.dtype]
+    for flag, value in (("--gpu-batch-size", case.gpu_batch_size),
+                        ("--num-gpu-batches", case.num_gpu_batches), ("--gpu-mem-gb", s.cap(case))):
+        cmd += [flag, f"{value:g}" if isinstance(value, float) else str(value)] if value else []
+    cmd += [flag for flag, on in (("--cpu-cache-compute", case.cpu_cache_compute),
+                                  ("--compress-weight", case.compress_weight),
+                                  ("--compress-cache", case.compress_cache)) if on]
+    return cmd + ["--json-file", json_file, "--log-file", log_file]
+
+
+def _prompt_ids(llm_or_tok, prompt_len: int, count: int) -> list[list[int]]:
+    """The first `count` corpus prompts as ids, each cut to its last `prompt_len` tokens."""
+    prompts = text_corpus.read_prompts(limit=count)
+    ids = llm_or_tok(prompts)["input_ids"] if callable(llm_or_tok) else llm_or_tok.tokenize(prompts)
+    return [list(t)[-prompt_len:] for t in ids]
+
+
+def run_flexgen(args, policy, tokenizer: str) -> dict:
+    """Our job: warm-up on one block, then BLOCKS blocks timed."""
+    from flexgen_repro.llm import LLM
+    from flexgen_repro.metrics import PeakMemory
+    with LLM(args.model, path=args.path, policy=policy, offload_dir=args.offload_dir,
+             dtype=args.dtype, tokenizer=tokenizer, hardware=args.hardware) as llm:
+        if policy is None:  # the cost model's choice for the corpus cap
+            llm.policy = _auto(llm, args)
+        block = llm.policy.block_size
+        ids = _prompt_ids(llm, args.prompt_len, block * args.blocks)
+        llm.generate_ids(ids[:block], args.gen_len)
+        phases = {"prefill_s": 0.0, "decode_s": 0.0}
+
+        def on_block(index, done) -> None:
+            phases["prefill_s"] += llm._lm.times.prefill_s
+            phases["decode_s"] += llm._lm.times.decode_s
+        with PeakMemory() as peak:
+            llm.generate_ids(ids, args.gen_len, on_block=on_block)
+        stats, pol = llm.stats, llm.policy
+    return dict(prompts=stats.prompts, prompt_tokens=stats.prompt_tokens,
+                generated_tokens=stats.generated_tokens, wall_s=stats.wall_s,
+                padded_positions=stats.padded_positions, blocks=stats.blocks,
+                prefill_latency_s=phases["prefill_s"], decode_latency_s=phases["decode_s"],
+                peak_gpu_mem_gb=peak.gpu_peak_bytes / 2**30, peak_cpu_mem_gb=peak.cpu_peak_bytes / 2**30,
+                percent=" ".join(f"{v:g}" for v in pol.percent), gpu_batch_size=pol.gpu_batch_size,
+                num_gpu_batches=pol.num_gpu_batches)
+
+
+def _auto(llm, args):
+    from flexgen_repro.text.model import auto_policy
+    return auto_policy(llm.config, args.prompt_len, args.gen_len, 1 << 20, args.hardware)
+
+
+def run_transformers(args, tokenizer: str) -> dict:
+    """transformers' batched generate, `--gpu-batch-size` x `--num-gpu-batches` prompts a batch."""
+    import torch
+    from transformers import AutoTokenizer
+    from flexgen_repro.metrics import PeakMemory
+    tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    model = _hf_model(args)
+    batch = args.gpu_batch_size * args.num_gpu_batches
+    ids = _prompt_ids(tok, args.prompt_len, batch * args.blocks)
+    dev = next(model.parameters()).device
+    pad = model.config.pad_token_id
+
+    def generate(rows: list[list[int]]) -> int:
+        width = max(map(len, rows))
+        x = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for r, t in enumerate(rows):
+            x[r, width - len(t):] = torch.tensor(t)
+            mask[r, width - len(t):] = 1
+        with torch.no_grad():
+            out = model.generate(x.to(dev), attention_mask=mask.to(dev), max_new_tokens=args.gen_len,
+                                 do_sample=False, pad_token_id=pad)
+        gen = out[:, width:]
+        return int((gen != pad).sum())
+    generate(ids[:batch])
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        made = sum(generate(ids[i:i + batch]) for i in range(0, len(ids), batch))
+    return dict(prompts=len(ids), prompt_tokens=sum(map(len, ids)), generated_tokens=made,
+                wall_s=time.perf_counter() - start, blocks=args.blocks,
+                peak_gpu_mem_gb=peak.gpu_peak_bytes / 2**30, peak_cpu_mem_gb=peak.cpu_peak_bytes / 2**30,
+                percent="hf", gpu_batch_size=batch, num_gpu_batches=1)
+
+
+def _hf_model(args):
+    """The case's model in transformers: its checkpoint, or (dummy weights) random in place."""
+    import torch
+    from transformers import OPTForCausalLM
+    from flexgen_repro.bench.baselines import hf_opt_config
+    from flexgen_repro.config import get_opt_config
+    dtype = getattr(torch, args.dtype)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.path != DUMMY:
+        return OPTForCausalLM.from_pretrained(args.model, torch_dtype=dtype).to(dev).eval()
+    with torch.device("meta"):
+        model = OPTForCausalLM(hf_opt_config(get_opt_config(args.model)))
+    model = model.to_empty(device=dev).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model.tie_weights()
+    return model.eval()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flexgen_repro.bench.text_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runner", default="text", choices=["text", "text-hf"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--path", default=DUMMY)
+    p.add_argument("--offload-dir", default="~/flexllmgen_offload_dir")
+    p.add_argument("--tokenizer", default=None, help="default: the checkpoint's, or GPT-2 BPE for dummy")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompts keep at most this many tokens")
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--percent", nargs="+", default=["auto"])
+    p.add_argument("--gpu-batch-size", type=int, default=4)
+    p.add_argument("--num-gpu-batches", type=int, default=1)
+    p.add_argument("--hardware", default=None)
+    p.add_argument("--gpu-mem-gb", type=float, default=None, help="recorded; caps the cost model's GPU")
+    for flag in ("--cpu-cache-compute", "--compress-weight", "--compress-cache"):
+        p.add_argument(flag, action="store_true")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--blocks", type=int, default=BLOCKS)
+    p.add_argument("--json-file", default=None)
+    p.add_argument("--log-file", default=None)
+    return p
+
+
+def record(args, run: dict, tokenizer: str) -> dict:
+    """The JSON record: the run's counts, useful throughput and the context tables need."""
+    import torch
+    from flexgen_repro.generate import _commit
+    wall = run["wall_s"]
+    useful = run["generated_tokens"] / wall if wall else 0.0
+    padded = run.get("padded_positions")
+    decode_s = run.get("decode_latency_s")
+    return dict(
+        run, model=args.model, runner=args.runner, weights="dummy" if args.path == DUMMY else "real",
+        tokenizer=tokenizer, prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=args.dtype,
+        useful_throughput=useful, total_throughput=useful,
+        padding_fraction=1 - run["prompt_tokens"] / padded if padded else None,
+        mean_prompt_tokens=run["prompt_tokens"] / run["prompts"],
+        decode_throughput=(run["generated_tokens"] - run["prompts"]) / decode_s if decode_s else None,
+        compress_weight=args.compress_weight, compress_cache=args.compress_cache,
+        cpu_cache_compute=args.cpu_cache_compute, gpu_mem_cap_gb=args.gpu_mem_gb,
+        device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        torch_version=torch.__version__, commit=_commit(), measured=True,
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        log_text=(f"{run['prompts']} prompts ({run['prompt_tokens']} prompt tokens), "
+                  f"{run['generated_tokens']} generated in {wall:.2f} s: {useful:.2f} useful tok/s"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flexgen_repro.cost_model.cli import parse_flags
+    from flexgen_repro.metrics import write_outputs
+    args = parser().parse_args(argv)
+    try:
+        tokenizer = args.tokenizer or (text_corpus.build_tokenizer() if args.path == DUMMY else args.model)
+        policy = None
+        if args.runner == "text" and [v.lower() for v in args.percent] != ["auto"]:
+            flags = [f"--percent {' '.join(args.percent)}", f"--gpu-batch-size {args.gpu_batch_size}",
+                     f"--num-gpu-batches {args.num_gpu_batches}"]
+            flags += [f for f in ("--cpu-cache-compute", "--compress-weight", "--compress-cache")
+                      if getattr(args, f[2:].replace("-", "_"))]
+            policy, _ = parse_flags(" ".join(flags))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"text_bench: {e}", file=sys.stderr)
+        return 2
+    run = run_transformers(args, tokenizer) if args.runner == "text-hf" else \
+        run_flexgen(args, policy, tokenizer)
+    rec = record(args, run, tokenizer)
+    write_outputs(rec, f"model: {args.model}, runner: {args.runner}, percent: {rec['percent']}",
+                  args.log_file, args.json_file)
+    print(rec["log_text"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

