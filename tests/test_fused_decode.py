@@ -167,8 +167,9 @@ def _pipelined(gen_len, stop, picks, max_steps=None, K=2, B=2, prompt_len=3):
     run = SimpleNamespace(cache_stores={}, gen_len=gen_len, max_steps=max_steps or gen_len, K=K,
                           B=B, stop=stop, want_logits=False, prompt_len=prompt_len, pad=1,
                           stopped=np.zeros(B * K, dtype=bool), step_times=[],
-                          output_ids=np.full((B * K, prompt_len + gen_len), 1, np.int64))
-    for name in ("finish_token", "all_stopped", "wait_cache_stores"):
+                          output_ids=np.full((B * K, prompt_len + gen_len), 1, np.int64),
+                          live_batches=list(range(K)), stop_check=None)
+    for name in ("finish_token", "all_stopped", "wait_cache_stores", "_unfinished_batches"):
         setattr(run, name, getattr(BlockSteps, name).__get__(run))
     graphs = _FakeGraphs(run, picks)
     GraphedPipeline(graphs).decode(run, 1)

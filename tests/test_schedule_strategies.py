@@ -30,6 +30,7 @@ class Recorder:
     def __init__(self, K: int, gen_len: int = 3, stop_after: int | None = None):
         self.layers = [SimpleNamespace(has_cache=c) for c in (False, True, False)]
         self.K, self.gen_len, self.calls = K, gen_len, []
+        self.live_batches = list(range(K))  # GPU batches still generating: all of them here
         self.stop_after, self.output_ids = stop_after, np.zeros(1)
 
     def __getattr__(self, name):
