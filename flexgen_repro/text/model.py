@@ -39,7 +39,7 @@ def checkpoint_dir(model: str, config) -> str | None:
         return local
     try:
         from flexgen_repro.weights import smollm2
-        if config.name == smollm2.NAME:
+        if config.name == getattr(smollm2, "NAME", DEFAULT_MODEL):
             return smollm2.checkpoint_dir()
     except (ImportError, AttributeError, OSError):
         pass
