@@ -40,6 +40,7 @@ def test_text_cases_build_their_commands():
     cmd = runner.default_command(cases["6.7b-text"], s, "r.json", "r.log")
     assert cmd[1:3] == ["-m", "flexgen_repro.bench.text_bench"] and "--runner" in cmd
     assert cmd[cmd.index("--path") + 1] == "_DUMMY_" and cmd[cmd.index("--gen-len") + 1] == "32"
+    assert "--compare-uncompressed" in runner.default_command(cases["6.7b-text-c4"], s, "j", "l")
     hf = runner.default_command(cases["30b-hf"], s, "r.json", "r.log")
     assert hf[hf.index("--runner") + 1] == "text-hf" and hf[hf.index("--gpu-batch-size") + 1] == "8"
     fixed = cases["6.7b-fixed"]
@@ -72,3 +73,17 @@ def _token_counts(tok_dir: str, n: int) -> list[int]:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tok_dir)
     return [len(ids) for ids in tok(text_corpus.read_prompts(limit=n))["input_ids"]]
+
+
+def test_agreement_hand_worked():
+    from flexgen_repro.text.batching import Completion
+
+    def c(ids):
+        return Completion("", ids, 1, "length")
+    ref = [c([1, 2, 3, 4]), c([5, 6, 7, 8]), c([9, 9])]
+    ours = [c([1, 2, 3, 4]), c([5, 6, 0, 8]), c([8, 9])]
+    got = text_bench.agreement(ours, ref)
+    assert got["agreement_with_uncompressed"] == 1 / 3
+    assert got["leading_token_agreement"] == (4 + 2 + 0) / 10
+    assert text_bench.agreement(ref, ref) == dict(agreement_with_uncompressed=1.0,
+                                                  leading_token_agreement=1.0)

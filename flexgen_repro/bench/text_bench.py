@@ -13,6 +13,7 @@ GPT-2 BPE one text_corpus.build_tokenizer makes offline) and say the weights wer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 import sys
@@ -36,6 +37,8 @@ def command(case, s, json_file: str, log_file: str) -> list[str]:
     cmd += [flag for flag, on in (("--cpu-cache-compute", case.cpu_cache_compute),
                                   ("--compress-weight", case.compress_weight),
                                   ("--compress-cache", case.compress_cache)) if on]
+    if case.runner == "text" and (case.compress_weight or case.compress_cache):
+        cmd.append("--compare-uncompressed")
     return cmd + ["--json-file", json_file, "--log-file", log_file]
 
 
@@ -63,15 +66,35 @@ def run_flexgen(args, policy, tokenizer: str) -> dict:
             phases["prefill_s"] += llm._lm.times.prefill_s
             phases["decode_s"] += llm._lm.times.decode_s
         with PeakMemory() as peak:
-            llm.generate_ids(ids, args.gen_len, on_block=on_block)
+            done = llm.generate_ids(ids, args.gen_len, on_block=on_block)
         stats, pol = llm.stats, llm.policy
-    return dict(prompts=stats.prompts, prompt_tokens=stats.prompt_tokens,
+    extra = {}
+    if args.compare_uncompressed:
+        plain = dataclasses.replace(pol, compress_weight=False, compress_cache=False)
+        with LLM(args.model, path=args.path, policy=plain, offload_dir=args.offload_dir,
+                 dtype=args.dtype, tokenizer=tokenizer) as llm:
+            extra = agreement(done, llm.generate_ids(ids, args.gen_len))
+    return dict(**extra,prompts=stats.prompts, prompt_tokens=stats.prompt_tokens,
                 generated_tokens=stats.generated_tokens, wall_s=stats.wall_s,
                 padded_positions=stats.padded_positions, blocks=stats.blocks,
                 prefill_latency_s=phases["prefill_s"], decode_latency_s=phases["decode_s"],
                 peak_gpu_mem_gb=peak.gpu_peak_bytes / 2**30, peak_cpu_mem_gb=peak.cpu_peak_bytes / 2**30,
                 percent=" ".join(f"{v:g}" for v in pol.percent), gpu_batch_size=pol.gpu_batch_size,
                 num_gpu_batches=pol.num_gpu_batches)
+
+
+def agreement(ours: list, reference: list) -> dict:
+    """How often completions agree with the reference run's: whole completions, and tokens
+    before the first difference (as a fraction of the reference's tokens)."""
+    same = sum(a.token_ids == b.token_ids for a, b in zip(ours, reference))
+    lead = 0
+    for a, b in zip(ours, reference):
+        n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+                 min(len(a.token_ids), len(b.token_ids)))
+        lead += n
+    total = sum(len(b.token_ids) for b in reference)
+    return dict(agreement_with_uncompressed=same / len(reference),
+                leading_token_agreement=lead / total if total else 1.0)
 
 
 def _auto(llm, args):
@@ -152,6 +175,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(flag, action="store_true")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--blocks", type=int, default=BLOCKS)
+    p.add_argument("--compare-uncompressed", action="store_true",
+                   help="also run without compression; record how often completions agree")
     p.add_argument("--json-file", default=None)
     p.add_argument("--log-file", default=None)
     return p
