@@ -103,7 +103,8 @@ def _auto(llm, args):
 
 
 def run_transformers(args, tokenizer: str) -> dict:
-    """transformers' batched generate, `--gpu-batch-size` x `--num-gpu-batches` prompts a batch."""
+    """transformers' batched generate, `--gpu-batch-size` x `--num-gpu-batches` prompts a batch;
+    the wall time is the full generations', prefill is timed apart as one-token generations."""
     import torch
     from transformers import AutoTokenizer
     from flexgen_repro.metrics import PeakMemory
@@ -114,7 +115,7 @@ def run_transformers(args, tokenizer: str) -> dict:
     dev = next(model.parameters()).device
     pad = model.config.pad_token_id
 
-    def generate(rows: list[list[int]]) -> int:
+    def generate(rows: list[list[int]], new_tokens: int) -> int:
         width = max(map(len, rows))
         x = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros_like(x)
@@ -122,18 +123,30 @@ def run_transformers(args, tokenizer: str) -> dict:
             x[r, width - len(t):] = torch.tensor(t)
             mask[r, width - len(t):] = 1
         with torch.no_grad():
-            out = model.generate(x.to(dev), attention_mask=mask.to(dev), max_new_tokens=args.gen_len,
+            out = model.generate(x.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
                                  do_sample=False, pad_token_id=pad)
-        gen = out[:, width:]
-        return int((gen != pad).sum())
-    generate(ids[:batch])
-    start = time.perf_counter()
+        return int((out[:, width:] != pad).sum())
+
+    def timed(rows: list[list[int]], new_tokens: int) -> tuple[int, float]:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        made = generate(rows, new_tokens)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return made, time.perf_counter() - start
+    generate(ids[:batch], args.gen_len)
+    made = wall = prefill = 0.0
     with PeakMemory() as peak:
-        made = sum(generate(ids[i:i + batch]) for i in range(0, len(ids), batch))
-    return dict(prompts=len(ids), prompt_tokens=sum(map(len, ids)), generated_tokens=made,
-                wall_s=time.perf_counter() - start, blocks=args.blocks,
+        for i in range(0, len(ids), batch):
+            prefill += timed(ids[i:i + batch], 1)[1]  # prefill alone: a one-token generation
+            n, t = timed(ids[i:i + batch], args.gen_len)
+            made, wall = made + n, wall + t
+    return dict(prompts=len(ids), prompt_tokens=sum(map(len, ids)), generated_tokens=int(made),
+                wall_s=wall, blocks=args.blocks, prefill_latency_s=prefill,
+                decode_latency_s=max(wall - prefill, 1e-9),
                 peak_gpu_mem_gb=peak.gpu_peak_bytes / 2**30, peak_cpu_mem_gb=peak.cpu_peak_bytes / 2**30,
-                percent="hf", gpu_batch_size=batch, num_gpu_batches=1)
+                hf_batch_size=batch)
 
 
 def _hf_model(args):
@@ -225,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     run = run_transformers(args, tokenizer) if args.runner == "text-hf" else \
         run_flexgen(args, policy, tokenizer)
     rec = record(args, run, tokenizer)
-    write_outputs(rec, f"model: {args.model}, runner: {args.runner}, percent: {rec['percent']}",
-                  args.log_file, args.json_file)
+    header = f"model: {args.model}, runner: {args.runner}, percent: {rec.get('percent', 'hf')}"
+    write_outputs(rec, header, args.log_file, args.json_file)
     print(rec["log_text"])
     return 0
 
