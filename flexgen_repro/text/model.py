@@ -89,13 +89,13 @@ def weight_folder(model: str, config, path: str) -> str:
 
 def default_hardware() -> str:
     """The measured `local` profile where there is one, else the shipped profile of the nearest
-    machine (h100-lent for a GPU of 40 GiB or more, otherwise t4-paper)."""
+    machine (h100 for a GPU of 40 GiB or more, otherwise t4-paper)."""
     from flexgen_repro.cost_model.hardware import LOCAL_PROFILE
     if os.path.exists(os.path.expanduser(LOCAL_PROFILE)):
         return "local"
     import torch
     if torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory >= 40 * 2**30:
-        return "h100-lent"
+        return "h100"
     return "t4-paper"
 
 
