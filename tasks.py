@@ -127,12 +127,13 @@ def eval(c, task="", model="", path="~/opt_weights", compress_weight=False, comp
             "hardware": "cost-model profile for --percent auto", "tokenizer": "tokenizer folder",
             "resume": "continue an existing output", "overwrite": "replace an existing output",
             "log_every": "seconds between progress updates"})
-def generate(c, input, output, model="", path="~/opt_weights", offload_dir="~/flexllmgen_offload_dir",
+def generate(c, input="", output="", model="", path="~/opt_weights", offload_dir="~/flexllmgen_offload_dir",
              percent="auto", gpu_batch_size=4, num_gpu_batches=1, max_new_tokens=32, temperature="0",
              top_p="1", seed=-1, stop=None, dtype="", truncate="", compress_weight=False,
              compress_cache=False, cpu_cache_compute=False, tokenizer="", hardware="", resume=False,
              overwrite=False, log_every="1"):
     """Prompts in, completions out: the same as `python -m flexgen_repro.generate`."""
+    _required(input=input, output=output)
     from flexgen_repro import generate as job
     argv = ["--input", input, "--output", output, "--path", path, "--offload-dir", offload_dir,
             "--percent", *percent.split(), "--gpu-batch-size", str(gpu_batch_size),
