@@ -267,6 +267,8 @@ class RopeScaling:
         params = {k: v for k, v in params.items() if v is not None or k in ("attention_factor", "mscale",
                                                                              "mscale_all_dim")}
         params.setdefault("original_max_position_embeddings", max_position_embeddings)
+        if rope_type == "dynamic":  # transformers scales from max_position_embeddings here
+            params["original_max_position_embeddings"] = max_position_embeddings
         return cls(rope_type=rope_type, **params)
 
 
@@ -407,14 +409,17 @@ def _llama_fields(cfg: dict, path: str) -> dict:
     pad = cfg.get("pad_token_id")
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     max_pos = cfg.get("max_position_embeddings", 2048)
+    scaling = RopeScaling.from_hf(rope, max_pos)
+    # dynamic NTK scaling stretches the trained positions by `factor` at run time
+    max_len = int(max_pos * scaling.factor) if scaling and scaling.rope_type == "dynamic" else max_pos
     return dict(
         name=os.path.basename(os.path.normpath(path)), model_type=model_type,
         num_hidden_layers=cfg["num_hidden_layers"], n_head=heads,
         n_kv_head=cfg.get("num_key_value_heads") or heads, hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], max_seq_len=max_pos, vocab_size=cfg["vocab_size"],
+        intermediate_size=cfg["intermediate_size"], max_seq_len=max_len, vocab_size=cfg["vocab_size"],
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-        rope_scaling=RopeScaling.from_hf(rope, max_pos),
+        rope_scaling=scaling,
         attention_bias=True if model_type == "qwen2" else bias,
         attention_out_bias=bias if model_type == "llama" else False,
         sliding_window=window, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
