@@ -70,6 +70,7 @@ def test_greedy_completions_equal_transformers_under_offloading(smol, tmp_path):
         np.testing.assert_array_equal(row[-len(want):], want, err_msg=text)
     paris = tok.decode(out[0, prompts.shape[1]:])
     assert paris.startswith(" Paris"), paris
+    assert (tok.eos_token_id, tok.pad_token_id) == (config.eos_token_id, config.pad_token_id) == (2, 2)
 
 
 def test_wikitext_perplexity_equals_transformers(smol, tmp_path):

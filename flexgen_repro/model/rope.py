@@ -93,7 +93,7 @@ def _dynamic_inv_freq(config, positions: torch.Tensor, inv_freq: torch.Tensor) -
     """Dynamic NTK: frequencies for the step's longest sequence (unchanged up to max_seq_len)."""
     dim, factor, limit = config.head_dim, config.rope_scaling.factor, config.rope_scaling.original_max_position_embeddings
     seq_len = positions.max() + 1
-    n = torch.maximum(seq_len, torch.tensor(limit, dtype=seq_len.dtype, device=seq_len.device))
+    n = seq_len.clamp(min=limit)  # no new host tensor: safe inside a CUDA-graph capture
     base = config.rope_theta * ((factor * n / limit) - (factor - 1)) ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=positions.device, dtype=torch.float) / dim
     scaled = 1.0 / (base ** exponents)

@@ -46,6 +46,10 @@ def _materialize(gguf_folder: str, out: str) -> None:
     model = LlamaForCausalLM(config).to(torch.float32).eval()
     model.load_state_dict(quantized.state_dict())
     model.save_pretrained(out)
+    # the GGUF file's tokenizer metadata names <|im_start|> as end of sequence and no pad token;
+    # the model's config (and the released tokenizer) end and pad with <|im_end|>
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
     tokenizer.save_pretrained(out)
 
 
