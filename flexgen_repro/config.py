@@ -147,8 +147,9 @@ def canonical_name(name: str) -> str:
 def _from_hf_config(path: str, **overrides) -> OptConfig:
     cfg = _read_config_json(path)
     if cfg.get("model_type", "opt") != "opt":
-        raise ValueError(f"{path}/config.json describes a {cfg.get('model_type')!r} model: only OPT checkpoints are read "
-                         "here; use flexgen_repro.config.get_model_config for other families")
+        raise ValueError(f"{path}/config.json describes a {cfg.get('model_type')!r} model: only OPT "
+                         "checkpoints are read here; use flexgen_repro.config.get_model_config for "
+                         "other families")
     hidden = cfg["hidden_size"]
     if cfg.get("word_embed_proj_dim", hidden) != hidden or not cfg.get("do_layer_norm_before", True):
         raise ValueError(f"{path}: OPT variants with a projected embedding or post-layer-norm "

@@ -1,6 +1,6 @@
-"""`invoke eval` / `python -m flexgen_repro.eval.cli`: Lambada accuracy or WikiText perplexity of a
-model of any supported family (OPT, Llama, Mistral, Qwen2) run through the offloading runtime (all tiers on the GPU), with optional 4-bit weights
-and KV cache.
+"""`invoke eval` / `python -m flexgen_repro.eval.cli`: Lambada accuracy or WikiText perplexity of
+a model of any supported family (OPT, Llama, Mistral, Qwen2) run through the offloading runtime
+(all tiers on the GPU), with optional 4-bit weights and KV cache.
 
 Data: `--data FILE` (JSON lines with a "text" field for lambada, plain text for wikitext); without
 it, the small passages bundled in flexgen_repro/eval/data/ (written for this project, a smoke test,

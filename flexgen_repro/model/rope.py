@@ -91,7 +91,8 @@ def inverse_frequencies(config, device) -> tuple[torch.Tensor, float]:
 
 def _dynamic_inv_freq(config, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Dynamic NTK: frequencies for the step's longest sequence (unchanged up to max_seq_len)."""
-    dim, factor, limit = config.head_dim, config.rope_scaling.factor, config.rope_scaling.original_max_position_embeddings
+    r = config.rope_scaling
+    dim, factor, limit = config.head_dim, r.factor, r.original_max_position_embeddings
     seq_len = positions.max() + 1
     n = seq_len.clamp(min=limit)  # no new host tensor: safe inside a CUDA-graph capture
     base = config.rope_theta * ((factor * n / limit) - (factor - 1)) ** (dim / (dim - 2))

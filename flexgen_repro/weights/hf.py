@@ -1,5 +1,6 @@
-"""Hugging Face checkpoints (OPT, and the Llama family: Llama, Mistral, Qwen2) into the weight folder: find (or download) the weight files and convert
-them tensor by tensor to fp16, never holding more than one tensor (plus one memory-mapped shard).
+"""Hugging Face checkpoints (OPT, and the Llama family: Llama, Mistral, Qwen2) into the weight
+folder: find (or download) the weight files and convert them tensor by tensor to fp16, never
+holding more than one tensor (plus one memory-mapped shard).
 
 Accepted: `model.safetensors`, sharded `model-*.safetensors` with `model.safetensors.index.json`,
 `pytorch_model.bin`, sharded `pytorch_model-*.bin` with `pytorch_model.bin.index.json`; safetensors is
