@@ -189,14 +189,6 @@ def _ffn(c) -> tuple[int, int]:
     return c.intermediate_size, 4
 
 
-def _attention_share(c) -> float:
-    """The attention's part of a layer's matrix weights (q, k, v, out against the MLP's)."""
-    h, q, kv = c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    f, _ = _ffn(c)
-    attn = 2 * h * q + 2 * h * kv
-    return attn / (attn + (2 if c.family == "opt" else 3) * h * f)
-
-
 def model_sizes(config: OptConfig, policy: Policy) -> Sizes:
     """Bytes and flops per layer of any family: the KV cache per token holds n_kv_head heads."""
     dt, h, L = config.dtype_bytes, config.hidden_size, config.num_hidden_layers
@@ -281,9 +273,12 @@ def _prefill_host_hidden(p: Policy, hw: HardwareProfile, z: Sizes, s: int, h2d: 
 
 def attention_share(c: OptConfig) -> float:
     """The attention sublayer's share of a transformer layer's matrices (and of its matmul flops):
-    4 h^2 of 4 h^2 + 2 h f."""
-    h, f = c.hidden_size, c.ffn_embed_dim
-    return 4 * h * h / (4 * h * h + 2 * h * f)
+    q, k, v, out against the MLP's; OPT: 4 h^2 of 4 h^2 + 2 h f; Llama: (2 h q + 2 h kv) of that
+    plus 3 h f (SwiGLU), q and kv the query and key/value widths."""
+    h, q, kv = c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    f, _ = _ffn(c)
+    attn = 2 * h * q + 2 * h * kv
+    return attn / (attn + (2 if c.family == "opt" else 3) * h * f)
 
 
 def _prefill_sublayer_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes,
@@ -354,7 +349,7 @@ def _cpu_attention_serial(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes
     that attention plus the load of the attention's share of the weights, whatever the link does
     meanwhile (case C's traces). The CPU's share of the rows (cc + cd) scales both CPU
     parts; the weights' share on the host (wc, wd) scales the load."""
-    share = _attention_share(c)
+    share = attention_share(c)
     h2d, h2d_w = _host_to_gpu(hw, p)
     cpu = off_gpu_attn + p.num_gpu_batches * hw.cpu_attention_batch_overhead_s
     return Affine.of(cc=cpu, cd=cpu, wc=share * z.w_layer / h2d_w, wd=share * z.w_layer / h2d)
@@ -372,7 +367,8 @@ def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, 
     steps = (2 if p.sep_layer else 1) + 2 / c.num_hidden_layers
     per_batch = max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_bytes(z, hw) / hw.gpu_mem_bw_bytes_s) \
         + steps * hw.gpu_graph_step_overhead_s + hw.gpu_step_overhead_s / c.num_hidden_layers
-    attn = b * k * 4.0 * (s + n) * c.n_head * c.head_dim * _cache_read_share(z, p, hw) / hw.gpu_bmm_decode_flop_s
+    attn = (b * k * 4.0 * (s + n) * c.n_head * c.head_dim * _cache_read_share(z, p, hw)
+            / hw.gpu_bmm_decode_flop_s)
     dequant = sum(_decode_dequant(p, hw, z, k * z.w_layer_fp, b * k * (s + n) * z.kv_token_fp))
     return {**decode, "comp": Affine.of(k * per_batch + attn + dequant)}
 
