@@ -239,7 +239,7 @@ def _prefill_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: in
     hid, cache_new = B * s * z.hid_token, B * s * z.kv_token
     flops = b * (s * z.flops_token + z.flops_logits)          # logits of the last token only
     mm = k * max(flops / hw.gpu_mm_prefill_flop_s, z.w_layer_fp / hw.gpu_mem_bw_bytes_s)
-    attn = B * 4.0 * s * s * c.n_head * c.head_dim / hw.gpu_bmm_prefill_flop_s
+    attn = B * 4.0 * s * s * (c.n_head * c.head_dim) / hw.gpu_bmm_prefill_flop_s
     dequant = (k * z.w_layer_fp if p.compress_weight else 0.0) + \
         (B * s * z.kv_token_fp if p.compress_cache else 0.0)
     mm += _step_overheads(c, p, hw)
@@ -314,7 +314,7 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
     flops = b * (z.flops_token + z.flops_logits)
     mm = k * max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_bytes(z, hw) / hw.gpu_mem_bw_bytes_s)
     mm += _step_overheads(c, p, hw)
-    attn_flops = B * 4.0 * avg * c.n_head * c.head_dim
+    attn_flops = B * 4.0 * avg * (c.n_head * c.head_dim)
     gpu_attn = _cache_read_share(z, p, hw) / hw.gpu_bmm_decode_flop_s
     dequant, cache_dequant = _decode_dequant(p, hw, z, k * z.w_layer_fp, B * avg * z.kv_token_fp)
     extra = {}
@@ -367,7 +367,7 @@ def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, 
     steps = (2 if p.sep_layer else 1) + 2 / c.num_hidden_layers
     per_batch = max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_bytes(z, hw) / hw.gpu_mem_bw_bytes_s) \
         + steps * hw.gpu_graph_step_overhead_s + hw.gpu_step_overhead_s / c.num_hidden_layers
-    attn = (b * k * 4.0 * (s + n) * c.n_head * c.head_dim * _cache_read_share(z, p, hw)
+    attn = (b * k * 4.0 * (s + n) * (c.n_head * c.head_dim) * _cache_read_share(z, p, hw)
             / hw.gpu_bmm_decode_flop_s)
     dequant = sum(_decode_dequant(p, hw, z, k * z.w_layer_fp, b * k * (s + n) * z.kv_token_fp))
     return {**decode, "comp": Affine.of(k * per_batch + attn + dequant)}
