@@ -93,7 +93,9 @@ def write(records: list[dict], out_dir: str, command: str) -> None:
     lines += ["", f"Prefill-scored: all {base['prefill_tokens']} predicted tokens in one prefill "
               "(attention reads the fresh keys and values, so a 4-bit cache cannot change it). "
               f"Decode-scored: the {base['decode_tokens']} tokens after the first {prefix}, each "
-              "teacher-forced through a decode step that reads the stored (compressed) cache.",
+              "teacher-forced through a decode step that reads the stored (compressed) cache. The two "
+              "columns score different token sets (the first tokens, with little context, cost the "
+              "most), so compare within a column.",
               f"Weights: {meta['model']}, run at {meta['dtype']}; compression: {meta['compression']}."]
     (out / "compression.md").write_text("\n".join(lines) + "\n")
 
