@@ -1,9 +1,9 @@
-"""flexgen_repro: high-throughput OPT inference on one memory-limited GPU (a FlexGen reproduction)."""
-from flexgen_repro.config import OptConfig, get_opt_config
+"""flexgen_repro: high-throughput LLM inference on one memory-limited GPU (a FlexGen reproduction)."""
+from flexgen_repro.config import LlamaConfig, OptConfig, get_model_config, get_opt_config
 from flexgen_repro.policy import CompressionConfig, Policy
 
-__all__ = ["CompressionConfig", "Policy", "OptConfig", "get_opt_config", "ExecutionEnv", "OptLM", "LLM",
-           "Completion"]
+__all__ = ["CompressionConfig", "Policy", "OptConfig", "LlamaConfig", "get_opt_config", "get_model_config",
+           "ExecutionEnv", "OptLM", "CausalLM", "LLM", "Completion"]
 __version__ = "0.1.0"
 
 
@@ -11,7 +11,7 @@ def __getattr__(name):
     if name == "ExecutionEnv":
         from flexgen_repro.devices.env import ExecutionEnv
         return ExecutionEnv
-    if name == "OptLM":
+    if name in ("OptLM", "CausalLM"):  # CausalLM: the same class, a family-neutral name
         from flexgen_repro.opt_lm import OptLM
         return OptLM
     if name in ("LLM", "Completion"):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from flexgen_repro import envs
-from flexgen_repro.config import get_opt_config
+from flexgen_repro.config import get_model_config
 from flexgen_repro.devices.env import ExecutionEnv
 from flexgen_repro.graph_decode import graphable
 from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_outputs
@@ -97,7 +97,7 @@ def options_from_args(args) -> RuntimeOptions:
 def check_args(args) -> None:
     """Every argument that can be wrong, checked before any weight is read: ValueError naming the
     fix (the model's positions, sizes, the policy, the weight folder, the output folders)."""
-    config = get_opt_config(args.model, dtype=args.dtype)
+    config = get_model_config(args.model, dtype=args.dtype)
     for name in ("prompt_len", "gen_len", "gpu_batch_size", "num_gpu_batches"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -179,7 +179,7 @@ def device_name() -> str:
 
 
 def run(args) -> dict:
-    config = get_opt_config(args.model, dtype=args.dtype)
+    config = get_model_config(args.model, dtype=args.dtype)
     if args.gpu_mem_gb and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GB / total))

@@ -45,27 +45,28 @@ def graphable(policy: Policy, env, want_logits: bool) -> bool:
 
 
 def fuse_qkv(home: dict) -> dict:
-    """Re-home a layer's GPU-resident w_q, w_k, w_v (and b_q, b_k, b_v) as row slices of one
-    buffer each; return {"w_qkv", "b_qkv"} (views of those buffers), or {} where the layer has
-    no such weights or any of them is compressed or elsewhere. Idempotent."""
-    names = [f"{p}_{n}" for p in "wb" for n in "qkv"]
-    if not all(n in home for n in names):
+    """Re-home a layer's GPU-resident w_q, w_k, w_v (and b_q, b_k, b_v where all three exist) as
+    row slices of one buffer each; return {"w_qkv"[, "b_qkv"]} (views of those buffers), or {}
+    where the layer has no such weights or any of them is compressed or elsewhere. q and k/v may
+    have different widths (grouped-query attention). Idempotent."""
+    prefixes = [p for p in "wb" if all(f"{p}_{n}" in home for n in "qkv")]
+    if "w" not in prefixes:
         return {}
-    stored = [home[n] for n in names]
+    stored = [home[f"{p}_{n}"] for p in prefixes for n in "qkv"]
     if any(s.tier != Tier.GPU or s.parts or not isinstance(s.data, torch.Tensor) for s in stored):
         return {}
     fused = {}
-    for p in "wb":
+    for p in prefixes:
         parts = [home[f"{p}_{n}"].data for n in "qkv"]
-        rows = parts[0].shape[0]
+        rows = [t.shape[0] for t in parts]
         base = parts[0]._base
-        if (base is not None and base.shape[0] == 3 * rows and parts[0].data_ptr() == base.data_ptr()
+        if (base is not None and base.shape[0] == sum(rows) and parts[0].data_ptr() == base.data_ptr()
                 and all(t._base is base for t in parts)):
             fused[f"{p}_qkv"] = base   # fused earlier
             continue
         whole = torch.cat(parts)
-        for i, n in enumerate("qkv"):
-            home[f"{p}_{n}"].data = whole[i * rows:(i + 1) * rows]
+        for n, piece in zip("qkv", whole.split(rows)):
+            home[f"{p}_{n}"].data = piece
         fused[f"{p}_qkv"] = whole
     return fused
 

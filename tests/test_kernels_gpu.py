@@ -160,22 +160,3 @@ def test_dispatchers_pick_the_fused_path_on_cuda():
     packed = kernels.quantize(rand(4, 8, 256, seed=18), CompressionConfig(4, 64, 2, False))
     assert packed.device.type == "cuda"
     assert rel_err(kernels.dequantize(packed), decompress(packed)) < 1e-3
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (2, 4096, 512), (5, 300, 1000), (16, 64, 4096)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bias", [True, False])
-def test_small_linear_matches_float64(m, n, k, dtype, bias):
-    from flexgen_repro.kernels import small_linear
-    gen = torch.Generator(device="cuda").manual_seed(m * n + k)
-    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
-    w = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) / k ** 0.5
-    b = torch.randn(n, device="cuda", dtype=dtype, generator=gen) if bias else None
-    want = x.double() @ w.double().T + (b.double() if bias else 0)
-    got = small_linear.linear(x, w, b)
-    assert got.shape == (m, n) and got.dtype == dtype
-    # fp32 accumulation of k products, one rounding to 16 bits: outputs of order 1 within
-    # two ulps of the 16-bit type (the accumulation error, ~k * 2^-24, is far below that)
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(got.double(), want, rtol=2 * eps, atol=2 * eps)

@@ -98,7 +98,7 @@ def test_download_prefers_safetensors_then_falls_back_to_bin(tmp_path, monkeypat
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    config = prepare.get_opt_config("opt-1.3b")
+    config = prepare.get_model_config("opt-1.3b")
     assert hf.download(config) == bin_dir
     assert calls == [("facebook/opt-1.3b", tuple(hf.SAFETENSORS_PATTERNS)),
                      ("facebook/opt-1.3b", tuple(hf.BIN_PATTERNS))]

@@ -8,7 +8,7 @@ import json
 import shlex
 import sys
 
-from flexgen_repro.config import get_opt_config
+from flexgen_repro.config import get_model_config
 from flexgen_repro.cost_model.hardware import GIB, load_profile
 from flexgen_repro.cost_model.predict import Prediction, evaluate_policy
 from flexgen_repro.cost_model.search import DoesNotFit, best_policy
@@ -116,7 +116,7 @@ def main(model: str, hardware: str = "t4-paper", prompt_len: int = 512, gen_len:
             policy, args = parse_flags(evaluate)
             model = args.model or model
             prompt_len, gen_len = args.prompt_len or prompt_len, args.gen_len or gen_len
-        config = get_opt_config(model)
+        config = get_model_config(model)
         context = dict(model=config.name, hardware=profile.name, prompt_len=prompt_len, gen_len=gen_len)
         if evaluate is not None:
             pred = evaluate_policy(config, policy, profile, prompt_len, gen_len)

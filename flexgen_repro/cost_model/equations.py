@@ -181,15 +181,25 @@ def weights_in_flight(layers: list[tuple[str, float]], overlap: bool) -> dict:
     return out
 
 
+def _ffn(c) -> tuple[int, int]:
+    """(MLP width, (tokens, width) intermediates alive at once): OPT's fc1 output and its ReLU;
+    SwiGLU's gate, up, silu(gate) and their product."""
+    if c.family == "opt":
+        return c.ffn_embed_dim, 2
+    return c.intermediate_size, 4
+
+
 def model_sizes(config: OptConfig, policy: Policy) -> Sizes:
+    """Bytes and flops per layer of any family: the KV cache per token holds n_kv_head heads."""
     dt, h, L = config.dtype_bytes, config.hidden_size, config.num_hidden_layers
+    kv = config.n_kv_head * config.head_dim
     rc = compression_ratio(policy.comp_cache_config, dt) if policy.compress_cache else 1.0
     layers = [(kind, sum(sizes)) for kind, sizes in layer_tensors(config, policy)]
     w_total = sum(size for _, size in layers)
     logits = 2.0 * config.vocab_size * h / L
     return Sizes(w_total=w_total, w_layer=w_total / L, w_layer_fp=config.model_bytes() / L,
                  flops_token=2.0 * config.layer_params(), flops_logits=logits,
-                 kv_token=2 * h * dt * rc, kv_token_fp=2 * h * dt, hid_token=h * dt,
+                 kv_token=2 * kv * dt * rc, kv_token_fp=2 * kv * dt, hid_token=h * dt,
                  w_in_flight=weights_in_flight(layers, policy.overlap))
 
 
@@ -229,7 +239,7 @@ def _prefill_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: in
     hid, cache_new = B * s * z.hid_token, B * s * z.kv_token
     flops = b * (s * z.flops_token + z.flops_logits)          # logits of the last token only
     mm = k * max(flops / hw.gpu_mm_prefill_flop_s, z.w_layer_fp / hw.gpu_mem_bw_bytes_s)
-    attn = B * 4.0 * s * s * c.hidden_size / hw.gpu_bmm_prefill_flop_s
+    attn = B * 4.0 * s * s * (c.n_head * c.head_dim) / hw.gpu_bmm_prefill_flop_s
     dequant = (k * z.w_layer_fp if p.compress_weight else 0.0) + \
         (B * s * z.kv_token_fp if p.compress_cache else 0.0)
     mm += _step_overheads(c, p, hw)
@@ -263,9 +273,12 @@ def _prefill_host_hidden(p: Policy, hw: HardwareProfile, z: Sizes, s: int, h2d: 
 
 def attention_share(c: OptConfig) -> float:
     """The attention sublayer's share of a transformer layer's matrices (and of its matmul flops):
-    4 h^2 of 4 h^2 + 2 h f."""
-    h, f = c.hidden_size, c.ffn_embed_dim
-    return 4 * h * h / (4 * h * h + 2 * h * f)
+    q, k, v, out against the MLP's; OPT: 4 h^2 of 4 h^2 + 2 h f; Llama: (2 h q + 2 h kv) of that
+    plus 3 h f (SwiGLU), q and kv the query and key/value widths."""
+    h, q, kv = c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    f, _ = _ffn(c)
+    attn = 2 * h * q + 2 * h * kv
+    return attn / (attn + (2 if c.family == "opt" else 3) * h * f)
 
 
 def _prefill_sublayer_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes,
@@ -301,7 +314,7 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
     flops = b * (z.flops_token + z.flops_logits)
     mm = k * max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_bytes(z, hw) / hw.gpu_mem_bw_bytes_s)
     mm += _step_overheads(c, p, hw)
-    attn_flops = B * 4.0 * avg * c.hidden_size
+    attn_flops = B * 4.0 * avg * (c.n_head * c.head_dim)
     gpu_attn = _cache_read_share(z, p, hw) / hw.gpu_bmm_decode_flop_s
     dequant, cache_dequant = _decode_dequant(p, hw, z, k * z.w_layer_fp, B * avg * z.kv_token_fp)
     extra = {}
@@ -336,8 +349,7 @@ def _cpu_attention_serial(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes
     that attention plus the load of the attention's share of the weights, whatever the link does
     meanwhile (case C's traces). The CPU's share of the rows (cc + cd) scales both CPU
     parts; the weights' share on the host (wc, wd) scales the load."""
-    h, f = c.hidden_size, c.ffn_embed_dim
-    share = 4 * h * h / (4 * h * h + 2 * h * f)         # attention's part of a layer's weights
+    share = attention_share(c)
     h2d, h2d_w = _host_to_gpu(hw, p)
     cpu = off_gpu_attn + p.num_gpu_batches * hw.cpu_attention_batch_overhead_s
     return Affine.of(cc=cpu, cd=cpu, wc=share * z.w_layer / h2d_w, wd=share * z.w_layer / h2d)
@@ -355,7 +367,8 @@ def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, 
     steps = (2 if p.sep_layer else 1) + 2 / c.num_hidden_layers
     per_batch = max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_bytes(z, hw) / hw.gpu_mem_bw_bytes_s) \
         + steps * hw.gpu_graph_step_overhead_s + hw.gpu_step_overhead_s / c.num_hidden_layers
-    attn = b * k * 4.0 * (s + n) * c.hidden_size * _cache_read_share(z, p, hw) / hw.gpu_bmm_decode_flop_s
+    attn = (b * k * 4.0 * (s + n) * (c.n_head * c.head_dim) * _cache_read_share(z, p, hw)
+            / hw.gpu_bmm_decode_flop_s)
     dequant = sum(_decode_dequant(p, hw, z, k * z.w_layer_fp, b * k * (s + n) * z.kv_token_fp))
     return {**decode, "comp": Affine.of(k * per_batch + attn + dequant)}
 
@@ -395,13 +408,14 @@ def _prefill_steps(c: OptConfig, p: Policy, b: int, s: int) -> dict:
     chunks done and their concatenation. Without sep_layer one step does both, the attention's
     output, K and V alive during the MLP. Embeddings: two lookups and their sum, or the logits.
     With compress_weight, the matrix being dequantized for the matmul."""
-    dt, h, f = c.dtype_bytes, c.hidden_size, c.ffn_embed_dim
+    dt, h = c.dtype_bytes, c.hidden_size
+    f, inter = _ffn(c)
     hid = b * s * h * dt
     scores = b * c.n_head * s * s * SDPA_SCORE_BYTES
     attention = max(5 * hid + b * s * s * (1 + dt) + scores, 7 * hid)
     tokens = b * s
     chunk = min(tokens, b * max(1, MLP_CHUNK_TOKENS // b))
-    mlp = chunk * (2 * f + 2 * h) * dt + (2 * hid if chunk < tokens else 0)
+    mlp = chunk * (inter * f + 2 * h) * dt + (2 * hid if chunk < tokens else 0)
     embed = max(3 * hid, _logits(c, b))
     steps = {"embed": embed + _dequantized(c, p, c.vocab_size * h)}
     if p.sep_layer:
@@ -418,8 +432,9 @@ def _decode_steps(c: OptConfig, p: Policy, b: int, kv_len: int) -> dict:
     the MLP's (b, ffn) pair; the logits. Matmuls on one token read compressed weights in place
     (fused kernel); the input embedding dequantizes the token embedding."""
     dt, h = c.dtype_bytes, c.hidden_size
+    f, inter = _ffn(c)
     attention = 18 * b * c.n_head * kv_len + 8 * b * h * dt
-    mlp = b * (2 * c.ffn_embed_dim + 2 * h) * dt
+    mlp = b * (inter * f + 2 * h) * dt
     steps = {"embed": _logits(c, b) + _dequantized(c, p, c.vocab_size * h)}
     if p.sep_layer:
         steps.update(attention=attention, mlp=mlp)

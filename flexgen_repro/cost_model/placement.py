@@ -23,19 +23,22 @@ def compression_ratio(config: CompressionConfig, dtype_bytes: int) -> float:
 
 def layer_tensors(config: OptConfig, policy: Policy) -> list[tuple[str, list[float]]]:
     """(step kind, stored bytes of each weight tensor in the order of its specs) of each runtime
-    layer in execution order (model/layers.py build_layers): the input embedding ("embed"), per
-    transformer layer its attention and MLP (one "layer" without sep_layer), the output embedding,
-    which loads its own copy of the token embedding. Matrices (embeddings too) are compressed with
-    compress_weight, vectors never."""
-    dt, h, f = config.dtype_bytes, config.hidden_size, config.ffn_embed_dim
+    layer in execution order (model/layers.py build_layers, any family; every transformer layer
+    has layer 0's shapes): the input embedding
+    ("embed"), per transformer layer its attention and MLP (one "layer" without sep_layer), the
+    output embedding, which loads its own copy of the token embedding (or the untied lm_head).
+    Matrices (embeddings too) are compressed with compress_weight, vectors never."""
+    from flexgen_repro.model import families
+    dt = config.dtype_bytes
     rw = compression_ratio(policy.comp_weight_config, dt) if policy.compress_weight else 1.0
     mat, vec = dt * rw, dt
-    attn = [h * h * mat, h * vec] * 4 + [h * vec] * 2            # q, k, v, out and biases; layer norm
-    mlp = [f * h * mat, f * vec, h * f * mat, h * vec, h * vec, h * vec]   # fc1, fc2; layer norm
+
+    def sizes(specs) -> list[float]:
+        return [s.numel * (mat if len(s.shape) >= 2 else vec) for s in specs]
+    attn, mlp = sizes(families.attention_specs(config, 0)), sizes(families.mlp_specs(config, 0))
     blocks = [("attention", attn), ("mlp", mlp)] if policy.sep_layer else [("layer", attn + mlp)]
-    token = config.vocab_size * h * mat
-    return ([("embed", [token, (config.max_seq_len + 2) * h * mat])] + blocks * config.num_hidden_layers
-            + [("embed", [h * vec, h * vec, token])])
+    return ([("embed", sizes(families.input_specs(config)))] + blocks * config.num_hidden_layers
+            + [("embed", sizes(families.output_specs(config)))])
 
 
 def row_percent(rows: int, batch: int) -> float:

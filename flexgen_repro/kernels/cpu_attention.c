@@ -130,22 +130,23 @@ static void axpy_row(float *acc, float p, const void *x, long off, int d, int dt
     for (; i < d; i++) acc[i] += p * load1(x, off + i, dtype);
 }
 
-/* One (row b, head h): scores over the attendable positions, softmax, weighted sum of V. */
-static void attend_one(int dtype, int d, long n_prev, long b, long h, long heads,
+/* One (row b, query head h): scores over the attendable positions, softmax, weighted sum of V.
+ * Query head h reads KV head h / group (grouped-query attention; group 1 is multi-head). */
+static void attend_one(int dtype, int d, long n_prev, long b, long h, long heads, long group,
                        const void *q, const void *k, const void *v, const long *ks, const long *vs,
                        const uint8_t *mask, long mask_stride, const void *k_new, const void *v_new,
                        const uint8_t *new_mask, void *out, float *scores, float *qf, float *acc) {
-    long qoff = (b * heads + h) * d;
+    long qoff = (b * heads + h) * d, kvh = h / group, newoff = (b * (heads / group) + kvh) * d;
     for (int i = 0; i < d; i++) qf[i] = load1(q, qoff + i, dtype);
     const uint8_t *m = mask + b * mask_stride;
-    long kbase = b * ks[0] + h * ks[1], vbase = b * vs[0] + h * vs[1];
+    long kbase = b * ks[0] + kvh * ks[1], vbase = b * vs[0] + kvh * vs[1];
     float mx = -INFINITY;
     for (long j = 0; j < n_prev; j++) {
         scores[j] = m[j] ? dot_row(qf, k, kbase + j * ks[2], d, dtype) : -INFINITY;
         if (scores[j] > mx) mx = scores[j];
     }
     int has_new = k_new != NULL && new_mask[b];
-    float s_new = has_new ? dot_row(qf, k_new, qoff, d, dtype) : -INFINITY;
+    float s_new = has_new ? dot_row(qf, k_new, newoff, d, dtype) : -INFINITY;
     if (s_new > mx) mx = s_new;
     for (int i = 0; i < d; i++) acc[i] = 0.0f;
     float total = 0.0f;
@@ -160,18 +161,19 @@ static void attend_one(int dtype, int d, long n_prev, long b, long h, long heads
         if (has_new) {
             float p = expf(s_new - mx);
             total += p;
-            axpy_row(acc, p, v_new, qoff, d, dtype);
+            axpy_row(acc, p, v_new, newoff, d, dtype);
         }
     }
     float inv = total > 0.0f ? 1.0f / total : 0.0f;
     for (int i = 0; i < d; i++) store1(out, qoff + i, acc[i] * inv, dtype);
 }
 
-/* q, k_new, v_new, out: contiguous (rows, heads, d). k, v: (rows, heads, >= n_prev, d) with element
+/* q, out: contiguous (rows, heads, d); k_new, v_new: contiguous (rows, heads / group, d). k, v:
+ * (rows, heads / group, >= n_prev, d) with element
  * strides ks, vs for (row, head, position) and the last dim contiguous. mask: (rows, >= n_prev)
  * bytes, row stride mask_stride; new_mask: one byte per row for the new token (k_new may be NULL:
  * no new token). A row with nothing to attend gives zeros. Returns 0, or -1 when out of memory. */
-int fg_decode_attention(int dtype, long rows, long heads, int d, long n_prev,
+int fg_decode_attention(int dtype, long rows, long heads, long group, int d, long n_prev,
                         const void *q, const void *k, const void *v, const long *ks, const long *vs,
                         const uint8_t *mask, long mask_stride, const void *k_new, const void *v_new,
                         const uint8_t *new_mask, void *out, int n_threads) {
@@ -183,7 +185,7 @@ int fg_decode_attention(int dtype, long rows, long heads, int d, long n_prev,
         int ok = scores && qf && acc;
 #pragma omp for schedule(dynamic, 1)
         for (long t = 0; t < rows * heads; t++) {
-            if (ok) attend_one(dtype, d, n_prev, t / heads, t % heads, heads, q, k, v, ks, vs,
+            if (ok) attend_one(dtype, d, n_prev, t / heads, t % heads, heads, group, q, k, v, ks, vs,
                                mask, mask_stride, k_new, v_new, new_mask, out, scores, qf, acc);
             else failed = 1;
         }

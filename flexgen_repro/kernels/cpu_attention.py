@@ -108,16 +108,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      n_prev: int | None = None, out: torch.Tensor | None = None,
                      threads: int | None = None) -> torch.Tensor:
     """attention_math.decode_attention at sparsity 1, in the C kernel. q: (b, heads, 1, d)
-    pre-scaled; k, v: (b, heads, L, d), of which the first n_prev (default L) positions are read;
+    pre-scaled; k, v: (b, kv_heads, L, d), of which the first n_prev (default L) positions are read
+    (kv_heads divides heads: query head h reads KV head h // (heads / kv_heads));
     mask (b, L_total) bool with the new token last when k_new is given. Returns (b, 1, heads * d),
     written into `out` when given (contiguous, q's dtype, on the host). `threads`: the team size
     (None: n_threads())."""
-    b, heads, length, d = k.shape
+    b, kv_heads, length, d = k.shape
+    heads = q.shape[1]
     n_prev = length if n_prev is None else n_prev
     news_ok = (k_new is None and v_new is None) or (
-        k_new is not None and v_new is not None and k_new.shape == v_new.shape == q.shape
+        k_new is not None and v_new is not None and k_new.shape == v_new.shape == (b, kv_heads, 1, d)
         and k_new.dtype == v_new.dtype == q.dtype)
-    if not 0 <= n_prev <= length or v.shape != k.shape or q.shape != (b, heads, 1, d) or not news_ok:
+    if (not 0 <= n_prev <= length or v.shape != k.shape or q.shape != (b, heads, 1, d) or not news_ok
+            or heads % kv_heads):
         news = [None if t is None else tuple(t.shape) for t in (k_new, v_new)]
         raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"n_prev {n_prev}, k_new/v_new {news} do not match (the kernel reads raw "
@@ -139,7 +142,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     vs = (ctypes.c_long * 3)(*v.stride()[:3])
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     rc = library().fg_decode_attention(
-        ctypes.c_int(DTYPES[q.dtype]), ctypes.c_long(b), ctypes.c_long(heads), ctypes.c_int(d),
+        ctypes.c_int(DTYPES[q.dtype]), ctypes.c_long(b), ctypes.c_long(heads),
+        ctypes.c_long(heads // kv_heads), ctypes.c_int(d),
         ctypes.c_long(n_prev), ptr(q), ptr(k), ptr(v), ks, vs, ptr(mask), ctypes.c_long(mask.stride(0)),
         ptr(new[0]), ptr(new[1]), ptr(new_mask), ptr(out), ctypes.c_int(n_threads(threads)))
     if rc != 0:

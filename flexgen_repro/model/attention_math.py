@@ -1,8 +1,11 @@
-"""Attention maths: prefill (causal, padded) and decode (dense or top-k sparse), on any device.
+"""Attention maths: prefill (causal, padded, optionally windowed) and decode (dense or top-k
+sparse), on any device, with grouped-query attention.
 
 Activations are (batch, seq, hidden); queries, keys and values are split into heads as
 (batch, heads, seq, head_dim), the layout the KV cache is stored in, so decode reads each head's
-cache as one contiguous block (fast batched matmuls on GPU and CPU alike, no copies).
+cache as one contiguous block (fast batched matmuls on GPU and CPU alike, no copies). Keys and
+values may have fewer heads than queries (grouped-query attention): query head h reads KV head
+h // (n_head / n_kv_head), as transformers' repeat_kv lays them out.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 
 
 def to_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """(b, s, h) -> contiguous (b, heads, s, d)."""
+    """(b, s, heads * d) -> contiguous (b, heads, s, d)."""
     b, s, h = x.shape
     return x.view(b, s, n_head, h // n_head).transpose(1, 2).contiguous()
 
@@ -24,29 +27,51 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, s, nh * d)
 
 
+def repeat_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(b, kv_heads, s, d) -> (b, n_head, s, d), each KV head repeated for its query heads."""
+    b, kv, s, d = x.shape
+    if kv == n_head:
+        return x
+    return x[:, :, None].expand(b, kv, n_head // kv, s, d).reshape(b, n_head, s, d)
+
+
+def window_columns(length: int, last: torch.Tensor | int, window: int, device) -> torch.Tensor:
+    """(length,) bool: the columns a query at column `last` may see within a sliding window
+    (column c with last - c < window, as transformers' sliding_window_overlay)."""
+    return torch.arange(length, device=device) > (last - window)
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
-    """Causal attention over a left-padded prompt. q, k, v: (b, heads, s, d), q pre-scaled;
-    mask (b, s) marks real tokens. A padding query attends to itself only (finite, never read)."""
+                      mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Causal attention over a left-padded prompt. q: (b, heads, s, d), pre-scaled; k, v:
+    (b, kv_heads, s, d); mask (b, s) marks real tokens; `window`: each query sees only the last
+    `window` columns (itself included). A padding query attends to itself only (finite, never read)."""
     s = q.shape[2]
     eye = torch.eye(s, dtype=torch.bool, device=q.device)
     causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    if window is not None:
+        causal = causal & ~torch.ones(s, s, dtype=torch.bool, device=q.device).tril(-window)
     allowed = causal[None] & (mask[:, None, :] | eye[None])               # (b, s, s)
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=1.0))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      sparsity: float = 1.0, k_new: torch.Tensor | None = None,
                      v_new: torch.Tensor | None = None, n_prev: int | None = None) -> torch.Tensor:
-    """One new token per row. q: (b, heads, 1, d) pre-scaled; k, v: (b, heads, L, d) earlier
-    positions; k_new, v_new: (b, heads, 1, d) the new token's (None: already last in k, v);
-    mask (b, L_total) marks real positions. Returns (b, 1, hidden).
+    """One new token per row. q: (b, heads, 1, d) pre-scaled; k, v: (b, kv_heads, L, d) earlier
+    positions; k_new, v_new: (b, kv_heads, 1, d) the new token's (None: already last in k, v);
+    mask (b, L_total) marks real positions. Returns (b, 1, heads * d).
 
-    With `sparsity` < 1, each head attends to the new token and the top ceil(sparsity * n_prev)
-    earlier positions by score (masked positions never count); softmax runs over that set.
-    `n_prev`: how many earlier positions exist (default: all of k; less when k's tail is unwritten).
+    With `sparsity` < 1, each query head attends to the new token and the top
+    ceil(sparsity * n_prev) earlier positions by its scores (masked positions never count);
+    softmax runs over that set. `n_prev`: how many earlier positions exist (default: all of k;
+    less when k's tail is unwritten). The query heads of one KV head form that head's rows, so
+    grouped-query attention reads each KV head once.
     """
-    scores = q @ k.transpose(-1, -2)                                      # (b, heads, 1, L)
+    b, heads, _, d = q.shape
+    q = q.reshape(b, k.shape[1], heads // k.shape[1], d)                  # (b, kv_heads, group, d)
+    scores = q @ k.transpose(-1, -2)                                      # (b, kv_heads, group, L)
     if k_new is not None:
         scores = torch.cat([scores, (q * k_new).sum(-1, keepdim=True)], dim=-1)
     scores = scores.float().masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
@@ -57,6 +82,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         dropped = torch.ones_like(prev, dtype=torch.bool).scatter(-1, prev.topk(keep, -1).indices, False)
         scores = torch.cat([prev.masked_fill(dropped, float("-inf")), scores[..., -1:]], dim=-1)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    if v_new is None:
-        return merge_heads(probs @ v)
-    return merge_heads(probs[..., :-1] @ v + probs[..., -1:] * v_new)
+    out = probs @ v if v_new is None else probs[..., :-1] @ v + probs[..., -1:] * v_new
+    return merge_heads(out.reshape(b, heads, 1, d))

@@ -1,42 +1,40 @@
-"""OPT as layers: InputEmbed, SelfAttention, MLP, TransformerLayer (both), OutputEmbed.
+"""The model as layers: InputEmbed, SelfAttention, MLP, TransformerLayer (both), OutputEmbed,
+shared by the families (model/families.py says which norm, positions and MLP each uses).
 
-Maths follows transformers' OPTForCausalLM (pre-layer-norm, ReLU, learned positions offset by 2,
-output projection tied to the token embedding). Weights arrive loaded on the compute device,
-plain or compressed; `linear` dequantizes compressed weights (fused kernel where available).
+OPT follows transformers' OPTForCausalLM (pre-layer-norm, ReLU, learned positions offset by 2,
+output tied to the token embedding); the Llama family follows LlamaForCausalLM (RMSNorm, rotary
+positions from the step's position ids, SwiGLU, grouped-query attention, Mistral's sliding window).
+Weights arrive loaded on the compute device, plain or compressed; `linear` dequantizes compressed
+weights (fused kernel where available). Decode over a resident cache (the CUDA-graph path) runs
+in fewer kernels: one fused attention call with the query scale folded in, heads as views, and
+OPT's ReLU fused into fc1's GEMM (small-batch decode on the GPU is bound by kernel count).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
 from concurrent.futures import Future
 
 import torch
 import torch.nn.functional as F
 
 from flexgen_repro import trace
-from flexgen_repro.config import OptConfig
 from flexgen_repro.kernels import cpu_attention
-from flexgen_repro.model.attention_math import decode_attention, prefill_attention, to_heads
+from flexgen_repro.model import families, rope
+from flexgen_repro.model.attention_math import (decode_attention, prefill_attention, to_heads,
+                                                window_columns)
 from flexgen_repro.model.base import CachePart, Deferred, Layer, StepInfo, WeightSpec
 from flexgen_repro.devices.host_stage import Staged
+from flexgen_repro.model.norms import layer_norm, rms_norm
 from flexgen_repro.options import RuntimeOptions
-from flexgen_repro.weights.layout import layer_tensor_names
 
 MLP_CHUNK_TOKENS = 4096
 DEFAULT_OPTIONS = RuntimeOptions()  # frozen: what `attend` uses where a caller passes none
-# Decode over a resident cache (the CUDA-graph path) in fewer kernels: one fused attention call
-# with the query scale folded in, heads as views (no copies), ReLU fused into fc1's GEMM.
-# Small-batch decode on the GPU is bound by kernel count, not bytes. FLEXGEN_FUSED_DECODE=0
-# restores the general path (for side-by-side runs).
-FUSED_DECODE = os.environ.get("FLEXGEN_FUSED_DECODE", "1") != "0"
-# Linears over at most 16 rows (small-batch decode) in the Triton kernel kernels.small_linear
-# instead of cuBLAS (FLEXGEN_SMALL_LINEAR=1; off by default until measured faster).
-SMALL_LINEAR = os.environ.get("FLEXGEN_SMALL_LINEAR", "0") == "1"
 
 
 def dense(w):
     """A loaded weight as a dense tensor (decompressing a CompressedTensor)."""
-    if isinstance(w, torch.Tensor):
+    if w is None or isinstance(w, torch.Tensor):
         return w
     if w.dtype in (torch.float16, torch.bfloat16):
         from flexgen_repro import kernels
@@ -51,90 +49,125 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None) -> torch.Tensor:
     if not isinstance(w, torch.Tensor):
         from flexgen_repro import kernels
         if kernels.available() and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            return kernels.dequant_linear(x, w, dense(b) if b is not None else None)
+            return kernels.dequant_linear(x, w, dense(b))
         w = dense(w)
-    if SMALL_LINEAR and x.is_cuda and x.numel() <= 16 * x.shape[-1]:
-        from flexgen_repro import kernels
-        if kernels.available():
-            from flexgen_repro.kernels import small_linear
-            if small_linear.supports(x, w):
-                return small_linear.linear(x, w, None if b is None else dense(b))
-    return F.linear(x, w, None if b is None else dense(b))
+    return F.linear(x, w, dense(b))
 
 
-def layer_norm(x: torch.Tensor, w, b, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), dense(w), dense(b), eps)
+def norm(x: torch.Tensor, w: dict, key: str, config) -> torch.Tensor:
+    """The family's norm with weights w["w_<key>"] (and w["b_<key>"] for LayerNorm)."""
+    if families.family_of(config).norm == "rms_norm":
+        return rms_norm(x, dense(w[f"w_{key}"]), config.rms_norm_eps)
+    return layer_norm(x, dense(w[f"w_{key}"]), dense(w[f"b_{key}"]), config.layer_norm_eps)
 
 
 class InputEmbed(Layer):
-    def __init__(self, config: OptConfig):
+    def __init__(self, config):
         self.config = config
 
     def specs(self) -> list[WeightSpec]:
-        c = self.config
-        return [WeightSpec("w_token", "decoder.embed_tokens.weight", (c.vocab_size, c.hidden_size), "embed"),
-                WeightSpec("w_pos", "decoder.embed_positions.weight", (c.max_seq_len + 2, c.hidden_size), "embed")]
+        return families.input_specs(self.config)
 
     def forward(self, ids, w, step, cache=None):
-        # ids: (b, s) int64 -> (b, s, h)
-        return F.embedding(ids, dense(w["w_token"])) + F.embedding(step.positions + 2, dense(w["w_pos"]))
+        # ids: (b, s) int64 -> (b, s, h); OPT adds its learned positions (offset by 2)
+        x = F.embedding(ids, dense(w["w_token"]))
+        if "w_pos" in w:
+            x = x + F.embedding(step.positions + 2, dense(w["w_pos"]))
+        return x
 
 
 class SelfAttention(Layer):
     has_cache = True
 
-    def __init__(self, config: OptConfig, index: int):
+    def __init__(self, config, index: int):
         self.config, self.index = config, index
+        self.rotary = families.family_of(config).positions == "rotary"
+        self.window = getattr(config, "sliding_window", None)
+        self._inv_freq: dict = {}  # device -> (inv_freq, attention factor), made at first use
 
     def specs(self) -> list[WeightSpec]:
-        h = self.config.hidden_size
-        names = layer_tensor_names(self.index)
-        out = []
-        for proj in ("q", "k", "v", "out"):
-            out.append(WeightSpec(f"w_{proj}", names[f"w_{proj}"], (h, h), "matrix"))
-            out.append(WeightSpec(f"b_{proj}", names[f"b_{proj}"], (h,), "bias"))
-        out.append(WeightSpec("w_ln_attn", names["w_ln_attn"], (h,), "ln_weight"))
-        out.append(WeightSpec("b_ln_attn", names["b_ln_attn"], (h,), "ln_bias"))
-        return out
+        return families.attention_specs(self.config, self.index)
 
     def forward(self, x, w, step: StepInfo, cache: list[CachePart] | None = None):
-        """x: (b, s, h) -> (out (b, s, h), (k, v) each (b, heads, s, d) for the cache)."""
+        """x: (b, s, h) -> (out (b, s, h), (k, v) each (b, kv_heads, s, d) for the cache)."""
         c = self.config
-        hn = layer_norm(x, w["w_ln_attn"], w["b_ln_attn"], c.layer_norm_eps)
-        if (FUSED_DECODE and not step.is_prefill and cache is not None and len(cache) == 1
-                and cache[0].resident and isinstance(cache[0].k, torch.Tensor)
-                and step.attn_sparsity == 1.0):
+        hn = norm(x, w, "ln_attn", c)
+        if (not step.is_prefill and cache is not None and len(cache) == 1 and cache[0].resident
+                and isinstance(cache[0].k, torch.Tensor) and step.attn_sparsity == 1.0):
             return self._resident_decode(x, hn, w, step, cache[0])
-        q = to_heads(linear(hn, w["w_q"], w["b_q"]) * c.head_dim ** -0.5, c.n_head)
-        k = to_heads(linear(hn, w["w_k"], w["b_k"]), c.n_head)
-        v = to_heads(linear(hn, w["w_v"], w["b_v"]), c.n_head)
-        if step.is_prefill:
-            attn = prefill_attention(q, k, v, step.mask)
+        scale = c.head_dim ** -0.5
+        q = linear(hn, w["w_q"], w.get("b_q"))
+        k = to_heads(linear(hn, w["w_k"], w.get("b_k")), c.n_kv_head)
+        v = to_heads(linear(hn, w["w_v"], w.get("b_v")), c.n_kv_head)
+        if self.rotary:
+            cos, sin = self._cos_sin(step.positions, x.dtype)
+            q, k = rope.rotate(to_heads(q, c.n_head), cos, sin) * scale, rope.rotate(k, cos, sin)
         else:
-            attn = self._decode(q, k, v, step, cache)
+            q = to_heads(q * scale, c.n_head)
+        if step.is_prefill:
+            attn = prefill_attention(q, k, v, step.mask, self.window)
+        else:
+            attn = self._decode(q, k, v, self._windowed(step), cache)
             if isinstance(attn, Deferred):  # CPU attention running on step.cpu_pool
-                return Deferred(lambda: (linear(attn.result(), w["w_out"], w["b_out"]) + x, (k, v)))
-        out = linear(attn, w["w_out"], w["b_out"]) + x
+                return Deferred(lambda: (linear(attn.result(), w["w_out"], w.get("b_out")) + x, (k, v)))
+        out = linear(attn, w["w_out"], w.get("b_out")) + x
         return out, (k, v)
 
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        dev = positions.device
+        if dev not in self._inv_freq:
+            self._inv_freq[dev] = rope.inverse_frequencies(self.config, dev)
+        inv_freq, attention = self._inv_freq[dev]
+        return rope.cos_sin(self.config, positions, inv_freq, attention, dtype)
+
+    def _windowed(self, step: StepInfo) -> StepInfo:
+        """A decode step's masks with the columns before the sliding window masked."""
+        if self.window is None or step.mask.shape[1] <= self.window:
+            return step
+        length = step.mask.shape[1]
+        keep = {name: getattr(step, name) & window_columns(length, length - 1, self.window,
+                                                            getattr(step, name).device)
+                for name in ("mask", "host_mask") if getattr(step, name) is not None}
+        return dataclasses.replace(step, **keep)
+
+    def _qkv_heads(self, hn, w, b: int, s: int):
+        """q (b, heads, s, d), k, v (b, kv_heads, s, d) as views of the projections (one GEMM
+        where GraphedDecode fused them at capture)."""
+        c = self.config
+        widths = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim)
+        if "w_qkv" in w:
+            qkv = linear(hn, w["w_qkv"], w.get("b_qkv"))
+            parts = qkv.split(widths, dim=-1)
+        else:
+            parts = [linear(hn, w[f"w_{n}"], w.get(f"b_{n}")) for n in "qkv"]
+        heads = (c.n_head, c.n_kv_head, c.n_kv_head)
+        return [t.view(b, s, n, c.head_dim).transpose(1, 2) for t, n in zip(parts, heads)]
+
     def _resident_decode(self, x, hn, w, step: StepInfo, part: CachePart):
-        """One new token per row over the whole home buffer (b, heads, max_len, d), written in
+        """One new token per row over the whole home buffer (b, kv_heads, max_len, d), written in
         place at `part.write_index`; unwritten positions are masked by `step.mask` (b, max_len).
         Same maths as the general path; softmax stays in float32 inside the fused kernel."""
         c = self.config
         b, s, _ = hn.shape
-        if "w_qkv" in w:  # q, k, v projections as one GEMM (fused for graph decode)
-            qkv = linear(hn, w["w_qkv"], w["b_qkv"]).view(b, s, 3, c.n_head, c.head_dim)
-            q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
-        else:
-            q, k, v = (linear(hn, w[f"w_{n}"], w[f"b_{n}"]).view(b, s, c.n_head, c.head_dim)
-                       .transpose(1, 2) for n in "qkv")
+        q, k, v = self._qkv_heads(hn, w, b, s)
+        if self.rotary:
+            cos, sin = self._cos_sin(step.positions, x.dtype)
+            q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
         _write_at(part.k, k, part.write_index)
         _write_at(part.v, v, part.write_index)
-        attn = F.scaled_dot_product_attention(q, part.k, part.v, attn_mask=step.mask[:, None, None, :],
-                                              scale=c.head_dim ** -0.5)
-        out = linear(attn.transpose(1, 2).reshape(b, s, c.hidden_size), w["w_out"], w["b_out"]) + x
+        group = c.n_head // c.n_kv_head
+        attn = F.scaled_dot_product_attention(
+            q.reshape(b, c.n_kv_head, group, c.head_dim), part.k, part.v,
+            attn_mask=self._resident_mask(step.mask, part.write_index)[:, None, None, :],
+            scale=c.head_dim ** -0.5)                                     # (b, kv_heads, group, d)
+        out = linear(attn.reshape(b, 1, c.n_head * c.head_dim), w["w_out"], w.get("b_out")) + x
         return out, (k, v)
+
+    def _resident_mask(self, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The full-length mask of a resident cache, windowed around the new token at `index`."""
+        if self.window is None:
+            return mask
+        return mask & window_columns(mask.shape[1], index, self.window, mask.device)[None]
 
     def _decode(self, q, k_new, v_new, step: StepInfo, cache: list[CachePart]):
         """Attention of the new token over each cache part, on the device that part is computed.
@@ -145,7 +178,8 @@ class SelfAttention(Layer):
             if part.resident:  # the home buffer itself: write the new token, attend in place
                 _write_at(part.k, k_new[rows], part.write_index)
                 _write_at(part.v, v_new[rows], part.write_index)
-                out = attend(q[rows], part.k, part.v, step.mask[rows])
+                out = attend(q[rows], part.k, part.v,
+                             self._resident_mask(step.mask[rows], part.write_index))
             else:
                 k, v = part.k, part.v
                 on_host = dev.type == "cpu" and step.host_mask is not None
@@ -204,8 +238,9 @@ def attend(q, k, v, mask, sparsity=1.0, k_new=None, v_new=None, n_prev=None,
     A compressed cache at 16 bits attended densely goes to kernels.compressed_heads_decode_attention
     (on the GPU a fused kernel that reads the packed bytes once, elsewhere its float32 reference);
     otherwise (float32 runs, sparse attention) it is decompressed first. A plain cache on the CPU
-    attended densely goes to kernels.cpu_attention when its C kernel could be built.
-    `out` (b, 1, hidden), optional: the result is written there (and returned). `options`: the
+    attended densely goes to kernels.cpu_attention when its C kernel could be built. k and v
+    may have fewer heads than q (grouped-query attention).
+    `out` (b, 1, heads * d), optional: the result is written there (and returned). `options`: the
     C kernel's switch and team size (RuntimeOptions; None: the defaults)."""
     options = options or DEFAULT_OPTIONS
     if (sparsity == 1.0 and isinstance(k, torch.Tensor)
@@ -218,8 +253,8 @@ def attend(q, k, v, mask, sparsity=1.0, k_new=None, v_new=None, n_prev=None,
 
 
 def _attend_torch(q, k, v, mask, sparsity, k_new, v_new, n_prev) -> torch.Tensor:
-    if (not isinstance(k, torch.Tensor) and sparsity == 1.0
-            and q.dtype in (torch.float16, torch.bfloat16)):
+    if (not isinstance(k, torch.Tensor) and sparsity == 1.0 and k.shape[1] == q.shape[1]
+            and q.dtype in (torch.float16, torch.bfloat16)):  # grouped-query: decompressed below
         from flexgen_repro import kernels
         return kernels.compressed_heads_decode_attention(q, k, v, mask, k_new, v_new)
     return decode_attention(q, dense(k), dense(v), mask, sparsity, k_new, v_new, n_prev)
@@ -238,16 +273,12 @@ def _write_at(home, value: torch.Tensor, index: torch.Tensor) -> None:
 
 
 class MLP(Layer):
-    def __init__(self, config: OptConfig, index: int):
+    def __init__(self, config, index: int):
         self.config, self.index = config, index
+        self.swiglu = families.family_of(config).mlp == "swiglu"
 
     def specs(self) -> list[WeightSpec]:
-        h, f = self.config.hidden_size, self.config.ffn_embed_dim
-        n = layer_tensor_names(self.index)
-        return [WeightSpec("w_fc1", n["w_fc1"], (f, h), "matrix"), WeightSpec("b_fc1", n["b_fc1"], (f,), "bias"),
-                WeightSpec("w_fc2", n["w_fc2"], (h, f), "matrix"), WeightSpec("b_fc2", n["b_fc2"], (h,), "bias"),
-                WeightSpec("w_ln_mlp", n["w_ln_mlp"], (h,), "ln_weight"),
-                WeightSpec("b_ln_mlp", n["b_ln_mlp"], (h,), "ln_bias")]
+        return families.mlp_specs(self.config, self.index)
 
     def forward(self, x, w, step, cache=None):
         """x: (b, s, h). Long prompts go through in chunks of about MLP_CHUNK_TOKENS tokens so the
@@ -258,14 +289,17 @@ class MLP(Layer):
         return torch.cat([self._mlp(x[:, i:i + chunk], w) for i in range(0, x.shape[1], chunk)], dim=1)
 
     def _mlp(self, x, w):
-        hn = layer_norm(x, w["w_ln_mlp"], w["b_ln_mlp"], self.config.layer_norm_eps)
+        hn = norm(x, w, "ln_mlp", self.config)
+        if self.swiglu:  # down(silu(gate(x)) * up(x))
+            gated = F.silu(linear(hn, w["w_gate"], None)) * linear(hn, w["w_up"], None)
+            return linear(gated, w["w_down"], None) + x
         return linear(_linear_relu(hn, w["w_fc1"], w["b_fc1"]), w["w_fc2"], w["b_fc2"]) + x
 
 
 def _linear_relu(x: torch.Tensor, w, b) -> torch.Tensor:
     """relu(x @ w.T + b); on the GPU with plain 16-bit weights one GEMM with a ReLU epilogue
     (torch._addmm_activation), saving a kernel per layer where decode is launch-bound."""
-    if (FUSED_DECODE and x.is_cuda and isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor)
+    if (x.is_cuda and isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor)
             and x.dtype in (torch.float16, torch.bfloat16) and hasattr(torch, "_addmm_activation")):
         flat = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t())
         return flat.view(*x.shape[:-1], w.shape[0])
@@ -276,7 +310,7 @@ class TransformerLayer(Layer):
     """Attention then MLP as one layer (sep_layer=False): one weight load covers both."""
     has_cache = True
 
-    def __init__(self, config: OptConfig, index: int):
+    def __init__(self, config, index: int):
         self.attention, self.mlp = SelfAttention(config, index), MLP(config, index)
 
     def specs(self) -> list[WeightSpec]:
@@ -294,28 +328,25 @@ class TransformerLayer(Layer):
 
 
 class OutputEmbed(Layer):
-    def __init__(self, config: OptConfig):
+    def __init__(self, config):
         self.config = config
 
     def specs(self) -> list[WeightSpec]:
-        c = self.config
-        return [WeightSpec("w_ln", "decoder.layer_norm.weight", (c.hidden_size,), "ln_weight"),
-                WeightSpec("b_ln", "decoder.layer_norm.bias", (c.hidden_size,), "ln_bias"),
-                WeightSpec("w_token", "decoder.embed_tokens.weight", (c.vocab_size, c.hidden_size), "embed")]
+        return families.output_specs(self.config)
 
     def forward(self, x, w, step: StepInfo, cache=None):
         """(b, s, h) -> next ids (b,), or with `step.want_logits` the logits (b, s, vocab)."""
         if not step.want_logits:
             x = x[:, -1:]
-        hn = layer_norm(x, w["w_ln"], w["b_ln"], self.config.layer_norm_eps)
-        logits = linear(hn, w["w_token"], None)
+        logits = linear(norm(x, w, "ln", self.config), w["w_token"], None)
         if step.want_logits:
             return logits
         return step.pick(logits[:, -1])
 
 
-def build_layers(config: OptConfig, sep_layer: bool) -> list[Layer]:
-    """The model in execution order."""
+def build_layers(config, sep_layer: bool) -> list[Layer]:
+    """The model in execution order (any family's config: OptConfig or LlamaConfig)."""
+    families.family_of(config)  # an unsupported family fails here, naming the supported ones
     layers: list[Layer] = [InputEmbed(config)]
     for i in range(config.num_hidden_layers):
         if sep_layer:

@@ -1,10 +1,11 @@
-"""Hugging Face OPT checkpoints into the weight folder: find (or download) the weight files and convert
-them tensor by tensor to fp16, never holding more than one tensor (plus one memory-mapped shard).
+"""Hugging Face checkpoints (OPT, and the Llama family: Llama, Mistral, Qwen2) into the weight
+folder: find (or download) the weight files and convert them tensor by tensor to fp16, never
+holding more than one tensor (plus one memory-mapped shard).
 
 Accepted: `model.safetensors`, sharded `model-*.safetensors` with `model.safetensors.index.json`,
 `pytorch_model.bin`, sharded `pytorch_model-*.bin` with `pytorch_model.bin.index.json`; safetensors is
-preferred when a folder holds both. Keys may carry the `model.` prefix or not; the tied `lm_head` is
-not stored.
+preferred when a folder holds both. Keys may carry the `model.` prefix or not; a tied `lm_head` is
+not stored (an untied one is, as `lm_head.weight`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from flexgen_repro.config import OptConfig
 from flexgen_repro.weights.folder import WeightFolder, WeightsError, check_free_space, gib, progress
 from flexgen_repro.weights.layout import expected_tensors, hf_key_to_file_name
 
@@ -75,13 +75,14 @@ def _to_fp16(tensor) -> np.ndarray:
     return tensor.detach().to(torch.float16).contiguous().numpy()
 
 
-def _scan(kind: str, files: list[str], expected: dict) -> tuple[dict[str, tuple[str, str]], list[str]]:
+def _scan(kind: str, files: list[str], expected: dict, keep_lm_head: bool
+          ) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """Folder name -> (file, key) of every needed tensor, after checking shapes (headers only)."""
     where, problems = {}, []
     for path in files:
         with _open_file(kind, path) as entries:
             for key, (shape, _) in entries.items():
-                name = hf_key_to_file_name(key)
+                name = hf_key_to_file_name(key, keep_lm_head)
                 if name not in expected:
                     continue
                 if shape != expected[name]:
@@ -92,11 +93,12 @@ def _scan(kind: str, files: list[str], expected: dict) -> tuple[dict[str, tuple[
     return where, [n for n in expected if n not in where]
 
 
-def convert_hf_folder(src: str, out_dir: str, config: OptConfig) -> str:
-    """Convert a local Hugging Face OPT checkpoint folder into `out_dir` (resumable). Returns out_dir."""
+def convert_hf_folder(src: str, out_dir: str, config) -> str:
+    """Convert a local Hugging Face checkpoint folder of `config`'s family into `out_dir`
+    (resumable). Returns out_dir."""
     kind, files = checkpoint_files(src)
     expected = expected_tensors(config)
-    where, missing = _scan(kind, files, expected)
+    where, missing = _scan(kind, files, expected, keep_lm_head=config.family != "opt")
     if missing:
         raise WeightsError(f"{src} lacks {len(missing)} tensors of {config.name}: {', '.join(missing[:10])}")
     folder = WeightFolder(out_dir, expected, model=config.name, source=os.path.abspath(src))
@@ -118,8 +120,12 @@ def convert_hf_folder(src: str, out_dir: str, config: OptConfig) -> str:
     return folder.finish()
 
 
+HUB_REPOS = {"llama-2-7b": "meta-llama/Llama-2-7b-hf", "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+             "mistral-7b": "mistralai/Mistral-7B-v0.1"}
+
+
 def hub_repo_id(name: str) -> str:
-    return f"facebook/{name}"
+    return HUB_REPOS.get(name, f"facebook/{name}")
 
 
 def _offline_errors() -> tuple[type, ...]:
@@ -139,7 +145,7 @@ def _offline_errors() -> tuple[type, ...]:
     return tuple(kinds)
 
 
-def download(config: OptConfig) -> str:
+def download(config) -> str:
     """Fetch a released checkpoint into the Hugging Face cache (safetensors, else .bin); return its folder."""
     import huggingface_hub
     from huggingface_hub import constants, errors

@@ -1,11 +1,13 @@
 """The weight folder's layout: `<path>/<name>-np/<tensor>` in np.save format, one file per tensor,
-named after the Hugging Face key without `model.` (the final layer norm is `decoder.layer_norm.*`).
+named after the Hugging Face key without `model.` (OPT's final layer norm is `decoder.layer_norm.*`;
+an untied Llama-family output projection is `lm_head.weight`). Names and shapes per family come
+from model/families.py; docs/weights.md lists them.
 """
 from __future__ import annotations
 
 import os
 
-from flexgen_repro.config import OptConfig
+from flexgen_repro.model import families
 
 DEFAULT_WEIGHT_PATH = "~/opt_weights"
 
@@ -16,48 +18,21 @@ def weight_dir(path: str, name: str) -> str:
 
 
 def layer_tensor_names(i: int) -> dict[str, str]:
-    """Short name -> file name of layer i's tensors."""
-    p = f"decoder.layers.{i}."
-    names = {}
-    for proj in ("q", "k", "v", "out"):
-        names[f"w_{proj}"] = f"{p}self_attn.{proj}_proj.weight"
-        names[f"b_{proj}"] = f"{p}self_attn.{proj}_proj.bias"
-    names.update(w_ln_attn=f"{p}self_attn_layer_norm.weight", b_ln_attn=f"{p}self_attn_layer_norm.bias",
-                 w_fc1=f"{p}fc1.weight", b_fc1=f"{p}fc1.bias",
-                 w_fc2=f"{p}fc2.weight", b_fc2=f"{p}fc2.bias",
-                 w_ln_mlp=f"{p}final_layer_norm.weight", b_ln_mlp=f"{p}final_layer_norm.bias")
-    return names
+    """Short name -> file name of OPT layer i's tensors."""
+    return families.opt_layer_names(i)
 
 
-def expected_tensors(config: OptConfig) -> dict[str, tuple[int, ...]]:
-    """Every file a complete weight folder holds, with its shape."""
-    h, f = config.hidden_size, config.ffn_embed_dim
-    shapes = {
-        "decoder.embed_tokens.weight": (config.vocab_size, h),
-        "decoder.embed_positions.weight": (config.max_seq_len + 2, h),
-        "decoder.layer_norm.weight": (h,),
-        "decoder.layer_norm.bias": (h,),
-    }
-    for i in range(config.num_hidden_layers):
-        for short, name in layer_tensor_names(i).items():
-            if short in ("w_fc1",):
-                shape = (f, h)
-            elif short == "b_fc1":
-                shape = (f,)
-            elif short == "w_fc2":
-                shape = (h, f)
-            elif short.startswith("w_") and short[2:] in ("q", "k", "v", "out"):
-                shape = (h, h)
-            else:
-                shape = (h,)
-            shapes[name] = shape
-    return shapes
+def expected_tensors(config) -> dict[str, tuple[int, ...]]:
+    """Every file a complete weight folder of `config`'s family holds, with its shape."""
+    return families.expected_tensors(config)
 
 
-def hf_key_to_file_name(key: str) -> str | None:
-    """A Hugging Face OPT state-dict key -> the weight folder's file name (None: not stored)."""
+def hf_key_to_file_name(key: str, keep_lm_head: bool = False) -> str | None:
+    """A Hugging Face state-dict key -> the weight folder's file name (None: not stored). OPT's
+    `lm_head` is tied and never stored; with `keep_lm_head` (Llama family) it is `lm_head.weight`,
+    kept where the model's expected tensors name it (untied)."""
     if key.startswith("model."):
         key = key[len("model."):]
-    if key == "lm_head.weight":  # tied to decoder.embed_tokens.weight
-        return None
+    if key == "lm_head.weight":
+        return key if keep_lm_head else None
     return key.replace("decoder.final_layer_norm.", "decoder.layer_norm.")

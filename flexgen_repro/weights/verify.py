@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from flexgen_repro.config import OPT_PRESETS, OptConfig
+from flexgen_repro.config import LLAMA_PRESETS, OPT_PRESETS
 from flexgen_repro.weights.folder import (MANIFEST, PARTIAL, TMP_MARK, file_checksum, load_manifest, progress,
                                           read_header)
 from flexgen_repro.weights.layout import expected_tensors, weight_dir
@@ -17,7 +17,7 @@ from flexgen_repro.weights.layout import expected_tensors, weight_dir
 _READABLE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 
-def tensor_problems(config: OptConfig, folder: str) -> list[str]:
+def tensor_problems(config, folder: str) -> list[str]:
     """One line per missing, misshapen, truncated or wrongly typed tensor file (reads headers only)."""
     if not os.path.isdir(folder):
         return [f"no weight folder at {folder}"]
@@ -42,15 +42,16 @@ def tensor_problems(config: OptConfig, folder: str) -> list[str]:
     return problems
 
 
-def fix_hint(config: OptConfig, folder: str) -> str:
+def fix_hint(config, folder: str) -> str:
     root = os.path.dirname(os.path.normpath(folder))
-    model = config.name if config.name in OPT_PRESETS else "<its checkpoint folder>"
+    known = config.name in OPT_PRESETS or config.name in LLAMA_PRESETS
+    model = config.name if known else "<its checkpoint folder>"
     source = " --source DIR_WITH_THE_992_SHARDS" if config.name == "opt-175b" else ""
     return (f"rerun `invoke prepare-weights --model {model} --path {root}{source}` "
             "(it resumes and rewrites bad files)")
 
 
-def check_folder(config: OptConfig, folder: str) -> None:
+def check_folder(config, folder: str) -> None:
     """Raise ValueError naming every missing or misshapen tensor of `folder` and how to fix it."""
     problems = tensor_problems(config, folder)
     if problems:
@@ -60,7 +61,7 @@ def check_folder(config: OptConfig, folder: str) -> None:
                          f"  {shown}\nFix: {fix_hint(config, folder)}")
 
 
-def manifest_problems(config: OptConfig, folder: str, checksums: bool = True) -> tuple[list[str], list[str]]:
+def manifest_problems(config, folder: str, checksums: bool = True) -> tuple[list[str], list[str]]:
     """(problems, notes) from the manifest: records that disagree with the files, and bad checksums."""
     notes, problems = [], []
     if os.path.exists(os.path.join(folder, PARTIAL)):
@@ -96,7 +97,7 @@ def manifest_problems(config: OptConfig, folder: str, checksums: bool = True) ->
     return problems, notes
 
 
-def verify_folder(config: OptConfig, folder: str, checksums: bool = True) -> tuple[list[str], list[str]]:
+def verify_folder(config, folder: str, checksums: bool = True) -> tuple[list[str], list[str]]:
     """(problems, notes) of a weight folder: shapes, then manifest and checksums."""
     problems = tensor_problems(config, folder)
     if not os.path.isdir(folder):
