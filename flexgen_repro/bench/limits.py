@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, fields
 
 from flexgen_repro.bench.fit import stored_bytes
-from flexgen_repro.config import OptConfig, get_opt_config
+from flexgen_repro.config import OptConfig, get_model_config
 from flexgen_repro.policy import CompressionConfig, parse_percent
 
 GB = 1e9
@@ -185,7 +185,7 @@ def decode_limit(terms: dict[str, tuple[float, str]], block: int, bw: Bandwidths
 
 def record_limit(record: dict, bw: Bandwidths) -> Limit:
     """The limit of a run record (flex_opt's or the baseline's JSON: model, percent, batches, ...)."""
-    config = get_opt_config(record["model"], dtype=record.get("dtype", "float16"))
+    config = get_model_config(record["model"], dtype=record.get("dtype", "float16"))
     percent = parse_percent(str(record["percent"]).split())
     terms = step_bytes(config, percent, int(record["gpu_batch_size"]), int(record["num_gpu_batches"]),
                        int(record["prompt_len"]), int(record["gen_len"]),

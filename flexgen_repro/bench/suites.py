@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from flexgen_repro.config import OptConfig, get_opt_config
+from flexgen_repro.config import LlamaConfig, OptConfig, get_model_config
 from flexgen_repro.policy import Policy, parse_percent
 
 SUITES_DIR = os.path.join(os.path.dirname(__file__), "suites")
@@ -134,8 +134,8 @@ class Case:
     def auto(self) -> bool:
         return self.percent == "auto"
 
-    def config(self) -> OptConfig:
-        return get_opt_config(self.model, dtype=self.dtype)
+    def config(self) -> OptConfig | LlamaConfig:
+        return get_model_config(self.model, dtype=self.dtype)
 
     def policy(self) -> Policy | None:
         """The case's Policy, or None for `--percent auto` (the cost model picks it at run time)."""
