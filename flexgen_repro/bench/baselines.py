@@ -1,6 +1,7 @@
 """The HF Accelerate baseline: `python -m flexgen_repro.bench.baselines`, one case per process.
 
-An OPT of the named size is built empty (accelerate's `init_empty_weights`), given a `device_map`
+A model of the named preset (OPT, Llama, Mistral or Qwen2, as transformers' class of the same
+family and shape) is built empty (accelerate's `init_empty_weights`), given a `device_map`
 by `infer_auto_device_map` under the same GPU cap as our cases, filled with dummy weights where
 the map puts them, dispatched (`dispatch_model`: layers off the GPU are moved in per forward), and
 timed through `generate`: prefill = a one-token generation, decode = the rest of the full one.
@@ -10,15 +11,17 @@ this module (and the record it builds) is usable without it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
 import time
 
-from flexgen_repro.config import OptConfig, dtype_name, get_opt_config
+from flexgen_repro.config import LlamaConfig, OptConfig, dtype_name, get_model_config
 from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_outputs
 
-NO_SPLIT = ("OPTDecoderLayer",)
+NO_SPLIT = ("OPTDecoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+ModelConfig = OptConfig | LlamaConfig
 # GPU memory left out of the weights' budget for the allocator's slack and per-layer workspace.
 GPU_SLACK_BYTES = 1 * GB
 POOL_VALUES = 1 << 22
@@ -36,13 +39,63 @@ def hf_opt_config(config: OptConfig):
                      dropout=0.0, attention_dropout=0.0, tie_word_embeddings=True)
 
 
-def weight_budget(config: OptConfig, batch: int, prompt_len: int, gen_len: int,
+def hf_llama_config(config: LlamaConfig):
+    """A transformers LlamaConfig / MistralConfig / Qwen2Config (by `model_type`) of the same shape:
+    heads, KV heads, head width, MLP width, rotary base and scaling, sliding window, tied output."""
+    import transformers
+    if config.model_type == "llama" and config.attention_bias != config.attention_out_bias:
+        raise ValueError(f"{config.name}: transformers' Llama has biases on all four attention "
+                         "projections or none; this config has them on some only")
+    if config.model_type == "qwen2" and not config.attention_bias:
+        raise ValueError(f"{config.name}: transformers' Qwen2 always has q/k/v biases")
+    extra = {"llama": dict(attention_bias=config.attention_bias, mlp_bias=False),
+             "mistral": dict(sliding_window=config.sliding_window),
+             "qwen2": dict(use_sliding_window=False)}[config.model_type]
+    scaling = config.rope_scaling
+    if scaling is not None:
+        if scaling.rope_type == "dynamic":  # our max_seq_len holds the stretched length
+            raise ValueError(f"{config.name}: dynamic rope scaling has no fixed transformers config")
+        extra["rope_scaling"] = {k: v for k, v in dataclasses.asdict(scaling).items() if v is not None}
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[config.model_type]
+    eos = list(config.eos_token_ids)
+    return cls(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+               num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head,
+               head_dim=config.head_dim, intermediate_size=config.intermediate_size,
+               max_position_embeddings=config.max_seq_len, vocab_size=config.vocab_size,
+               rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta, hidden_act="silu",
+               tie_word_embeddings=config.tie_word_embeddings, pad_token_id=config.pad_token_id,
+               bos_token_id=config.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else eos or None,
+               attention_dropout=0.0, **extra)
+
+
+def hf_config(config: ModelConfig):
+    """The transformers config of the model's family, of the same shape."""
+    return hf_opt_config(config) if config.family == "opt" else hf_llama_config(config)
+
+
+def hf_model_class(config: ModelConfig):
+    """transformers' *ForCausalLM class of the model's family."""
+    import transformers
+    if config.family == "opt":
+        return transformers.OPTForCausalLM
+    return {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+            "qwen2": transformers.Qwen2ForCausalLM}[config.model_type]
+
+
+def mlp_width(config: ModelConfig) -> int:
+    """Width of the MLP's widest live activation: OPT's fc1 output, or SwiGLU's gate and up
+    projections side by side."""
+    return config.ffn_embed_dim if config.family == "opt" else 2 * config.intermediate_size
+
+
+def weight_budget(config: ModelConfig, batch: int, prompt_len: int, gen_len: int,
                   gpu_mem_gb: float | None, gpu_total_bytes: int) -> int:
     """GPU bytes the device_map may give to weights: the cap less the KV cache, the largest
     activations of a prefill (the MLP's and the attention scores') and GPU_SLACK_BYTES."""
     cap = min(gpu_total_bytes, int(gpu_mem_gb * GB)) if gpu_mem_gb else gpu_total_bytes
     seq = prompt_len + gen_len
-    work = max(config.hidden_bytes(batch, prompt_len) * config.ffn_embed_dim // config.hidden_size,
+    work = max(config.hidden_bytes(batch, prompt_len) * mlp_width(config) // config.hidden_size,
                batch * config.n_head * prompt_len * prompt_len * config.dtype_bytes)
     left = cap - config.cache_bytes(batch, seq) - 2 * work - GPU_SLACK_BYTES
     if left <= 0:
@@ -81,7 +134,7 @@ def placement_percent(param_bytes: dict[str, int], device_map: dict) -> dict[str
     return {t: 100 * b / whole for t, b in totals.items()}
 
 
-def build_record(config: OptConfig, batch: int, prompt_len: int, gen_len: int, prefill_s: float,
+def build_record(config: ModelConfig, batch: int, prompt_len: int, gen_len: int, prefill_s: float,
                  decode_s: float, placement: dict[str, float], peak_gpu_gb: float,
                  peak_cpu_gb: float, device: str, extra: dict | None = None) -> dict:
     """The flex_opt-format record of a baseline run (the cache and activations live on the GPU)."""
@@ -120,18 +173,17 @@ def _fill_dummy(model, device_map: dict, main_device: str) -> None:
     model.tie_weights()
 
 
-def empty_model(config: OptConfig):
-    """The OPT on the meta device (no memory), fp16, tied, in eval mode."""
+def empty_model(config: ModelConfig):
+    """The model on the meta device (no memory), fp16, tied where its family ties, in eval mode."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import OPTForCausalLM
     with init_empty_weights():
-        model = OPTForCausalLM(hf_opt_config(config)).to(torch.float16).eval()
+        model = hf_model_class(config)(hf_config(config)).to(torch.float16).eval()
     model.tie_weights()
     return model
 
 
-def gpu_device_map(model, config: OptConfig, batch: int, prompt_len: int, gen_len: int,
+def gpu_device_map(model, config: ModelConfig, batch: int, prompt_len: int, gen_len: int,
                    gpu_mem_gb: float | None) -> dict:
     """accelerate's device_map under the GPU cap (weights budget from weight_budget), host memory
     for the rest while it lasts, then disk."""
@@ -173,12 +225,12 @@ def dispatch_dummy(model, device_map: dict, main: str, offload_dir: str):
     return dispatch_model(model, device_map=device_map, main_device=main, offload_dir=offload_dir)
 
 
-def _generate(model, ids, new_tokens: int, main: str) -> float:
+def _generate(model, ids, new_tokens: int, main: str, pad_token_id: int = 1) -> float:
     import torch
     start = time.perf_counter()
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=1)
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id)
     if main != "cpu":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -188,7 +240,7 @@ def run(args) -> dict:
     import tempfile
 
     import torch
-    config = get_opt_config(args.model, dtype=args.dtype)
+    config = get_model_config(args.model, dtype=args.dtype)
     model = empty_model(config)
     if torch.cuda.is_available():
         device_map, main = gpu_device_map(model, config, args.batch_size, args.prompt_len,
@@ -216,16 +268,17 @@ def run(args) -> dict:
                         peak.cpu_peak_bytes / GB, device, extra)
 
 
-def _measure(model, config: OptConfig, args, main: str) -> tuple[tuple[float, float], PeakMemory]:
+def _measure(model, config: ModelConfig, args, main: str) -> tuple[tuple[float, float], PeakMemory]:
     """((prefill s, decode s), peak memory) of one warm-up and two timed generations."""
     import torch
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, min(config.vocab_size, 50000), (args.batch_size, args.prompt_len),
                         generator=gen).to(main)
-    _generate(model, ids[:, : min(8, args.prompt_len)], 1, main)  # warm-up
+    pad = config.pad_token_id
+    _generate(model, ids[:, : min(8, args.prompt_len)], 1, main, pad)  # warm-up
     with PeakMemory() as peak:
-        prefill_s = _generate(model, ids, 1, main)
-        total_s = _generate(model, ids, args.gen_len, main)
+        prefill_s = _generate(model, ids, 1, main, pad)
+        total_s = _generate(model, ids, args.gen_len, main, pad)
     return (prefill_s, max(total_s - prefill_s, 1e-9)), peak
 
 

@@ -4,9 +4,10 @@ per process.
 ZeRO stage 3 keeps every weight in pinned host memory and gathers each layer onto the GPU for its
 forward pass, prefetching the next; with `--quant-bits 4` the weights are held 4-bit, group-wise
 (DeepSpeed's `weight_quantization.quantized_initialization`: groups of 64 along dim 1, asymmetric).
-The OPT is built inside `deepspeed.zero.Init`, so each module's dummy weights (torch's default
-init, run on the GPU) are partitioned to the host as soon as it exists and the model is never
-whole on the GPU; transformers' own init pass, which would gather every layer again, is skipped.
+The model (transformers' class of its family, `baselines.hf_model_class`) is built inside
+`deepspeed.zero.Init`, so each module's dummy weights (torch's default init, run on the GPU) are
+partitioned to the host as soon as it exists and the model is never whole on the GPU;
+transformers' own init pass, which would gather every layer again, is skipped.
 It is then timed through `generate` exactly as the HF Accelerate baseline (`baselines._measure`).
 
 Not attempted: ZeRO-Inference's KV-cache offload, which needs DeepSpeedExamples' patched model
@@ -22,13 +23,14 @@ import os
 import sys
 
 from flexgen_repro.bench import baselines
-from flexgen_repro.config import OptConfig, get_opt_config
+from flexgen_repro.config import get_model_config
 from flexgen_repro.metrics import GB
 
 GROUP_SIZE = 64
 
 
-def ds_config(config: OptConfig, batch: int, quant_bits: int = 0, pin: bool = True) -> dict:
+def ds_config(config: baselines.ModelConfig, batch: int, quant_bits: int = 0,
+              pin: bool = True) -> dict:
     """ZeRO-3 inference config: parameters offloaded to (pinned) host memory, prefetch and live
     parameters bounded to two hidden x hidden blocks, small tensors kept on the GPU."""
     if quant_bits not in (0, 4, 8):
@@ -81,12 +83,11 @@ def sane_arch_list(value: str | None) -> str | None:
     return ";".join(out)
 
 
-def build_engine(config: OptConfig, ds: dict):
+def build_engine(config: baselines.ModelConfig, ds: dict):
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = sane_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     import deepspeed
     import torch
-    from transformers import OPTForCausalLM
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
         os.environ.setdefault(key, value)
@@ -94,7 +95,7 @@ def build_engine(config: OptConfig, ds: dict):
     pin = ds["zero_optimization"]["offload_param"]["pin_memory"]
     with _no_transformers_init(), deepspeed.zero.Init(config_dict_or_path=ds, remote_device="cpu",
                                                       pin_memory=pin, dtype=torch.float16):
-        model = OPTForCausalLM(baselines.hf_opt_config(config))
+        model = baselines.hf_model_class(config)(baselines.hf_config(config))
     engine = deepspeed.initialize(model=model, config_params=ds)[0]
     engine.module.eval()
     return engine.module
@@ -106,7 +107,7 @@ def run(args) -> dict:
     import transformers
     if not torch.cuda.is_available():
         raise ValueError("ZeRO-Inference needs a CUDA GPU")
-    config = get_opt_config(args.model, dtype=args.dtype)
+    config = get_model_config(args.model, dtype=args.dtype)
     total = torch.cuda.get_device_properties(0).total_memory
     if args.gpu_mem_gb:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GB / total))
