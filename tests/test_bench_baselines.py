@@ -1,4 +1,4 @@
-"""The HF Accelerate baseline: its OPT config against transformers, the placement a device_map
+"""The HF Accelerate baseline: its OPT and Llama-family configs against transformers, the placement a device_map
 gives, the GPU weight budget, the record it writes, and (only where accelerate is installed, which
 the lock file does not pin) a dispatched run on the CPU with layers offloaded to disk."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from flexgen_repro.bench import baselines, limits
-from flexgen_repro.config import get_opt_config
+from flexgen_repro.config import RopeScaling, _llama_fields, get_model_config, get_opt_config, llama_preset
 from flexgen_repro.metrics import GB
 
 
@@ -20,6 +20,43 @@ def test_hf_config_has_our_parameter_count(name):
     with torch.device("meta"):  # shapes only: no memory, no random init
         model = OPTForCausalLM(baselines.hf_opt_config(cfg))
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params()  # tied lm_head counted once
+
+
+LLAMA_NAMES = ["llama-tiny", "llama-tiny-gqa", "llama-2-7b", "llama-2-70b", "mistral-7b",
+               "smollm2-135m-instruct"]
+
+
+@pytest.mark.parametrize("name", LLAMA_NAMES)
+def test_hf_llama_config_reads_back_as_ours_field_by_field(name):
+    """transformers' config of our shape, read back by the checkpoint reader, is our config: heads,
+    KV heads, head width, MLP width, rope theta, vocab, positions, tying, sliding window, ids."""
+    cfg = get_model_config(name)
+    hf = baselines.hf_config(cfg)
+    assert type(hf).__name__ == {"llama": "LlamaConfig", "mistral": "MistralConfig"}[cfg.model_type]
+    back = _llama_fields(hf.to_dict(), name)
+    assert {k: back[k] for k in back if back[k] != getattr(cfg, k)} == {}
+
+
+def test_hf_llama_config_carries_rope_scaling_and_refuses_what_it_cannot_express():
+    scaling = RopeScaling("llama3", factor=8.0, original_max_position_embeddings=8192)
+    cfg = llama_preset("llama-tiny", rope_scaling=scaling, rope_theta=500000.0, max_seq_len=131072)
+    back = _llama_fields(baselines.hf_config(cfg).to_dict(), "llama-tiny")
+    assert back["rope_scaling"] == scaling and back["rope_theta"] == 500000.0
+    with pytest.raises(ValueError, match="biases on all four attention projections or none"):
+        baselines.hf_config(llama_preset("llama-tiny", attention_bias=True))
+    with pytest.raises(ValueError, match="dynamic rope scaling"):
+        baselines.hf_config(llama_preset("llama-tiny", rope_scaling=RopeScaling("dynamic", 2.0)))
+
+
+@pytest.mark.parametrize("name", LLAMA_NAMES)
+def test_hf_llama_model_has_our_parameter_count(name):
+    import torch
+    cfg = get_model_config(name)
+    with torch.device("meta"):
+        model = baselines.hf_model_class(cfg)(baselines.hf_config(cfg))
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    assert type(model).__name__ in {"LlamaForCausalLM", "MistralForCausalLM"}
+    assert {type(layer).__name__ for layer in model.model.layers} <= set(baselines.NO_SPLIT)
 
 
 def test_placement_percent_hand_worked():
@@ -94,6 +131,14 @@ def test_weight_budget_leaves_room_for_cache_and_activations():
         baselines.weight_budget(cfg, 512, 512, 32, 16, total)
 
 
+def test_weight_budget_of_a_llama_counts_swiglu_and_kv_heads():
+    cfg = get_model_config("mistral-7b")  # 8 KV heads of 128, SwiGLU width 14336
+    budget = baselines.weight_budget(cfg, 32, 512, 32, 16, 80 * GB)
+    cache = 2 * 32 * 544 * 32 * 8 * 128 * 2
+    work = max(32 * 512 * 2 * 14336 * 2, 32 * 32 * 512 * 512 * 2)  # gate + up vs attention scores
+    assert budget == 16 * GB - cache - 2 * work - baselines.GPU_SLACK_BYTES
+
+
 def test_record_matches_flex_opt_fields_and_feeds_the_limit():
     cfg = get_opt_config("opt-30b")
     rec = baselines.build_record(cfg, 8, 512, 32, 4.0, 172.0, {"gpu": 18.5, "cpu": 81.5, "disk": 0.0},
@@ -138,6 +183,32 @@ def test_dispatched_run_on_cpu_with_disk_offload(tmp_path):
     sizes = {n: p.numel() * 2 for n, p in model.named_parameters()}
     placed = baselines.placement_percent(sizes, device_map)
     assert placed["disk"] > 0 and sum(placed.values()) == pytest.approx(100)
+
+
+def test_dispatched_llama_run_on_cpu_with_disk_offload(tmp_path):
+    pytest.importorskip("accelerate")
+    import torch
+    from accelerate import infer_auto_device_map
+    cfg = get_model_config("llama-tiny-gqa")
+    model = baselines.empty_model(cfg)
+    budget = cfg.model_bytes() - cfg.layer_params() * 2  # one layer short: it goes to disk
+    device_map = infer_auto_device_map(model, max_memory={"cpu": budget, "disk": 1 << 40},
+                                       no_split_module_classes=list(baselines.NO_SPLIT),
+                                       dtype=torch.float16)
+    assert "disk" in device_map.values()
+    model = baselines.dispatch_dummy(model, device_map, "cpu", str(tmp_path))
+    ids = torch.randint(3, 1000, (2, 16))
+    assert baselines._generate(model, ids, 4, "cpu", cfg.pad_token_id) > 0
+    sizes = {n: p.numel() * 2 for n, p in model.named_parameters()}
+    assert sum(sizes.values()) == cfg.model_bytes()  # lm_head not tied: counted apart
+    assert baselines.placement_percent(sizes, device_map)["disk"] > 0
+
+
+def test_zero_inference_without_deepspeed_says_how_for_a_llama(monkeypatch, capsys):
+    from flexgen_repro.bench import zero_inference
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    assert zero_inference.main(["--model", "llama-2-7b"]) == 2
+    assert "DS_BUILD_OPS=0 python3 -m pip install deepspeed==0.19.8" in capsys.readouterr().err
 
 
 def test_deepspeed_arch_list_drops_arch_specific_suffixes():
