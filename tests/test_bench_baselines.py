@@ -1,6 +1,7 @@
-"""The HF Accelerate baseline: its OPT and Llama-family configs against transformers, the placement a device_map
-gives, the GPU weight budget, the record it writes, and (only where accelerate is installed, which
-the lock file does not pin) a dispatched run on the CPU with layers offloaded to disk."""
+"""The HF Accelerate baseline: its OPT and Llama-family configs against transformers, the placement
+a device_map gives, the GPU weight budget, the record it writes, and (only where accelerate is
+installed, which the lock file does not pin) dispatched runs on the CPU with layers offloaded to
+disk."""
 from __future__ import annotations
 
 import sys
