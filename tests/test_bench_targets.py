@@ -95,9 +95,6 @@ def test_auto_cases_ask_flex_opt_for_their_profile():
     assert args.compress_weight and args.compress_cache
 
 
-def test_h100_lent_is_an_alias_of_the_shipped_h100_profile():
-    assert load_profile("h100-lent") == load_profile("h100")
-    assert load_profile("h100").name == "h100"
 
 
 def test_sweep_cases_fit_and_their_notes_give_the_cost_models_prediction():

@@ -16,7 +16,7 @@ from flexgen_repro.cost_model import calibrate, cli, hardware, profile
 from flexgen_repro.cost_model.hardware import GIB, load_profile, profile_from_dict, save_profile
 from flexgen_repro.cost_model.predict import evaluate_policy
 
-# The constants of the paper's cost model (shared/reference/README.md), in GB/s and TFLOP/s.
+# The constants of the paper's cost model (its hardware table for the T4 machine), in GB/s and TFLOP/s.
 RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "records")
 PAPER_CONSTANTS = {
     "cpu_to_gpu_bytes_s": 12.89, "gpu_to_cpu_cache_bytes_s": 0.97, "gpu_to_cpu_hidden_bytes_s": 4.82,
@@ -229,7 +229,7 @@ def test_shipped_h100_profile_predicts_its_bandwidth_bound_anchors(case):
 
 
 # The shipped h100 profile's CPU-attention terms (in-place rate, per-batch overhead) are
-# fitted to the decode throughput of these H100 records and 30b-auto's (PERF_NOTES; copies in
+# fitted to the decode throughput of these H100 records and 30b-auto's (docs/performance.md; copies in
 # tests/data/records):
 # in-sample, so this only checks that the profile keeps the fit. 10%: C's decode ran 37.97-38.74 in
 # three runs on one machine, and the fit's worst case is 6.7%.

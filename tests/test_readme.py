@@ -30,7 +30,6 @@ SUBSTITUTIONS = {
 }
 # Commands of features that land with the text job and the model families (LLM, invoke generate,
 # SmolLM2 weights); enabled at integration.
-PENDING = ("invoke generate", "from flexgen_repro import LLM", "smollm2-135m-instruct")
 
 
 def _text() -> str:
@@ -89,11 +88,9 @@ COMMANDS = _commands()
 
 
 @pytest.mark.parametrize("kind,command,why", COMMANDS, ids=[f"{i}-{c[1][:30]}" for i, c in enumerate(COMMANDS)])
-def test_readme_block_runs(workdir, request, kind, command, why):
+def test_readme_block_runs(workdir, kind, command, why):
     if why:
         pytest.skip(f"not run on CI: {why}")
-    if any(p in command for p in PENDING):  # the text job's and the families' commands
-        request.applymarker(pytest.mark.xfail(strict=False, reason="enabled at integration"))
     if kind == "bash":
         lines = [INSTALL.sub("", ln) for ln in command.splitlines()]
         command = "\n".join(SUBSTITUTIONS.get(ln, ln) for ln in lines)
@@ -135,6 +132,5 @@ def test_readme_links_resolve():
     assert missing == []
 
 
-@pytest.mark.xfail(strict=False, reason="enabled at integration")
 def test_readme_links_to_the_architecture_tuning_and_weights_docs_resolve():
     assert all(os.path.exists(os.path.join(ROOT, t)) for t in OTHERS_DOCS)

@@ -1,6 +1,6 @@
 """Hardware profiles for the cost model: the HardwareProfile dataclass, reading and writing its JSON,
 and the named profiles (shipped with the package: `t4-paper`, the paper's T4 machine, and `h100`,
-measured on an H100 80GB machine, also accepted as `h100-lent`; `local`, measured on this machine by
+measured on an H100 80GB machine; `local`, measured on this machine by
 `invoke profile-hardware`).
 
 Units are SI base units throughout: bytes, bytes per second, floating-point operations per second.
@@ -17,7 +17,6 @@ GIB = float(1 << 30)
 TERA = 1e12
 PROFILES_DIR = os.path.join(os.path.dirname(__file__), "profiles")
 BUILTIN_PROFILES = ("t4-paper", "h100")
-PROFILE_ALIASES = {"h100-lent": "h100"}   # earlier names of shipped profiles
 LOCAL_PROFILE = "~/.cache/flexgen_repro/hardware_local.json"
 
 # Every rate the equations divide by; each must be > 0.
@@ -170,7 +169,6 @@ def _read_json(path: str) -> HardwareProfile:
 def load_profile(name_or_path: str) -> HardwareProfile:
     """A shipped profile (BUILTIN_PROFILES), `local` (the measured profile of this machine) or a
     path to a profile JSON file."""
-    name_or_path = PROFILE_ALIASES.get(name_or_path, name_or_path)
     if name_or_path in BUILTIN_PROFILES:
         return _read_json(os.path.join(PROFILES_DIR, f"{name_or_path}.json"))
     if name_or_path == "local":
