@@ -67,7 +67,7 @@ def run_stage(args, world: World) -> tuple[dict, list[dict]]:
     config = get_opt_config(args.model, dtype=args.dtype)
     policy = policy_from_args(args, config)
     options = options_from_args(args)
-    micro = args.num_inner_iterations or world.size
+    micro = world.size if args.num_inner_iterations is None else args.num_inner_iterations
     stage = split_stages(config.num_hidden_layers, world.size)[world.rank]
     device = compute_device(world)
     prompts = synthetic_prompts(micro * policy.block_size, args.prompt_len, config.vocab_size, args.seed)
