@@ -21,10 +21,10 @@ import torch
 from flexgen_repro import envs
 from flexgen_repro.config import get_opt_config
 from flexgen_repro.devices.env import ExecutionEnv
-from flexgen_repro.dist import pipeline
-from flexgen_repro.dist.link import StageLink
-from flexgen_repro.dist.stage import StageLM, split_stages
-from flexgen_repro.dist.world import (COMM_DEVICES, World, backend_for, barrier, comm_torch_device,
+from flexgen_repro.parallel import pipeline
+from flexgen_repro.parallel.link import StageLink
+from flexgen_repro.parallel.stage import StageLM, split_stages
+from flexgen_repro.parallel.world import (COMM_DEVICES, World, backend_for, barrier, comm_torch_device,
                                       compute_device, gather_objects, init_method, process_group,
                                       world_from_env)
 from flexgen_repro.flex_opt import (_git_commit, build_parser, device_name, options_from_args,

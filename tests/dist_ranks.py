@@ -21,7 +21,7 @@ def free_port() -> int:
 
 def _context():
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "flexgen_repro.dist.pipeline", "flexgen_repro.opt_lm"])
+    ctx.set_forkserver_preload(["torch", "flexgen_repro.parallel.pipeline", "flexgen_repro.opt_lm"])
     return ctx
 
 
@@ -66,10 +66,10 @@ def pipeline_rank(rank: int, size: int, ckpt: str, weights: str, cases: list[dic
     import torch
 
     from flexgen_repro import ExecutionEnv, Policy, get_opt_config
-    from flexgen_repro.dist import pipeline
-    from flexgen_repro.dist.link import StageLink
-    from flexgen_repro.dist.stage import StageLM, split_stages
-    from flexgen_repro.dist.world import World, process_group
+    from flexgen_repro.parallel import pipeline
+    from flexgen_repro.parallel.link import StageLink
+    from flexgen_repro.parallel.stage import StageLM, split_stages
+    from flexgen_repro.parallel.world import World, process_group
     world = World(rank, size, rank)
     config = get_opt_config(ckpt, dtype=np.float32)
     outs = []

@@ -15,9 +15,9 @@ import pytest
 from conftest import make_hf_opt, random_prompts, save_weight_folder
 from dist_ranks import pipeline_rank, run_ranks
 from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config
-from flexgen_repro.dist.pipeline import apply_stop
-from flexgen_repro.dist.stage import Stage, StageLM, split_stages
-from flexgen_repro.dist.world import World, world_from_env
+from flexgen_repro.parallel.pipeline import apply_stop
+from flexgen_repro.parallel.stage import Stage, StageLM, split_stages
+from flexgen_repro.parallel.world import World, world_from_env
 
 GEN_LEN = 5
 
