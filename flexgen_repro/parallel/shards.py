@@ -27,9 +27,20 @@ JOB_TIMEOUT = datetime.timedelta(days=7)
 _PART = re.compile(r"\.rank(\d+)$")
 
 
-def launched_sharded() -> bool:
-    """True in a process torchrun started as one of several ranks."""
-    return world_from_env().size > 1
+def takes(argv: list[str] | None) -> bool:
+    """True where the text job runs sharded: in one of several torchrun ranks, or where parts of
+    a sharded run are left (a single process then resumes and merges them)."""
+    if world_from_env().size > 1:
+        return True
+    from flexgen_repro import generate as job
+    known, _ = job.parser().parse_known_args(argv)
+    return bool(part_files(known.output))
+
+
+def torchrun_command(ranks: int, argv: list[str]) -> list[str]:
+    """The command that runs the text job on `ranks` processes of this node."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(ranks), "-m", "flexgen_repro.generate", *argv]
 
 
 def part_path(output: str, rank: int) -> str:
