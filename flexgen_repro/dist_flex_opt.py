@@ -70,6 +70,10 @@ def run_stage(args, world: World) -> tuple[dict, list[dict]]:
     micro = world.size if args.num_inner_iterations is None else args.num_inner_iterations
     stage = split_stages(config.num_hidden_layers, world.size)[world.rank]
     device = compute_device(world)
+    if args.gpu_mem_gb and device != "cpu":
+        total = torch.cuda.get_device_properties(world.local_rank).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GB / total),
+                                                   device=world.local_rank)
     prompts = synthetic_prompts(micro * policy.block_size, args.prompt_len, config.vocab_size, args.seed)
     with ExecutionEnv.create(args.offload_dir, gpu_device=device, options=options) as env:
         link = StageLink(world, comm_torch_device(args.comm_device, world), env.gpu.dev,
