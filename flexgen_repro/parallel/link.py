@@ -5,8 +5,9 @@ same (token, micro-batch, GPU batch) order and no tags are needed.
 
 Sends are asynchronous (isend): a stage goes on computing while its output travels. A send is
 never waited on before the end of a block: it completes only once its receiver has asked for it,
-and waiting earlier could close a cycle of waits around the ring of stages. With `async_comm`, the next message a stage expects is posted
-(irecv) as soon as the current one arrives, so it lands while the stage computes.
+and waiting earlier could close a cycle of waits around the ring of stages. With `async_comm`,
+the next message a stage expects is posted (irecv) as soon as the current one arrives, so it
+lands while the stage computes.
 """
 from __future__ import annotations
 
