@@ -52,12 +52,13 @@ def _reference(ckpt, weights, prompts, stop=None) -> np.ndarray:
 
 
 def _cases(offload_rank: int) -> list[dict]:
-    """One micro-batch of 2x1; two micro-batches of 2x2 (three blocks' worth of prompts, the
-    last block short) with the offloading policy on one rank and receives posted ahead."""
+    """One micro-batch of 2x1 (rank 0 with attention and MLP as one layer); two micro-batches of
+    2x2 (three blocks' worth of prompts, the last block short) with the offloading policy on one
+    rank and receives posted ahead."""
     one = random_prompts(2, 6, 128, seed=1, pad_rows=1)
     many = random_prompts(19, 7, 128, seed=2, pad_rows=5)
     return [dict(prompts=one, micro=1, gen_len=GEN_LEN, async_comm=False,
-                 policies={"default": _policy(2, 1)}),
+                 policies={"default": _policy(2, 1), 0: _policy(2, 1, sep_layer=False)}),
             dict(prompts=many, micro=2, gen_len=GEN_LEN, async_comm=True,
                  policies={"default": _policy(2, 2), offload_rank: _policy(2, 2, **OFFLOAD)})]
 
@@ -155,3 +156,14 @@ def test_dist_flex_opt_bad_flags_exit_2(capsys):
 def _port() -> int:
     from dist_ranks import free_port
     return free_port()
+
+
+def test_rendezvous_and_backend_choice():
+    from flexgen_repro.parallel.world import backend_for, init_method
+    assert init_method(None, None) is None  # torchrun's MASTER_ADDR / MASTER_PORT
+    assert init_method("10.0.0.1", 7777) == "tcp://10.0.0.1:7777"
+    with pytest.raises(ValueError, match="go together"):
+        init_method("10.0.0.1", None)
+    assert backend_for("cpu") == "gloo"
+    with pytest.raises(ValueError, match="--comm-device"):
+        backend_for("nvlink")
