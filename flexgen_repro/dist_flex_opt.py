@@ -70,6 +70,8 @@ def run_stage(args, world: World) -> tuple[dict, list[dict]]:
     micro = world.size if args.num_inner_iterations is None else args.num_inner_iterations
     stage = split_stages(config.num_hidden_layers, world.size)[world.rank]
     device = compute_device(world)
+    if device != "cpu":  # streams, peak memory and kernels use the current device
+        torch.cuda.set_device(device)
     if args.gpu_mem_gb and device != "cpu":
         total = torch.cuda.get_device_properties(world.local_rank).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GB / total),
