@@ -65,13 +65,13 @@ def pipeline_rank(rank: int, size: int, ckpt: str, weights: str, cases: list[dic
     """Each case's pipelined generate on this rank (a policy per rank, micro-batches, stop)."""
     import torch
 
-    from flexgen_repro import ExecutionEnv, Policy, get_opt_config
+    from flexgen_repro import ExecutionEnv, Policy, get_model_config
     from flexgen_repro.parallel import pipeline
     from flexgen_repro.parallel.link import StageLink
     from flexgen_repro.parallel.stage import StageLM, split_stages
     from flexgen_repro.parallel.world import World, process_group
     world = World(rank, size, rank)
-    config = get_opt_config(ckpt, dtype=np.float32)
+    config = get_model_config(ckpt, dtype=np.float32)
     outs = []
     with process_group(world, "gloo"):
         for case in cases:

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import make_hf_opt, random_prompts, save_weight_folder
 from dist_ranks import pipeline_rank, run_ranks
-from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config
+from flexgen_repro import ExecutionEnv, OptLM, Policy, get_model_config, get_opt_config
 from flexgen_repro.parallel.pipeline import apply_stop
 from flexgen_repro.parallel.stage import Stage, StageLM, split_stages
 from flexgen_repro.parallel.world import World, world_from_env
@@ -46,7 +46,7 @@ def tiny4(tmp_path_factory):
 
 
 def _reference(ckpt, weights, prompts, stop=None) -> np.ndarray:
-    config = get_opt_config(ckpt, dtype=np.float32)
+    config = get_model_config(ckpt, dtype=np.float32)
     with ExecutionEnv.create() as env:
         return OptLM(config, env, weights, Policy(**_policy(2, 1))).generate(prompts, GEN_LEN, stop=stop)
 
@@ -72,6 +72,19 @@ def test_pipeline_matches_one_process(tiny4, ranks, offload_rank):
         expected = _reference(ckpt, weights, case["prompts"])
         for rank in range(ranks):  # every rank returns the whole output
             np.testing.assert_array_equal(per_rank[rank][n], expected, err_msg=f"case {n} rank {rank}")
+
+
+def test_llama_pipeline_matches_one_process(tmp_path):
+    """A grouped-query Llama over 2 ranks, 2 micro-batches, the offloading policy on rank 1."""
+    from llama_models import make_hf_llama, save_and_prepare
+    ckpt, weights = save_and_prepare(make_hf_llama(layers=4, kv_heads=2, seed=4), str(tmp_path), "tiny-llama")
+    prompts = random_prompts(8, 6, 128, seed=6)
+    case = dict(prompts=prompts, micro=2, gen_len=GEN_LEN, async_comm=True,
+                policies={"default": _policy(2, 2), 1: _policy(2, 2, **OFFLOAD)})
+    per_rank = run_ranks(pipeline_rank, 2, ckpt, weights, [case])
+    expected = _reference(ckpt, weights, prompts)
+    for rank in range(2):
+        np.testing.assert_array_equal(per_rank[rank][0], expected, err_msg=f"rank {rank}")
 
 
 def test_stop_after_pipeline_equals_stop_in_the_driver(tiny4):
