@@ -3,6 +3,7 @@ flexgen_repro/ (and is tested there). Every parameter has a default, so that `in
 prints the help: invoke would take `--help` as the value of a required positional parameter."""
 from __future__ import annotations
 
+import subprocess
 import sys
 
 from invoke import Exit, task
@@ -126,12 +127,13 @@ def eval(c, task="", model="", path="~/opt_weights", compress_weight=False, comp
             "truncate": "left: keep the tail of prompts too long for the model",
             "hardware": "cost-model profile for --percent auto", "tokenizer": "tokenizer folder",
             "resume": "continue an existing output", "overwrite": "replace an existing output",
-            "log_every": "seconds between progress updates"})
+            "log_every": "seconds between progress updates",
+            "gpus": "ranks on this node (torchrun), each with its own GPU and its shard of the input"})
 def generate(c, input="", output="", model="", path="~/opt_weights", offload_dir="~/flexllmgen_offload_dir",
              percent="auto", gpu_batch_size=4, num_gpu_batches=1, max_new_tokens=32, temperature="0",
              top_p="1", seed=-1, stop=None, dtype="", truncate="", compress_weight=False,
              compress_cache=False, cpu_cache_compute=False, tokenizer="", hardware="", resume=False,
-             overwrite=False, log_every="1"):
+             overwrite=False, log_every="1", gpus=1):
     """Prompts in, completions out: the same as `python -m flexgen_repro.generate`."""
     _required(input=input, output=output)
     from flexgen_repro import generate as job
@@ -148,6 +150,10 @@ def generate(c, input="", output="", model="", path="~/opt_weights", offload_dir
                      ("--cpu-cache-compute", cpu_cache_compute), ("--resume", resume),
                      ("--overwrite", overwrite)):
         argv += [flag] if on else []
+    if int(gpus) > 1:
+        from flexgen_repro.parallel.shards import torchrun_command
+        _exit_on(subprocess.run(torchrun_command(int(gpus), argv)).returncode)
+        return
     _exit_on(job.main(argv))
 
 

@@ -202,6 +202,9 @@ def _machine() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """0 on success, 2 on bad input (the message names the fix), 130 when interrupted."""
+    from flexgen_repro.parallel import shards
+    if shards.takes(argv):  # torchrun's ranks, or the parts they left: sharded
+        return shards.main(argv)
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     spooled = None

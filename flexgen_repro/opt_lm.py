@@ -61,7 +61,7 @@ class OptLM:
         # the run's timeline (RuntimeOptions.trace_path), recorded while generate runs
         self.tracer = Tracer(self.options.trace_path) if self.options.trace_path else None
         self.dtype = config.torch_dtype
-        self.layers = build_layers(config, policy.sep_layer)
+        self.layers = self.build_layers()
         folder = None
         if path != DUMMY:
             folder = weight_dir(path, config.name)
@@ -70,6 +70,10 @@ class OptLM:
         self.weight_home, self.weight_placement = loader.place(self.layers)
         self.times = RunTimes()
         self.block_state: dict = {}  # cache homes of the last shape, and graphs captured on them
+
+    def build_layers(self) -> list:
+        """The layers this model runs, in execution order (a pipeline stage holds a range)."""
+        return build_layers(self.config, self.policy.sep_layer)
 
     def release_cache(self) -> None:
         """Free the KV cache kept between calls (it is reused while prompt and generation

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from flexgen_repro.bench import fit, limits, process, records, suites, tables, text_bench
+from flexgen_repro.bench import fit, limits, multi_gpu, process, records, suites, tables, text_bench
 from flexgen_repro.bench.suites import Case
 
 DUMMY = "_DUMMY_"
@@ -122,6 +122,8 @@ def original_command(case: Case, s: Settings, json_file: str, log_file: str) -> 
 
 
 def default_command(case: Case, s: Settings, json_file: str, log_file: str) -> list[str]:
+    if case.runner in suites.DIST_RUNNERS:
+        return multi_gpu.command(case, s, json_file, log_file)
     build = {"accelerate": accelerate_command, "deepspeed": zero_inference_command,
              "original": original_command, "text": text_bench.command,
              "text-hf": text_bench.command}.get(
@@ -169,7 +171,7 @@ def _missing_package(case: Case) -> str | None:
         return ("DeepSpeed is not installed in this Python (not in requirements.lock; "
                 "`DS_BUILD_OPS=0 python3 -m pip install deepspeed==0.19.8` installs it): the baseline "
                 "cannot run here")
-    if case.runner == "original" and importlib.util.find_spec("flexgen") is None:
+    if case.runner in ("original", "original-dist") and importlib.util.find_spec("flexgen") is None:
         return ("the original FlexGen (`flexgen` on PyPI) is not installed in this Python (not in "
                 "requirements.lock; `python3 -m pip install flexgen==0.1.8 attrs` installs it): "
                 "the baseline cannot run here")
@@ -185,8 +187,10 @@ def why_not_run(case: Case, s: Settings, hardware: dict) -> str | None:
     if needs_gpu(case) and not hardware.get("cuda_available") and not s.allow_cpu:
         return (f"needs a GPU and this machine has none (`invoke bench --suite {case.suite} "
                 f"--allow-cpu` runs it on the CPU anyway: hours for models this size)")
-    if case.runner == "original":
+    if case.runner in ("original", "original-dist"):
         return None  # its own placement rule decides what fits; a run that does not fit fails
+    if case.runner == "flexgen-dist":
+        return None  # each rank places its own layers; a run that does not fit fails
     weights = s.weight_path(case)
     if weights != DUMMY:
         folder = os.path.join(weights, f"{case.config().name}-np")
@@ -313,6 +317,7 @@ def _prepare(suite: str | None, gpu_mem_gb: float | None, cases: str, offload_di
         cases = cases or ",".join(default_cases)
         print(f"no --suite given: running {suite!r}" + (f" cases {cases}" if cases else ""))
     selected = suites.select_cases(suites.load_suite(suite), cases)
+    multi_gpu.check_gpus(selected, probed["hardware"])
     return suite, selected, probed, limits.resolve_bandwidths(probed["hardware"], profile)
 
 
@@ -365,5 +370,7 @@ def main(suite: str | None, gpu_mem_gb: float | None, out: str | None, path: str
         print(f"interrupted ({e}): the running case was stopped and its partial outputs removed; "
               f"finished cases' records are in {out}/{suite}/raw/", file=sys.stderr)
         return e.exit_code
-    print("wrote " + ", ".join(tables.write_suite(os.path.join(out, suite))))
+    written = tables.write_suite(os.path.join(out, suite))
+    written += multi_gpu.write_scaling(os.path.join(out, suite))
+    print("wrote " + ", ".join(written))
     return _report(results, out, suite)

@@ -21,7 +21,9 @@ from flexgen_repro.config import LlamaConfig, OptConfig, get_model_config
 from flexgen_repro.policy import Policy, parse_percent
 
 SUITES_DIR = os.path.join(os.path.dirname(__file__), "suites")
-RUNNERS = ("flexgen", "accelerate", "deepspeed", "original", "text", "text-hf")
+RUNNERS = ("flexgen", "accelerate", "deepspeed", "original", "text", "text-hf", "flexgen-dist",
+           "original-dist")
+DIST_RUNNERS = ("flexgen-dist", "original-dist")  # pipeline parallel over `gpus` ranks (multi_gpu.py)
 WEIGHTS = ("dummy", "real")
 # What `invoke bench` runs with no suite on a machine with a GPU: needs no downloads (dummy
 # weights), a minute or two on an H100: case A (OPT-6.7B on the GPU) and OPT-1.3B streaming its
@@ -90,6 +92,7 @@ _COLUMNS: dict[str, tuple[Callable[[str], object], object, bool]] = {
     "timeout_s": (float, 1800.0, False),
     "hardware": (str, "", False),
     "repeat": (int, 1, False),
+    "gpus": (int, 1, False),
     "paper_throughput": (_opt_float, None, False),
     "paper_system": (str, "", False),
     "paper_measured": (_opt_bool, None, False),
@@ -124,6 +127,7 @@ class Case:
     timeout_s: float = 1800.0
     hardware: str = ""      # the cost-model profile `--percent auto` picks with ("": flex_opt's default)
     repeat: int = 1         # runs of the case in one call (see expand_repeats)
+    gpus: int = 1           # GPUs (pipeline stages) of a flexgen-dist / original-dist case
     paper_throughput: float | None = None
     paper_system: str = ""
     paper_measured: bool | None = None
@@ -166,10 +170,12 @@ class Case:
             raise ValueError("hardware names the profile of `percent auto`; leave it empty otherwise")
         if self.gpu_mem_gb is not None and self.gpu_mem_gb <= 0:
             raise ValueError(f"gpu_mem_gb must be > 0 (or empty for no cap), got {self.gpu_mem_gb}")
-        if self.runner in ("accelerate", "deepspeed", "original"):
+        if self.gpus < 1 or (self.gpus > 1 and self.runner not in DIST_RUNNERS):
+            raise ValueError(f"gpus must be >= 1, and above 1 only for {DIST_RUNNERS}, got {self.gpus}")
+        if self.runner in ("accelerate", "deepspeed", "original", "original-dist"):
             if self.auto or self.gpu_batch_size is None:
                 raise ValueError(f"a {self.runner} case needs an explicit percent and gpu_batch_size")
-            if self.runner == "original" and not all(v.isdigit() for v in self.percent.split()):
+            if self.runner.startswith("original") and not all(v.isdigit() for v in self.percent.split()):
                 raise ValueError(f"the original takes six whole percentages, got {self.percent!r}")
             return
         if not self.auto:
