@@ -96,7 +96,8 @@ def _dynamic_inv_freq(config, positions: torch.Tensor, inv_freq: torch.Tensor) -
     seq_len = positions.max() + 1
     n = seq_len.clamp(min=limit)  # no new host tensor: safe inside a CUDA-graph capture
     base = config.rope_theta * ((factor * n / limit) - (factor - 1)) ** (dim / (dim - 2))
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=positions.device, dtype=torch.float) / dim
+    # made on the device (a host tensor copied in would break a CUDA-graph capture)
+    exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim
     scaled = 1.0 / (base ** exponents)
     return torch.where(seq_len > limit, scaled, inv_freq)
 
