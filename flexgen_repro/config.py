@@ -61,8 +61,28 @@ def dtype_name(dtype) -> str:
     return d if isinstance(d, str) else d.name
 
 
+class ModelSizes:
+    """Size helpers shared by every family's config; each family defines `layer_params()`,
+    `embed_params()`, `kv_size` (keys of one token in one layer: KV heads x head width),
+    `num_hidden_layers`, `hidden_size` and `dtype_bytes`."""
+
+    def num_params(self) -> int:
+        return self.num_hidden_layers * self.layer_params() + self.embed_params()
+
+    def model_bytes(self) -> int:
+        return self.num_params() * self.dtype_bytes
+
+    def cache_bytes(self, batch_size: int, seq_len: int) -> int:
+        """Key and value cache of every layer for `batch_size` sequences of `seq_len` tokens (per
+        KV head, not per query head)."""
+        return 2 * batch_size * seq_len * self.num_hidden_layers * self.kv_size * self.dtype_bytes
+
+    def hidden_bytes(self, batch_size: int, seq_len: int) -> int:
+        return batch_size * seq_len * self.hidden_size * self.dtype_bytes
+
+
 @dataclass(frozen=True)
-class OptConfig:
+class OptConfig(ModelSizes):
     name: str = "opt-125m"
     num_hidden_layers: int = 12
     n_head: int = 12
@@ -125,18 +145,10 @@ class OptConfig:
         h = self.hidden_size
         return self.vocab_size * h + (self.max_seq_len + 2) * h + 2 * h
 
-    def num_params(self) -> int:
-        return self.num_hidden_layers * self.layer_params() + self.embed_params()
-
-    def model_bytes(self) -> int:
-        return self.num_params() * self.dtype_bytes
-
-    def cache_bytes(self, batch_size: int, seq_len: int) -> int:
-        """Key and value cache of every layer for `batch_size` sequences of `seq_len` tokens."""
-        return 2 * batch_size * seq_len * self.num_hidden_layers * self.hidden_size * self.dtype_bytes
-
-    def hidden_bytes(self, batch_size: int, seq_len: int) -> int:
-        return batch_size * seq_len * self.hidden_size * self.dtype_bytes
+    @property
+    def kv_size(self) -> int:
+        """Width of one token's keys (or values) in a layer: every head is a KV head in OPT."""
+        return self.n_kv_head * self.head_dim
 
 
 def canonical_name(name: str) -> str:
@@ -274,7 +286,7 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ModelSizes):
     """A Llama-family model: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention.
     Mistral (sliding window) and Qwen2 (q/k/v biases) are the same family with flags."""
     name: str = "llama-tiny"
@@ -352,18 +364,6 @@ class LlamaConfig:
         h = self.hidden_size
         return self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
 
-    def num_params(self) -> int:
-        return self.num_hidden_layers * self.layer_params() + self.embed_params()
-
-    def model_bytes(self) -> int:
-        return self.num_params() * self.dtype_bytes
-
-    def cache_bytes(self, batch_size: int, seq_len: int) -> int:
-        """Key and value cache of every layer: per KV head, not per query head."""
-        return 2 * batch_size * seq_len * self.num_hidden_layers * self.kv_size * self.dtype_bytes
-
-    def hidden_bytes(self, batch_size: int, seq_len: int) -> int:
-        return batch_size * seq_len * self.hidden_size * self.dtype_bytes
 
 
 # name -> LlamaConfig fields (shapes of the released checkpoints; "-tiny" ones are CPU-sized
