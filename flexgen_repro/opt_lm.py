@@ -88,6 +88,16 @@ class OptLM:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
                              f"[{arr.min()}, {arr.max()}]")
 
+    def _check_lengths(self, prompts: np.ndarray, max_new_tokens: int, do_sample: bool,
+                       temperature: float) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prompts.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt_len + max_new_tokens = {prompts.shape[1] + max_new_tokens} "
+                             f"exceeds the model's {self.config.max_seq_len} positions")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+
     def generate(self, inputs, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, stop: int | None = None, seed: int | None = None,
                  max_steps: int | None = None, attention_mask=None,
@@ -107,13 +117,7 @@ class OptLM:
         prompts = _as_prompts(inputs, self.config.pad_token_id)
         self._check_vocab(prompts)
         mask = _as_mask(attention_mask, prompts, self.config.pad_token_id)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if prompts.shape[1] + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(f"prompt_len + max_new_tokens = {prompts.shape[1] + max_new_tokens} "
-                             f"exceeds the model's {self.config.max_seq_len} positions")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        self._check_lengths(prompts, max_new_tokens, do_sample, temperature)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         pick = self._picker(do_sample, temperature, seed, top_p)

@@ -87,13 +87,7 @@ class StageLM(OptLM):
         """The checked prompts and the picker of a pipelined generate (the same checks as OptLM)."""
         prompts = _as_prompts(inputs, self.config.pad_token_id)
         self._check_vocab(prompts)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if prompts.shape[1] + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(f"prompt_len + max_new_tokens = {prompts.shape[1] + max_new_tokens} "
-                             f"exceeds the model's {self.config.max_seq_len} positions")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        self._check_lengths(prompts, max_new_tokens, do_sample, temperature)
         self.times = RunTimes()
         return prompts, self._picker(do_sample, temperature, seed)
 
