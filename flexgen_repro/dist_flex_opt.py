@@ -27,8 +27,8 @@ from flexgen_repro.parallel.stage import StageLM, split_stages
 from flexgen_repro.parallel.world import (COMM_DEVICES, World, backend_for, barrier, comm_torch_device,
                                       compute_device, gather_objects, init_method, process_group,
                                       world_from_env)
-from flexgen_repro.flex_opt import (_git_commit, build_parser, device_name, options_from_args,
-                                    policy_from_args, synthetic_prompts)
+from flexgen_repro.flex_opt import (_git_commit, auto_log_file, build_parser, device_name,
+                                    options_from_args, policy_from_args, synthetic_prompts)
 from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_outputs
 from flexgen_repro.model.weight_home import DUMMY
 
@@ -127,11 +127,8 @@ def report(args, record: dict) -> None:
             placed = ", ".join(f"{t} {p:.1f}%" for t, p in s["weight_placement"].items())
             print(f"rank {s['rank']}: decoder layers {s['decoder_layers'][0]}-"
                   f"{s['decoder_layers'][1] - 1}, weights placed: {placed}")
-    log_file = args.log_file
-    if log_file == "auto":
-        log_file = (f"rank-{record['world_size'] - 1}-fo-{record['model']}-gbs{record['gpu_batch_size']}-"
-                    f"ngbs{record['num_gpu_batches']}-prompt{record['prompt_len']}-gen{record['gen_len']}-"
-                    f"percent-{record['percent'].replace(' ', '-')}.log")
+    log_file = (auto_log_file(record, f"rank-{record['world_size'] - 1}-") if args.log_file == "auto"
+                else args.log_file)
     write_outputs(record, f"model: {record['model']}, percent: {record['percent']}, gpu batch: "
                           f"{record['gpu_batch_size']}x{record['num_gpu_batches']}x"
                           f"{record['num_inner_iterations']}, ranks: {record['world_size']}",

@@ -239,6 +239,13 @@ def _report_trace(tracer) -> None:
               file=sys.stderr)
 
 
+def auto_log_file(record: dict, prefix: str = "") -> str:
+    """The original's log file name for a run (`--log-file auto`), after `prefix`."""
+    return (f"{prefix}fo-{record['model']}-gbs{record['gpu_batch_size']}-ngbs{record['num_gpu_batches']}-"
+            f"prompt{record['prompt_len']}-gen{record['gen_len']}-percent-"
+            f"{record['percent'].replace(' ', '-')}.log")
+
+
 def main(argv=None) -> int:
     envs.use_expandable_segments()  # before CUDA is first touched
     args = build_parser().parse_args(argv)
@@ -252,11 +259,7 @@ def main(argv=None) -> int:
         print(record["log_text"])
         placed = ", ".join(f"{t} {p:.1f}%" for t, p in record["weight_placement"].items())
         print(f"weights placed: {placed}")
-    log_file = args.log_file
-    if log_file == "auto":
-        log_file = (f"fo-{record['model']}-gbs{record['gpu_batch_size']}-ngbs{record['num_gpu_batches']}-"
-                    f"prompt{record['prompt_len']}-gen{record['gen_len']}-percent-"
-                    f"{record['percent'].replace(' ', '-')}.log")
+    log_file = auto_log_file(record) if args.log_file == "auto" else args.log_file
     write_outputs(record, f"model: {record['model']}, percent: {record['percent']}, "
                           f"gpu batch: {record['gpu_batch_size']}x{record['num_gpu_batches']}",
                   log_file, args.json_file)
