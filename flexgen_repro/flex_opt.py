@@ -217,7 +217,7 @@ def run(args) -> dict:
         compress_cache=policy.compress_cache, cpu_cache_compute=policy.cpu_cache_compute,
         overlap=policy.overlap, sep_layer=policy.sep_layer, pin_weight=policy.pin_weight,
         attn_sparsity=policy.attn_sparsity, dtype=args.dtype, gpu_mem_cap_gb=args.gpu_mem_gb,
-        cuda_graphs=options.cuda_graphs, disk_io=options.disk_io,
+        cuda_graphs=options.cuda_graphs, disk_io=options.disk_io, disk_io_used=env.disk.describe(),
         cpu_attention_threads=options.cpu_attention_threads,
         staged_weights=not policy.pin_weight and env.has_cuda,
         model_size_gb=sizes[0] / GB, cache_size_gb=sizes[1] / GB, hidden_size_gb=sizes[2] / GB,
@@ -259,6 +259,8 @@ def main(argv=None) -> int:
         print(record["log_text"])
         placed = ", ".join(f"{t} {p:.1f}%" for t, p in record["weight_placement"].items())
         print(f"weights placed: {placed}")
+        if ";" in record["disk_io_used"]:  # the disk tier holds files
+            print(f"disk tier: {record['disk_io_used']}")
     log_file = auto_log_file(record) if args.log_file == "auto" else args.log_file
     write_outputs(record, f"model: {record['model']}, percent: {record['percent']}, "
                           f"gpu batch: {record['gpu_batch_size']}x{record['num_gpu_batches']}",

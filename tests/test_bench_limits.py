@@ -126,6 +126,28 @@ def test_disk_weights_bind_on_disk_bandwidth():
     assert lim.throughput == pytest.approx(16 * 1.2e9 / cfg.model_bytes(), rel=REL)
 
 
+def test_disk_weights_served_by_the_page_cache_bind_on_host_copies_and_pcie():
+    """A disk tier the page cache serves (the original FlexGen's, or ours with no O_DIRECT bytes)
+    reads at the host-memory copy rate; 2.4 GB at 71 GB/s is faster than PCIe's 54.7, so the
+    link binds."""
+    record = {"model": "opt-1.3b", "percent": "0 0 100 0 100 0", "gpu_batch_size": 16,
+              "num_gpu_batches": 1, "prompt_len": 512, "gen_len": 32, "dtype": "float16"}
+    cfg = get_opt_config("opt-1.3b")
+    drive = limits.record_limit(record, H100)
+    assert drive.binding == "weights from disk"
+    for served in ({"runner": "original"},
+                   {"disk_io_used": "auto: xfs on /dev/nvme0n1 accepts O_DIRECT; mmap 2.28 GiB"}):
+        lim = limits.record_limit({**record, **served}, H100)
+        assert "weights from the page cache" in lim.terms and "weights from disk" not in lim.terms
+        assert lim.terms["weights from the page cache"] == pytest.approx(cfg.model_bytes() / 71e9,
+                                                                          rel=REL)
+        assert lim.binding == "weights over PCIe"
+        assert lim.throughput == pytest.approx(16 * 54.7e9 / cfg.model_bytes(), rel=REL)
+    mixed = {**record, "disk_io_used": "auto: xfs; direct 1.00 GiB, mmap 1.28 GiB"}
+    assert limits.record_limit(mixed, H100) == drive
+    assert not limits.served_from_page_cache({"disk_io_used": "asked for"})
+
+
 def test_everything_on_gpu_needs_gpu_memory_bandwidth():
     _, none = _limit("opt-6.7b", (100, 0, 100, 0, 100, 0), 2, 1, H100)
     assert none.throughput is None and none.binding.startswith("none")

@@ -186,6 +186,36 @@ def test_auto_decides_from_the_filesystem_and_the_probe(tmp_path, monkeypatch):
     assert disk_io.resolve_io_mode(str(tmp_path), "buffered") == ("buffered", "asked for")
 
 
+def test_auto_maps_what_fits_in_the_page_cache_and_streams_the_rest_direct(tmp_path, monkeypatch):
+    """On a drive that accepts O_DIRECT, "auto" maps files while the mapped bytes stay within
+    PAGE_CACHE_SHARE of the available memory (memory speed), and reads the rest with O_DIRECT."""
+    monkeypatch.setattr(disk_io, "mount_of", lambda folder: ("xfs", "/dev/nvme0n1"))
+    monkeypatch.setattr(disk_io, "accepts_direct", lambda folder: True)
+    import flexgen_repro.devices.tiers as tiers
+    monkeypatch.setattr(tiers, "available_memory", lambda: 10_000)   # bytes: 5,000 may be mapped
+    disk = DiskDevice(str(tmp_path), "auto")
+    assert disk.io_mode == "direct" and "mapped while they fit" in disk.io_reason
+    first = disk.alloc((1000,), torch.float16)     # 2,000 bytes: mapped
+    second = disk.alloc((1000,), torch.float32)    # 4,000 more would pass 5,000: direct
+    third = disk.alloc((500,), torch.float16)      # 1,000 more: 3,000 mapped, within the share
+    assert (first.io, second.io, third.io) == ("mmap", "direct", "mmap")
+    assert disk.bytes_by_mode == {"mmap": 3000, "direct": 4000}
+    assert "mmap 0.00 GiB" in disk.describe() and "direct 0.00 GiB" in disk.describe()
+    values = torch.arange(1000, dtype=torch.float32)
+    second.write(Ellipsis, values)
+    assert torch.equal(second.read(), values)
+    disk.close()
+    # asked-for modes are kept for every file whatever the memory
+    fixed = DiskDevice(str(tmp_path), "direct")
+    assert fixed.alloc((1000,), torch.float16).io == "direct"
+    fixed.close()
+
+
+def test_available_memory_reads_meminfo():
+    n = disk_io.available_memory()
+    assert n > 0 if os.path.exists("/proc/meminfo") else n == 0
+
+
 def test_two_environments_share_nothing(tmp_path):
     """Each environment has its own copy engine (link gate, staging rings) and channels; closing
     one leaves the other's channels, files and copies working."""

@@ -119,12 +119,15 @@ class Limit:
 def step_bytes(config: OptConfig, percent: tuple[float, ...], gpu_batch_size: int,
                num_gpu_batches: int, prompt_len: int, gen_len: int, cpu_cache_compute: bool = False,
                compress_weight: bool = False, compress_cache: bool = False,
-               pin_weight: bool = True, staged: bool = False) -> dict[str, tuple[float, str]]:
+               pin_weight: bool = True, staged: bool = False,
+               page_cache: bool = False) -> dict[str, tuple[float, str]]:
     """Bytes moved per decode step, by term: {term: (bytes, bandwidth field)}. Unpinned host
     weights cross from pageable memory (`h2d_pageable_gbps`, where the profile measured it), or,
     `staged` (the runtime's pinned staging blocks, storage.copy_staged_), at the pinned rate after
     a host copy that reads and writes each byte (`cpu_mem_gbps`). Disk-resident weights are read
-    into pinned buffers either way."""
+    into pinned buffers either way. `page_cache`: the disk tier's files were served by the page
+    cache (mapped or buffered files that fit in memory), so their reads and writes are host
+    memory copies (`cpu_mem_gbps`), not the drive's transfers."""
     db, layers = config.dtype_bytes, config.num_hidden_layers
     block = gpu_batch_size * num_gpu_batches
     w_gpu, w_cpu, c_gpu, c_cpu, a_gpu, a_cpu = (p / 100 for p in percent)
@@ -140,11 +143,13 @@ def step_bytes(config: OptConfig, percent: tuple[float, ...], gpu_batch_size: in
     elif not pin_weight:  # host weights at the pageable rate, disk ones (read into pinned) not
         pinned_weights = w_disk * weights
         unpinned = {"unpinned weights over PCIe": (w_cpu * weights, "h2d_pageable_gbps")}
+    src, read, write = (("the page cache", "cpu_mem_gbps", "cpu_mem_gbps") if page_cache else
+                        ("disk", "disk_read_gbps", "disk_write_gbps"))
     terms = {
         "weights over PCIe": (pinned_weights, "h2d_gbps"),
-        "weights from disk": (w_disk * weights, "disk_read_gbps"),
-        "cache from disk": (c_disk * cache, "disk_read_gbps"),
-        "new cache to disk": (c_disk * new_kv, "disk_write_gbps"),
+        f"weights from {src}": (w_disk * weights, read),
+        f"cache from {src}": (c_disk * cache, read),
+        f"new cache to {src}": (c_disk * new_kv, write),
         "activations over PCIe": ((a_cpu + a_disk) * 2 * layers * config.hidden_bytes(block, 1),
                                   "h2d_gbps"),
         **unpinned,
@@ -183,6 +188,17 @@ def decode_limit(terms: dict[str, tuple[float, str]], block: int, bw: Bandwidths
     return Limit(block / total[res], binding, seconds, bw.name)
 
 
+def served_from_page_cache(record: dict) -> bool:
+    """Whether a run's disk tier was read through the page cache: the original FlexGen's always
+    is (it reads its files through the page cache); ours when `disk_io_used` (flex_opt's record)
+    counts no O_DIRECT bytes. Records without that field count as read from the drive."""
+    if record.get("runner") == "original":
+        return True
+    used = str(record.get("disk_io_used") or "")
+    _, _, counts = used.partition("; ")
+    return bool(counts) and "direct" not in counts
+
+
 def record_limit(record: dict, bw: Bandwidths) -> Limit:
     """The limit of a run record (flex_opt's or the baseline's JSON: model, percent, batches, ...)."""
     config = get_model_config(record["model"], dtype=record.get("dtype", "float16"))
@@ -191,7 +207,7 @@ def record_limit(record: dict, bw: Bandwidths) -> Limit:
                        int(record["prompt_len"]), int(record["gen_len"]),
                        bool(record.get("cpu_cache_compute")), bool(record.get("compress_weight")),
                        bool(record.get("compress_cache")), bool(record.get("pin_weight", True)),
-                       bool(record.get("staged_weights", False)))
+                       bool(record.get("staged_weights", False)), served_from_page_cache(record))
     block = int(record["gpu_batch_size"]) * int(record["num_gpu_batches"])
     return decode_limit(terms, block, bw)
 

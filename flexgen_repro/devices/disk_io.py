@@ -1,7 +1,8 @@
 """The disk tier's files and how their bytes are read and written.
 
 A `DiskFile` is one tensor kept as a raw file in the offload folder (or a weight folder's np.save
-file, read in place). Its `io` mode, decided once per disk device (`resolve_io_mode`):
+file, read in place). Its `io` mode, decided by the disk device (`resolve_io_mode`, and under "auto" per file
+by how much of the tier the page cache can hold: DiskDevice):
 - "direct": whole-tensor reads and writes with O_DIRECT, straight between the drive and aligned
   (pinned where CUDA exists) buffers, several requests in flight; bytes that do not fill a block
   go through the page cache;
@@ -24,6 +25,9 @@ import torch
 
 READ_CHUNK = 64 << 20      # bytes per request: large sequential requests, several in flight
 IO_THREADS = 4
+# "auto": files are mapped while the tier's mapped bytes stay within this share of the memory
+# available (the rest of it is left to the host tier and the process)
+PAGE_CACHE_SHARE = 0.5
 DIRECT_ALIGN = 4096        # O_DIRECT: buffer address, file offset and length in whole blocks
 # filesystems that live in memory or on top of another one: O_DIRECT there measures nothing
 _NOT_A_DRIVE = {"tmpfs", "ramfs", "overlay", "overlayfs", "squashfs", "fuse", "9p", "nfs", "nfs4",
@@ -245,9 +249,23 @@ def accepts_direct(folder: str) -> bool:
         os.remove(path)
 
 
+def available_memory() -> int:
+    """Bytes of memory available without swapping (Linux MemAvailable: free memory and the
+    reclaimable page cache); 0 where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def resolve_io_mode(folder: str, requested: str) -> tuple[str, str]:
     """(mode, why) for the disk tier in `folder`: "auto" is direct where the folder lies on a
-    block device whose filesystem accepts O_DIRECT, else mmap."""
+    block device whose filesystem accepts O_DIRECT (the device then maps the files that fit in
+    the page cache), else mmap."""
     if requested != "auto":
         return requested, "asked for"
     fstype, source = mount_of(folder)
@@ -255,4 +273,5 @@ def resolve_io_mode(folder: str, requested: str) -> tuple[str, str]:
         return "mmap", f"auto: {fstype or 'unknown'} filesystem on {source or 'unknown'} is not a drive"
     if not accepts_direct(folder):
         return "mmap", f"auto: {fstype} on {source} refuses O_DIRECT"
-    return "direct", f"auto: {fstype} on {source} accepts O_DIRECT"
+    return "direct", (f"auto: {fstype} on {source} accepts O_DIRECT; files mapped while they fit "
+                      f"in {PAGE_CACHE_SHARE:.0%} of the available memory")

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from flexgen_repro.devices.copy_engine import CopyEngine
-from flexgen_repro.devices.disk_io import DiskFile, new_disk_file, resolve_io_mode
+from flexgen_repro.devices.disk_io import (PAGE_CACHE_SHARE, DiskFile, available_memory,
+                                           new_disk_file, resolve_io_mode)
 from flexgen_repro.devices.storage import PackedStore, PlainStore, RowSplit, Segment, Stored
 from flexgen_repro.policy import Tier, split_rows
 
@@ -82,7 +83,11 @@ class DiskDevice:
 
     `io_mode` is how its files are read and written ("direct", "buffered" or "mmap", see
     disk_io), decided once from the asked-for `disk_io` ("auto": by probing the folder);
-    `io_reason` says why."""
+    `io_reason` says why. Under "auto" on a drive that accepts O_DIRECT, each file is decided
+    when it is made: mapped while the tier's mapped bytes fit in PAGE_CACHE_SHARE of the memory
+    available (the page cache then serves them at memory speed, several times the drive's), with
+    O_DIRECT beyond (a tier larger than memory streams from the drive without evicting the
+    mapped files). `bytes_by_mode` counts the bytes of each mode."""
 
     tier = Tier.DISK
 
@@ -93,17 +98,36 @@ class DiskDevice:
         self._lock = threading.Lock()
         os.makedirs(folder, exist_ok=True)
         self.io_mode, self.io_reason = resolve_io_mode(folder, disk_io)
+        self._per_file = disk_io == "auto" and self.io_mode == "direct"
+        self.bytes_by_mode: dict[str, int] = {}
+
+    def _mode_for(self, nbytes: int) -> str:
+        """The io mode of a new file of `nbytes` (counted in bytes_by_mode)."""
+        with self._lock:
+            mode = self.io_mode
+            if self._per_file:
+                mapped = self.bytes_by_mode.get("mmap", 0)
+                if mapped + nbytes <= PAGE_CACHE_SHARE * available_memory():
+                    mode = "mmap"
+            self.bytes_by_mode[mode] = self.bytes_by_mode.get(mode, 0) + nbytes
+            return mode
+
+    def describe(self) -> str:
+        """How this tier reads and writes, and how many bytes went each way."""
+        used = ", ".join(f"{mode} {n / (1 << 30):.2f} GiB" for mode, n in
+                         sorted(self.bytes_by_mode.items()))
+        return self.io_reason + (f"; {used}" if used else "")
 
     def alloc(self, shape, dtype: torch.dtype, pin: bool = False, long_lived: bool = True) -> DiskFile:
         os.makedirs(self.folder, exist_ok=True)
-        f = new_disk_file(self.folder, shape, dtype, io=self.io_mode)
+        f = new_disk_file(self.folder, shape, dtype, io=self._mode_for(_nbytes(shape, dtype)))
         with self._lock:
             self._owned.append(f.path)
         return f
 
     def file(self, path: str, shape, dtype: torch.dtype, npy: bool = False) -> DiskFile:
         """A handle on an existing file (e.g. a weight folder's), read in this device's mode."""
-        return DiskFile(path, tuple(shape), dtype, npy=npy, io=self.io_mode)
+        return DiskFile(path, tuple(shape), dtype, npy=npy, io=self._mode_for(_nbytes(shape, dtype)))
 
     def put(self, t: torch.Tensor, pin: bool = False) -> Stored:
         f = self.alloc(t.shape, t.dtype)
@@ -125,6 +149,13 @@ class DiskDevice:
         for path in owned:
             if os.path.exists(path):
                 os.remove(path)
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
 
 
 class MixedDevice:
