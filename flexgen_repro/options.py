@@ -18,7 +18,9 @@ class RuntimeOptions:
     - cuda_graphs: all-GPU policies decode through captured CUDA graphs (CUDA only).
     - disk_io: how the disk tier reads and writes its files. "direct": O_DIRECT into aligned
       buffers, several requests in flight; "buffered": through the page cache; "mmap": reads
-      map the file; "auto": direct where the offload folder's filesystem accepts it, else buffered.
+      map the file; "auto": on a drive whose filesystem accepts O_DIRECT, files are mapped while
+      they fit in half the available memory (the page cache serves them at memory speed) and
+      read with O_DIRECT beyond; elsewhere mmap.
     - cpu_attention_kernel: decode attention on the CPU through the C kernel (built at first use;
       torch where no compiler exists).
     - cpu_attention_threads: threads of that kernel (None: torch's thread count less a reserve).

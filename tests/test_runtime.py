@@ -12,6 +12,7 @@ import pytest
 
 from conftest import hf_greedy, hf_logits, random_prompts
 from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config
+from flexgen_repro.options import RuntimeOptions
 
 GEN = 6
 # (w_gpu, w_cpu, cache_gpu, cache_cpu, act_gpu, act_cpu): each tier alone and split, for each kind
@@ -229,9 +230,10 @@ def test_env_close_removes_its_files_and_joins_threads(setup, tmp_path):
 
 def test_failing_copy_raises_in_caller(setup, tmp_path):
     """A disk weight file that disappears makes the background load fail: generate raises the
-    error instead of hanging."""
+    error instead of hanging. Buffered reads open the file at every load (a mapped file would
+    outlive its name)."""
     model, config, weights, prompts, expected = setup
-    with ExecutionEnv.create(str(tmp_path / "off")) as env:
+    with ExecutionEnv.create(str(tmp_path / "off"), options=RuntimeOptions(disk_io="buffered")) as env:
         lm = OptLM(config, env, "_DUMMY_", policy((0, 0, 100, 0, 100, 0), True, 2))
         for f in (tmp_path / "off").iterdir():
             os.remove(f)
