@@ -32,8 +32,9 @@ def test_repeats_run_in_rounds_with_suffixed_ids():
     cases = suites.load_suite("placements")
     ids = [c.case for c in cases]
     assert ids[:2] == ["1.3b-wdisk-1x16", "orig-1.3b-wdisk-1x16"]
-    assert ids[8:10] == ["1.3b-wdisk-1x16.rep2", "orig-1.3b-wdisk-1x16.rep2"]
-    assert len(ids) == 3 * 8 and len(set(ids)) == len(ids)
+    assert ids[2] == "1.3b-wdisk-1x16-direct"       # the drive's own rate: one run, no twin
+    assert ids[9:11] == ["1.3b-wdisk-1x16.rep2", "orig-1.3b-wdisk-1x16.rep2"]
+    assert len(ids) == 3 * 8 + 1 and len(set(ids)) == len(ids)
     assert [c.index for c in cases] == list(range(len(cases)))
     assert suites.base_case("orig-1.3b-wdisk-1x16.rep3") == ("orig-1.3b-wdisk-1x16", 3)
     assert suites.base_case("opt-6.7b") == ("opt-6.7b", 1)
@@ -56,7 +57,8 @@ def test_bad_repeat_and_hardware_are_named(tmp_path, row, message):
 
 def test_placements_pair_each_of_ours_with_the_original_on_the_same_placement():
     cases = _raw("placements")
-    ours = [c for c in cases.values() if c.runner == "flexgen"]
+    ours = [c for c in cases.values() if c.runner == "flexgen" and c.disk_io == "auto"]
+    assert cases["1.3b-wdisk-1x16-direct"].disk_io == "direct"
     assert {c.case for c in ours} == {"1.3b-wdisk-1x16", "1.3b-cdisk-cpuattn-1x16",
                                       "1.3b-wcpu-overlap-1x16", "1.3b-wcpu-overlap-4x4"}
     for c in ours:

@@ -80,6 +80,8 @@ def flexgen_command(case: Case, s: Settings, json_file: str, log_file: str) -> l
         cmd += ["--gpu-mem-gb", f"{s.cap(case):g}"]
     if case.hardware:
         cmd += ["--hardware", case.hardware]
+    if case.disk_io != "auto":
+        cmd += ["--disk-io", case.disk_io]
     return cmd + ["--json-file", json_file, "--log-file", log_file]
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from flexgen_repro.config import LlamaConfig, OptConfig, get_model_config
+from flexgen_repro.options import DISK_IO_MODES
 from flexgen_repro.policy import Policy, parse_percent
 
 SUITES_DIR = os.path.join(os.path.dirname(__file__), "suites")
@@ -93,6 +94,7 @@ _COLUMNS: dict[str, tuple[Callable[[str], object], object, bool]] = {
     "hardware": (str, "", False),
     "repeat": (int, 1, False),
     "gpus": (int, 1, False),
+    "disk_io": (_choice(DISK_IO_MODES), "auto", False),
     "paper_throughput": (_opt_float, None, False),
     "paper_system": (str, "", False),
     "paper_measured": (_opt_bool, None, False),
@@ -128,6 +130,7 @@ class Case:
     hardware: str = ""      # the cost-model profile `--percent auto` picks with ("": flex_opt's default)
     repeat: int = 1         # runs of the case in one call (see expand_repeats)
     gpus: int = 1           # GPUs (pipeline stages) of a flexgen-dist / original-dist case
+    disk_io: str = "auto"   # how our runtime reads the disk tier (flex_opt --disk-io)
     paper_throughput: float | None = None
     paper_system: str = ""
     paper_measured: bool | None = None
@@ -172,6 +175,9 @@ class Case:
             raise ValueError(f"gpu_mem_gb must be > 0 (or empty for no cap), got {self.gpu_mem_gb}")
         if self.gpus < 1 or (self.gpus > 1 and self.runner not in DIST_RUNNERS):
             raise ValueError(f"gpus must be >= 1, and above 1 only for {DIST_RUNNERS}, got {self.gpus}")
+        if self.disk_io != "auto" and self.runner != "flexgen":
+            raise ValueError(f"disk_io sets our runtime's --disk-io: only for flexgen cases, "
+                             f"not {self.runner!r} (leave it empty)")
         if self.runner in ("accelerate", "deepspeed", "original", "original-dist"):
             if self.auto or self.gpu_batch_size is None:
                 raise ValueError(f"a {self.runner} case needs an explicit percent and gpu_batch_size")
