@@ -218,6 +218,7 @@ def run(args) -> dict:
         overlap=policy.overlap, sep_layer=policy.sep_layer, pin_weight=policy.pin_weight,
         attn_sparsity=policy.attn_sparsity, dtype=args.dtype, gpu_mem_cap_gb=args.gpu_mem_gb,
         cuda_graphs=options.cuda_graphs, disk_io=options.disk_io, disk_io_used=env.disk.describe(),
+        disk_io_bytes=dict(env.disk.bytes_by_mode),
         cpu_attention_threads=options.cpu_attention_threads,
         staged_weights=not policy.pin_weight and env.has_cuda,
         model_size_gb=sizes[0] / GB, cache_size_gb=sizes[1] / GB, hidden_size_gb=sizes[2] / GB,
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
         print(record["log_text"])
         placed = ", ".join(f"{t} {p:.1f}%" for t, p in record["weight_placement"].items())
         print(f"weights placed: {placed}")
-        if ";" in record["disk_io_used"]:  # the disk tier holds files
+        if record["disk_io_bytes"]:  # the disk tier holds files
             print(f"disk tier: {record['disk_io_used']}")
     log_file = auto_log_file(record) if args.log_file == "auto" else args.log_file
     write_outputs(record, f"model: {record['model']}, percent: {record['percent']}, "

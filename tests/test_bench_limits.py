@@ -145,7 +145,12 @@ def test_disk_weights_served_by_the_page_cache_bind_on_host_copies_and_pcie():
         assert lim.throughput == pytest.approx(16 * 54.7e9 / cfg.model_bytes(), rel=REL)
     mixed = {**record, "disk_io_used": "auto: xfs; direct 1.00 GiB, mmap 1.28 GiB"}
     assert limits.record_limit(mixed, H100) == drive
+    assert limits.record_limit({**record, "disk_io_bytes": {"mmap": 1, "direct": 2}}, H100) == drive
+    assert limits.served_from_page_cache({"disk_io_bytes": {"mmap": 10}})
     assert not limits.served_from_page_cache({"disk_io_used": "asked for"})
+    # a reason with "; " in it and no byte counts is not read as counts
+    assert not limits.served_from_page_cache(
+        {"disk_io_used": "auto: xfs on /dev/nvme0n1 accepts O_DIRECT; files mapped while they fit"})
 
 
 def test_everything_on_gpu_needs_gpu_memory_bandwidth():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, fields
 
 from flexgen_repro.bench.fit import stored_bytes
@@ -188,14 +189,22 @@ def decode_limit(terms: dict[str, tuple[float, str]], block: int, bw: Bandwidths
     return Limit(block / total[res], binding, seconds, bw.name)
 
 
+_COUNTS = re.compile(r"^\w+ [\d.]+ GiB(, \w+ [\d.]+ GiB)*$")   # DiskDevice.describe's byte counts
+
+
 def served_from_page_cache(record: dict) -> bool:
     """Whether a run's disk tier was read through the page cache: the original FlexGen's always
     is (it reads its files through the page cache); ours when `disk_io_used` (flex_opt's record)
-    counts no O_DIRECT bytes. Records without that field count as read from the drive."""
+    counts no O_DIRECT bytes (`disk_io_bytes`, or the byte counts that end `disk_io_used`).
+    Records without either count as read from the drive."""
     if record.get("runner") == "original":
         return True
-    used = str(record.get("disk_io_used") or "")
-    _, _, counts = used.partition("; ")
+    counts = record.get("disk_io_bytes")
+    if counts is None:
+        _, _, tail = str(record.get("disk_io_used") or "").rpartition("; ")
+        if not _COUNTS.match(tail):
+            return False
+        counts = {part.split()[0]: part for part in tail.split(", ")}
     return bool(counts) and "direct" not in counts
 
 
