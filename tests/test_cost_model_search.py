@@ -23,7 +23,7 @@ PAPER = {
                       cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=0,
                       act_cpu_percent=100, cpu_cache_compute=True, pin_weight=False), 0.69),
 }
-# The acceptance band for the paper's figures (several of which were projected).
+# The accepted band around the paper's figures (several of them projected, not measured): 2x.
 PAPER_FACTOR = 2.0
 # Rounding to integer percentages moves each fraction by at most half a point (plus repair), so a
 # rounded optimum may trail the relaxed one slightly; monotonicity of rounded results is checked

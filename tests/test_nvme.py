@@ -1,5 +1,5 @@
 """setup-nvme: plans from recorded lsblk output of AWS and GCP machines (exact commands written
-out by hand from the issue's recipe), every refusal, --devices, dry runs, idempotence, the
+out by hand from the cloud vendors' documented setup steps), every refusal, --devices, dry runs, idempotence, the
 executor, the scripts, and a real run on loop devices where this machine allows it."""
 from __future__ import annotations
 
