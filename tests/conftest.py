@@ -33,6 +33,14 @@ def make_hf_opt(hidden=32, layers=2, heads=4, ffn=64, vocab=128, seed=0, max_pos
     return model
 
 
+def percent_policy(pct, gpu_batch_size: int = 2, num_gpu_batches: int = 2, **kw):
+    """A Policy from the six placement percentages (w, cache, act on GPU and CPU) and switches."""
+    from flexgen_repro import Policy
+    return Policy(gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches,
+                  w_gpu_percent=pct[0], w_cpu_percent=pct[1], cache_gpu_percent=pct[2],
+                  cache_cpu_percent=pct[3], act_gpu_percent=pct[4], act_cpu_percent=pct[5], **kw)
+
+
 def save_weight_folder(model, root: str, name: str) -> str:
     folder = weight_dir(root, name)
     os.makedirs(folder, exist_ok=True)

@@ -15,17 +15,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flexgen_repro import CausalLM, ExecutionEnv, Policy, get_model_config
+from conftest import percent_policy as policy
+from flexgen_repro import CausalLM, ExecutionEnv, get_model_config
 from llama_models import PAD, hf_rows_alone, make_hf_llama, mixed_prompts, save_and_prepare
 
 GEN = 7
 PROMPT = 9
-
-
-def policy(pct, gpu_batch_size=2, num_gpu_batches=2, **kw):
-    return Policy(gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, w_gpu_percent=pct[0],
-                  w_cpu_percent=pct[1], cache_gpu_percent=pct[2], cache_cpu_percent=pct[3],
-                  act_gpu_percent=pct[4], act_cpu_percent=pct[5], **kw)
 
 
 POLICIES = {
@@ -61,10 +56,11 @@ def built(tmp_path_factory):
     def get(name):
         if name not in cache:
             root = tmp_path_factory.mktemp(name)
-            model = make_hf_llama(seed=len(cache) + 1, **MODELS[name])
+            index = list(MODELS).index(name)  # seeds by name: the same model in any test order
+            model = make_hf_llama(seed=index + 1, **MODELS[name])
             ckpt, weights = save_and_prepare(model, str(root), f"tiny-{name}")
             config = get_model_config(ckpt, dtype=np.float32)
-            prompts = mixed_prompts(4, PROMPT, seed=len(cache))
+            prompts = mixed_prompts(4, PROMPT, seed=index)
             cache[name] = (model, config, weights, prompts, hf_rows_alone(model, prompts, GEN))
         return cache[name]
     return get

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexgen_repro import CausalLM, CompressionConfig, ExecutionEnv, Policy, get_model_config
+from conftest import percent_policy as policy
+from flexgen_repro import CausalLM, CompressionConfig, ExecutionEnv, get_model_config
 from flexgen_repro.compression import compress, decompress
 from llama_models import PAD, hf_rows_alone, make_hf_llama, mixed_prompts, save_and_prepare
 
@@ -28,12 +29,6 @@ AGREEMENT = 0.75
 PLACEMENTS = [(100, 0, 100, 0, 100, 0), (0, 100, 0, 100, 0, 100), (0, 0, 0, 0, 100, 0),
               (30, 30, 30, 30, 30, 30)]
 SHAPE = dict(kind="llama", hidden=64, heads=4, kv_heads=2, inter=128)
-
-
-def policy(pct, **kw):
-    return Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=pct[0], w_cpu_percent=pct[1],
-                  cache_gpu_percent=pct[2], cache_cpu_percent=pct[3], act_gpu_percent=pct[4],
-                  act_cpu_percent=pct[5], **kw)
 
 
 @pytest.fixture(scope="module")

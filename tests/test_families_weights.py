@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexgen_repro import ExecutionEnv, OptLM, Policy, get_model_config
+from conftest import percent_policy
+from flexgen_repro import ExecutionEnv, OptLM, get_model_config
 from flexgen_repro.weights import prepare, verify
 from flexgen_repro.weights.folder import MANIFEST
 from flexgen_repro.weights.layout import expected_tensors, weight_dir
@@ -70,8 +71,7 @@ def test_verify_and_runtime_name_a_missing_tensor_and_the_fix(tmp_path):
     folder = weight_dir(root, config.name)
     os.remove(os.path.join(folder, "layers.1.mlp.up_proj.weight"))
     assert verify.main(model=src, path=root) == 1
-    policy = Policy(gpu_batch_size=1, num_gpu_batches=1, w_gpu_percent=100, w_cpu_percent=0,
-                    cache_gpu_percent=100, cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0)
+    policy = percent_policy((100, 0, 100, 0, 100, 0), gpu_batch_size=1, num_gpu_batches=1)
     with ExecutionEnv.create(str(tmp_path / "off")) as env:
         with pytest.raises(ValueError, match="missing: layers.1.mlp.up_proj.weight") as err:
             OptLM(config, env, root, policy)

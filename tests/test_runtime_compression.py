@@ -9,17 +9,12 @@ import pytest
 import torch
 
 from conftest import hf_logits, make_hf_opt, random_prompts, save_weight_folder
-from flexgen_repro import CompressionConfig, ExecutionEnv, OptLM, Policy, get_opt_config
+from conftest import percent_policy as policy
+from flexgen_repro import CompressionConfig, ExecutionEnv, OptLM, get_opt_config
 from flexgen_repro.compression import compress, decompress
 
 PLACEMENTS = [(100, 0, 100, 0, 100, 0), (0, 100, 0, 100, 0, 100), (0, 0, 0, 0, 0, 0),
               (30, 30, 30, 30, 30, 30)]
-
-
-def policy(pct, **kw):
-    return Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=pct[0], w_cpu_percent=pct[1],
-                  cache_gpu_percent=pct[2], cache_cpu_percent=pct[3], act_gpu_percent=pct[4],
-                  act_cpu_percent=pct[5], **kw)
 
 
 @pytest.fixture(scope="module")

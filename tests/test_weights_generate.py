@@ -12,8 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import hf_greedy, make_hf_opt, random_prompts
-from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config
+from conftest import hf_greedy, make_hf_opt, percent_policy, random_prompts
+from flexgen_repro import ExecutionEnv, OptLM, get_opt_config
 from flexgen_repro.weights import convert_metaseq_shards, prepare
 from flexgen_repro.weights.layout import hf_key_to_file_name, weight_dir
 from flexgen_repro.weights.metaseq_fixture import spec_of, write_checkpoint
@@ -22,8 +22,7 @@ from test_weights_hf import save_sharded_bin
 GEN = 8
 # weights, cache and activations split over GPU (host-backed without CUDA), CPU and disk: the folder's
 # tensors are read into every tier (the runtime's own tests cover the placement matrix)
-POLICY = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=30, w_cpu_percent=30, cache_gpu_percent=30,
-                cache_cpu_percent=30, act_gpu_percent=30, act_cpu_percent=30)
+POLICY = percent_policy((30, 30, 30, 30, 30, 30))
 
 
 def write_source(model, kind: str, ckpt: str, weights: str) -> None:
@@ -62,8 +61,7 @@ def test_runtime_refuses_a_damaged_folder_naming_the_tensor_and_the_fix(tmp_path
     config = get_opt_config(ckpt, dtype=np.float32)
     folder = weight_dir(weights, config.name)
     os.remove(os.path.join(folder, "decoder.layers.1.fc1.bias"))
-    policy = Policy(gpu_batch_size=1, num_gpu_batches=1, w_gpu_percent=100, w_cpu_percent=0,
-                    cache_gpu_percent=100, cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0)
+    policy = percent_policy((100, 0, 100, 0, 100, 0), gpu_batch_size=1, num_gpu_batches=1)
     with ExecutionEnv.create(str(tmp_path / "offload")) as env:
         with pytest.raises(ValueError, match="missing: decoder.layers.1.fc1.bias") as err:
             OptLM(config, env, weights, policy)
