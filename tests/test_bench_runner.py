@@ -5,6 +5,7 @@ flex_opt's and the baseline's own argument parsers."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -237,7 +238,6 @@ def test_git_state_reads_the_repository_or_the_image_build_arg(tmp_path, monkeyp
 
 
 def test_disk_io_column_reaches_flex_opt_and_is_refused_for_other_runners():
-    from flexgen_repro.bench import runner, suites
     cases = {c.case: c for c in suites.load_suite("placements")}
     direct = cases["1.3b-wdisk-1x16-direct"]
     assert direct.disk_io == "direct" and cases["1.3b-wdisk-1x16"].disk_io == "auto"
@@ -245,7 +245,5 @@ def test_disk_io_column_reaches_flex_opt_and_is_refused_for_other_runners():
     cmd = runner.flexgen_command(direct, s, "j.json", "l.log")
     assert cmd[cmd.index("--disk-io") + 1] == "direct"
     assert "--disk-io" not in runner.flexgen_command(cases["1.3b-wdisk-1x16"], s, "j", "l")
-    import dataclasses
-    import pytest
     with pytest.raises(ValueError, match="only for flexgen cases"):
         dataclasses.replace(cases["orig-1.3b-wdisk-1x16"], disk_io="direct").validate()

@@ -13,7 +13,7 @@ import torch
 from conftest import hf_greedy, random_prompts
 from flexgen_repro import CompressionConfig, ExecutionEnv, OptLM, Policy, get_opt_config
 from flexgen_repro.compression import decompress
-from flexgen_repro.devices import disk_io
+from flexgen_repro.devices import disk_io, tiers
 from flexgen_repro.devices.tiers import DiskDevice
 from flexgen_repro.options import RuntimeOptions
 from flexgen_repro.policy import Tier
@@ -191,7 +191,6 @@ def test_auto_maps_what_fits_in_the_page_cache_and_streams_the_rest_direct(tmp_p
     PAGE_CACHE_SHARE of the available memory (memory speed), and reads the rest with O_DIRECT."""
     monkeypatch.setattr(disk_io, "mount_of", lambda folder: ("xfs", "/dev/nvme0n1"))
     monkeypatch.setattr(disk_io, "accepts_direct", lambda folder: True)
-    import flexgen_repro.devices.tiers as tiers
     monkeypatch.setattr(tiers, "available_memory", lambda: 10_000)   # bytes: 5,000 may be mapped
     disk = DiskDevice(str(tmp_path), "auto")
     assert disk.io_mode == "direct" and "mapped while they fit" in disk.io_reason

@@ -155,13 +155,18 @@ class DiskFile:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
+        return nbytes_of(self.shape, self.dtype)
+
+
+def nbytes_of(shape, dtype: torch.dtype) -> int:
+    """Bytes of a tensor of `shape` and `dtype`."""
+    return int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
 
 
 def aligned_empty(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     """An uninitialized tensor whose data starts on a DIRECT_ALIGN boundary (a view into a
     slightly larger byte buffer)."""
-    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    nbytes = nbytes_of(shape, dtype)
     raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=pin)
     skip = -raw.data_ptr() % DIRECT_ALIGN
     return raw[skip:skip + nbytes].view(dtype).view(shape)

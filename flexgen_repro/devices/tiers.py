@@ -13,7 +13,7 @@ import torch
 
 from flexgen_repro.devices.copy_engine import CopyEngine
 from flexgen_repro.devices.disk_io import (PAGE_CACHE_SHARE, DiskFile, available_memory,
-                                           new_disk_file, resolve_io_mode)
+                                           nbytes_of, new_disk_file, resolve_io_mode)
 from flexgen_repro.devices.storage import PackedStore, PlainStore, RowSplit, Segment, Stored
 from flexgen_repro.policy import Tier, split_rows
 
@@ -120,14 +120,14 @@ class DiskDevice:
 
     def alloc(self, shape, dtype: torch.dtype, pin: bool = False, long_lived: bool = True) -> DiskFile:
         os.makedirs(self.folder, exist_ok=True)
-        f = new_disk_file(self.folder, shape, dtype, io=self._mode_for(_nbytes(shape, dtype)))
+        f = new_disk_file(self.folder, shape, dtype, io=self._mode_for(nbytes_of(shape, dtype)))
         with self._lock:
             self._owned.append(f.path)
         return f
 
     def file(self, path: str, shape, dtype: torch.dtype, npy: bool = False) -> DiskFile:
         """A handle on an existing file (e.g. a weight folder's), read in this device's mode."""
-        return DiskFile(path, tuple(shape), dtype, npy=npy, io=self._mode_for(_nbytes(shape, dtype)))
+        return DiskFile(path, tuple(shape), dtype, npy=npy, io=self._mode_for(nbytes_of(shape, dtype)))
 
     def put(self, t: torch.Tensor, pin: bool = False) -> Stored:
         f = self.alloc(t.shape, t.dtype)
@@ -149,13 +149,6 @@ class DiskDevice:
         for path in owned:
             if os.path.exists(path):
                 os.remove(path)
-
-
-def _nbytes(shape, dtype: torch.dtype) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n * torch.empty((), dtype=dtype).element_size()
 
 
 class MixedDevice:
