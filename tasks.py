@@ -133,7 +133,7 @@ def generate(c, input="", output="", model="", path="~/opt_weights", offload_dir
              percent="auto", gpu_batch_size=4, num_gpu_batches=1, max_new_tokens=32, temperature="0",
              top_p="1", seed=-1, stop=None, dtype="", truncate="", compress_weight=False,
              compress_cache=False, cpu_cache_compute=False, tokenizer="", hardware="", resume=False,
-             overwrite=False, log_every="1", gpus=1):
+             overwrite=False, log_every="1", gpus=1, window=0):
     """Prompts in, completions out: the same as `python -m flexgen_repro.generate`."""
     _required(input=input, output=output)
     from flexgen_repro import generate as job
@@ -145,6 +145,7 @@ def generate(c, input="", output="", model="", path="~/opt_weights", offload_dir
                         ("--tokenizer", tokenizer), ("--hardware", hardware)):
         argv += [flag, value] if value else []
     argv += ["--seed", str(seed)] if int(seed) >= 0 else []
+    argv += ["--window", str(window)] if int(window) > 0 else []
     argv += ["--stop", *stop] if stop else []
     for flag, on in (("--compress-weight", compress_weight), ("--compress-cache", compress_cache),
                      ("--cpu-cache-compute", cpu_cache_compute), ("--resume", resume),

@@ -43,6 +43,23 @@ def repro_commit() -> str:
     return get("FLEXGEN_REPRO_COMMIT")
 
 
+def checkout_commit() -> str:
+    """The commit a record names: repro_commit() where set, else the checkout's short commit
+    ("-dirty" with uncommitted changes to tracked files), else "unknown"."""
+    if repro_commit():
+        return repro_commit()
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def kernel_cache() -> str:
     """FLEXGEN_KERNEL_CACHE: the folder compiled kernels are kept in."""
     return get("FLEXGEN_KERNEL_CACHE")

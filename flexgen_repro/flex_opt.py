@@ -12,7 +12,6 @@ import datetime
 import gc
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -160,18 +159,8 @@ def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int) -> np.ndar
 
 
 def _git_commit() -> str:
-    """The checkout's commit; envs.repro_commit() overrides it (a copy without .git)."""
-    if envs.repro_commit():
-        return envs.repro_commit()
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The checkout's commit (envs.checkout_commit)."""
+    return envs.checkout_commit()
 
 
 def device_name() -> str:

@@ -29,7 +29,7 @@ class DecodeBlock:
     layers: list
     batch: int                 # rows per GPU batch
     prompt_len: int
-    total_len: int             # prompt_len + gen_len: the cache buffers' length
+    total_len: int             # the cache buffers' length (at least prompt_len + gen_len)
     device: torch.device
     pick: Callable[[torch.Tensor], torch.Tensor]                       # logits -> ids
     step_inputs: Callable[[int, int], tuple]   # (i, k) -> ids, positions, mask, on the GPU

@@ -11,6 +11,7 @@ model's policy depends on them).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 
 from flexgen_repro.policy import Policy
 from flexgen_repro.text import model as text_model
-from flexgen_repro.text.batching import Completion, Finisher, make_blocks
+from flexgen_repro.text.batching import Completion, Finisher, cache_capacity, make_blocks
 from flexgen_repro.text.model import DUMMY, TextJobError
 
 __all__ = ["LLM", "Completion", "TextJobError"]
@@ -35,6 +36,10 @@ class GenerateStats:
     padded_positions: int = 0     # prompt positions of every block row, padding and filler included
     blocks: int = 0
     wall_s: float = 0.0
+
+    def plus(self, other: "GenerateStats") -> "GenerateStats":
+        """Both runs' counts and wall times summed."""
+        return GenerateStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
 class LLM:
@@ -58,6 +63,10 @@ class LLM:
         self.tokenizer = text_model.load_tokenizer(model, self.config, tokenizer, self.dummy)
         self.policy = policy if isinstance(policy, Policy) else None
         self.stats = GenerateStats()
+        # the longest prompt + generation this model is planned for (the cost model's policy, and
+        # the most cache positions a block gets); `generate` raises it for longer inputs, and
+        # the command sets it from the whole input before the first window
+        self.plan_len = 0
         self._env = self._lm = None
 
     @property
@@ -120,7 +129,9 @@ class LLM:
             raise TextJobError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
         start = time.perf_counter()
         longest = max(len(t) for t in token_ids)
-        lm = self._load(longest, max_new_tokens, len(token_ids))
+        self.plan_len = max(self.plan_len, longest + max_new_tokens)
+        lm = self._load(self.plan_len - max_new_tokens, max_new_tokens, len(token_ids))
+        per_octave = 2 if lm.policy.cache_gpu_percent == 100 else 8
         limit = self.config.max_seq_len - max_new_tokens
         finisher = Finisher(self.tokenizer, self.eos_token_ids, tuple(stop or ()))
         blocks = make_blocks(token_ids, lm.policy.block_size, self.config.pad_token_id, limit)
@@ -133,7 +144,9 @@ class LLM:
             out = lm.generate(block.ids, max_new_tokens, do_sample=temperature > 0,
                               temperature=temperature or 1.0, top_p=top_p,
                               seed=None if seed is None else seed + b, attention_mask=block.mask,
-                              eos_token_ids=self.eos_token_ids, stop_check=check)
+                              eos_token_ids=self.eos_token_ids, stop_check=check,
+                              cache_len=cache_capacity(block.prompt_len + max_new_tokens,
+                                                       self.plan_len, per_octave))
             done = [finisher.finish(row[block.prompt_len:], len(token_ids[i]))
                     for row, i in zip(out, block.index)]
             for i, c in zip(block.index, done):

@@ -69,15 +69,15 @@ class OptLM:
         loader = WeightLoader(env, path, folder, policy, self.dtype, config.dtype_bytes)
         self.weight_home, self.weight_placement = loader.place(self.layers)
         self.times = RunTimes()
-        self.block_state: dict = {}  # cache homes of the last shape, and graphs captured on them
+        self.block_state: dict = {}  # cache homes of the last cache length, and graphs captured on them
 
     def build_layers(self) -> list:
         """The layers this model runs, in execution order (a pipeline stage holds a range)."""
         return build_layers(self.config, self.policy.sep_layer)
 
     def release_cache(self) -> None:
-        """Free the KV cache kept between calls (it is reused while prompt and generation
-        lengths stay the same)."""
+        """Free the KV cache kept between calls (it is reused while the cache length, by
+        default prompt_len + gen_len, stays the same)."""
         for home in self.block_state.get("homes", {}).values():
             for t in home:
                 self.env.mixed.free(t)
@@ -102,8 +102,8 @@ class OptLM:
                  temperature: float = 1.0, stop: int | None = None, seed: int | None = None,
                  max_steps: int | None = None, attention_mask=None,
                  eos_token_ids: Iterable[int] | None = None, top_p: float = 1.0,
-                 stop_check: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-                 ) -> np.ndarray:
+                 stop_check: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                 cache_len: int | None = None) -> np.ndarray:
         """Token ids (prompts, prompt_len + max_new_tokens); after `stop` a row holds pad ids.
 
         `attention_mask` (prompts, prompt_len), optional: 1 for real tokens, 0 for (left) padding;
@@ -113,6 +113,9 @@ class OptLM:
         ended row is pad ids, and a GPU batch whose rows all ended decodes no further.
         `max_steps` (benchmark warm-up): generate only that many tokens, with the cache sized and
         kept for `max_new_tokens`, so a following full call reuses it; the rest stays pad.
+        `cache_len`: positions of the cache kept between calls (default: prompt_len +
+        max_new_tokens); calls of other lengths that fit it reuse it, and the CUDA graphs
+        captured on it, instead of allocating and capturing anew.
         """
         prompts = _as_prompts(inputs, self.config.pad_token_id)
         self._check_vocab(prompts)
@@ -130,7 +133,7 @@ class OptLM:
                     (lambda rows, ids, s=start: stop_check(rows + s, ids))
                 live = np.arange(block.shape[0]) < n
                 out = self._run_block(block, max_new_tokens, pick, frozenset(ends) or None,
-                                      max_steps, live=live, stop_check=check,
+                                      max_steps, live=live, stop_check=check, cache_len=cache_len,
                                       prompt_mask=_fill_rows(mask[start:start + n], block.shape[0]))
                 outs.append(out[:n])
         return np.concatenate(outs, axis=0)

@@ -57,7 +57,7 @@ def test_tiny_text_case_counts_useful_tokens(tmp_path):
         out = tmp_path / f"{name}.json"
         argv = ["--runner", name, "--model", "opt-tiny", "--tokenizer", tok, "--prompt-len", "48",
                 "--gen-len", "4", "--percent", "100", "0", "100", "0", "100", "0",
-                "--gpu-batch-size", "3", "--num-gpu-batches", "2", "--blocks", "2",
+                "--gpu-batch-size", "3", "--num-gpu-batches", "2", "--prompts", "12",
                 "--dtype", "float32", "--json-file", str(out)]
         assert text_bench.main(argv) == 0
         records[name] = json.loads(out.read_text())

@@ -103,7 +103,7 @@ def test_sigkill_then_resume_equals_uninterrupted(job, tmp_path):
     root, ckpt, _, _ = job
     inp = tmp_path / "many.jsonl"
     records = write_input(inp, 30)
-    flags = ["--input", str(inp), *policy_flags("disk"), "--gpu-batch-size", "1"]
+    flags = ["--input", str(inp), *policy_flags("disk"), "--gpu-batch-size", "1", "--window", "4"]
     whole = tmp_path / "whole.jsonl"
     assert main(base_args(root, ckpt, whole, *flags)) == 0
     out = tmp_path / "out.jsonl"

@@ -180,3 +180,43 @@ def test_finished_gpu_batches_skip_decode(ckpt, tmp_path):
         gen = out[row, block.prompt_len:]
         assert list(gen[:ends[row] + 1]) == reference[0][row][:ends[row] + 1]
         assert (gen[ends[row] + 1:] == config.pad_token_id).all()
+
+
+def test_cache_capacity_hand_worked():
+    """Two lengths per doubling for a GPU-resident cache, eight otherwise, never above the planned
+    top unless the block needs more, never below the need; block widths are multiples of 8."""
+    from flexgen_repro.text.batching import bucket, cache_capacity
+    assert [cache_capacity(n, 544, 2) for n in (9, 40, 64, 65, 97, 129, 300, 544, 600)] == \
+        [16, 48, 64, 96, 128, 192, 384, 544, 600]
+    assert [cache_capacity(n, 544, 8) for n in (65, 97, 129, 300, 520)] == [72, 104, 144, 320, 544]
+    assert [bucket(n, 60) for n in (1, 8, 9, 57, 59, 70)] == [8, 8, 16, 60, 60, 70]
+
+
+@pytest.mark.parametrize("name", ["gpu", "disk"])
+def test_shorter_block_reuses_a_longer_cache(ckpt, tmp_path, name):
+    """OptLM.generate with `cache_len`: a short block run on the cache homes a longer block left
+    (the same objects, its positions stale) generates exactly transformers' greedy ids; the
+    stale positions are masked like unwritten ones."""
+    from flexgen_repro import ExecutionEnv, OptLM
+    from flexgen_repro.text.batching import make_blocks
+    from flexgen_repro.text.model import model_config
+    config = model_config(ckpt, dtype="float32")
+    with LLM(ckpt, path=str(tmp_path / "w"), policy=make_policy(name), dtype="float32",
+             offload_dir=str(tmp_path / "off")) as llm:
+        llm.generate(["warm"], max_new_tokens=1)  # prepares the weight folder
+        ids = llm.tokenize(mixed_prompts())
+    size = make_policy(name).block_size
+    blocks = make_blocks(ids, size, config.pad_token_id, 64)
+    long, short = blocks[0], blocks[-1]
+    assert long.prompt_len > short.prompt_len
+    cache_len = long.prompt_len + GEN
+    with ExecutionEnv.create(str(tmp_path / "off2")) as env:
+        lm = OptLM(config, env, str(tmp_path / "w"), make_policy(name))
+        lm.generate(long.ids, GEN, attention_mask=long.mask, cache_len=cache_len)
+        homes = dict(lm.block_state["homes"])
+        out = lm.generate(short.ids, GEN, attention_mask=short.mask, cache_len=cache_len)
+        assert lm.block_state["key"] == cache_len and lm.block_state["homes"] == homes
+        assert all(h[0] is homes[key][0] for key, h in lm.block_state["homes"].items())
+        lm.release_cache()
+    prompts = [mixed_prompts()[i] for i in short.index]
+    assert [list(row[short.prompt_len:]) for row in out] == hf_greedy_text(ckpt, prompts, GEN)

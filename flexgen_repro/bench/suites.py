@@ -95,6 +95,7 @@ _COLUMNS: dict[str, tuple[Callable[[str], object], object, bool]] = {
     "repeat": (int, 1, False),
     "gpus": (int, 1, False),
     "disk_io": (_choice(DISK_IO_MODES), "auto", False),
+    "prompts": (_opt_int, None, False),
     "paper_throughput": (_opt_float, None, False),
     "paper_system": (str, "", False),
     "paper_measured": (_opt_bool, None, False),
@@ -131,6 +132,7 @@ class Case:
     repeat: int = 1         # runs of the case in one call (see expand_repeats)
     gpus: int = 1           # GPUs (pipeline stages) of a flexgen-dist / original-dist case
     disk_io: str = "auto"   # how our runtime reads the disk tier (flex_opt --disk-io)
+    prompts: int | None = None  # corpus prompts a text / text-hf case runs (None: the whole corpus)
     paper_throughput: float | None = None
     paper_system: str = ""
     paper_measured: bool | None = None
@@ -178,6 +180,9 @@ class Case:
         if self.disk_io != "auto" and self.runner != "flexgen":
             raise ValueError(f"disk_io sets our runtime's --disk-io: only for flexgen cases, "
                              f"not {self.runner!r} (leave it empty)")
+        if self.prompts is not None and (self.runner not in ("text", "text-hf") or self.prompts < 1):
+            raise ValueError(f"prompts counts the corpus prompts of a text or text-hf case (>= 1), "
+                             f"got {self.prompts} for a {self.runner!r} case")
         if self.runner in ("accelerate", "deepspeed", "original", "original-dist"):
             if self.auto or self.gpu_batch_size is None:
                 raise ValueError(f"a {self.runner} case needs an explicit percent and gpu_batch_size")

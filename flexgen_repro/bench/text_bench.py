@@ -3,11 +3,12 @@
     python -m flexgen_repro.bench.text_bench --model opt-6.7b --path _DUMMY_ --percent 100 0 100 0 100 0 \
         --gpu-batch-size 32 --num-gpu-batches 1 --prompt-len 512 --gen-len 32 --json-file r.json
 
-Runner `text`: `LLM` on the first `--blocks` blocks of the corpus (prompts longer than
-`--prompt-len` tokens keep their tail), after a one-block warm-up. Runner `text-hf`: transformers'
-batched `generate` on the same prompts in corpus order, a block at a time, left-padded to the
-longest of each batch. Both report useful tokens per second: generated tokens (not padding, not
-filler rows) over the wall time. Dummy-weight cases need a tokenizer (`--tokenizer`, default: the
+Runner `text`: the text job (`LLM`, in the windows `invoke generate` sorts by length) on the
+first `--prompts` prompts of the corpus (default: all of it; prompts longer than `--prompt-len`
+tokens keep their tail), after a one-block warm-up. Runner `text-hf`: transformers' batched
+`generate` on the same prompts, in the same windows sorted the same way, a block at a time,
+left-padded to the longest of each batch. Both report useful tokens per second: generated tokens
+(not padding, not filler rows) over the wall time. Dummy-weight cases need a tokenizer (`--tokenizer`, default: the
 GPT-2 BPE one text_corpus.build_tokenizer makes offline) and say the weights were dummy.
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ import time
 from flexgen_repro.bench import text_corpus
 
 DUMMY = "_DUMMY_"
-BLOCKS = 4
 
 
 def command(case, s, json_file: str, log_file: str) -> list[str]:
@@ -34,6 +34,7 @@ def command(case, s, json_file: str, log_file: str) -> list[str]:
     for flag, value in (("--gpu-batch-size", case.gpu_batch_size),
                         ("--num-gpu-batches", case.num_gpu_batches), ("--gpu-mem-gb", s.cap(case))):
         cmd += [flag, f"{value:g}" if isinstance(value, float) else str(value)] if value else []
+    cmd += ["--prompts", str(case.prompts)] if case.prompts else []
     cmd += [flag for flag, on in (("--cpu-cache-compute", case.cpu_cache_compute),
                                   ("--compress-weight", case.compress_weight),
                                   ("--compress-cache", case.compress_cache)) if on]
@@ -42,39 +43,52 @@ def command(case, s, json_file: str, log_file: str) -> list[str]:
     return cmd + ["--json-file", json_file, "--log-file", log_file]
 
 
-def _prompt_ids(llm_or_tok, prompt_len: int, count: int) -> list[list[int]]:
-    """The first `count` corpus prompts as ids, each cut to its last `prompt_len` tokens."""
+def _prompt_ids(llm_or_tok, prompt_len: int, count: int | None) -> list[list[int]]:
+    """The first `count` corpus prompts (None: all) as ids, each cut to its last `prompt_len` tokens."""
     prompts = text_corpus.read_prompts(limit=count)
     ids = llm_or_tok(prompts)["input_ids"] if callable(llm_or_tok) else llm_or_tok.tokenize(prompts)
     return [list(t)[-prompt_len:] for t in ids]
 
 
+def windows(ids: list, block: int) -> list[list]:
+    """`ids` cut into the windows `invoke generate` sorts together (blocks of `block` prompts)."""
+    from flexgen_repro.generate import WINDOW_PROMPTS, window_prompts
+    size = window_prompts(WINDOW_PROMPTS, block)
+    return [ids[s:s + size] for s in range(0, len(ids), size)]
+
+
 def run_flexgen(args, policy, tokenizer: str) -> dict:
-    """Our job: warm-up on one block, then BLOCKS blocks timed."""
-    from flexgen_repro.llm import LLM
+    """Our job: warm-up on one block, then the prompts window by window, as the command runs them."""
+    from flexgen_repro.llm import LLM, GenerateStats
     from flexgen_repro.metrics import PeakMemory
     with LLM(args.model, path=args.path, policy=policy, offload_dir=args.offload_dir,
              dtype=args.dtype, tokenizer=tokenizer, hardware=args.hardware) as llm:
         if policy is None:  # the cost model's choice for the corpus cap
             llm.policy = _auto(llm, args)
         block = llm.policy.block_size
-        ids = _prompt_ids(llm, args.prompt_len, block * args.blocks)
+        ids = _prompt_ids(llm, args.prompt_len, args.prompts)
+        llm.plan_len = max(map(len, ids)) + args.gen_len
         llm.generate_ids(ids[:block], args.gen_len)
         phases = {"prefill_s": 0.0, "decode_s": 0.0}
+        stats, done = GenerateStats(), []
 
-        def on_block(index, done) -> None:
+        def on_block(index, completions) -> None:
             phases["prefill_s"] += llm._lm.times.prefill_s
             phases["decode_s"] += llm._lm.times.decode_s
         with PeakMemory() as peak:
-            done = llm.generate_ids(ids, args.gen_len, on_block=on_block)
-        stats, pol = llm.stats, llm.policy
+            for window in windows(ids, block):
+                done += llm.generate_ids(window, args.gen_len, on_block=on_block)
+                stats = stats.plus(llm.stats)
+        pol = llm.policy
     extra = {}
     if args.compare_uncompressed:
         plain = dataclasses.replace(pol, compress_weight=False, compress_cache=False)
         with LLM(args.model, path=args.path, policy=plain, offload_dir=args.offload_dir,
                  dtype=args.dtype, tokenizer=tokenizer) as llm:
-            extra = agreement(done, llm.generate_ids(ids, args.gen_len))
-    return dict(**extra,prompts=stats.prompts, prompt_tokens=stats.prompt_tokens,
+            llm.plan_len = max(map(len, ids)) + args.gen_len
+            reference = [c for window in windows(ids, block) for c in llm.generate_ids(window, args.gen_len)]
+            extra = agreement(done, reference)
+    return dict(**extra, prompts=stats.prompts, prompt_tokens=stats.prompt_tokens,
                 generated_tokens=stats.generated_tokens, wall_s=stats.wall_s,
                 padded_positions=stats.padded_positions, blocks=stats.blocks,
                 prefill_latency_s=phases["prefill_s"], decode_latency_s=phases["decode_s"],
@@ -103,15 +117,17 @@ def _auto(llm, args):
 
 
 def run_transformers(args, tokenizer: str) -> dict:
-    """transformers' batched generate, `--gpu-batch-size` x `--num-gpu-batches` prompts a batch;
-    the wall time is the full generations', prefill is timed apart as one-token generations."""
+    """transformers' batched generate, `--gpu-batch-size` x `--num-gpu-batches` prompts a batch,
+    batched as our job's blocks are (each window sorted by length, longest first); the wall time
+    is the full generations', prefill is timed apart as one-token generations."""
     import torch
     from transformers import AutoTokenizer
     from flexgen_repro.metrics import PeakMemory
     tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
     model = _hf_model(args)
     batch = args.gpu_batch_size * args.num_gpu_batches
-    ids = _prompt_ids(tok, args.prompt_len, batch * args.blocks)
+    ids = _prompt_ids(tok, args.prompt_len, args.prompts)
+    ids = [w[i] for w in windows(ids, batch) for i in sorted(range(len(w)), key=lambda i: -len(w[i]))]
     dev = next(model.parameters()).device
     pad = model.config.pad_token_id
 
@@ -143,7 +159,7 @@ def run_transformers(args, tokenizer: str) -> dict:
             n, t = timed(ids[i:i + batch], args.gen_len)
             made, wall = made + n, wall + t
     return dict(prompts=len(ids), prompt_tokens=sum(map(len, ids)), generated_tokens=int(made),
-                wall_s=wall, blocks=args.blocks, prefill_latency_s=prefill,
+                wall_s=wall, blocks=-(-len(ids) // batch), prefill_latency_s=prefill,
                 decode_latency_s=max(wall - prefill, 1e-9),
                 peak_gpu_mem_gb=peak.gpu_peak_bytes / 2**30, peak_cpu_mem_gb=peak.cpu_peak_bytes / 2**30,
                 hf_batch_size=batch)
@@ -187,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
     for flag in ("--cpu-cache-compute", "--compress-weight", "--compress-cache"):
         p.add_argument(flag, action="store_true")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--blocks", type=int, default=BLOCKS)
+    p.add_argument("--prompts", type=int, default=None, help="corpus prompts to run (default: all)")
     p.add_argument("--compare-uncompressed", action="store_true",
                    help="also run without compression; record how often completions agree")
     p.add_argument("--json-file", default=None)

@@ -12,7 +12,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,11 +33,8 @@ def _machine() -> str:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    from flexgen_repro import envs
+    return envs.checkout_commit()
 
 
 def measure(path: str, prefix: int = PREFIX) -> list[dict]:

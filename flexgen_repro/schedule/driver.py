@@ -22,10 +22,10 @@ class BlockRun(BlockSteps):
         return out
 
     def _graphed(self) -> GraphedPipeline | None:
-        """Cache homes persist across blocks and calls of the same shape (no re-allocation, no
-        re-pinning, and captured CUDA graphs stay valid); graph decode where everything is on
-        the GPU."""
-        key = (self.prompt_len, self.gen_len)
+        """Cache homes persist across blocks and calls of the same cache length (no
+        re-allocation, no re-pinning, and captured CUDA graphs stay valid); graph decode where
+        everything is on the GPU."""
+        key = self.cache_len
         state = self.lm.block_state
         if state.get("key") != key:
             self.lm.release_cache()
@@ -41,7 +41,7 @@ class BlockRun(BlockSteps):
     def decode_block(self) -> DecodeBlock:
         """What graph decode needs of this block, and nothing more."""
         return DecodeBlock(layers=self.layers, batch=self.B, prompt_len=self.prompt_len,
-                           total_len=self.prompt_len + self.gen_len, device=self.env.gpu.dev,
+                           total_len=self.cache_len, device=self.env.gpu.dev,
                            pick=self.pick, step_inputs=self._graph_inputs,
                            cache_homes=self._cache_homes, record_ids=self.record_ids)
 

@@ -34,16 +34,19 @@ class BlockSteps:
     def __init__(self, lm, input_ids: np.ndarray, gen_len: int, pick, stop,
                  want_logits: bool = False, max_steps: int | None = None,
                  prompt_mask: np.ndarray | None = None, live: np.ndarray | None = None,
-                 stop_check=None):
+                 stop_check=None, cache_len: int | None = None):
         """`stop`: an id or a set of ids that end a row; `prompt_mask` (rows, prompt_len): real
         prompt tokens (default: not the pad id); `live` (rows,): False for filler rows, which
-        count as ended from the start; `stop_check(rows, generated) -> ended` ends rows too."""
+        count as ended from the start; `stop_check(rows, generated) -> ended` ends rows too;
+        `cache_len`: positions of each cache home (default and least: prompt_len + gen_len; more
+        lets blocks of other lengths reuse the homes, and graphs captured on them)."""
         self.lm, self.env, self.policy, self.config = lm, lm.env, lm.policy, lm.config
         self.layers, self.gen_len, self.pick, self.stop = lm.layers, gen_len, pick, stop
         self.want_logits = want_logits
         self.max_steps = gen_len if max_steps is None else max(1, min(max_steps, gen_len))
         self.B, self.K = self.policy.gpu_batch_size, self.policy.num_gpu_batches
         self.prompt_len = input_ids.shape[1]
+        self.cache_len = max(cache_len or 0, self.prompt_len + gen_len)
         self.pad = self.config.pad_token_id
         self.output_ids = np.full((self.B * self.K, self.prompt_len + gen_len), self.pad, np.int64)
         self.output_ids[:, :self.prompt_len] = input_ids
@@ -140,7 +143,7 @@ class BlockSteps:
         """Queue token i's new keys and values of (layer j, batch k) to their home."""
         if (j, k) not in self.cache_home:
             c = self.config
-            shape = (self.B, c.n_kv_head, self.prompt_len + self.gen_len, c.head_dim)
+            shape = (self.B, c.n_kv_head, self.cache_len, c.head_dim)
             comp = None
             if self.policy.compress_cache:  # groups along head_dim, the original's group_dim 2
                 comp = dataclasses.replace(self.policy.comp_cache_config, group_dim=3)

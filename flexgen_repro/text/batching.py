@@ -1,8 +1,10 @@
 """Prompts of any lengths as blocks the runtime can run, and generated ids back as completions.
 
-Prompts are sorted by length and cut into blocks of `block_size`; each block is left-padded to a
-bucketed length (a few lengths recur, so the runtime keeps its cache homes between blocks) with an
-explicit attention mask: padding is never inferred from the pad id, which a real token may equal.
+Prompts are sorted by length and cut into blocks of `block_size`; each block is left-padded to its
+longest prompt (rounded up to a multiple of 8) with an explicit attention mask: padding is never
+inferred from the pad id, which a real token may equal. Each block's KV cache gets one of a few
+lengths (`cache_capacity`), so consecutive blocks of different prompt lengths share the cache and
+the CUDA graphs captured on it.
 """
 from __future__ import annotations
 
@@ -10,15 +12,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# prompt lengths a block is padded up to (then multiples of the last step): about 1/8 padding at most
-_BUCKET_STEPS = ((64, 8), (256, 32), (1024, 128))
-_LAST_STEP = 256
+PROMPT_ALIGN = 8        # block widths are multiples of this (tensor-core friendly GEMM shapes)
 
 
 def bucket(length: int, limit: int) -> int:
-    """`length` rounded up to a bucket, at most `limit` (and never below `length`)."""
-    step = next((s for top, s in _BUCKET_STEPS if length <= top), _LAST_STEP)
-    return max(length, min(-(-length // step) * step, limit))
+    """`length` rounded up to a multiple of PROMPT_ALIGN, at most `limit` (never below `length`)."""
+    return max(length, min(-(-length // PROMPT_ALIGN) * PROMPT_ALIGN, limit))
+
+
+def cache_capacity(need: int, top: int, steps_per_octave: int) -> int:
+    """The cache length of a block needing `need` positions: `need` rounded up to one of
+    `steps_per_octave` evenly spaced lengths per doubling (2: 64, 96, 128, 192, 256, ...; 8: at
+    most 1/8 over), and never above `top` (the longest the run was planned for) unless `need` is.
+
+    Few lengths mean few cache re-allocations and graph captures; a longer cache than needed costs
+    memory (bounded by `top`) and, where the whole cache is read each step (host or disk tier),
+    bandwidth: callers pass 2 steps for a GPU-resident cache and 8 otherwise."""
+    octave = 1 << max(need - 1, 1).bit_length() - 1      # the power of two below need
+    step = max(octave // steps_per_octave, PROMPT_ALIGN)
+    return max(need, min(-(-need // step) * step, top))
 
 
 @dataclass(frozen=True)
