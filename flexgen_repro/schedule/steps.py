@@ -57,6 +57,12 @@ class BlockSteps:
         self.stop_check = stop_check
         overlap = self.policy.overlap
         self.ch = {name: self.env.channel(name, overlap) for name in self.env.CHANNELS}
+        if self.policy.cache_gpu_percent >= 100 and not self.policy.cpu_cache_compute:
+            # a cache held on the GPU moves nowhere: its reads are views and its stores one copy
+            # kernel each, queued in order on the compute stream; through a copy thread they
+            # would make compute wait for the GPU to drain at every (layer, batch) step
+            for name in ("cache_load", "cache_store"):
+                self.ch[name] = self.env.channel(name, False)
         self.weights: dict[int, Future] = {}
         self.cache_loads: dict[tuple[int, int], Future] = {}
         self.cache_stores: dict[tuple[int, int], Future] = {}
