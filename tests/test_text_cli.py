@@ -155,10 +155,11 @@ def _bad_cases(root, ckpt):
         ("tokenizer-folder-empty", good, ["--tokenizer", str(root)], ["tokenizer"]),
         ("bad-percent", good, ["--percent", "1", "2", "3"], ["six numbers"]),
         ("output-exists", good, ["EXISTS"], ["--resume", "--overwrite"]),
+        ("window-zero", good, ["--window", "0"], ["--window must be >= 1"]),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(12))
 def test_bad_input_exits_2_before_weights_load(job, tmp_path, capsys, case):
     root, ckpt, _, _ = job
     name, text, extra, words = _bad_cases(tmp_path / "empty-folder", ckpt)[case]
@@ -191,6 +192,12 @@ def test_bad_input_on_the_command_line_has_no_traceback(job, tmp_path):
     assert done.returncode == 2
     assert "line 2 is not valid JSON" in done.stderr and "Traceback" not in done.stderr
     assert os.listdir(tmp_path) == ["in.jsonl"]  # the spooled copy of stdin is gone
+
+
+def test_window_prompts_whole_blocks():
+    from flexgen_repro.generate import window_prompts
+    assert [window_prompts(n, 32) for n in (1, 128, 2048, 2050)] == [128, 128, 2048, 2048]
+    assert window_prompts(10, 3) == 12  # at least four blocks
 
 
 def test_truncate_left_keeps_the_tail(job, tmp_path):
