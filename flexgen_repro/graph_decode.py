@@ -76,9 +76,13 @@ def fuse_qkv_weights(weight_home: list[dict], device: torch.device) -> list[dict
     on `device` for graph decode, with "w_qkv"/"b_qkv" where fused."""
     weights = []
     for home in weight_home:
+        before = {key: s.data for key, s in home.items()}
         extra = fuse_qkv(home)
-        if extra:
-            torch.cuda.empty_cache()  # the three old buffers go back before the next layer's
+        if any(home[key].data is not t for key, t in before.items()):
+            # newly fused: the three old buffers go back before the next layer's (not when fused
+            # earlier: emptying the allocator's cache there would make the next block's buffers
+            # come from cudaMalloc again)
+            torch.cuda.empty_cache()
         weights.append({**{key: s.load(device) for key, s in home.items()}, **extra})
     return weights
 

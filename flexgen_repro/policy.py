@@ -154,6 +154,21 @@ def parse_percent(values) -> tuple[float, ...]:
     return tuple(int(v) if v.is_integer() else v for v in values)
 
 
+# Layers whose weights load ahead of the one computing (overlap): docs/tuning.md has the
+# measurements. Two where a policy makes no small host<->GPU copies of its own (whole weight
+# copies) and a layer is small: its copy is then short enough that the host's per-layer work
+# between one copy's end and the next one's queueing would idle the link. One otherwise: deeper
+# prefetch delays the compute stream's small copies (CPU attention, host cache) and costs memory.
+DEEP_PREFETCH_MAX_LAYER_BYTES = 256 << 20
+
+
+def prefetch_layers(policy: Policy, layer_bytes: float) -> int:
+    """How many layers' weights load ahead of the computing one (`layer_bytes`: the largest
+    layer's weights as stored)."""
+    deep = whole_weight_copies(policy) and layer_bytes <= DEEP_PREFETCH_MAX_LAYER_BYTES
+    return 2 if deep else 1
+
+
 def whole_weight_copies(policy: Policy) -> bool:
     """Whether weights cross host->GPU as whole copies rather than in pieces.
 

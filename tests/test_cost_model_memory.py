@@ -60,7 +60,6 @@ def gpu_terms(pol: Policy, s: int, n: int) -> dict:
 
 
 def test_the_model_mirrors_the_runtimes_buffering_constants():
-    assert equations.PREFETCH_LAYERS == schedule.PREFETCH_LAYERS
     assert equations.MAX_PENDING_STORES == schedule.MAX_PENDING_STORES
     assert equations.MLP_CHUNK_TOKENS == runtime_layers.MLP_CHUNK_TOKENS
 
@@ -102,7 +101,15 @@ def test_cache_and_hidden_states_are_realized_by_whole_rows():
     assert list(x[3:]) == pytest.approx([3 / 12, 9 / 12, 0, 11 / 12, 1 / 12, 0], abs=EXACT)
 
 
-def test_prefill_peak_of_each_step_kind_by_hand():
+@pytest.fixture
+def one_layer_ahead(monkeypatch):
+    """The WINDOW above: one layer loading ahead (the toy's small layers would go two ahead under
+    whole weight copies; policy.prefetch_layers, tested by hand in test_schedule_strategies)."""
+    from flexgen_repro import policy as policy_module
+    monkeypatch.setattr(policy_module, "DEEP_PREFETCH_MAX_LAYER_BYTES", 0)
+
+
+def test_prefill_peak_of_each_step_kind_by_hand(one_layer_ahead):
     s, n, b, k = 16, 8, 4, 2
     terms = gpu_terms(policy((0, 100, 100, 0, 100, 0), b, k), s, n)
     hid = b * s * H * 2                                    # one GPU batch's (b, s, h) in fp16
@@ -140,7 +147,7 @@ def test_decode_loads_whole_cache_buffers_this_step_and_next():
     assert cpu["gpu_decode_attention"] == pytest.approx(home + FRAG * scores, rel=EXACT)
 
 
-def test_without_overlap_only_the_computing_layers_weights_are_in_flight():
+def test_without_overlap_only_the_computing_layers_weights_are_in_flight(one_layer_ahead):
     s, n, b = 16, 8, 4
     on = gpu_terms(policy((0, 100, 100, 0, 100, 0), b), s, n)
     off = gpu_terms(policy((0, 100, 100, 0, 100, 0), b, overlap=False), s, n)

@@ -12,7 +12,7 @@ import pytest
 from conftest import hf_greedy, random_prompts
 from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config, trace
 from flexgen_repro.options import RuntimeOptions
-from flexgen_repro.schedule import (PREFETCH_LAYERS, NoOverlap, OverlapBatches, OverlapOneBatch,
+from flexgen_repro.schedule import (NoOverlap, OverlapBatches, OverlapOneBatch,
                                     generate_block, layer_strategy)
 
 GEN = 5
@@ -30,6 +30,7 @@ class Recorder:
     def __init__(self, K: int, gen_len: int = 3, stop_after: int | None = None):
         self.layers = [SimpleNamespace(has_cache=c) for c in (False, True, False)]
         self.K, self.gen_len, self.calls = K, gen_len, []
+        self.prefetch_layers = 1
         self.live_batches = list(range(K))  # GPU batches still generating: all of them here
         self.stop_after, self.output_ids = stop_after, np.zeros(1)
 
@@ -52,6 +53,33 @@ def test_each_policy_gets_its_ordering():
     assert isinstance(layer_strategy(policy(True, 3)), OverlapBatches)
 
 
+def test_deep_prefetch_loads_two_layers_ahead_wrapping_to_the_next_token():
+    run = Recorder(K=1)
+    run.prefetch_layers = 2
+    OverlapOneBatch().step(run, 1, 1, 0)
+    assert [c for c in run.calls if c[0] == "load_weight"] == [
+        ("load_weight", (1,)), ("load_weight", (2,)), ("load_weight", (0,))]
+
+
+def test_prefetch_depth_follows_the_policy_and_layer_size():
+    """Two layers ahead only with whole weight copies (no CPU attention, cache and activations
+    on the GPU) and layers of at most 256 MiB; the cost model counts the same window."""
+    from flexgen_repro.cost_model.equations import weights_in_flight
+    from flexgen_repro.policy import Policy, prefetch_layers
+    streamed = Policy(gpu_batch_size=16, num_gpu_batches=1, w_gpu_percent=0, w_cpu_percent=100,
+                      cache_gpu_percent=100, cache_cpu_percent=0, act_gpu_percent=100,
+                      act_cpu_percent=0)
+    host_cache = Policy(gpu_batch_size=16, num_gpu_batches=1, w_gpu_percent=0, w_cpu_percent=100,
+                        cache_gpu_percent=0, cache_cpu_percent=100, act_gpu_percent=100,
+                        act_cpu_percent=0)
+    assert prefetch_layers(streamed, 100 << 20) == 2 and prefetch_layers(streamed, 300 << 20) == 1
+    assert prefetch_layers(host_cache, 100 << 20) == 1
+    layers = [("a", 1.0), ("b", 2.0), ("c", 4.0)]
+    assert weights_in_flight(layers, True, 2) == {"a": 7.0, "b": 7.0, "c": 7.0}
+    assert weights_in_flight(layers, True, 1) == {"a": 3.0, "b": 6.0, "c": 5.0}
+    assert weights_in_flight(layers, False, 2) == {"a": 1.0, "b": 2.0, "c": 4.0}
+
+
 def test_no_overlap_loads_then_computes():
     run = Recorder(K=2)
     NoOverlap().step(run, 1, 1, 0)
@@ -59,7 +87,6 @@ def test_no_overlap_loads_then_computes():
 
 
 def test_overlap_one_batch_loads_the_next_layer_while_this_one_computes():
-    assert PREFETCH_LAYERS == 1
     run = Recorder(K=1)
     OverlapOneBatch().step(run, 1, 1, 0)
     assert run.calls == [("load_weight", (1,)), ("load_cache", (1, 1, 0)), ("load_weight", (2,)),

@@ -44,13 +44,12 @@ import numpy as np
 from flexgen_repro.config import OptConfig
 from flexgen_repro.cost_model.hardware import HardwareProfile
 from flexgen_repro.cost_model.placement import compression_ratio, layer_tensors, realized_placement
-from flexgen_repro.policy import Policy, whole_weight_copies
+from flexgen_repro.policy import Policy, prefetch_layers, whole_weight_copies
 
 PLACEMENT = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
 TERMS = ("ctog", "gtoc", "dtoc", "ctod", "comp")
 
 # The runtime's buffering, mirrored here (tests/test_cost_model_memory.py checks they match):
-PREFETCH_LAYERS = 1         # schedule.PREFETCH_LAYERS: weights load this many layers ahead (overlap)
 MAX_PENDING_STORES = 2      # schedule.MAX_PENDING_STORES: cache stores in flight, each holding K, V
 MLP_CHUNK_TOKENS = 4096     # model.layers.MLP_CHUNK_TOKENS: prefill MLP runs in chunks of this many
 DECODE_CACHE_BUFFERS = 2    # decode: the cache of this step and of the next one, loaded ahead
@@ -169,11 +168,11 @@ class Sizes:
     w_in_flight: dict   # step kind -> the most weight bytes loaded at once while one computes
 
 
-def weights_in_flight(layers: list[tuple[str, float]], overlap: bool) -> dict:
+def weights_in_flight(layers: list[tuple[str, float]], overlap: bool, ahead: int = 1) -> dict:
     """Step kind -> the most weight bytes on the GPU while a layer of that kind computes, for
-    layers not kept there: with overlap it and the PREFETCH_LAYERS loading ahead (wrapping to the
-    next token's first layers), without overlap it alone."""
-    window = 1 + PREFETCH_LAYERS if overlap else 1
+    layers not kept there: with overlap it and the `ahead` loading ahead (policy.prefetch_layers,
+    wrapping to the next token's first layers), without overlap it alone."""
+    window = 1 + ahead if overlap else 1
     ring = [size for _, size in layers + layers[:window - 1]]
     out: dict = {}
     for i, (kind, _) in enumerate(layers):
@@ -200,7 +199,8 @@ def model_sizes(config: OptConfig, policy: Policy) -> Sizes:
     return Sizes(w_total=w_total, w_layer=w_total / L, w_layer_fp=config.model_bytes() / L,
                  flops_token=2.0 * config.layer_params(), flops_logits=logits,
                  kv_token=2 * kv * dt * rc, kv_token_fp=2 * kv * dt, hid_token=h * dt,
-                 w_in_flight=weights_in_flight(layers, policy.overlap))
+                 w_in_flight=weights_in_flight(layers, policy.overlap, prefetch_layers(
+                     policy, max(size for _, size in layers))))
 
 
 def _host_to_gpu(hw: HardwareProfile, p: Policy) -> tuple[float, float]:

@@ -4,9 +4,9 @@ over the steps themselves (steps.py)."""
 from flexgen_repro.policy import whole_weight_copies
 from flexgen_repro.schedule.driver import BlockRun, generate_block
 from flexgen_repro.schedule.steps import MAX_PENDING_STORES, BlockSteps
-from flexgen_repro.schedule.strategies import (PREFETCH_LAYERS, GraphedPipeline, NoOverlap,
+from flexgen_repro.schedule.strategies import (GraphedPipeline, NoOverlap,
                                                OverlapBatches, OverlapOneBatch, layer_strategy)
 
 __all__ = ["BlockRun", "BlockSteps", "GraphedPipeline", "MAX_PENDING_STORES", "NoOverlap",
-           "OverlapBatches", "OverlapOneBatch", "PREFETCH_LAYERS", "generate_block",
+           "OverlapBatches", "OverlapOneBatch", "generate_block",
            "layer_strategy", "whole_weight_copies"]

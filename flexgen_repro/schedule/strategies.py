@@ -16,11 +16,6 @@ import time
 from flexgen_repro import trace
 from flexgen_repro.graph_decode import GraphedDecode
 
-# Layers whose weights load ahead of the one computing (overlap); docs/tuning.md has the
-# measurement that chose it.
-PREFETCH_LAYERS = 1
-
-
 class NoOverlap:
     """load_weight, load_cache, compute (which stores the cache), one after the other."""
 
@@ -31,9 +26,10 @@ class NoOverlap:
 
 
 def _prefetch_weights(run, i: int, j: int) -> None:
-    """The next PREFETCH_LAYERS layers' weights, wrapping to the first layers of token i + 1."""
+    """The next run.prefetch_layers layers' weights (policy.prefetch_layers), wrapping to the first
+    layers of token i + 1."""
     n_layers = len(run.layers)
-    for ahead in range(j + 1, j + 1 + PREFETCH_LAYERS):
+    for ahead in range(j + 1, j + 1 + run.prefetch_layers):
         if ahead < n_layers:
             run.load_weight(ahead)
         elif i + 1 < run.gen_len:
