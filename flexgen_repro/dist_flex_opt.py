@@ -27,8 +27,8 @@ from flexgen_repro.parallel.stage import StageLM, split_stages
 from flexgen_repro.parallel.world import (COMM_DEVICES, World, backend_for, barrier, comm_torch_device,
                                       compute_device, gather_objects, init_method, process_group,
                                       world_from_env)
-from flexgen_repro.flex_opt import (_git_commit, auto_log_file, build_parser, device_name,
-                                    options_from_args, policy_from_args, synthetic_prompts)
+from flexgen_repro.flex_opt import (auto_log_file, build_parser, device_name, options_from_args,
+                                    policy_from_args, synthetic_prompts)
 from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_outputs
 from flexgen_repro.model.weight_home import DUMMY
 
@@ -112,7 +112,7 @@ def build_record(args, world: World, facts: dict, stages: list[dict]) -> dict:
         attn_sparsity=policy.attn_sparsity, dtype=args.dtype, model_size_gb=sizes[0] / GB,
         cache_size_gb=sizes[1] / GB, hidden_size_gb=sizes[2] / GB, stages=stages,
         device=stages[-1]["device"], torch_version=torch.__version__,
-        python_version=platform.python_version(), commit=_git_commit(), measured=True,
+        python_version=platform.python_version(), commit=envs.checkout_commit(), measured=True,
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **metrics.as_dict())
     record["log_text"] = log_text(metrics, *sizes)

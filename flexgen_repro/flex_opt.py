@@ -158,11 +158,6 @@ def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int) -> np.ndar
     return rng.integers(3, min(vocab, 50000), size=(n, prompt_len), dtype=np.int64)
 
 
-def _git_commit() -> str:
-    """The checkout's commit (envs.checkout_commit)."""
-    return envs.checkout_commit()
-
-
 def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
 
@@ -212,7 +207,7 @@ def run(args) -> dict:
         staged_weights=not policy.pin_weight and env.has_cuda,
         model_size_gb=sizes[0] / GB, cache_size_gb=sizes[1] / GB, hidden_size_gb=sizes[2] / GB,
         weight_placement=lm.weight_placement, device=device_name(), torch_version=torch.__version__,
-        python_version=platform.python_version(), commit=_git_commit(), measured=True,
+        python_version=platform.python_version(), commit=envs.checkout_commit(), measured=True,
         decode_step_s=lm.times.decode_steps,
         predicted_throughput=getattr(args, "predicted_throughput", None),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

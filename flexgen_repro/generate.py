@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from flexgen_repro import envs
 from flexgen_repro.policy import Policy, parse_percent
 from flexgen_repro.text import jsonl
 from flexgen_repro.text.model import DEFAULT_MODEL, TextJobError, auto_policy, describe
@@ -192,13 +193,8 @@ def run_record(args, llm, totals: dict) -> dict:
     return dict(model=llm.config.name, weights="dummy" if llm.dummy else os.path.expanduser(args.path),
                 dtype=str(llm.config.dtype), **shape, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, **totals,
-                commit=_commit(), machine=_machine(), input=args.input, output=args.output,
+                commit=envs.checkout_commit(), machine=_machine(), input=args.input, output=args.output,
                 finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-
-
-def _commit() -> str:
-    from flexgen_repro import envs
-    return envs.checkout_commit()
 
 
 def _machine() -> dict:

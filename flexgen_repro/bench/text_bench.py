@@ -214,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
 def record(args, run: dict, tokenizer: str) -> dict:
     """The JSON record: the run's counts, useful throughput and the context tables need."""
     import torch
-    from flexgen_repro.generate import _commit
+    from flexgen_repro import envs
     wall = run["wall_s"]
     useful = run["generated_tokens"] / wall if wall else 0.0
     padded = run.get("padded_positions")
@@ -229,7 +229,7 @@ def record(args, run: dict, tokenizer: str) -> dict:
         compress_weight=args.compress_weight, compress_cache=args.compress_cache,
         cpu_cache_compute=args.cpu_cache_compute, gpu_mem_cap_gb=args.gpu_mem_gb,
         device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-        torch_version=torch.__version__, commit=_commit(), measured=True,
+        torch_version=torch.__version__, commit=envs.checkout_commit(), measured=True,
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         log_text=(f"{run['prompts']} prompts ({run['prompt_tokens']} prompt tokens), "
                   f"{run['generated_tokens']} generated in {wall:.2f} s: {useful:.2f} useful tok/s"))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flexgen_repro import envs
+
 PREFIX = 8
 SETTINGS = (("fp32 (uncompressed)", False, False), ("4-bit weights", True, False),
             ("4-bit KV cache", False, True), ("4-bit weights + KV cache", True, True))
@@ -30,11 +32,6 @@ def _machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, no GPU (the GPU tier is host memory)" if cpu else platform.machine()
-
-
-def _commit() -> str:
-    from flexgen_repro import envs
-    return envs.checkout_commit()
 
 
 def measure(path: str, prefix: int = PREFIX) -> list[dict]:
@@ -72,7 +69,7 @@ def write(records: list[dict], out_dir: str, command: str) -> None:
                 dtype="float32", data="flexgen_repro/eval/data/wikitext_sample.txt",
                 compression="4 bits, groups of 64 (weights along rows, cache along head_dim), asymmetric",
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                machine=_machine(), commit=_commit(), command=command, decode_prefix=prefix)
+                machine=_machine(), commit=envs.checkout_commit(), command=command, decode_prefix=prefix)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compression.json").write_text(json.dumps(dict(meta, results=records), indent=1) + "\n")
