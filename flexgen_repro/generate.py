@@ -161,6 +161,7 @@ def window_prompts(requested: int, block_size: int) -> int:
 def run_job(args, llm, input_path: str, done: set[str], summary: InputSummary) -> dict:
     """Generate every record not in `done`, window by window; return the run's totals."""
     from tqdm import tqdm
+    llm.plan_len = summary.longest + args.max_new_tokens  # the cache lengths of every window's blocks
     writer = jsonl.OutputWriter(args.output, overwrite=args.overwrite)
     window_size = window_prompts(args.window, llm.policy.block_size)
     with tqdm(total=summary.records, unit="prompt", file=sys.stderr, mininterval=args.log_every,
@@ -230,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         summary = scan_input(input_path, llm, args, done)
         if summary.records:
             llm.policy = policy_from_args(args, llm.config, summary)
-            llm.plan_len = summary.longest + args.max_new_tokens
             with llm:
                 totals = run_job(args, llm, input_path, done, summary)
         else:

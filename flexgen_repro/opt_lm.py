@@ -14,7 +14,7 @@ from flexgen_repro.config import OptConfig
 from flexgen_repro.model.layers import build_layers
 from flexgen_repro.model.weight_home import DUMMY, WeightLoader
 from flexgen_repro.options import RuntimeOptions
-from flexgen_repro.policy import Policy
+from flexgen_repro.policy import Policy, prefetch_layers
 from flexgen_repro.schedule import BlockRun
 from flexgen_repro.trace import Tracer, activate
 from flexgen_repro.weights.layout import weight_dir
@@ -68,6 +68,8 @@ class OptLM:
             _check_folder(config, folder)
         loader = WeightLoader(env, path, folder, policy, self.dtype, config.dtype_bytes)
         self.weight_home, self.weight_placement = loader.place(self.layers)
+        largest = max((sum(s.nbytes for s in home.values()) for home in self.weight_home), default=0)
+        self.prefetch_layers = prefetch_layers(policy, largest)  # weights loaded ahead (overlap)
         self.times = RunTimes()
         self.block_state: dict = {}  # cache homes of the last cache length, and graphs captured on them
 

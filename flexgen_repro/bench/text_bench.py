@@ -57,9 +57,19 @@ def windows(ids: list, block: int) -> list[list]:
     return [ids[s:s + size] for s in range(0, len(ids), size)]
 
 
+def run_windows(llm, ids: list, gen_len: int, on_block=None) -> tuple[list, "GenerateStats"]:
+    """`ids` window by window, as the command runs them: the completions and the summed stats."""
+    from flexgen_repro.llm import GenerateStats
+    stats, done = GenerateStats(), []
+    for window in windows(ids, llm.policy.block_size):
+        done += llm.generate_ids(window, gen_len, on_block=on_block)
+        stats = stats.plus(llm.stats)
+    return done, stats
+
+
 def run_flexgen(args, policy, tokenizer: str) -> dict:
     """Our job: warm-up on one block, then the prompts window by window, as the command runs them."""
-    from flexgen_repro.llm import LLM, GenerateStats
+    from flexgen_repro.llm import LLM
     from flexgen_repro.metrics import PeakMemory
     with LLM(args.model, path=args.path, policy=policy, offload_dir=args.offload_dir,
              dtype=args.dtype, tokenizer=tokenizer, hardware=args.hardware) as llm:
@@ -70,15 +80,12 @@ def run_flexgen(args, policy, tokenizer: str) -> dict:
         llm.plan_len = max(map(len, ids)) + args.gen_len
         llm.generate_ids(ids[:block], args.gen_len)
         phases = {"prefill_s": 0.0, "decode_s": 0.0}
-        stats, done = GenerateStats(), []
 
         def on_block(index, completions) -> None:
             phases["prefill_s"] += llm._lm.times.prefill_s
             phases["decode_s"] += llm._lm.times.decode_s
         with PeakMemory() as peak:
-            for window in windows(ids, block):
-                done += llm.generate_ids(window, args.gen_len, on_block=on_block)
-                stats = stats.plus(llm.stats)
+            done, stats = run_windows(llm, ids, args.gen_len, on_block)
         pol = llm.policy
     extra = {}
     if args.compare_uncompressed:
@@ -86,8 +93,7 @@ def run_flexgen(args, policy, tokenizer: str) -> dict:
         with LLM(args.model, path=args.path, policy=plain, offload_dir=args.offload_dir,
                  dtype=args.dtype, tokenizer=tokenizer) as llm:
             llm.plan_len = max(map(len, ids)) + args.gen_len
-            reference = [c for window in windows(ids, block) for c in llm.generate_ids(window, args.gen_len)]
-            extra = agreement(done, reference)
+            extra = agreement(done, run_windows(llm, ids, args.gen_len)[0])
     return dict(**extra, prompts=stats.prompts, prompt_tokens=stats.prompt_tokens,
                 generated_tokens=stats.generated_tokens, wall_s=stats.wall_s,
                 padded_positions=stats.padded_positions, blocks=stats.blocks,
@@ -123,11 +129,12 @@ def run_transformers(args, tokenizer: str) -> dict:
     import torch
     from transformers import AutoTokenizer
     from flexgen_repro.metrics import PeakMemory
+    from flexgen_repro.text.batching import longest_first
     tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
     model = _hf_model(args)
     batch = args.gpu_batch_size * args.num_gpu_batches
     ids = _prompt_ids(tok, args.prompt_len, args.prompts)
-    ids = [w[i] for w in windows(ids, batch) for i in sorted(range(len(w)), key=lambda i: -len(w[i]))]
+    ids = [w[i] for w in windows(ids, batch) for i in longest_first(w)]
     dev = next(model.parameters()).device
     pad = model.config.pad_token_id
 

@@ -20,7 +20,7 @@ import torch
 from flexgen_repro import trace
 from flexgen_repro.model.base import CachePart, Deferred, StepInfo
 from flexgen_repro.devices.host_stage import HostStage
-from flexgen_repro.policy import Tier, prefetch_layers, whole_weight_copies
+from flexgen_repro.policy import Tier, whole_weight_copies
 
 # Cache stores in flight at once; each pending store holds its (GPU) keys and values, so compute
 # running ahead of a slower store link cannot pile them up (prefill: 2 x b x s x h each).
@@ -84,8 +84,7 @@ class BlockSteps:
         self.host_stage = (HostStage(pin=self.env.has_cuda, gate=self.env.engine.gate)
                            if self.cpu_pool is not None else None)
         self.whole_weight_copies = whole_weight_copies(self.policy)
-        largest = max((sum(s.nbytes for s in home.values()) for home in lm.weight_home), default=0)
-        self.prefetch_layers = prefetch_layers(self.policy, largest)
+        self.prefetch_layers = lm.prefetch_layers
 
     # ---- load_weight ---------------------------------------------------------------------------
     def load_weight(self, j: int) -> None:

@@ -45,11 +45,16 @@ class Block:
         return self.ids.shape[1]
 
 
+def longest_first(token_ids: list[list[int]]) -> np.ndarray:
+    """Indices of `token_ids` by length, longest first, ties in input order (the blocks' order)."""
+    return np.argsort(-np.array([len(t) for t in token_ids]), kind="stable")
+
+
 def make_blocks(token_ids: list[list[int]], block_size: int, pad_id: int, limit: int) -> list[Block]:
     """Blocks of at most `block_size` prompts of similar length (longest first), each padded to
     bucket(its longest prompt, limit)."""
     lengths = np.array([len(t) for t in token_ids])
-    order = np.argsort(-lengths, kind="stable")
+    order = longest_first(token_ids)
     blocks = []
     for start in range(0, len(order), block_size):
         index = order[start:start + block_size]
