@@ -41,19 +41,27 @@ def window_columns(length: int, last: torch.Tensor | int, window: int, device) -
     return torch.arange(length, device=device) > (last - window)
 
 
+def prefill_allowed(mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(b, 1, s, s) bool: which keys each query of a left-padded prompt may see. mask (b, s) marks
+    real tokens; causal, within the last `window` columns (itself included) where given; a padding
+    query sees itself only (finite, never read). The same for every layer of a step."""
+    s = mask.shape[1]
+    eye = torch.eye(s, dtype=torch.bool, device=mask.device)
+    causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
+    if window is not None:
+        causal = causal & ~torch.ones(s, s, dtype=torch.bool, device=mask.device).tril(-window)
+    return (causal[None] & (mask[:, None, :] | eye[None]))[:, None]
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
+                      mask: torch.Tensor, window: int | None = None,
+                      allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over a left-padded prompt. q: (b, heads, s, d), pre-scaled; k, v:
     (b, kv_heads, s, d); mask (b, s) marks real tokens; `window`: each query sees only the last
-    `window` columns (itself included). A padding query attends to itself only (finite, never read)."""
-    s = q.shape[2]
-    eye = torch.eye(s, dtype=torch.bool, device=q.device)
-    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-    if window is not None:
-        causal = causal & ~torch.ones(s, s, dtype=torch.bool, device=q.device).tril(-window)
-    allowed = causal[None] & (mask[:, None, :] | eye[None])               # (b, s, s)
+    `window` columns; `allowed`: prefill_allowed(mask, window), made once per step by the caller."""
+    allowed = prefill_allowed(mask, window) if allowed is None else allowed
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=1.0))
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

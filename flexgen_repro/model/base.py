@@ -7,7 +7,7 @@ calls `forward`, and stores what comes back.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -56,10 +56,19 @@ class StepInfo:
     host_mask: torch.Tensor | None = None    # `mask` in host memory, for attention on the CPU
     host_stage: object = None                # a host_stage.HostStage: CPU attention's copies
     options: object = None                   # RuntimeOptions (CPU attention kernel); None: defaults
+    _allowed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def is_prefill(self) -> bool:
         return self.i == 0
+
+    def prefill_allowed(self, window: int | None) -> torch.Tensor:
+        """Prefill's (b, 1, s, s) attention mask (attention_math.prefill_allowed), made once per
+        step and window and shared by its layers."""
+        if window not in self._allowed:
+            from flexgen_repro.model.attention_math import prefill_allowed
+            self._allowed[window] = prefill_allowed(self.mask, window)
+        return self._allowed[window]
 
 
 class Deferred:

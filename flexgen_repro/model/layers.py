@@ -105,7 +105,8 @@ class SelfAttention(Layer):
         else:
             q = to_heads(q * scale, c.n_head)
         if step.is_prefill:
-            attn = prefill_attention(q, k, v, step.mask, self.window)
+            attn = prefill_attention(q, k, v, step.mask, self.window,
+                                     step.prefill_allowed(self.window))
         else:
             attn = self._decode(q, k, v, self._windowed(step), cache)
             if isinstance(attn, Deferred):  # CPU attention running on step.cpu_pool
