@@ -45,9 +45,13 @@ def test_text_cases_build_their_commands():
     assert "--compare-uncompressed" in runner.default_command(cases["6.7b-text-c4"], s, "j", "l")
     hf = runner.default_command(cases["30b-hf"], s, "r.json", "r.log")
     assert hf[hf.index("--runner") + 1] == "text-hf" and hf[hf.index("--gpu-batch-size") + 1] == "8"
-    fixed = cases["6.7b-fixed"]
-    assert (fixed.percent, fixed.gpu_batch_size, fixed.gen_len) == \
-        (cases["6.7b-text"].percent, cases["6.7b-text"].gpu_batch_size, cases["6.7b-text"].gen_len)
+    for name in ("6.7b-fixed", "6.7b-text-fixed"):
+        fixed = cases[name]
+        assert (fixed.percent, fixed.gpu_batch_size, fixed.gen_len) == \
+            (cases["6.7b-text"].percent, cases["6.7b-text"].gpu_batch_size, cases["6.7b-text"].gen_len)
+    sustained = runner.default_command(cases["6.7b-text-fixed"], s, "r.json", "r.log")
+    assert sustained[sustained.index("--runner") + 1] == "text-fixed"
+    assert sustained[sustained.index("--prompt-len") + 1] == "64" and "--prompts" not in sustained
 
 
 def test_tiny_text_case_counts_useful_tokens(tmp_path):
@@ -69,6 +73,23 @@ def test_tiny_text_case_counts_useful_tokens(tmp_path):
     assert ours["generated_tokens"] == 12 * 4  # opt-tiny's eos id 2: not picked by dummy weights here
     # padding: each block of 6 prompts (sorted by length) pads to a bucket of its longest
     assert 0 <= ours["padding_fraction"] < 1 and ours["blocks"] == 2
+
+
+def test_text_fixed_runs_the_job_on_equal_prompts(tmp_path):
+    tok = make_text_checkpoint(str(tmp_path / "tok"))
+    out = tmp_path / "fixed.json"
+    argv = ["--runner", "text-fixed", "--model", "opt-tiny", "--tokenizer", tok, "--prompt-len", "16",
+            "--gen-len", "4", "--percent", "100", "0", "100", "0", "100", "0",
+            "--gpu-batch-size", "3", "--num-gpu-batches", "2", "--prompts", "10",
+            "--dtype", "float32", "--json-file", str(out)]
+    assert text_bench.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["runner"] == "text-fixed" and r["prompts"] == 10 and r["prompt_tokens"] == 10 * 16
+    assert r["blocks"] == 2 and r["generated_tokens"] == 10 * 4
+    assert r["padding_fraction"] == 0  # equal lengths, a multiple of 8: nothing padded
+    ids = text_bench.fixed_ids(16, 10, 50272)
+    assert ids == text_bench.fixed_ids(16, 10, 50272) and {len(t) for t in ids} == {16}
+    assert min(map(min, ids)) >= 4 and max(map(max, ids)) < 50272
 
 
 def _token_counts(tok_dir: str, n: int) -> list[int]:

@@ -127,9 +127,8 @@ def default_command(case: Case, s: Settings, json_file: str, log_file: str) -> l
     if case.runner in suites.DIST_RUNNERS:
         return multi_gpu.command(case, s, json_file, log_file)
     build = {"accelerate": accelerate_command, "deepspeed": zero_inference_command,
-             "original": original_command, "text": text_bench.command,
-             "text-hf": text_bench.command}.get(
-        case.runner, flexgen_command)
+             "original": original_command,
+             **{name: text_bench.command for name in suites.TEXT_RUNNERS}}.get(case.runner, flexgen_command)
     return build(case, s, json_file, log_file)
 
 

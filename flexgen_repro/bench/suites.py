@@ -22,8 +22,9 @@ from flexgen_repro.options import DISK_IO_MODES
 from flexgen_repro.policy import Policy, parse_percent
 
 SUITES_DIR = os.path.join(os.path.dirname(__file__), "suites")
-RUNNERS = ("flexgen", "accelerate", "deepspeed", "original", "text", "text-hf", "flexgen-dist",
-           "original-dist")
+RUNNERS = ("flexgen", "accelerate", "deepspeed", "original", "text", "text-hf", "text-fixed",
+           "flexgen-dist", "original-dist")
+TEXT_RUNNERS = ("text", "text-hf", "text-fixed")  # text_bench.py: the job on the corpus, its twins
 DIST_RUNNERS = ("flexgen-dist", "original-dist")  # pipeline parallel over `gpus` ranks (multi_gpu.py)
 WEIGHTS = ("dummy", "real")
 # What `invoke bench` runs with no suite on a machine with a GPU: needs no downloads (dummy
@@ -132,7 +133,7 @@ class Case:
     repeat: int = 1         # runs of the case in one call (see expand_repeats)
     gpus: int = 1           # GPUs (pipeline stages) of a flexgen-dist / original-dist case
     disk_io: str = "auto"   # how our runtime reads the disk tier (flex_opt --disk-io)
-    prompts: int | None = None  # corpus prompts a text / text-hf case runs (None: the whole corpus)
+    prompts: int | None = None  # corpus prompts a TEXT_RUNNERS case runs (None: the whole corpus)
     paper_throughput: float | None = None
     paper_system: str = ""
     paper_measured: bool | None = None
@@ -180,8 +181,8 @@ class Case:
         if self.disk_io != "auto" and self.runner != "flexgen":
             raise ValueError(f"disk_io sets our runtime's --disk-io: only for flexgen cases, "
                              f"not {self.runner!r} (leave it empty)")
-        if self.prompts is not None and (self.runner not in ("text", "text-hf") or self.prompts < 1):
-            raise ValueError(f"prompts counts the corpus prompts of a text or text-hf case (>= 1), "
+        if self.prompts is not None and (self.runner not in TEXT_RUNNERS or self.prompts < 1):
+            raise ValueError(f"prompts counts the corpus prompts of a {'/'.join(TEXT_RUNNERS)} case (>= 1), "
                              f"got {self.prompts} for a {self.runner!r} case")
         if self.runner in ("accelerate", "deepspeed", "original", "original-dist"):
             if self.auto or self.gpu_batch_size is None:

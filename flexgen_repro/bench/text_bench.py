@@ -7,7 +7,9 @@ Runner `text`: the text job (`LLM`, in the windows `invoke generate` sorts by le
 first `--prompts` prompts of the corpus (default: all of it; prompts longer than `--prompt-len`
 tokens keep their tail), after a one-block warm-up. Runner `text-hf`: transformers' batched
 `generate` on the same prompts, in the same windows sorted the same way, a block at a time,
-left-padded to the longest of each batch. Both report useful tokens per second: generated tokens
+left-padded to the longest of each batch. Runner `text-fixed`: the text job as `text` runs it, on
+as many synthetic prompts of exactly `--prompt-len` tokens (the fixed-length figure over the same
+number of blocks, sustained as the corpus run is, not one block). All report useful tokens per second: generated tokens
 (not padding, not filler rows) over the wall time. Dummy-weight cases need a tokenizer (`--tokenizer`, default: the
 GPT-2 BPE one text_corpus.build_tokenizer makes offline) and say the weights were dummy.
 """
@@ -19,6 +21,8 @@ import datetime
 import platform
 import sys
 import time
+
+import numpy as np
 
 from flexgen_repro.bench import text_corpus
 
@@ -50,6 +54,14 @@ def _prompt_ids(llm_or_tok, prompt_len: int, count: int | None) -> list[list[int
     return [list(t)[-prompt_len:] for t in ids]
 
 
+def fixed_ids(prompt_len: int, count: int | None, vocab: int, seed: int = 0) -> list[list[int]]:
+    """As many prompts as `_prompt_ids` gives for `count` (None: the corpus), each exactly
+    `prompt_len` random ids (above OPT's four special ids, below `vocab`)."""
+    n = len(text_corpus.read_prompts(limit=count))
+    rng = np.random.default_rng(seed)
+    return rng.integers(4, vocab, size=(n, prompt_len)).tolist()
+
+
 def windows(ids: list, block: int) -> list[list]:
     """`ids` cut into the windows `invoke generate` sorts together (blocks of `block` prompts)."""
     from flexgen_repro.generate import WINDOW_PROMPTS, window_prompts
@@ -76,7 +88,8 @@ def run_flexgen(args, policy, tokenizer: str) -> dict:
         if policy is None:  # the cost model's choice for the corpus cap
             llm.policy = _auto(llm, args)
         block = llm.policy.block_size
-        ids = _prompt_ids(llm, args.prompt_len, args.prompts)
+        ids = fixed_ids(args.prompt_len, args.prompts, llm.config.vocab_size) \
+            if args.runner == "text-fixed" else _prompt_ids(llm, args.prompt_len, args.prompts)
         llm.plan_len = max(map(len, ids)) + args.gen_len
         llm.generate_ids(ids[:block], args.gen_len)
         phases = {"prefill_s": 0.0, "decode_s": 0.0}
@@ -195,7 +208,7 @@ def _hf_model(args):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flexgen_repro.bench.text_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runner", default="text", choices=["text", "text-hf"])
+    p.add_argument("--runner", default="text", choices=["text", "text-hf", "text-fixed"])
     p.add_argument("--model", required=True)
     p.add_argument("--path", default=DUMMY)
     p.add_argument("--offload-dir", default="~/flexllmgen_offload_dir")
@@ -249,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = args.tokenizer or (text_corpus.build_tokenizer() if args.path == DUMMY else args.model)
         policy = None
-        if args.runner == "text" and [v.lower() for v in args.percent] != ["auto"]:
+        if args.runner != "text-hf" and [v.lower() for v in args.percent] != ["auto"]:
             flags = [f"--percent {' '.join(args.percent)}", f"--gpu-batch-size {args.gpu_batch_size}",
                      f"--num-gpu-batches {args.num_gpu_batches}"]
             flags += [f for f in ("--cpu-cache-compute", "--compress-weight", "--compress-cache")
