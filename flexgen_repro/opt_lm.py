@@ -71,15 +71,15 @@ class OptLM:
         largest = max((sum(s.nbytes for s in home.values()) for home in self.weight_home), default=0)
         self.prefetch_layers = prefetch_layers(policy, largest)  # weights loaded ahead (overlap)
         self.times = RunTimes()
-        self.block_state: dict = {}  # cache homes of the last cache length, and graphs captured on them
+        self.block_state: dict = {}  # cache homes kept between blocks, and graphs captured on them
 
     def build_layers(self) -> list:
         """The layers this model runs, in execution order (a pipeline stage holds a range)."""
         return build_layers(self.config, self.policy.sep_layer)
 
     def release_cache(self) -> None:
-        """Free the KV cache kept between calls (it is reused while the cache length, by
-        default prompt_len + gen_len, stays the same)."""
+        """Free the KV cache kept between calls (schedule/driver.py says when it is reused) and
+        the graphs captured on it."""
         for home in self.block_state.get("homes", {}).values():
             for t in home:
                 self.env.mixed.free(t)

@@ -218,14 +218,19 @@ def test_sparse_attention_is_placement_independent(setup, tmp_path):
 
 def test_env_close_removes_its_files_and_joins_threads(setup, tmp_path):
     model, config, weights, prompts, expected = setup
+    import threading
+
+    def copy_threads() -> set:
+        return {t for t in threading.enumerate() if t.name.startswith("copy-")}
+    others = copy_threads()  # environments of other tests in this process are not this one's
     off = tmp_path / "offload"
     env = ExecutionEnv.create(str(off))
     lm = OptLM(config, env, "_DUMMY_", policy((0, 0, 0, 0, 0, 0), True, 2))
     lm.generate(prompts[:4], max_new_tokens=2)
-    assert any(off.iterdir())
+    assert any(off.iterdir()) and copy_threads() - others
     env.close()
     assert not any(off.iterdir())
-    assert not [t for t in __import__("threading").enumerate() if t.name.startswith("copy-")]
+    assert not copy_threads() - others
 
 
 def test_failing_copy_raises_in_caller(setup, tmp_path):

@@ -200,7 +200,8 @@ def test_cache_capacity_hand_worked():
 def test_shorter_block_reuses_a_longer_cache(ckpt, tmp_path, name):
     """OptLM.generate with `cache_len`: a short block run on the cache homes a longer block left
     (the same objects, its positions stale) generates exactly transformers' greedy ids; the
-    stale positions are masked like unwritten ones."""
+    stale positions are masked like unwritten ones. A shorter cache length on a GPU cache runs
+    on views of the held homes' first positions (same memory); elsewhere it gets homes of its own."""
     from flexgen_repro import ExecutionEnv, OptLM
     from flexgen_repro.text.batching import make_blocks
     from flexgen_repro.text.model import model_config
@@ -214,13 +215,38 @@ def test_shorter_block_reuses_a_longer_cache(ckpt, tmp_path, name):
     long, short = blocks[0], blocks[-1]
     assert long.prompt_len > short.prompt_len
     cache_len = long.prompt_len + GEN
+    prompts = [mixed_prompts()[i] for i in short.index]
+    want = hf_greedy_text(ckpt, prompts, GEN)
     with ExecutionEnv.create(str(tmp_path / "off2")) as env:
         lm = OptLM(config, env, str(tmp_path / "w"), make_policy(name))
         lm.generate(long.ids, GEN, attention_mask=long.mask, cache_len=cache_len)
         homes = dict(lm.block_state["homes"])
         out = lm.generate(short.ids, GEN, attention_mask=short.mask, cache_len=cache_len)
-        assert lm.block_state["key"] == cache_len and lm.block_state["homes"] == homes
+        assert lm.block_state["home_len"] == cache_len and lm.block_state["homes"] == homes
         assert all(h[0] is homes[key][0] for key, h in lm.block_state["homes"].items())
+        assert [list(row[short.prompt_len:]) for row in out] == want
+        # a shorter cache length: views of the held homes on the GPU, new homes on disk
+        out = lm.generate(short.ids, GEN, attention_mask=short.mask, cache_len=short.prompt_len + GEN)
+        assert [list(row[short.prompt_len:]) for row in out] == want
+        kept = lm.block_state["homes"] == homes
+        assert kept == (name == "gpu")
+        assert lm.block_state["home_len"] == (cache_len if name == "gpu" else short.prompt_len + GEN)
         lm.release_cache()
-    prompts = [mixed_prompts()[i] for i in short.index]
-    assert [list(row[short.prompt_len:]) for row in out] == hf_greedy_text(ckpt, prompts, GEN)
+        assert lm.block_state == {}
+
+
+def test_cache_prefix_is_a_view():
+    """RowSplit.prefix: the first positions of an in-memory tensor, sharing its memory."""
+    import torch
+    from flexgen_repro import ExecutionEnv
+    with ExecutionEnv.create(None) as env:
+        t = env.mixed.alloc((4, 2, 10, 3), torch.float32, (0, 100, 0), seq_dim=2, zero=True)
+        short = t.prefix(6)
+        assert short.shape == (4, 2, 6, 3)
+        short.write(5, torch.ones(4, 2, 1, 3))
+        full = t.read_all(10, torch.device("cpu"))
+        assert full[:, :, 5].eq(1).all() and full.sum() == 4 * 2 * 3
+        assert short.read_all(6, torch.device("cpu")).equal(full[:, :, :6])
+        disk = env.mixed.alloc((4, 2, 10, 3), torch.float32, (0, 0, 100), seq_dim=2, zero=True)
+        with pytest.raises(ValueError, match="in-memory"):
+            disk.prefix(6)

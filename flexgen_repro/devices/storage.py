@@ -182,6 +182,19 @@ class RowSplit:
         for seg in self.segments:
             seg.write(pos, value[seg.start:seg.stop])
 
+    def prefix(self, length: int) -> "RowSplit":
+        """Positions [0, length) as a RowSplit sharing this one's memory (writes and reads go to
+        the same buffers). Only for in-memory, uncompressed segments (ValueError otherwise)."""
+        segments = []
+        for seg in self.segments:
+            store = seg.store
+            if not isinstance(store, PlainStore) or not isinstance(store.buf, torch.Tensor):
+                raise ValueError("only an in-memory, uncompressed tensor has prefix views")
+            view = PlainStore(store.buf.narrow(store.seq_dim, 0, length), store.seq_dim, store.engine)
+            segments.append(Segment(seg.tier, seg.start, seg.stop, view))
+        dim = self.segments[0].store.seq_dim
+        return RowSplit(self.shape[:dim] + (length,) + self.shape[dim + 1:], segments)
+
     def read_all(self, length: int, device: torch.device) -> torch.Tensor:
         """All rows, positions [0, length), dense on `device` (compressed parts decompressed)."""
         from flexgen_repro.compression import decompress

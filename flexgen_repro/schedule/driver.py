@@ -14,6 +14,9 @@ from flexgen_repro.schedule.strategies import GraphedPipeline, layer_strategy
 class BlockRun(BlockSteps):
     """One block through the driver: `run()` returns its output ids."""
 
+    full_homes: dict | None = None   # the model's held cache homes (set by `_graphed`)
+    home_len: int | None = None      # their length, at least this block's cache_len
+
     def run(self) -> np.ndarray:
         with self.env.computing():
             out = generate_block(self, layer_strategy(self.policy), self._graphed())
@@ -22,21 +25,41 @@ class BlockRun(BlockSteps):
         return out
 
     def _graphed(self) -> GraphedPipeline | None:
-        """Cache homes persist across blocks and calls of the same cache length (no
-        re-allocation, no re-pinning, and captured CUDA graphs stay valid); graph decode where
-        everything is on the GPU."""
-        key = self.cache_len
+        """Cache homes persist across blocks and calls (no re-allocation, no re-pinning): a GPU
+        cache is held at the longest length asked for so far, and a block of a shorter cache
+        length uses views of its first positions; a cache elsewhere is kept while the length
+        stays the same. Graph decode where everything is on the GPU, one set of graphs per cache
+        length, kept with the homes."""
         state = self.lm.block_state
-        if state.get("key") != key:
+        held = state.get("home_len")
+        if held is None or held < self.cache_len or (held != self.cache_len and not self._viewable()):
             self.lm.release_cache()
-            state.update(key=key, homes={}, graphs=None)
-        self.cache_home = state["homes"]
+            state.update(home_len=self.cache_len, homes={}, graphs={}, weights=None)
+        self.home_len, self.full_homes = state["home_len"], state["homes"]
         if not (self.lm.options.cuda_graphs and graphable(self.policy, self.env, self.want_logits)):
             return None
-        if state["graphs"] is None:
-            state["graphs"] = GraphedDecode(fuse_qkv_weights(self.lm.weight_home, self.env.gpu.dev))
-        state["graphs"].start_block(self.decode_block())
-        return GraphedPipeline(state["graphs"])
+        graphs = state["graphs"].get(self.cache_len)
+        if graphs is None:
+            if state["weights"] is None:
+                state["weights"] = fuse_qkv_weights(self.lm.weight_home, self.env.gpu.dev)
+            graphs = state["graphs"][self.cache_len] = GraphedDecode(state["weights"])
+        graphs.start_block(self.decode_block())
+        return GraphedPipeline(graphs)
+
+    def _viewable(self) -> bool:
+        """Whether a shorter cache can be a view of a longer one: an uncompressed cache held on
+        the GPU (a host cache is read whole, as one contiguous copy; a view's rows are strided)."""
+        return self.policy.cache_gpu_percent >= 100 and not self.policy.compress_cache
+
+    def new_cache_home(self, j: int, k: int, length: int | None = None) -> tuple:
+        """The held homes of (j, k) (made at the held length), or views of their first cache_len
+        positions."""
+        if self.full_homes is None:  # a run that holds no homes between blocks
+            return super().new_cache_home(j, k, length)
+        full = self.full_homes.get((j, k))
+        if full is None:
+            full = self.full_homes[(j, k)] = super().new_cache_home(j, k, self.home_len)
+        return full if self.home_len == self.cache_len else tuple(h.prefix(self.cache_len) for h in full)
 
     def decode_block(self) -> DecodeBlock:
         """What graph decode needs of this block, and nothing more."""

@@ -149,15 +149,7 @@ class BlockSteps:
     def store_cache(self, i: int, j: int, k: int, kv) -> None:
         """Queue token i's new keys and values of (layer j, batch k) to their home."""
         if (j, k) not in self.cache_home:
-            c = self.config
-            shape = (self.B, c.n_kv_head, self.cache_len, c.head_dim)
-            comp = None
-            if self.policy.compress_cache:  # groups along head_dim, the original's group_dim 2
-                comp = dataclasses.replace(self.policy.comp_cache_config, group_dim=3)
-            self.cache_home[(j, k)] = tuple(
-                self.env.mixed.alloc(shape, self.lm.dtype, self.policy.cache_percents(), True,
-                                     comp, seq_dim=2, zero=True)
-                for _ in range(2))
+            self.cache_home[(j, k)] = self.new_cache_home(j, k)
         pos = 0 if i == 0 else self.prompt_len + i - 1
         home = self.cache_home[(j, k)]
         fut = self.ch["cache_store"].submit(
@@ -166,6 +158,18 @@ class BlockSteps:
         self.pending_stores.append(fut)
         while len(self.pending_stores) > MAX_PENDING_STORES:
             self.pending_stores.popleft().result()
+
+    def new_cache_home(self, j: int, k: int, length: int | None = None) -> tuple:
+        """(keys, values) homes of (layer j, batch k): `length` positions (default cache_len),
+        split over the tiers by the policy, zero-filled (unwritten positions are finite)."""
+        c = self.config
+        shape = (self.B, c.n_kv_head, length or self.cache_len, c.head_dim)
+        comp = None
+        if self.policy.compress_cache:  # groups along head_dim, the original's group_dim 2
+            comp = dataclasses.replace(self.policy.comp_cache_config, group_dim=3)
+        return tuple(self.env.mixed.alloc(shape, self.lm.dtype, self.policy.cache_percents(), True,
+                                          comp, seq_dim=2, zero=True)
+                     for _ in range(2))
 
     def wait_cache_stores(self) -> None:
         """Every queued cache store done (before the cache is read in place)."""
