@@ -13,6 +13,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Prefill attention on the GPU leaves out cuDNN's kernel, which plans anew for each new shape
+# (every block width of a text job is one); the memory-efficient kernel takes any mask.
+PREFILL_GPU_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def to_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -61,7 +66,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     `window` columns; `allowed`: prefill_allowed(mask, window), made once per step by the caller."""
     allowed = prefill_allowed(mask, window) if allowed is None else allowed
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0))
+    if not q.is_cuda:
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0))
+    with sdpa_kernel(PREFILL_GPU_BACKENDS):
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
