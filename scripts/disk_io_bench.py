@@ -3,6 +3,7 @@ a flex_opt run per mode (decode tokens/s).
 
     python scripts/disk_io_bench.py --folder DIR [--mib 512] [--reps 5]
     python scripts/disk_io_bench.py --folder DIR --flex-opt "--model facebook/opt-125m --path _DUMMY_ ..."
+    python scripts/disk_io_bench.py --folder DIR --cache-attention [--reps 5]
 
 Reads are measured with the file in the page cache (a first read warms it), as a run that
 re-reads its offload folder every token sees it. Prints one JSON object per line.
@@ -55,6 +56,44 @@ def read_rates(folder: str, mib: int, reps: int) -> list[dict]:
     return out
 
 
+def cache_attention(folder: str, reps: int, rows: int = 16, heads: int = 32, seq: int = 544,
+                    d: int = 64, written: int = 528) -> list[dict]:
+    """Milliseconds per layer of a decode step's CPU attention over a disk-resident cache (an
+    OPT-1.3B layer's keys and values: `rows` x `heads` x `seq` x `d` float16, `written`
+    positions), in each mode: the cache read as the runtime reads it (PlainStore.read_whole)
+    and attended by the C kernel, the step's new token then stored; and, beside it, the same
+    over a host copy of the file (DiskFile.read)."""
+    from flexgen_repro.devices.storage import PlainStore
+    from flexgen_repro.kernels import cpu_attention
+    from flexgen_repro.model.attention_math import decode_attention
+    q = torch.randn(rows, heads, 1, d).to(torch.float16)
+    new = torch.randn(rows, heads, 1, d).to(torch.float16)
+    mask = torch.zeros(rows, seq + 1, dtype=torch.bool)
+    mask[:, :written] = mask[:, -1] = True
+    kernel = cpu_attention.decode_attention if cpu_attention.library() else \
+        (lambda q, k, v, m, kn, vn, n_prev: decode_attention(q, k, v, m, 1.0, kn, vn, n_prev))
+    out = []
+    for mode in MODES:
+        disk = DiskDevice(folder, mode)
+        files = [disk.alloc((rows, heads, seq, d), torch.float16) for _ in range(2)]
+        for f in files:
+            f.write(Ellipsis, torch.randn(rows, heads, seq, d).to(torch.float16) * 0.1)
+        stores = [PlainStore(f, seq_dim=2) for f in files]
+
+        def step(read) -> None:
+            k, v = (read(s) for s in stores)
+            kernel(q, k, v, mask, new, new, n_prev=written)
+            for s in stores:
+                s.write(written, new)
+        as_runtime = _best(lambda: step(lambda s: s.read_whole(torch.device("cpu"))), reps)
+        copied = _best(lambda: step(lambda s: s.buf.read()), reps)
+        out.append(dict(mode=mode, what="cache_attention", shape=[rows, heads, seq, d],
+                        ms_per_layer=as_runtime * 1e3, ms_per_layer_over_a_copy=copied * 1e3,
+                        threads=torch.get_num_threads()))
+        disk.close()
+    return out
+
+
 def flex_opt_rates(folder: str, flags: str) -> list[dict]:
     from flexgen_repro import flex_opt
     out = []
@@ -74,8 +113,15 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--flex-opt", default=None, help="flex_opt flags: run them once per mode")
+    ap.add_argument("--cache-attention", action="store_true",
+                    help="CPU attention over a disk-resident cache layer, per mode (ms per layer)")
     a = ap.parse_args()
-    rows = flex_opt_rates(a.folder, a.flex_opt) if a.flex_opt else read_rates(a.folder, a.mib, a.reps)
+    if a.flex_opt:
+        rows = flex_opt_rates(a.folder, a.flex_opt)
+    elif a.cache_attention:
+        rows = cache_attention(a.folder, a.reps)
+    else:
+        rows = read_rates(a.folder, a.mib, a.reps)
     for row in rows:
         print(json.dumps(row))
 

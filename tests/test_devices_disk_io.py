@@ -101,6 +101,9 @@ def test_row_split_over_the_tiers_reads_back_what_was_written(tmp_path, mode, co
         assert whole.shape[2] == 9 and torch.equal(whole[:, :, :6], got[disk_seg.start:])
         assert torch.equal(whole[:, :, 6:], torch.zeros_like(whole[:, :, 6:]))  # unwritten: zero
         assert disk_seg.store.whole_on_cpu == (mode == "mmap")
+        if mode == "mmap" and not compressed:  # the mapping itself: a later write shows in it
+            disk_seg.write(6, torch.ones(disk_seg.stop - disk_seg.start, 2, 1, 8))
+            assert whole[:, :, 6].eq(1).all()
         env.mixed.free(t)
 
 
@@ -266,3 +269,19 @@ def test_runtime_is_token_identical_under_each_disk_io_mode(tiny, tmp_path, mode
             assert env.disk.io_mode in MODES
             out = OptLM(config, env, weights, pol).generate(prompts, max_new_tokens=GEN)
         np.testing.assert_array_equal(out, expected)
+
+
+def test_disk_io_bench_times_cache_attention_in_each_mode(tmp_path):
+    """scripts/disk_io_bench.py --cache-attention: one row per I/O mode, the runtime's read path
+    and a host copy both timed (what docs/tuning-devices.md reports)."""
+    import json
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "disk_io_bench.py")
+    out = subprocess.run([sys.executable, script, "--folder", str(tmp_path), "--cache-attention",
+                          "--reps", "1"], capture_output=True, text=True, timeout=300, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["mode"] for r in rows] == ["direct", "buffered", "mmap"]
+    assert all(r["ms_per_layer"] > 0 and r["ms_per_layer_over_a_copy"] > 0 for r in rows)
+    assert all(r["shape"] == [16, 32, 544, 64] for r in rows)
