@@ -62,7 +62,9 @@ def cache_attention(folder: str, reps: int, rows: int = 16, heads: int = 32, seq
     OPT-1.3B layer's keys and values: `rows` x `heads` x `seq` x `d` float16, `written`
     positions), in each mode: the cache read as the runtime reads it (PlainStore.read_whole)
     and attended by the C kernel, the step's new token then stored; and, beside it, the same
-    over a host copy of the file (DiskFile.read)."""
+    over a host copy of the file (DiskFile.read). Also a prefill's store of the `written`
+    positions into a fresh file as the runtime writes it (DiskFile.write), and, beside it, as a
+    NumPy assignment into the same kind of mapping."""
     from flexgen_repro.devices.storage import PlainStore
     from flexgen_repro.kernels import cpu_attention
     from flexgen_repro.model.attention_math import decode_attention
@@ -87,8 +89,23 @@ def cache_attention(folder: str, reps: int, rows: int = 16, heads: int = 32, seq
                 s.write(written, new)
         as_runtime = _best(lambda: step(lambda s: s.read_whole(torch.device("cpu"))), reps)
         copied = _best(lambda: step(lambda s: s.buf.read()), reps)
+        prompt = torch.randn(rows, heads, written, d).to(torch.float16)
+
+        def fresh_store(numpy: bool) -> float:
+            f = disk.alloc((rows, heads, seq, d), torch.float16)
+            t0 = time.perf_counter()
+            if numpy:
+                f.mapped()[:, :, :written] = prompt.numpy()
+            else:
+                f.write((slice(None), slice(None), slice(0, written)), prompt)
+            spent = time.perf_counter() - t0
+            disk.free(f)
+            return spent
+        store = min(fresh_store(False) for _ in range(reps))
+        store_numpy = min(fresh_store(True) for _ in range(reps))
         out.append(dict(mode=mode, what="cache_attention", shape=[rows, heads, seq, d],
                         ms_per_layer=as_runtime * 1e3, ms_per_layer_over_a_copy=copied * 1e3,
+                        prefill_store_ms=store * 1e3, prefill_store_ms_numpy=store_numpy * 1e3,
                         threads=torch.get_num_threads()))
         disk.close()
     return out

@@ -38,21 +38,6 @@ _NP_OF_TORCH = {torch.float16: np.float16, torch.float32: np.float32, torch.floa
                 torch.int32: np.int32, torch.int16: np.int16}
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A CPU NumPy view of `t` (bfloat16 is kept as raw int16 bits, NumPy has no bfloat16)."""
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy()
-    return t.numpy()
-
-
-def from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `to_numpy` for a tensor meant to be `dtype`."""
-    if dtype == torch.bfloat16 and a.dtype == np.int16:
-        return torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-
-
 def storage_np_dtype(dtype: torch.dtype):
     return np.int16 if dtype == torch.bfloat16 else _NP_OF_TORCH[dtype]
 
@@ -136,7 +121,9 @@ class DiskFile:
         if index is Ellipsis and self.io == "direct" and not self.npy:
             self._write_whole_direct(value)
             return
-        self.mapped()[index] = to_numpy(value)
+        # torch's copy, not NumPy's assignment: it spreads the copy (and the first touch of
+        # fresh file pages, which dominates a prefill's cache stores) over the intra-op threads
+        self.view(index).copy_(value)
 
     def _write_whole_direct(self, value: torch.Tensor) -> None:
         buf = aligned_empty(self.shape, self.dtype, pin=False)

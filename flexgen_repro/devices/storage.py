@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from flexgen_repro.devices.copy_engine import CopyEngine, wait_done
-from flexgen_repro.devices.disk_io import DiskFile, from_numpy, new_disk_file, to_numpy
+from flexgen_repro.devices.disk_io import DiskFile, new_disk_file
 from flexgen_repro.policy import Tier
 
-__all__ = ["DiskFile", "PackedStore", "PlainStore", "RowSplit", "Segment", "Stored", "from_numpy",
-           "new_disk_file", "to_numpy"]
+__all__ = ["DiskFile", "PackedStore", "PlainStore", "RowSplit", "Segment", "Stored", "new_disk_file"]
 
 
 @dataclass
