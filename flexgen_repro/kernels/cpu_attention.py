@@ -97,9 +97,15 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enabled: bool = 
 RESERVED_CORES = 4
 
 
+@functools.cache
+def _cores() -> int:
+    """The machine's logical cores, read once (the kernel asks at every call)."""
+    return os.cpu_count() or 1
+
+
 def n_threads(given: int | None = None) -> int:
     """`given`, else torch's thread count less RESERVED_CORES (on >= 8 cores)."""
-    cores = os.cpu_count() or 1
+    cores = _cores()
     return given or max(1, min(torch.get_num_threads(), cores - (RESERVED_CORES if cores >= 8 else 0)))
 
 
