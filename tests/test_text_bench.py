@@ -73,6 +73,11 @@ def test_tiny_text_case_counts_useful_tokens(tmp_path):
     assert ours["generated_tokens"] == 12 * 4  # opt-tiny's eos id 2: not picked by dummy weights here
     # padding: each block of 6 prompts (sorted by length) pads to a bucket of its longest
     assert 0 <= ours["padding_fraction"] < 1 and ours["blocks"] == 2
+    # per block, longest first: prompts, longest prompt, prefill and decode seconds summing to the phases
+    blocks = ours["block_times"]
+    assert [b[0] for b in blocks] == [6, 6] and [b[1] for b in blocks] == sorted(lengths, reverse=True)[::6]
+    assert sum(b[2] for b in blocks) == pytest.approx(ours["prefill_latency_s"], abs=1e-4)
+    assert sum(b[3] for b in blocks) == pytest.approx(ours["decode_latency_s"], abs=1e-4)
 
 
 def test_text_fixed_runs_the_job_on_equal_prompts(tmp_path):

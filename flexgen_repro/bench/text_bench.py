@@ -9,9 +9,11 @@ tokens keep their tail), after a one-block warm-up. Runner `text-hf`: transforme
 `generate` on the same prompts, in the same windows sorted the same way, a block at a time,
 left-padded to the longest of each batch. Runner `text-fixed`: the text job as `text` runs it, on
 as many synthetic prompts of exactly `--prompt-len` tokens (the fixed-length figure over the same
-number of blocks, sustained as the corpus run is, not one block). All report useful tokens per second: generated tokens
-(not padding, not filler rows) over the wall time. Dummy-weight cases need a tokenizer (`--tokenizer`, default: the
-GPT-2 BPE one text_corpus.build_tokenizer makes offline) and say the weights were dummy.
+number of blocks, sustained as the corpus run is, not one block). All report useful tokens per
+second: generated tokens (not padding, not filler rows) over the wall time; ours also each block's
+phase times (`block_times`: prompts, longest prompt in tokens, prefill s, decode s, in run order).
+Dummy-weight cases need a tokenizer (`--tokenizer`, default: the GPT-2 BPE one
+text_corpus.build_tokenizer makes offline) and say the weights were dummy.
 """
 from __future__ import annotations
 
@@ -93,10 +95,14 @@ def run_flexgen(args, policy, tokenizer: str) -> dict:
         llm.plan_len = max(map(len, ids)) + args.gen_len
         llm.generate_ids(ids[:block], args.gen_len)
         phases = {"prefill_s": 0.0, "decode_s": 0.0}
+        per_block = []
 
         def on_block(index, completions) -> None:
-            phases["prefill_s"] += llm._lm.times.prefill_s
-            phases["decode_s"] += llm._lm.times.decode_s
+            times = llm._lm.times
+            phases["prefill_s"] += times.prefill_s
+            phases["decode_s"] += times.decode_s
+            per_block.append([len(completions), max(c.prompt_tokens for c in completions),
+                              round(times.prefill_s, 5), round(times.decode_s, 5)])
         with PeakMemory() as peak:
             done, stats = run_windows(llm, ids, args.gen_len, on_block)
         pol = llm.policy
@@ -111,6 +117,7 @@ def run_flexgen(args, policy, tokenizer: str) -> dict:
                 generated_tokens=stats.generated_tokens, wall_s=stats.wall_s,
                 padded_positions=stats.padded_positions, blocks=stats.blocks,
                 prefill_latency_s=phases["prefill_s"], decode_latency_s=phases["decode_s"],
+                block_times=per_block,
                 peak_gpu_mem_gb=peak.gpu_peak_bytes / 2**30, peak_cpu_mem_gb=peak.cpu_peak_bytes / 2**30,
                 percent=" ".join(f"{v:g}" for v in pol.percent), gpu_batch_size=pol.gpu_batch_size,
                 num_gpu_batches=pol.num_gpu_batches)
