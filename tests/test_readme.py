@@ -116,7 +116,8 @@ def test_readme_test_command_is_what_ci_runs():
         ci = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
     assert ci[-1] == tests[0]
     main_job = [c for c in lines if c.endswith("invoke generate --input examples/prompts.jsonl --output out.jsonl")]
-    assert len(main_job) == 1 and main_job[0].startswith("python3 -m pip install --require-hashes -r requirements.lock")
+    assert len(main_job) == 1 and main_job[0].startswith(
+        "python3 -m pip install torch==2.13.0 && python3 -m pip install --require-hashes -r requirements.lock")
     assert "requirements-dev.lock" not in main_job[0]  # the main job needs no test tools
 
 
