@@ -250,3 +250,25 @@ def test_cache_prefix_is_a_view():
         disk = env.mixed.alloc((4, 2, 10, 3), torch.float32, (0, 0, 100), seq_dim=2, zero=True)
         with pytest.raises(ValueError, match="in-memory"):
             disk.prefix(6)
+
+
+def test_windows_of_growing_and_shrinking_lengths_share_the_gpu_cache(ckpt, expected, tmp_path):
+    """Calls of one LLM (as `invoke generate` runs its windows): a GPU-held cache grows to the
+    longest cache length asked for and is kept; shorter calls run on views of it. Each call's
+    completions equal transformers' greedy ones."""
+    prompts = mixed_prompts()
+    with LLM(ckpt, policy=make_policy("gpu"), dtype="float32") as tok:
+        lengths = [len(t) for t in tok.tokenize(prompts)]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    windows = [order[:4], order[-4:], order[4:7]]          # short, then the longest, then middle
+    with LLM(ckpt, path=str(tmp_path / "w"), policy=make_policy("gpu"), dtype="float32",
+             offload_dir=str(tmp_path / "off")) as llm:
+        held = []
+        for window in windows:
+            out = llm.generate([prompts[i] for i in window], max_new_tokens=GEN)
+            assert [c.token_ids for c in out] == [expected[i] for i in window]
+            state = llm._lm.block_state
+            held.append((state["home_len"], dict(state["homes"])))
+        (short_len, short), (long_len, long), (mid_len, mid) = held
+        assert short_len < long_len == mid_len          # grown once, then kept
+        assert all(mid[key] is long[key] for key in long)  # the same homes, not new ones
