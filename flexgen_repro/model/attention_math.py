@@ -9,6 +9,7 @@ h // (n_head / n_kv_head), as transformers' repeat_kv lays them out.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -66,9 +67,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     `window` columns; `allowed`: prefill_allowed(mask, window), made once per step by the caller."""
     allowed = prefill_allowed(mask, window) if allowed is None else allowed
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    if not q.is_cuda:
-        return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0))
-    with sdpa_kernel(PREFILL_GPU_BACKENDS):
+    with sdpa_kernel(PREFILL_GPU_BACKENDS) if q.is_cuda else contextlib.nullcontext():
         return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0))
 
 

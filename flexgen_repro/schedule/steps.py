@@ -137,8 +137,8 @@ class BlockSteps:
                 # the whole (zero-initialized) home buffer, positions from `length` on masked:
                 # CPU batched matmuls are fast only on densely strided batches, and a contiguous
                 # pinned buffer crosses to the GPU at full link speed (its first `length`
-                # positions are strided: torch would stage them through pageable memory); a
-                # mapped disk file the same way, as one contiguous copy
+                # positions are strided: torch would stage them through pageable memory); for
+                # CPU attention, a mapped disk file's mapping itself (read in place, no copy)
                 parts.append(CachePart(ks.start, ks.stop, dev, ks.store.read_whole(dev),
                                        vs.store.read_whole(dev), valid=length))
             else:
