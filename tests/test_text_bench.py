@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from flexgen_repro import flex_opt
 from flexgen_repro.bench import runner, suites, text_bench, text_corpus
 from text_checkpoint import make_text_checkpoint
 
@@ -94,7 +95,9 @@ def test_text_fixed_runs_the_job_on_equal_prompts(tmp_path):
     assert r["padding_fraction"] == 0  # equal lengths, a multiple of 8: nothing padded
     ids = text_bench.fixed_ids(16, 10, 50272)
     assert ids == text_bench.fixed_ids(16, 10, 50272) and {len(t) for t in ids} == {16}
-    assert min(map(min, ids)) >= 4 and max(map(max, ids)) < 50272
+    assert min(map(min, ids)) >= 3 and max(map(max, ids)) < 50000
+    # its first block is exactly the fixed-length benchmark's prompts (flex_opt, seed 0)
+    assert ids[:6] == flex_opt.synthetic_prompts(6, 16, 50272, 0).tolist()
 
 
 def _token_counts(tok_dir: str, n: int) -> list[int]:

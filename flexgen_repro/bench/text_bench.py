@@ -24,7 +24,6 @@ import platform
 import sys
 import time
 
-import numpy as np
 
 from flexgen_repro.bench import text_corpus
 
@@ -58,10 +57,10 @@ def _prompt_ids(llm_or_tok, prompt_len: int, count: int | None) -> list[list[int
 
 def fixed_ids(prompt_len: int, count: int | None, vocab: int, seed: int = 0) -> list[list[int]]:
     """As many prompts as `_prompt_ids` gives for `count` (None: the corpus), each exactly
-    `prompt_len` random ids (above OPT's four special ids, below `vocab`)."""
+    `prompt_len` ids drawn as the fixed-length benchmark draws them (flex_opt.synthetic_prompts)."""
+    from flexgen_repro.flex_opt import synthetic_prompts
     n = len(text_corpus.read_prompts(limit=count))
-    rng = np.random.default_rng(seed)
-    return rng.integers(4, vocab, size=(n, prompt_len)).tolist()
+    return synthetic_prompts(n, prompt_len, vocab, seed).tolist()
 
 
 def windows(ids: list, block: int) -> list[list]:
