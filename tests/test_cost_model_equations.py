@@ -250,3 +250,58 @@ def test_cpu_attention_serial_term_is_the_attention_sublayer_then_the_next_atten
 def test_cpu_attention_batch_overhead_must_not_be_negative():
     with pytest.raises(ValueError, match="cpu_attention_batch_overhead_s"):
         round_profile(cpu_attention_batch_overhead_s=-1e-3)
+
+
+def test_a_disk_tier_that_fits_the_page_cache_moves_at_its_rates():
+    # drive 0.1 GB/s, page cache 0.5 GB/s read and 0.25 GB/s write (mapped files, as the runtime
+    # keeps a disk tier that fits in PAGE_CACHE_SHARE of the host memory the CPU tier leaves)
+    hw = round_profile(gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18, disk_to_cpu_bytes_s=0.1e9,
+                       page_cache_read_bytes_s=0.5e9, page_cache_write_bytes_s=0.25e9)
+    pred = evaluate_policy(TOY, policy((0, 0, 100, 0, 100, 0), b=1), hw, 16, 8)
+    assert pred.page_cache and pred.decode_bound == "dtoc"
+    assert pred.decode_step_time == pytest.approx(STORED_BYTES / 0.5e9, rel=EXACT)
+    # the same disk tier beyond the share (host memory of 1.5x the weights: half of it holds
+    # less than the disk tier plus the CPU tier's staging) streams from the drive
+    small = dataclasses.replace(hw, cpu_mem_bytes=1.5 * STORED_BYTES)
+    drive = evaluate_policy(TOY, policy((0, 0, 100, 0, 100, 0), b=1), small, 16, 8)
+    assert not drive.page_cache and drive.decode_step_time == pytest.approx(STORED_BYTES / 0.1e9, rel=EXACT)
+    # prefill writes the new cache into the mapped files at the page cache's write rate
+    s, b = 16, 2
+    cached = evaluate_policy(TOY, policy((100, 0, 0, 0, 100, 0), b=b), hw, s, 8)
+    assert cached.page_cache
+    assert cached.prefill_terms["ctod"] == pytest.approx(b * s * 2 * H * 2 / 0.25e9, rel=EXACT)
+
+
+def test_cpu_attention_reads_a_cache_in_the_page_cache_in_place():
+    s, n, b = 32, 8, 4
+    hw = round_profile(gpu_mm_decode_flop_s=1e18, disk_to_cpu_bytes_s=0.1e9,
+                       page_cache_read_bytes_s=2e9, page_cache_write_bytes_s=0.5e9)
+    cache_disk = policy((100, 0, 0, 0, 100, 0), b, cpu_cache_compute=True)
+    in_place = evaluate_policy(TOY, cache_disk, hw, s, n)
+    # nothing is read off the disk tier as a transfer: the CPU attends over the mapping
+    assert in_place.page_cache and in_place.decode_terms["dtoc"] == 0
+    assert in_place.decode_terms["comp"] == pytest.approx(b * 4 * (s + n / 2) * H / 1e10, rel=EXACT)
+    # new K and V go to the mapped files at the page cache's write rate
+    assert in_place.decode_terms["ctod"] == pytest.approx(b * 2 * H * 2 / 0.5e9, rel=EXACT)
+    # without page-cache rates the attended cache is read from the drive first
+    drive = evaluate_policy(TOY, cache_disk, dataclasses.replace(
+        hw, page_cache_read_bytes_s=0.0, page_cache_write_bytes_s=0.0), s, n)
+    assert not drive.page_cache
+    assert drive.decode_terms["dtoc"] == pytest.approx(b * (s + n / 2) * 2 * H * 2 / 0.1e9, rel=EXACT)
+
+
+def test_page_cache_constraints_hold_the_disk_tier_within_its_share_of_free_host_memory():
+    from flexgen_repro.devices.disk_io import PAGE_CACHE_SHARE
+    hw = round_profile(page_cache_read_bytes_s=2e9, page_cache_write_bytes_s=0.5e9)
+    model = build_step_model(TOY, policy((0, 50, 100, 0, 100, 0)), 16, 8, hw, page_cache=True)
+    x = [0, 0.5, 0.5, 1, 0, 0, 1, 0, 0]
+    for phase in ("prefill", "decode"):
+        term = model.memory[f"page-cache_{phase}"]
+        expected = model.memory["disk"](x) + PAGE_CACHE_SHARE * model.memory[f"cpu_{phase}"](x)
+        assert term(x) == pytest.approx(expected, rel=EXACT)
+        assert model.capacity[f"page-cache_{phase}"] == PAGE_CACHE_SHARE * hw.cpu_mem_bytes
+    assert model.page_cache_fits(x)
+    with pytest.raises(ValueError, match="no page-cache rates"):
+        build_step_model(TOY, policy((0, 50, 100, 0, 100, 0)), 16, 8, round_profile(), page_cache=True)
+    with pytest.raises(ValueError, match="page_cache_read_bytes_s must be a number >= 0"):
+        round_profile(page_cache_read_bytes_s=-1.0)

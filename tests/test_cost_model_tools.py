@@ -82,6 +82,7 @@ def test_measure_on_this_machine_writes_a_loadable_profile(tmp_path, monkeypatch
     assert measured.name == "local"
     for key in hardware.RATE_FIELDS:
         assert getattr(measured, key) > 0
+    assert measured.has_page_cache_rates
     if not measured.host_backed_gpu:
         pytest.skip("the host-backed checks below are for machines without CUDA")
     assert measured.gpu_mem_bytes == measured.cpu_mem_bytes
@@ -104,6 +105,20 @@ def test_disk_measurement_falls_back_to_buffered_where_o_direct_is_refused(tmp_p
         out = profile.measure_disk(str(tmp_path), 16 << 20)
     assert out["disk_mode"] == "buffered" and out["disk_read"] > 0 and out["disk_write"] > 0
     assert not os.listdir(tmp_path)
+
+
+def test_page_cache_measurement_times_the_runtimes_mapped_files_and_removes_its_file(tmp_path):
+    out = profile.measure_page_cache(str(tmp_path / "offload"), 8 << 20, 2, pin=False)
+    assert out["page_cache_read"] > 0 and out["page_cache_write"] > 0
+    assert not os.listdir(tmp_path / "offload")
+
+
+def test_a_profile_without_page_cache_rates_predicts_every_disk_byte_at_the_drives_rate():
+    h100 = load_profile("h100")
+    plain = dataclasses.replace(h100, page_cache_read_bytes_s=0.0, page_cache_write_bytes_s=0.0)
+    pol = cli.parse_flags("--percent 0 0 100 0 100 0 --gpu-batch-size 16 --num-gpu-batches 1")[0]
+    pred = evaluate_policy(get_opt_config("opt-1.3b"), pol, plain, 512, 32)
+    assert not pred.page_cache and pred.decode_bound == "dtoc"
 
 
 def test_policy_prints_flags_that_parse_back_to_the_same_policy(capsys):

@@ -99,6 +99,8 @@ def _describe(policy: Policy, pred: Prediction, header: str) -> str:
              f"{pred.decode_time:.2f} s = {pred.decode_step_time:.3f} s/token step (bound: "
              f"{pred.decode_bound}); decode throughput {pred.decode_throughput:.3f} token/s",
              f"  peak memory: {tiers}"]
+    if pred.page_cache:
+        lines.append("  disk tier held by the page cache (mapped files, read at its rate)")
     if not pred.feasible:
         lines.append(f"  does not fit: {', '.join(pred.over)} over its limit")
     return "\n".join(lines)

@@ -37,6 +37,7 @@ pinned one unless pin_weight is off.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,8 +45,11 @@ import numpy as np
 from flexgen_repro.config import OptConfig
 from flexgen_repro.cost_model.hardware import HardwareProfile
 from flexgen_repro.cost_model.placement import compression_ratio, layer_tensors, realized_placement
+from flexgen_repro.devices.disk_io import PAGE_CACHE_SHARE
 from flexgen_repro.policy import Policy, prefetch_layers, whole_weight_copies
 
+# The tier name of the page-cache constraints (build_step_model's page_cache).
+PAGE_CACHE = "page-cache"
 PLACEMENT = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
 TERMS = ("ctog", "gtoc", "dtoc", "ctod", "comp")
 
@@ -124,6 +128,13 @@ class StepModel:
     graph_decode: dict | None = None
     weight_tensors: tuple = ()
     gpu_batch_size: int = 1
+    page_cache: bool = False
+
+    def page_cache_fits(self, x) -> bool:
+        """Whether the disk tier at placement x stays within the page cache's share of host
+        memory (always true of a model built without `page_cache`)."""
+        return all(term(x) <= self.capacity[name] * (1 + 1e-9) for name, term in self.memory.items()
+                   if tier_of(name) == PAGE_CACHE)
 
     def placement(self, percent) -> np.ndarray:
         """The placement vector the runtime realizes for six percentages (placement.py)."""
@@ -301,7 +312,10 @@ def _prefill_sublayer_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Siz
             "sub_disk_mlp": disk * (1 - share) + comp_mlp, "sub_disk_attn": disk * share + comp_attn}
 
 
-def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int, n: int) -> dict:
+def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int, n: int,
+                  mapped: bool = False) -> dict:
+    """mapped: the disk tier is read from the page cache through mappings, where CPU attention
+    reads its cache in place (the read is part of the attention, not a transfer)."""
     b, k = p.gpu_batch_size, p.num_gpu_batches
     B = b * k
     avg = s + n / 2                      # average attended length over the generated tokens
@@ -332,7 +346,8 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
         comp = Affine.of(mm + dequant + gpu_side)
     return {
         "ctog": ctog, "gtoc": gtoc,
-        "dtoc": Affine.of(wd=z.w_layer, cd=read, hd=hid) * (1 / hw.disk_to_cpu_bytes_s),
+        "dtoc": Affine.of(wd=z.w_layer, cd=0.0 if mapped and p.cpu_cache_compute else read, hd=hid)
+        * (1 / hw.disk_to_cpu_bytes_s),
         "ctod": Affine.of(cd=new, hd=hid) * (1 / hw.cpu_to_disk_bytes_s),
         "comp": comp,
         **extra,
@@ -506,6 +521,15 @@ def _memory(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int, n: i
     return mem
 
 
+def _page_cache_memory(hw: HardwareProfile, memory: dict) -> tuple[dict, dict]:
+    """The constraints under which the runtime maps every disk file (DiskDevice under "auto"):
+    the disk tier within PAGE_CACHE_SHARE of the host memory the CPU tier leaves free, in each
+    phase (bytes, capacity)."""
+    extra = {f"{PAGE_CACHE}_{phase}": memory["disk"] + memory[f"cpu_{phase}"] * PAGE_CACHE_SHARE
+             for phase in ("prefill", "decode")}
+    return extra, {name: PAGE_CACHE_SHARE * hw.cpu_mem_bytes for name in extra}
+
+
 def _capacities(hw: HardwareProfile, memory: dict) -> tuple[dict, dict]:
     cap = {name: getattr(hw, f"{tier_of(name)}_mem_bytes") for name in memory}
     if hw.host_backed_gpu:      # one pool of host memory holds both tiers
@@ -516,10 +540,28 @@ def _capacities(hw: HardwareProfile, memory: dict) -> tuple[dict, dict]:
     return memory, cap
 
 
+def page_cache_rates(hw: HardwareProfile) -> HardwareProfile:
+    """`hw` with its disk rates replaced by the page cache's (the mapped files' reads and writes)."""
+    return dataclasses.replace(hw, disk_to_cpu_bytes_s=hw.page_cache_read_bytes_s,
+                               cpu_to_disk_cache_bytes_s=hw.page_cache_write_bytes_s,
+                               cpu_to_disk_bytes_s=hw.page_cache_write_bytes_s)
+
+
 def build_step_model(config: OptConfig, policy: Policy, prompt_len: int, gen_len: int,
-                     profile: HardwareProfile) -> StepModel:
+                     profile: HardwareProfile, page_cache: bool = False) -> StepModel:
     """The affine time and memory terms of `policy`'s block shape and switches (its percentages
-    are ignored here: evaluate the result at a placement vector)."""
+    are ignored here: evaluate the result at a placement vector).
+
+    page_cache: the disk tier as the runtime runs it when it fits in the page cache's share of
+    host memory (every file mapped): disk traffic at the profile's page-cache rates, CPU
+    attention over a disk cache in place, and constraints ("page-cache_*") that keep the disk
+    tier within that share. Needs a profile with page-cache rates. Predictions of a given
+    policy use it where its disk tier fits (predict.policy_model); the search does not need it:
+    host memory free for the page cache would hold the same bytes in the CPU tier, which
+    crosses to the GPU faster still."""
+    if page_cache and not profile.has_page_cache_rates:
+        raise ValueError(f"profile {profile.name} has no page-cache rates; re-run "
+                         f"`invoke profile-hardware` to measure them")
     if prompt_len < 1 or gen_len < 1:
         raise ValueError(f"prompt_len and gen_len must be >= 1, got {prompt_len}, {gen_len}")
     if prompt_len + gen_len > config.max_seq_len:
@@ -527,7 +569,11 @@ def build_step_model(config: OptConfig, policy: Policy, prompt_len: int, gen_len
                          f"max_seq_len {config.max_seq_len}")
     z = model_sizes(config, policy)
     memory, capacity = _capacities(profile, _memory(config, policy, profile, z, prompt_len, gen_len))
-    decode = _decode_terms(config, policy, profile, z, prompt_len, gen_len)
+    if page_cache:
+        extra, extra_cap = _page_cache_memory(profile, memory)
+        memory, capacity = {**memory, **extra}, {**capacity, **extra_cap}
+        profile = page_cache_rates(profile)
+    decode = _decode_terms(config, policy, profile, z, prompt_len, gen_len, mapped=page_cache)
     graphs = not profile.host_backed_gpu and policy.attn_sparsity == 1.0
     return StepModel(prefill=_prefill_terms(config, policy, profile, z, prompt_len), decode=decode,
                      memory=memory, capacity=capacity, num_layers=config.num_hidden_layers,
@@ -535,4 +581,4 @@ def build_step_model(config: OptConfig, policy: Policy, prompt_len: int, gen_len
                      graph_decode=_graph_decode_terms(config, policy, profile, z, prompt_len,
                                                       gen_len, decode) if graphs else None,
                      weight_tensors=tuple(sizes for _, sizes in layer_tensors(config, policy)),
-                     gpu_batch_size=policy.gpu_batch_size)
+                     gpu_batch_size=policy.gpu_batch_size, page_cache=page_cache)

@@ -28,6 +28,8 @@ RATE_FIELDS = (
 )
 MEMORY_FIELDS = ("gpu_mem_bytes", "cpu_mem_bytes", "disk_mem_bytes", "gpu_step_overhead_s",
                  "gpu_graph_step_overhead_s", "cpu_attention_batch_overhead_s")
+# Rates a profile may leave at 0 (not measured): the terms that would use them are left out.
+OPTIONAL_RATE_FIELDS = ("page_cache_read_bytes_s", "page_cache_write_bytes_s")
 # Seconds per (layer, GPU batch) decode step replayed in a CUDA graph beyond its HBM time, for
 # profiles that do not measure it: the two all-GPU graph-decode runs on the H200
 # (results/h100-anchors/raw, prompt 512) leave the same floor once their weight and attention
@@ -57,6 +59,10 @@ class HardwareProfile:
     while the main thread prepares the next GPU batch), the time per (layer, GPU batch) the worker
     still waits on the main thread (its synchronous copy of q, k, v to the host, queueing, finishing
     the previous batch). Fitted from runs where measured (h100); 0 leaves the term out.
+    `page_cache_read_bytes_s`, `page_cache_write_bytes_s`: the disk tier's files while the page
+    cache holds them (the runtime maps the files that fit in disk_io.PAGE_CACHE_SHARE of the free
+    host memory; equations.build_step_model's `page_cache`); 0: not measured, every disk byte
+    moves at the drive's rates.
     `gpu_headroom`: the
     fraction of a GPU memory cap (`with_memory(gpu_gb=...)`) usable for tensors.
     `host_backed_gpu`: no CUDA; the "GPU" tier is host memory, so GPU and CPU share `cpu_mem_bytes`.
@@ -89,6 +95,8 @@ class HardwareProfile:
     gpu_headroom: float = 1.0
     cpu_mm_flop_s: float = 0.0
     cpu_attention_batch_overhead_s: float = 0.0
+    page_cache_read_bytes_s: float = 0.0
+    page_cache_write_bytes_s: float = 0.0
     host_backed_gpu: bool = False
     gpu_fused_kernels: bool = False
     stages_pageable: bool = True
@@ -101,12 +109,16 @@ class HardwareProfile:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"HardwareProfile.{name} must be a number > 0, got {value!r}")
-        for name in MEMORY_FIELDS:
+        for name in MEMORY_FIELDS + OPTIONAL_RATE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"HardwareProfile.{name} must be a number >= 0, got {value!r}")
         if not 0 < self.gpu_headroom <= 1:
             raise ValueError(f"HardwareProfile.gpu_headroom must be in (0, 1], got {self.gpu_headroom!r}")
+
+    @property
+    def has_page_cache_rates(self) -> bool:
+        return self.page_cache_read_bytes_s > 0 and self.page_cache_write_bytes_s > 0
 
     def with_memory(self, gpu_gb: float | None = None, cpu_gb: float | None = None,
                     disk_gb: float | None = None) -> "HardwareProfile":

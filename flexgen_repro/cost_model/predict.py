@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flexgen_repro.config import OptConfig
-from flexgen_repro.cost_model.equations import StepModel, build_step_model, tier_of
+from flexgen_repro.cost_model.equations import PAGE_CACHE, StepModel, build_step_model, tier_of
 from flexgen_repro.cost_model.hardware import GIB, HardwareProfile
 from flexgen_repro.policy import Policy
 
@@ -32,6 +32,7 @@ class Prediction:
     peak_memory: dict            # tier -> peak bytes over prefill and decode
     capacity: dict               # tier -> usable bytes
     over: tuple                  # tiers whose peak exceeds their capacity
+    page_cache: bool = False     # the disk tier predicted at the page cache's rates
 
     @property
     def feasible(self) -> bool:
@@ -52,15 +53,18 @@ class Prediction:
             "decode_terms_s_per_layer": dict(self.decode_terms),
             "peak_memory_gib": self.memory_gib(),
             "capacity_gib": {t: round(v / GIB, 3) for t, v in self.capacity.items()},
-            "fits": self.feasible, "over": list(self.over),
+            "fits": self.feasible, "over": list(self.over), "disk_in_page_cache": self.page_cache,
         }
 
 
 def tier_peaks(model: StepModel, x) -> tuple[dict, dict]:
-    """(peak bytes, capacity) per constraint tier ("gpu", "cpu", "disk", "gpu+cpu")."""
+    """(peak bytes, capacity) per constraint tier ("gpu", "cpu", "disk", "gpu+cpu"); the
+    page-cache constraints are not a tier (StepModel.page_cache_fits)."""
     peak, cap = {}, {}
     for name, term in model.memory.items():
         tier = tier_of(name)
+        if tier == PAGE_CACHE:
+            continue
         peak[tier] = max(peak.get(tier, 0.0), term(x))
         cap[tier] = model.capacity[name]
     return peak, cap
@@ -84,12 +88,26 @@ def evaluate_at(model: StepModel, x) -> Prediction:
         prefill_terms=pre_terms, decode_terms=dec_terms,
         prefill_bound=max(pre_terms, key=pre_terms.get),
         decode_bound=max(dec_terms, key=dec_terms.get),
-        peak_memory=peak, capacity=cap, over=over)
+        peak_memory=peak, capacity=cap, over=over, page_cache=model.page_cache)
 
 
 def evaluate_policy(config: OptConfig, policy: Policy, profile: HardwareProfile, prompt_len: int,
                     gen_len: int) -> Prediction:
     """Predicted throughput, times, binding terms and peak memory per tier of `policy`, at the
-    placement the runtime realizes for its percentages (whole weight tensors, whole batch rows)."""
+    placement the runtime realizes for its percentages (whole weight tensors, whole batch rows);
+    a disk tier within the page cache's share of host memory at the page cache's rates, where
+    the profile has them."""
+    return evaluate_at(*policy_model(config, policy, profile, prompt_len, gen_len))
+
+
+def policy_model(config: OptConfig, policy: Policy, profile: HardwareProfile, prompt_len: int,
+                 gen_len: int) -> tuple[StepModel, np.ndarray]:
+    """The step model that describes how the runtime runs `policy` (with its disk tier in the
+    page cache where it fits there) and the placement it realizes."""
     model = build_step_model(config, policy, prompt_len, gen_len, profile)
-    return evaluate_at(model, model.placement(policy.percent))
+    x = model.placement(policy.percent)
+    if profile.has_page_cache_rates and x[[2, 5, 8]].sum() > 0:
+        cached = build_step_model(config, policy, prompt_len, gen_len, profile, page_cache=True)
+        if cached.page_cache_fits(x):
+            return cached, x
+    return model, x

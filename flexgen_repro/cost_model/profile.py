@@ -3,7 +3,8 @@
 Measures host<->GPU copies (pinned and pageable, pinned in the runtime's pieces from a copy
 thread, and pageable through the runtime's pinned staging blocks; the cache rate writes into a slice of a larger tensor, as a cache store does), host memory bandwidth (kept under `measurements`), disk
 reads and writes with O_DIRECT in the offload folder (buffered with a warning where O_DIRECT is
-refused, e.g. tmpfs), GPU memory bandwidth, fp16 matmul (prefill- and decode-shaped), attention
+refused, e.g. tmpfs) and through mappings while the page cache holds the file (the runtime's
+mapped disk files), GPU memory bandwidth, fp16 matmul (prefill- and decode-shaped), attention
 (prefill- and decode-shaped) on the GPU and, with fp16 data upcast to fp32 as the runtime does, on
 the CPU, CPU matmul (fp32, bf16, fp16), 4-bit dequantization, the fixed cost of a tiny layer step
 (launched from Python, and replayed in a CUDA graph), and the memory of each tier. Without CUDA
@@ -158,6 +159,26 @@ def measure_disk(folder: str, nbytes: int) -> dict:
         if os.path.exists(path):
             os.remove(path)
     return {"disk_write": write, "disk_read": read, "disk_mode": mode, "disk_test_bytes": nbytes}
+
+
+def measure_page_cache(folder: str, nbytes: int, reps: int, pin: bool) -> dict:
+    """Bytes per second of the disk tier's mapped files while the page cache holds them, as the
+    runtime moves them (disk_io.DiskFile in "mmap" mode): a whole write into a fresh file (the
+    first touch of its pages, as a prefill's cache store) and a whole read out of the mapping
+    (into pinned memory where it goes on to the GPU)."""
+    from flexgen_repro.devices.disk_io import new_disk_file
+    os.makedirs(folder, exist_ok=True)
+    f = new_disk_file(folder, (nbytes // 2,), torch.float16, prefix=".profile-page-cache", io="mmap")
+    try:
+        src = torch.rand(nbytes // 2, dtype=torch.float32).to(torch.float16)
+        t0 = time.perf_counter()
+        f.write(Ellipsis, src)
+        write = nbytes / (time.perf_counter() - t0)
+        read = nbytes / _timed(lambda: f.read(pin=pin), reps, lambda: None)
+    finally:
+        f.close()
+        os.remove(f.path)
+    return {"page_cache_write": write, "page_cache_read": read}
 
 
 def _attention(q, k, v):
@@ -354,6 +375,8 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
     m.update(measure_copies(dev, (1 << 30) if cuda else (64 << 20), 5 if cuda else 3))
     m.update(measure_host_memory((1 << 30) if cuda else (128 << 20), 5 if cuda else 3))
     m.update(measure_disk(offload_dir, min((2 << 30) if cuda else (128 << 20), int(m["disk_mem"] / 4))))
+    m.update(measure_page_cache(offload_dir, min((1 << 30) if cuda else (64 << 20), int(m["disk_mem"] / 4)),
+                                5 if cuda else 3, pin=cuda))
     m.update(measure_compute(dev, cuda, 10 if cuda else 3))
     m.update(measure_cpu(cuda, 20 if cuda else 3, dev))
     m["step_overhead"] = measure_step_overhead(dev, 50)
@@ -368,6 +391,7 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
         gpu_to_cpu_cache_bytes_s=m["d2h_cache"], gpu_to_cpu_hidden_bytes_s=m["d2h_pinned"],
         disk_to_cpu_bytes_s=m["disk_read"], cpu_to_disk_cache_bytes_s=m["disk_write"],
         cpu_to_disk_bytes_s=m["disk_write"], gpu_mem_bw_bytes_s=m["mem_bw"],
+        page_cache_read_bytes_s=m["page_cache_read"], page_cache_write_bytes_s=m["page_cache_write"],
         gpu_mm_prefill_flop_s=m["mm_prefill"], gpu_mm_decode_flop_s=m["mm_decode"],
         gpu_bmm_prefill_flop_s=m["bmm_prefill"], gpu_bmm_decode_flop_s=m["bmm_decode"],
         cpu_attention_flop_s=m["cpu_attention"], gpu_dequant_bytes_s=m["dequant"],
