@@ -1,6 +1,7 @@
 """Recompute the limit columns of raw run records in place with the current limits code and a
 named bandwidth profile (the run's own `hardware_local.json`, from `invoke profile-hardware` on
-the machine that ran it), and say so in `limit_note`. For records made before a change to
+the machine that ran it, or a built-in one such as `h100-reference`), and say so in
+`limit_note`. For records made before a change to
 bench/limits.py. Usage:
 python3 scripts/recompute_limits.py --profile hardware_local.json \
     --note "the run machine's profile" results/h100-large/raw/66b-c-32x2.json ..."""
@@ -16,7 +17,7 @@ def recompute(record: dict, bw: limits.Bandwidths, note: str) -> dict:
     lim = limits.record_limit(record, bw)
     decode = record.get("decode_throughput")
     record.update(limit_throughput=lim.throughput, binding_term=lim.binding, limit_terms=lim.terms,
-                  limit_profile="local",
+                  limit_profile=bw.name,
                   fraction_of_limit=decode / lim.throughput if decode and lim.throughput else None,
                   limit_note=f"recomputed after the run (bench/limits.py: terms on one resource "
                              f"add up) with {note}")
@@ -25,11 +26,13 @@ def recompute(record: dict, bw: limits.Bandwidths, note: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--profile", required=True, help="a profile JSON (profile-hardware's output)")
+    p.add_argument("--profile", required=True,
+                   help=f"a profile JSON (profile-hardware's output) or one of {sorted(limits.BUILTIN)}")
     p.add_argument("--note", required=True, help="which profile, for the record's limit_note")
     p.add_argument("records", nargs="+")
     args = p.parse_args(argv)
-    bw = limits.load_bandwidths(os.path.abspath(args.profile))
+    bw = limits.load_bandwidths(args.profile if args.profile in limits.BUILTIN
+                                else os.path.abspath(args.profile))
     if bw is None:
         print(f"error: {args.profile} is a host-backed profile: no link to bound", file=sys.stderr)
         return 2

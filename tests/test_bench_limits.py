@@ -284,3 +284,9 @@ def test_recompute_limits_script_rewrites_a_record_in_place(tmp_path):
     assert out["fraction_of_limit"] == pytest.approx(6.6 / expected.throughput, rel=1e-12)
     assert "r36" in out["limit_note"]
     assert json.loads(failed.read_text())["binding_term"] == "old"
+    # a built-in profile by name, named in the record
+    assert script.main(["--profile", "h100-reference", "--note", "same host", str(ok)]) == 0
+    out = json.loads(ok.read_text())
+    expected = limits.decode_limit(terms, 8, limits.BUILTIN["h100-reference"])
+    assert out["limit_profile"] == "h100-reference"
+    assert out["limit_throughput"] == pytest.approx(expected.throughput, rel=1e-12)
