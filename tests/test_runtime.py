@@ -301,3 +301,31 @@ def test_fp16_disk_weights_are_read_from_the_weight_folder(tiny_opt, tmp_path):
             outs.append(lm.generate(prompts, max_new_tokens=GEN))
             assert not list(off.glob("*.bin"))  # disk weights were not copied into the offload dir
     np.testing.assert_array_equal(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("overlap,k", [(False, 1), (True, 3)])
+def test_a_gpu_held_cache_decodes_in_place_and_matches_transformers(setup, tmp_path, monkeypatch,
+                                                                    overlap, k):
+    """A cache wholly on the GPU (uncompressed, dense attention) is attended as its home buffer,
+    the new token written in place (the path CUDA graphs replay), with no separate store; a cache
+    partly elsewhere keeps the general path."""
+    from flexgen_repro.model import layers
+    model, config, weights, prompts, expected = setup
+    calls = {"resident": 0, "general": 0}
+    resident, general = layers.SelfAttention._resident_decode, layers.SelfAttention._decode
+
+    def count(name, fn):
+        def wrapped(self, *args, **kwargs):
+            calls[name] += 1
+            return fn(self, *args, **kwargs)
+        return wrapped
+    monkeypatch.setattr(layers.SelfAttention, "_resident_decode", count("resident", resident))
+    monkeypatch.setattr(layers.SelfAttention, "_decode", count("general", general))
+    out = generate(config, weights, policy((0, 100, 100, 0, 100, 0), overlap, k), prompts, tmp_path)
+    np.testing.assert_array_equal(out, expected)
+    assert calls["resident"] > 0 and calls["general"] == 0
+    calls.update(resident=0, general=0)
+    out = generate(config, weights, policy((0, 100, 50, 50, 100, 0), overlap, k), prompts,
+                   tmp_path / "split")
+    np.testing.assert_array_equal(out, expected)
+    assert calls["general"] > 0 and calls["resident"] == 0

@@ -56,6 +56,7 @@ class StepInfo:
     host_mask: torch.Tensor | None = None    # `mask` in host memory, for attention on the CPU
     host_stage: object = None                # a host_stage.HostStage: CPU attention's copies
     options: object = None                   # RuntimeOptions (CPU attention kernel); None: defaults
+    write_index: torch.Tensor | None = None  # (1,) on the device: the new token's cache position
     _allowed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property

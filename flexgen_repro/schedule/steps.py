@@ -57,12 +57,18 @@ class BlockSteps:
         self.stop_check = stop_check
         overlap = self.policy.overlap
         self.ch = {name: self.env.channel(name, overlap) for name in self.env.CHANNELS}
-        if self.policy.cache_gpu_percent >= 100 and not self.policy.cpu_cache_compute:
-            # a cache held on the GPU moves nowhere: its reads are views and its stores one copy
-            # kernel each, queued in order on the compute stream; through a copy thread they
-            # would make compute wait for the GPU to drain at every (layer, batch) step
+        held = self.policy.cache_gpu_percent >= 100 and not self.policy.cpu_cache_compute
+        if held:
+            # a cache held on the GPU moves nowhere: its prefill stores are one copy kernel each,
+            # queued in order on the compute stream; through a copy thread they would make
+            # compute wait for the GPU to drain at every (layer, batch) step
             for name in ("cache_load", "cache_store"):
                 self.ch[name] = self.env.channel(name, False)
+        # ... and decode attends over its home buffer itself, the new token written in place
+        # (the resident path the CUDA graphs replay: one fused attention call, no concatenation
+        # and no separate store), with a full-length mask made once per step
+        self.resident = (held and not self.policy.compress_cache
+                         and self.policy.attn_sparsity == 1.0)
         self.weights: dict[int, Future] = {}
         self.cache_loads: dict[tuple[int, int], Future] = {}
         self.cache_stores: dict[tuple[int, int], Future] = {}
@@ -118,6 +124,8 @@ class BlockSteps:
         """Queue the cache of (layer j, batch k) for token i, after that pair's last store."""
         if i == 0 or i >= self.gen_len or j >= len(self.layers) or not self.layers[j].has_cache:
             return
+        if self.resident:      # nothing to load: compute attends over the home (_resident_part)
+            return
         if (j, k) in self.cache_loads or k not in self.live_batches:
             return
         pending = self.cache_stores.get((j, k))
@@ -145,6 +153,13 @@ class BlockSteps:
                 parts.append(CachePart(ks.start, ks.stop, dev, ks.read(length, dev),
                                        vs.read(length, dev), valid=length))
         return parts
+
+    def _resident_part(self, j: int, k: int, step: StepInfo) -> list[CachePart]:
+        """The cache of (layer j, batch k) as its GPU home buffers, attended and written in place
+        at `step.write_index` (the home holds cache_len positions; step.mask covers them)."""
+        (k_seg,), (v_seg,) = (home.segments for home in self.cache_home[(j, k)])
+        return [CachePart(0, self.B, self.env.gpu.dev, k_seg.store.buf, v_seg.store.buf,
+                          resident=True, write_index=step.write_index)]
 
     def store_cache(self, i: int, j: int, k: int, kv) -> None:
         """Queue token i's new keys and values of (layer j, batch k) to their home."""
@@ -216,11 +231,15 @@ class BlockSteps:
             mask, pos = self.mask_and_positions(i, k)
             dev = self.env.gpu.dev
             self.steps.pop((i - 1, k), None)
+            index = None
+            if self.resident and i > 0:  # the home's every position; the new token's column
+                mask = np.pad(mask, ((0, 0), (0, self.cache_len - mask.shape[1])))
+                index = torch.full((1,), self.prompt_len + i - 1, dtype=torch.long, device=dev)
             host_mask = torch.from_numpy(mask)
             self.steps[(i, k)] = StepInfo(i, self.prompt_len, host_mask.to(dev),
                                           torch.from_numpy(pos).to(dev), self.policy.attn_sparsity,
                                           self.pick, self.want_logits, self.cpu_pool, host_mask,
-                                          self.host_stage, self.lm.options)
+                                          self.host_stage, self.lm.options, index)
         return self.steps[(i, k)]
 
     def mask_and_positions(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -237,13 +256,17 @@ class BlockSteps:
         on the worker."""
         layer = self.layers[j]
         t0 = time.perf_counter()
+        step = self.step_info(i, k)
         with trace.span("wait"):
             w = self.weights[j].result()
-            cache = self.cache_loads.pop((j, k)).result() if layer.has_cache and i > 0 else None
+            cache = None
+            if layer.has_cache and i > 0:
+                cache = self._resident_part(j, k, step) if self.resident else \
+                    self.cache_loads.pop((j, k)).result()
         t1 = time.perf_counter()
         with trace.span(type(layer).__name__):
             x = self.load_hidden(i, j, k)
-            out = layer.forward(x, w, self.step_info(i, k), cache)
+            out = layer.forward(x, w, step, cache)
         self.unfinished.append((i, j, k, out, w, cache, t1 - t0))
         last = self.live_batches[-1]
         keep = 1 if isinstance(out, Deferred) and k < last else 0
@@ -262,10 +285,11 @@ class BlockSteps:
             self._profile_layer(i, layer, waited, t1)
         if layer.has_cache:
             out, kv = out
-            self.store_cache(i, j, k, kv)
+            if not (self.resident and i > 0):    # resident: written in place already
+                self.store_cache(i, j, k, kv)
         self.store_hidden(i, j, k, out)
         if self.env.has_cuda and self.policy.overlap:
-            _mark_used_on_current_stream(w, cache)
+            _mark_used_on_current_stream(w, None if self.resident else cache)
 
     # ---- tokens --------------------------------------------------------------------------------
     def start_token(self, i: int) -> float:
