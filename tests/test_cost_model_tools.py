@@ -148,6 +148,18 @@ def test_evaluate_matches_the_python_api(capsys):
     assert data["percent"] == [20, 80, 0, 100, 0, 100] and data["fits"] == pred.feasible
 
 
+def test_evaluate_says_when_the_disk_tier_is_predicted_in_the_page_cache(capsys):
+    flags = "--percent 0 0 100 0 100 0 --gpu-batch-size 16 --num-gpu-batches 1"
+    assert cli.main("opt-1.3b", "h100", 512, 32, evaluate=flags, gpu_mem_gb=16) == 0
+    assert "disk tier held by the page cache" in capsys.readouterr().out
+    assert cli.main("opt-1.3b", "h100", 512, 32, evaluate=flags, as_json=True, gpu_mem_gb=16) == 0
+    assert json.loads(capsys.readouterr().out)["disk_in_page_cache"] is True
+    # host memory too small to hold the disk tier in its page-cache share: the drive's rates
+    assert cli.main("opt-1.3b", "h100", 512, 32, evaluate=flags, as_json=True, gpu_mem_gb=16,
+                    cpu_mem_gb=4) == 0
+    assert json.loads(capsys.readouterr().out)["disk_in_page_cache"] is False
+
+
 @pytest.mark.parametrize("flags,message", [("--percent auto", "not `auto`"),
                                            ("--percent 1 2 3", "six numbers"),
                                            ("--percnt 1 2", "unrecognized arguments: --percnt"),
