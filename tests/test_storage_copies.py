@@ -155,3 +155,26 @@ def test_pipelined_channel_jobs_resolve_in_order_with_their_copies_done(use_cuda
         bad.result()
     ch.close()
     assert ch._pool is None and ch._waiter is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_job_not_after_compute_copies_while_compute_still_runs():
+    """A channel job waits for the work queued on the compute stream before it (a store reads
+    compute's output) unless submitted with after_compute=False (a cache load, which reads only
+    what stores wrote): its copy then finishes while a long kernel still runs."""
+    from flexgen_repro.devices.channels import Channel
+    ch = Channel("cache_load", True, inline=False)
+    src = torch.full((1 << 20,), 3.0).pin_memory()
+
+    def load():
+        return torch.empty(src.shape, device="cuda").copy_(src, non_blocking=True)
+    busy = torch.cuda.Event()
+    torch.cuda._sleep(int(2e9))             # about a second of GPU time on the compute stream
+    busy.record()
+    early = ch.submit(load, after_compute=False).result()
+    assert not busy.query()                 # the load finished before compute did
+    late = ch.submit(load).result()
+    assert busy.query()                     # the default waits for compute queued before it
+    assert torch.equal(early.cpu(), src) and torch.equal(late.cpu(), src)
+    ch.close()

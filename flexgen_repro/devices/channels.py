@@ -32,7 +32,11 @@ class Channel:
         if self.stream is not None:
             self._waiter = ThreadPoolExecutor(1, thread_name_prefix=f"done-{name}")
 
-    def submit(self, fn, *args, pipelined: bool = False) -> Future:
+    def submit(self, fn, *args, pipelined: bool = False, after_compute: bool = True) -> Future:
+        """Queue `fn(*args)`. Its copies start after the work queued on the compute stream so far
+        (`after_compute`: what the job reads may be compute's output), or at once where the job
+        reads only what earlier jobs wrote and the caller orders it after them (a cache load
+        after its last store)."""
         if self.inline:
             fut: Future = Future()
             try:
@@ -41,7 +45,7 @@ class Channel:
                 fut.set_exception(e)
             return fut
         ready = None
-        if self.stream is not None:  # the job must see what compute has produced so far
+        if self.stream is not None and after_compute:  # the job sees what compute has produced
             ready = torch.cuda.Event()
             ready.record()
         if pipelined and self._waiter is not None:
@@ -65,7 +69,8 @@ class Channel:
         """A pipelined job on the copy thread: queue its copies, hand their end to the waiter."""
         try:
             with trace.span(self.name + "/issue"), torch.cuda.stream(self.stream):
-                self.stream.wait_event(ready)
+                if ready is not None:
+                    self.stream.wait_event(ready)
                 out = fn(*args)
                 done = torch.cuda.Event()
                 done.record(self.stream)

@@ -130,8 +130,11 @@ class BlockSteps:
             return
         pending = self.cache_stores.get((j, k))
         length = self.prompt_len + i - 1
+        # a home read only what stores wrote (the job waits for the last one itself), into new
+        # buffers: nothing on the compute stream needs to finish first, so the copy starts while
+        # the layers before it still compute
         self.cache_loads[(j, k)] = self.ch["cache_load"].submit(
-            self._read_cache, self.cache_home[(j, k)], length, pending)
+            self._read_cache, self.cache_home[(j, k)], length, pending, after_compute=False)
 
     def _read_cache(self, home, length: int, pending: Future | None) -> list[CachePart]:
         if pending is not None:
