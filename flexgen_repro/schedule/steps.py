@@ -101,11 +101,12 @@ class BlockSteps:
         whole = self.whole_weight_copies
         on_disk = [key for key, stored in home.items() if stored.tier == Tier.DISK]
         if not self.policy.overlap or not on_disk or len(on_disk) == len(home):
-            # a layer held in host memory needs nothing of the host once its copies are queued:
-            # its copies queue behind the previous layer's (Channel, pipelined)
+            # once a layer's copies are queued the thread goes on to the next layer (Channel,
+            # pipelined): a layer on disk is read into pinned buffers while the previous one
+            # crosses (torch's pinned-block cache keeps each buffer until its copy is done)
             self.weights[j] = self.ch["weight"].submit(
                 lambda: {key: stored.load(gpu, pin, whole) for key, stored in home.items()},
-                pipelined=not on_disk)
+                pipelined=True)
             return
         # a layer split over disk and host memory: its disk reads run on their own channel while
         # its host part crosses the link (one after the other, the slower tier waited on both)
