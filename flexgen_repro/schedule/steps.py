@@ -237,7 +237,9 @@ class BlockSteps:
             self.steps.pop((i - 1, k), None)
             index = None
             if self.resident and i > 0:  # the home's every position; the new token's column
-                mask = np.pad(mask, ((0, 0), (0, self.cache_len - mask.shape[1])))
+                full = np.zeros((mask.shape[0], self.cache_len), dtype=bool)
+                full[:, :mask.shape[1]] = mask
+                mask = full
                 index = torch.full((1,), self.prompt_len + i - 1, dtype=torch.long, device=dev)
             host_mask = torch.from_numpy(mask)
             self.steps[(i, k)] = StepInfo(i, self.prompt_len, host_mask.to(dev),
