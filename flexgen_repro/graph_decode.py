@@ -87,17 +87,6 @@ def fuse_qkv_weights(weight_home: list[dict], device: torch.device) -> list[dict
     return weights
 
 
-def _full_buffer(row_split):
-    """The GPU home buffer of a one-segment cache tensor (plain or compressed)."""
-    (seg,) = row_split.segments
-    store = seg.store
-    if hasattr(store, "buf"):
-        return store.buf
-    from flexgen_repro.compression import CompressedTensor
-    comps = {name: s.buf for name, s in store.stores.items()}
-    return CompressedTensor.from_components(comps, store.meta)
-
-
 class GraphedDecode:
     """Captured decode steps over fused weights: `queue(i, k)` replays token i of GPU batch k,
     `collect(i)` records token i's ids. `start_block` hands it the next block."""
@@ -144,7 +133,7 @@ class GraphedDecode:
 
     def _capture(self, k: int) -> None:
         st = self.static[k]
-        st["homes"] = {j: tuple(_full_buffer(t) for t in home)
+        st["homes"] = {j: tuple(t.buffer() for t in home)
                        for j, home in self.block.cache_homes(k).items()}
         self.graphs[k] = self._record(k)
 

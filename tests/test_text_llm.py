@@ -252,6 +252,29 @@ def test_cache_prefix_is_a_view():
             disk.prefix(6)
 
 
+def test_a_one_segment_cache_hands_out_its_home_buffer():
+    """RowSplit.buffer: the home itself (what decode attends and writes in place); a compressed
+    home as a CompressedTensor over its packed components."""
+    import torch
+    from flexgen_repro import ExecutionEnv
+    from flexgen_repro.compression import decompress
+    from flexgen_repro.policy import CompressionConfig
+    with ExecutionEnv.create(None) as env:
+        t = env.mixed.alloc((4, 2, 10, 8), torch.float32, (100, 0, 0), seq_dim=2, zero=True)
+        buf = t.buffer()
+        buf[:, :, 3] = 2.0
+        assert t.read_all(10, torch.device("cpu"))[:, :, 3].eq(2).all()
+        comp = CompressionConfig(num_bits=4, group_size=4, group_dim=3)
+        packed = env.mixed.alloc((4, 2, 10, 8), torch.float32, (100, 0, 0), compression=comp,
+                                 seq_dim=2, zero=True)
+        values = torch.rand(4, 2, 10, 8)
+        packed.write(0, values)
+        assert decompress(packed.buffer()).equal(packed.read_all(10, torch.device("cpu")))
+        split = env.mixed.alloc((4, 2, 10, 8), torch.float32, (50, 50, 0), seq_dim=2, zero=True)
+        with pytest.raises(ValueError):
+            split.buffer()
+
+
 def test_windows_of_growing_and_shrinking_lengths_share_the_gpu_cache(ckpt, expected, tmp_path):
     """Calls of one LLM (as `invoke generate` runs its windows): a GPU-held cache grows to the
     longest cache length asked for and is kept; shorter calls run on views of it. Each call's

@@ -24,8 +24,7 @@ import platform
 import sys
 import time
 
-
-from flexgen_repro.bench import text_corpus
+from flexgen_repro.bench import suites, text_corpus
 
 DUMMY = "_DUMMY_"
 
@@ -214,7 +213,7 @@ def _hf_model(args):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flexgen_repro.bench.text_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runner", default="text", choices=["text", "text-hf", "text-fixed"])
+    p.add_argument("--runner", default="text", choices=list(suites.TEXT_RUNNERS))
     p.add_argument("--model", required=True)
     p.add_argument("--path", default=DUMMY)
     p.add_argument("--offload-dir", default="~/flexllmgen_offload_dir")

@@ -191,6 +191,17 @@ class RowSplit:
         for seg in self.segments:
             seg.write(pos, value[seg.start:seg.stop])
 
+    def buffer(self):
+        """The home buffer of a one-segment tensor: the tensor itself where plain, a
+        CompressedTensor over its packed components where compressed."""
+        (seg,) = self.segments
+        store = seg.store
+        if isinstance(store, PlainStore):
+            return store.buf
+        from flexgen_repro.compression import CompressedTensor
+        return CompressedTensor.from_components({name: s.buf for name, s in store.stores.items()},
+                                                store.meta)
+
     def prefix(self, length: int) -> "RowSplit":
         """Positions [0, length) as a RowSplit sharing this one's memory (writes and reads go to
         the same buffers). Only for in-memory, uncompressed segments (ValueError otherwise)."""

@@ -161,8 +161,8 @@ class BlockSteps:
     def _resident_part(self, j: int, k: int, step: StepInfo) -> list[CachePart]:
         """The cache of (layer j, batch k) as its GPU home buffers, attended and written in place
         at `step.write_index` (the home holds cache_len positions; step.mask covers them)."""
-        (k_seg,), (v_seg,) = (home.segments for home in self.cache_home[(j, k)])
-        return [CachePart(0, self.B, self.env.gpu.dev, k_seg.store.buf, v_seg.store.buf,
+        k_home, v_home = self.cache_home[(j, k)]
+        return [CachePart(0, self.B, self.env.gpu.dev, k_home.buffer(), v_home.buffer(),
                           resident=True, write_index=step.write_index)]
 
     def store_cache(self, i: int, j: int, k: int, kv) -> None:
