@@ -109,10 +109,10 @@ def test_sweep_cases_fit_and_their_notes_give_the_cost_models_prediction():
         assert stated == pytest.approx(pred.throughput, abs=0.05), case.case
 
 
-def _record(case: str, ours: float, stamp: str) -> dict:
+def _record(case: str, ours: float, stamp: str, commit: str = "abc1234") -> dict:
     return {"case": case, "status": "ok", "runner": "original" if case.startswith("orig-") else "flexgen",
             "total_throughput": ours, "timestamp": stamp, "hardware": {"gpu_name": "H100"},
-            "percent": "0 100 100 0 100 0", "index": 0}
+            "device": "H100", "commit": commit, "percent": "0 100 100 0 100 0", "index": 0}
 
 
 def test_tables_give_the_median_and_range_of_same_call_pairs(tmp_path):
@@ -131,7 +131,20 @@ def test_tables_give_the_median_and_range_of_same_call_pairs(tmp_path):
     for r in recs:
         (raw / f"{r['case']}.json").write_text(json.dumps(r))
     tables.write_markdown(tables.load_records(str(tmp_path / "s")), str(tmp_path / "t.md"), "s")
-    assert "| x | 3 | 30.00 | 20.00 | 1.50x | 1.20x - 1.65x |" in (tmp_path / "t.md").read_text()
+    assert "| x | H100 | abc1234 | 3 | 30.00 | 20.00 | 1.50x | 1.20x - 1.65x |" in \
+        (tmp_path / "t.md").read_text()
+
+
+def test_pairs_of_another_commit_are_summarized_apart():
+    stamp = "2026-01-01T00:00:00+00:00"
+    recs = []
+    for suffix, ours, commit in (("", 30.0, "aaa"), (".rep2", 31.0, "aaa"), (".rep3", 32.0, "aaa"),
+                                 (".rep4", 60.0, "bbb"), (".rep5", 62.0, "bbb")):
+        recs += [_record("x" + suffix, ours, stamp, commit), _record("orig-x" + suffix, 20.0, stamp, commit)]
+    rows = {r["commit"]: r for r in tables.pair_summary(tables.side_by_side(recs))}
+    assert set(rows) == {"aaa", "bbb"}
+    assert (rows["aaa"]["pairs"], rows["aaa"]["ratio"]) == (3, pytest.approx(31.0 / 20.0))
+    assert (rows["bbb"]["pairs"], rows["bbb"]["ratio"]) == (2, pytest.approx(61.0 / 20.0))
 
 
 def test_flex_opt_records_the_prediction_of_its_auto_pick(tmp_path):

@@ -158,7 +158,8 @@ def side_by_side(recs: list[dict]) -> list[dict]:
         same = (ours.get("hardware") == orig.get("hardware") and t0 is not None and t1 is not None
                 and abs(t0 - t1) <= SAME_CALL_S)
         pairs.append(dict(case=ours["case"], ours=ours["total_throughput"],
-                          original=orig["total_throughput"],
+                          original=orig["total_throughput"], device=ours.get("device") or "",
+                          commit=ours.get("commit") or "",
                           ratio=ours["total_throughput"] / orig["total_throughput"],
                           reference=orig.get("paper_throughput"), same_machine=same,
                           original_percent=orig.get("percent")))
@@ -184,17 +185,21 @@ def side_by_side_lines(recs: list[dict]) -> list[str]:
 
 
 def pair_summary(pairs: list[dict]) -> list[dict]:
-    """Per case (repeats folded: suites.base_case), over its same-call pairs: how many, and the
-    median, min and max of ours / original and the medians of the two throughputs."""
+    """Per case (repeats folded: suites.base_case), GPU and commit, over its same-call pairs: how
+    many, and the median, min and max of ours / original and the medians of the two throughputs.
+    Pairs measured on another card or at another commit are a group of their own, never folded
+    into one median."""
     from flexgen_repro.bench.suites import base_case
-    groups: dict[str, list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for p in pairs:
         if p["same_machine"]:
-            groups.setdefault(base_case(p["case"])[0], []).append(p)
+            key = (base_case(p["case"])[0], p.get("device", ""), p.get("commit", ""))
+            groups.setdefault(key, []).append(p)
     out = []
-    for case, group in groups.items():
+    for (case, device, commit), group in groups.items():
         ratios = [p["ratio"] for p in group]
-        out.append(dict(case=case, pairs=len(group), ratio=statistics.median(ratios),
+        out.append(dict(case=case, device=device, commit=commit, pairs=len(group),
+                        ratio=statistics.median(ratios),
                         ratio_min=min(ratios), ratio_max=max(ratios),
                         ours=statistics.median(p["ours"] for p in group),
                         original=statistics.median(p["original"] for p in group)))
@@ -207,10 +212,11 @@ def pair_summary_lines(pairs: list[dict]) -> list[str]:
         return []
     out = ["", "Ours / original as the median of the same-call pairs, with their range (a ratio is "
            "published from three pairs or more):", "",
-           "| case | pairs | ours tok/s (median) | original tok/s (median) | ours / original "
-           "(median) | min - max |", "|---|---|---|---|---|---|"]
+           "| case | GPU | commit | pairs | ours tok/s (median) | original tok/s (median) "
+           "| ours / original (median) | min - max |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['case']} | {r['pairs']} | {_md_cell(r['ours'])} | {_md_cell(r['original'])} "
+        out.append(f"| {r['case']} | {_md_cell(r['device'])} | {_md_cell(r['commit'])} | {r['pairs']} "
+                   f"| {_md_cell(r['ours'])} | {_md_cell(r['original'])} "
                    f"| {r['ratio']:.2f}x | {r['ratio_min']:.2f}x - {r['ratio_max']:.2f}x |")
     return out
 
