@@ -209,6 +209,7 @@ def run(args) -> dict:
         weight_placement=lm.weight_placement, device=device_name(), torch_version=torch.__version__,
         python_version=platform.python_version(), commit=envs.checkout_commit(), measured=True,
         decode_step_s=lm.times.decode_steps,
+        allocator_events=peak.allocator_events, copy_polls=peak.copy_polls,
         predicted_throughput=getattr(args, "predicted_throughput", None),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **metrics.as_dict())

@@ -13,20 +13,41 @@ import torch
 GB = 1 << 30
 
 
+# The CUDA caching allocator's counters a run records (torch.cuda.memory_stats): retries after a
+# failed allocation (cached blocks freed, the device synchronized), whole-device synchronizations,
+# and segments taken from / given back to the driver.
+ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc",
+                      "num_device_free")
+
+
+def _allocator_counters() -> dict | None:
+    if not torch.cuda.is_available():
+        return None
+    stats = torch.cuda.memory_stats()
+    return {key: int(stats.get(key, 0)) for key in ALLOCATOR_COUNTERS}
+
+
 class PeakMemory:
-    """Peak GPU memory (allocator) and peak process RSS while the `with` block runs."""
+    """Peak GPU memory (allocator) and peak process RSS while the `with` block runs; also what
+    happened in between that costs the host time: the allocator's counters (`allocator_events`,
+    None without CUDA) and the copy threads' polling sleeps (`copy_polls`)."""
 
     def __init__(self, interval_s: float = 0.01):
         self.interval_s = interval_s
         self.gpu_peak_bytes = 0
         self.cpu_peak_bytes = 0
+        self.allocator_events: dict | None = None
+        self.copy_polls = 0
         self._stop = threading.Event()
         self._thread = None
+        self._start: tuple = (None, 0)
 
     def __enter__(self) -> "PeakMemory":
+        from flexgen_repro.devices.copy_engine import poll_count
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        self._start = (_allocator_counters(), poll_count())
         self.cpu_peak_bytes = psutil.Process().memory_info().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -44,6 +65,12 @@ class PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             self.gpu_peak_bytes = torch.cuda.max_memory_allocated()
+        from flexgen_repro.devices.copy_engine import poll_count
+        before, polls = self._start
+        after = _allocator_counters()
+        if before is not None and after is not None:
+            self.allocator_events = {key: after[key] - before[key] for key in ALLOCATOR_COUNTERS}
+        self.copy_polls = poll_count() - polls
 
 
 @dataclass

@@ -7,8 +7,9 @@ import json
 import os
 
 import pytest
+import torch
 
-from flexgen_repro import flex_opt
+from flexgen_repro import flex_opt, metrics
 from flexgen_repro.options import RuntimeOptions
 
 TINY = ["--model", "opt-tiny", "--path", "_DUMMY_", "--prompt-len", "8", "--gen-len", "3",
@@ -37,7 +38,14 @@ def test_a_traced_profiled_run_writes_its_trace_and_record(tmp_path, capsys, mon
     summary = json.loads(trace_file.read_text())["summary"]
     assert {"prefill", "decode"} <= set(summary)          # the measured generation only
     assert "setup" not in summary
-    assert json.loads(record.read_text())["gen_len"] == 3
+    rec = json.loads(record.read_text())
+    assert rec["gen_len"] == 3
+    # the host-side events of the run: without CUDA no copy thread polls and the allocator has
+    # no counters; with it, each counter is there
+    if torch.cuda.is_available():
+        assert set(rec["allocator_events"]) == set(metrics.ALLOCATOR_COUNTERS)
+    else:
+        assert (rec["copy_polls"], rec["allocator_events"]) == (0, None)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     err = capsys.readouterr().err
     assert "[profile] token 2:" in err and "[trace] decode:" in err

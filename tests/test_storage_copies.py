@@ -23,6 +23,39 @@ def test_copy_chunked_matches_a_plain_copy(device, monkeypatch):
     assert torch.equal(dst.cpu(), src)
 
 
+def test_wait_done_sleeps_until_the_handle_is_done_and_counts_each_sleep(monkeypatch):
+    class Handle:                 # done at the third query
+        def __init__(self):
+            self.queries = 0
+
+        def query(self):
+            self.queries += 1
+            return self.queries >= 3
+    naps = []
+    monkeypatch.setattr(copy_engine.time, "sleep", naps.append)
+    before, handle = copy_engine.poll_count(), Handle()
+    copy_engine.wait_done(handle)
+    assert handle.queries == 3 and naps == [copy_engine.COPY_POLL_S] * 2
+    assert copy_engine.poll_count() - before == 2
+
+
+def test_peak_memory_records_the_polls_of_its_block(monkeypatch):
+    from flexgen_repro.metrics import PeakMemory
+    class Handle:
+        def __init__(self, answers):
+            self.answers = iter(answers)
+
+        def query(self):
+            return next(self.answers)
+    monkeypatch.setattr(copy_engine.time, "sleep", lambda s: None)
+    copy_engine.wait_done(Handle([False, True]))                # before the block: not counted
+    with PeakMemory(interval_s=0.001) as peak:
+        copy_engine.wait_done(Handle([False, False, False, True]))
+    assert peak.copy_polls == 3
+    assert peak.allocator_events is None if not torch.cuda.is_available() else \
+        peak.allocator_events is not None
+
+
 def test_link_gate_waits_for_every_registered_small_copy_once():
     from flexgen_repro.devices.copy_engine import LinkGate
 

@@ -115,7 +115,8 @@ def run_flexgen(args, policy, tokenizer: str) -> dict:
                 generated_tokens=stats.generated_tokens, wall_s=stats.wall_s,
                 padded_positions=stats.padded_positions, blocks=stats.blocks,
                 prefill_latency_s=phases["prefill_s"], decode_latency_s=phases["decode_s"],
-                block_times=per_block,
+                block_times=per_block, allocator_events=peak.allocator_events,
+                copy_polls=peak.copy_polls,
                 peak_gpu_mem_gb=peak.gpu_peak_bytes / 2**30, peak_cpu_mem_gb=peak.cpu_peak_bytes / 2**30,
                 percent=" ".join(f"{v:g}" for v in pol.percent), gpu_batch_size=pol.gpu_batch_size,
                 num_gpu_batches=pol.num_gpu_batches)

@@ -26,12 +26,23 @@ STAGE_MIN_BYTES = 1 << 20
 STAGE_CHUNK_BYTES = 64 << 20
 
 
+_polls = [0]   # wait_done's sleeps since the process started (every thread's; approximate)
+
+
+def poll_count() -> int:
+    """How many times wait_done has slept so far, over all threads: each sleep ends in a wake-up
+    that takes the GIL, so the count per second says how often the copy threads interrupt the
+    thread that queues the kernels (metrics.PeakMemory records it per run)."""
+    return _polls[0]
+
+
 def wait_done(handle) -> None:
     """Wait for a torch.cuda.Event or Stream, polling with sleeps of COPY_POLL_S."""
     if COPY_POLL_S <= 0:
         handle.synchronize()
         return
     while not handle.query():
+        _polls[0] += 1
         time.sleep(COPY_POLL_S)
 
 
