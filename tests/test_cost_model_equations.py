@@ -217,6 +217,25 @@ def test_graph_decode_pays_the_graph_floor_per_step_and_one_driver_step_per_gpu_
     assert pred.decode_bound == "comp"
 
 
+def test_fused_4bit_matmuls_read_packed_weights_at_their_measured_rate():
+    """Compressed weights on the GPU with the fused kernels: decode reads the packed bytes, at
+    the profile's fused-matmul rate where measured (HBM's otherwise). Memory-bound here (flops
+    free), so the step is the packed bytes over the rate: a rate a quarter of HBM's takes four
+    times as long. Uncompressed weights go through cuBLAS at HBM rate whatever the fused rate."""
+    s, n, b, k = 16, 8, 4, 2
+    hbm = round_profile(gpu_mem_bw_bytes_s=1e9, gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18,
+                        gpu_fused_kernels=True)
+    slow = dataclasses.replace(hbm, gpu_fused_matmul_bytes_s=0.25e9)
+    packed = policy((100, 0, 100, 0, 100, 0), b, k, compress_weight=True)
+    base, fused = (evaluate_policy(TOY, packed, hw, s, n) for hw in (hbm, slow))
+    assert base.decode_step_time > 0
+    assert fused.decode_step_time == pytest.approx(4 * base.decode_step_time, rel=EXACT)
+    plain = policy((100, 0, 100, 0, 100, 0), b, k)
+    assert evaluate_policy(TOY, plain, slow, s, n).decode_step_time == pytest.approx(
+        k * MODEL_BYTES / 1e9, rel=EXACT)
+    assert hbm.fused_matmul_bytes_s == 1e9 and slow.fused_matmul_bytes_s == 0.25e9
+
+
 def test_a_host_backed_gpu_never_uses_graph_decode():
     s, n, b = 16, 8, 4
     pol = policy((100, 0, 100, 0, 100, 0), b)

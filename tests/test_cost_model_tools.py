@@ -12,6 +12,7 @@ import statistics
 import pytest
 
 from flexgen_repro.config import get_opt_config
+from flexgen_repro import kernels
 from flexgen_repro.cost_model import calibrate, cli, hardware, profile
 from flexgen_repro.cost_model.hardware import GIB, load_profile, profile_from_dict, save_profile
 from flexgen_repro.cost_model.predict import evaluate_policy
@@ -89,6 +90,10 @@ def test_measure_on_this_machine_writes_a_loadable_profile(tmp_path, monkeypatch
     # no CUDA graphs without CUDA: the graph floor is not measured and keeps its documented default
     assert profile.measure_graph_step_overhead(profile.torch.device("cpu"), 1e9, False, 1) is None
     assert measured.gpu_graph_step_overhead_s == hardware.GRAPH_STEP_OVERHEAD_S
+    # nor the fused 4-bit matmul (Triton needs CUDA): the model reads packed weights at HBM rate
+    assert profile.measure_fused_matmul(profile.torch.device("cpu"), 1) is None
+    assert measured.gpu_fused_matmul_bytes_s == 0
+    assert measured.fused_matmul_bytes_s == measured.gpu_mem_bw_bytes_s
     assert measured.measurements["disk_mode"] in ("O_DIRECT", "buffered")
     assert not os.listdir(tmp_path / "offload")          # the test file is removed
 
@@ -274,3 +279,12 @@ def test_shipped_h100_profile_keeps_its_cpu_attention_fit(path, commit):
     assert row["decode_bound"] == "cpu_attn_serial"
     ratio = row["predicted_decode_throughput"] / row["measured_decode_throughput"]
     assert abs(ratio - 1) <= 0.10, row
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not kernels.available(), reason="needs CUDA and Triton")
+def test_the_fused_matmul_rate_is_measured_where_the_kernel_runs():
+    dev = profile.torch.device("cuda")
+    rate = profile.measure_fused_matmul(dev, 3, batch=8)
+    # packed bytes per second: positive, and no faster than the card's memory can be read
+    assert 0 < rate < 20e12

@@ -326,7 +326,7 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
     gtoc = Affine.of(cc=new, cd=new) * (1 / hw.gpu_to_cpu_cache_bytes_s) \
         + Affine.of(hc=hid, hd=hid) * (1 / hw.gpu_to_cpu_hidden_bytes_s)
     flops = b * (z.flops_token + z.flops_logits)
-    mm = k * max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_bytes(z, hw) / hw.gpu_mem_bw_bytes_s)
+    mm = k * max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_seconds(z, p, hw))
     mm += _step_overheads(c, p, hw)
     attn_flops = B * 4.0 * avg * (c.n_head * c.head_dim)
     gpu_attn = _cache_read_share(z, p, hw) / hw.gpu_bmm_decode_flop_s
@@ -380,7 +380,7 @@ def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, 
     b, k = p.gpu_batch_size, p.num_gpu_batches
     flops = b * (z.flops_token + z.flops_logits)
     steps = (2 if p.sep_layer else 1) + 2 / c.num_hidden_layers
-    per_batch = max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_bytes(z, hw) / hw.gpu_mem_bw_bytes_s) \
+    per_batch = max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_seconds(z, p, hw)) \
         + steps * hw.gpu_graph_step_overhead_s + hw.gpu_step_overhead_s / c.num_hidden_layers
     attn = (b * k * 4.0 * (s + n) * (c.n_head * c.head_dim) * _cache_read_share(z, p, hw)
             / hw.gpu_bmm_decode_flop_s)
@@ -388,10 +388,13 @@ def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, 
     return {**decode, "comp": Affine.of(k * per_batch + attn + dequant)}
 
 
-def _decode_weight_bytes(z: Sizes, hw: HardwareProfile) -> float:
-    """Weight bytes a decode matmul reads per layer and GPU batch: the stored (compressed) bytes
-    where the fused kernel reads them in place, else the dense ones."""
-    return z.w_layer if hw.gpu_fused_kernels else z.w_layer_fp
+def _decode_weight_seconds(z: Sizes, p: Policy, hw: HardwareProfile) -> float:
+    """Seconds the decode matmuls of one layer and GPU batch spend reading weights: compressed
+    weights read in place by the fused kernel at its measured rate (the packed bytes), else the
+    dense bytes at HBM rate."""
+    if hw.gpu_fused_kernels and p.compress_weight:
+        return z.w_layer / hw.fused_matmul_bytes_s
+    return z.w_layer_fp / hw.gpu_mem_bw_bytes_s
 
 
 def _cache_read_share(z: Sizes, p: Policy, hw: HardwareProfile) -> float:

@@ -29,7 +29,8 @@ RATE_FIELDS = (
 MEMORY_FIELDS = ("gpu_mem_bytes", "cpu_mem_bytes", "disk_mem_bytes", "gpu_step_overhead_s",
                  "gpu_graph_step_overhead_s", "cpu_attention_batch_overhead_s")
 # Rates a profile may leave at 0 (not measured): the terms that would use them are left out.
-OPTIONAL_RATE_FIELDS = ("page_cache_read_bytes_s", "page_cache_write_bytes_s")
+OPTIONAL_RATE_FIELDS = ("page_cache_read_bytes_s", "page_cache_write_bytes_s",
+                        "gpu_fused_matmul_bytes_s")
 # Seconds per (layer, GPU batch) decode step replayed in a CUDA graph beyond its HBM time, for
 # profiles that do not measure it: the two all-GPU graph-decode runs on the H200
 # (results/h100-anchors/raw, prompt 512) leave the same floor once their weight and attention
@@ -63,6 +64,9 @@ class HardwareProfile:
     cache holds them (the runtime maps the files that fit in disk_io.PAGE_CACHE_SHARE of the free
     host memory; equations.build_step_model's `page_cache`); 0: not measured, every disk byte
     moves at the drive's rates.
+    `gpu_fused_matmul_bytes_s`: packed weight bytes per second the fused 4-bit decode matmul reads
+    (kernels.dequant_linear over one OPT-6.7B-wide layer's matrices at a decode batch;
+    profile.measure_fused_matmul); 0: not measured, the HBM rate is used.
     `gpu_headroom`: the
     fraction of a GPU memory cap (`with_memory(gpu_gb=...)`) usable for tensors.
     `host_backed_gpu`: no CUDA; the "GPU" tier is host memory, so GPU and CPU share `cpu_mem_bytes`.
@@ -97,6 +101,7 @@ class HardwareProfile:
     cpu_attention_batch_overhead_s: float = 0.0
     page_cache_read_bytes_s: float = 0.0
     page_cache_write_bytes_s: float = 0.0
+    gpu_fused_matmul_bytes_s: float = 0.0
     host_backed_gpu: bool = False
     gpu_fused_kernels: bool = False
     stages_pageable: bool = True
@@ -115,6 +120,11 @@ class HardwareProfile:
                 raise ValueError(f"HardwareProfile.{name} must be a number >= 0, got {value!r}")
         if not 0 < self.gpu_headroom <= 1:
             raise ValueError(f"HardwareProfile.gpu_headroom must be in (0, 1], got {self.gpu_headroom!r}")
+
+    @property
+    def fused_matmul_bytes_s(self) -> float:
+        """The rate the fused 4-bit decode matmul reads packed weights at: measured, else HBM's."""
+        return self.gpu_fused_matmul_bytes_s or self.gpu_mem_bw_bytes_s
 
     @property
     def has_page_cache_rates(self) -> bool:

@@ -6,7 +6,8 @@ reads and writes with O_DIRECT in the offload folder (buffered with a warning wh
 refused, e.g. tmpfs) and through mappings while the page cache holds the file (the runtime's
 mapped disk files), GPU memory bandwidth, fp16 matmul (prefill- and decode-shaped), attention
 (prefill- and decode-shaped) on the GPU and, with fp16 data upcast to fp32 as the runtime does, on
-the CPU, CPU matmul (fp32, bf16, fp16), 4-bit dequantization, the fixed cost of a tiny layer step
+the CPU, CPU matmul (fp32, bf16, fp16), 4-bit dequantization and, where the fused kernels run, the
+rate of the fused 4-bit decode matmul, the fixed cost of a tiny layer step
 (launched from Python, and replayed in a CUDA graph), and the memory of each tier. Without CUDA
 the "GPU" is host memory: its fields are measured on the CPU and the profile is marked
 `host_backed_gpu`. Sizes are scaled to the device (well under two minutes on an H100 machine,
@@ -230,6 +231,26 @@ def _dequant_rate(dev: torch.device, n_values: int, reps: int) -> float:
     return 2 * n_values / _timed(run, reps, sync)
 
 
+def measure_fused_matmul(dev: torch.device, reps: int, batch: int = 32) -> float | None:
+    """Packed weight bytes per second the fused 4-bit decode matmul reads (kernels.dequant_linear,
+    the runtime's decode path for compressed weights): the six matrices of one OPT-6.7B layer (q,
+    k, v, out 4096x4096; fc1 16384x4096; fc2 4096x16384) in the weights' default compression, one
+    token each for `batch` rows. None without CUDA and Triton (the kernel does not run there)."""
+    if dev.type != "cuda" or not kernels.available():
+        return None
+    from flexgen_repro.policy import CompressionConfig
+    config, h = CompressionConfig(4, 64, 0, False), 4096
+    shapes = [(h, h)] * 4 + [(4 * h, h), (h, 4 * h)]
+    weights = [kernels.quantize(torch.randn(*shape, dtype=torch.float16, device=dev) * 0.02, config)
+               for shape in shapes]
+    xs = {n: torch.randn(batch, 1, n, dtype=torch.float16, device=dev) for n in (h, 4 * h)}
+
+    def layer():
+        for w in weights:
+            kernels.dequant_linear(xs[w.shape[1]], w)
+    return sum(w.nbytes for w in weights) / _timed(layer, reps, _sync(dev))
+
+
 def measure_step_overhead(dev: torch.device, reps: int) -> float:
     """Seconds of one tiny (layer, GPU batch) step: the kernels of an attention or an MLP step on
     one token of a narrow layer, a copy-thread round trip and a synchronization (mean of the two)."""
@@ -381,6 +402,7 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
     m.update(measure_cpu(cuda, 20 if cuda else 3, dev))
     m["step_overhead"] = measure_step_overhead(dev, 50)
     m["graph_step_overhead"] = measure_graph_step_overhead(dev, m["mem_bw"], cuda, 20)
+    m["fused_matmul"] = measure_fused_matmul(dev, 20)
     cpu_name = platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(dev) if cuda else f"host-backed ({cpu_name})"
     m.update(device=name, torch=torch.__version__, host=platform.node(), seconds=time.perf_counter() - start,
@@ -392,6 +414,7 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
         disk_to_cpu_bytes_s=m["disk_read"], cpu_to_disk_cache_bytes_s=m["disk_write"],
         cpu_to_disk_bytes_s=m["disk_write"], gpu_mem_bw_bytes_s=m["mem_bw"],
         page_cache_read_bytes_s=m["page_cache_read"], page_cache_write_bytes_s=m["page_cache_write"],
+        gpu_fused_matmul_bytes_s=m["fused_matmul"] or 0.0,
         gpu_mm_prefill_flop_s=m["mm_prefill"], gpu_mm_decode_flop_s=m["mm_decode"],
         gpu_bmm_prefill_flop_s=m["bmm_prefill"], gpu_bmm_decode_flop_s=m["bmm_decode"],
         cpu_attention_flop_s=m["cpu_attention"], gpu_dequant_bytes_s=m["dequant"],
