@@ -28,7 +28,8 @@ RATE_FIELDS = (
 )
 MEMORY_FIELDS = ("gpu_mem_bytes", "cpu_mem_bytes", "disk_mem_bytes", "gpu_step_overhead_s",
                  "gpu_graph_step_overhead_s", "cpu_attention_batch_overhead_s")
-# Rates a profile may leave at 0 (not measured): the terms that would use them are left out.
+# Rates a profile may leave at 0 (not measured): the model does without them (the disk tier at the
+# drive's rates; the fused matmul at HBM rate).
 OPTIONAL_RATE_FIELDS = ("page_cache_read_bytes_s", "page_cache_write_bytes_s",
                         "gpu_fused_matmul_bytes_s")
 # Seconds per (layer, GPU batch) decode step replayed in a CUDA graph beyond its HBM time, for
