@@ -238,5 +238,5 @@ def test_tables_pair_ours_with_the_original_of_the_same_call(tmp_path):
     tables.write_markdown(tables.load_records(str(tmp_path / "h100-anchors")),
                           str(tmp_path / "t.md"), "h100-anchors")
     text = (tmp_path / "t.md").read_text()
-    assert "| d-30b-wcpu | 7.00 | 6.40 | 1.09x | 7.12 | 0.899 | yes | 0 100 100 0 100 0 |" in text
-    assert "| a-6.7b-gpu | 270.0 | 135.0 | 2.00x | 130.0 | 1.04 | no | p |" in text
+    assert "| d-30b-wcpu | - | - | 7.00 | 6.40 | 1.09x | 7.12 | 0.899 | yes | 0 100 100 0 100 0 |" in text
+    assert "| a-6.7b-gpu | - | - | 270.0 | 135.0 | 2.00x | 130.0 | 1.04 | no | p |" in text

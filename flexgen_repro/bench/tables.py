@@ -172,12 +172,14 @@ def side_by_side_lines(recs: list[dict]) -> list[str]:
         return []
     out = ["", "Side by side with the original FlexGen (`orig-<case>`, the published package run "
            "by bench/original.py on the same machine):", "",
-           "| case | ours tok/s | original tok/s | ours / original | original's reference tok/s "
-           "| original / its reference | same machine (within 3 h) | original placed (percent) |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| case | GPU | commit | ours tok/s | original tok/s | ours / original "
+           "| original's reference tok/s | original / its reference | same machine (within 3 h) "
+           "| original placed (percent) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for p in pairs:
         ref = p["reference"]
-        out.append(f"| {p['case']} | {_md_cell(p['ours'])} | {_md_cell(p['original'])} | "
+        out.append(f"| {p['case']} | {_md_cell(p['device'])} | {_md_cell(p['commit'])} "
+                   f"| {_md_cell(p['ours'])} | {_md_cell(p['original'])} | "
                    f"{p['ratio']:.2f}x | {_md_cell(ref)} | "
                    f"{_md_cell(p['original'] / ref if ref else None)} | "
                    f"{'yes' if p['same_machine'] else 'no'} | {p['original_percent']} |")
