@@ -247,3 +247,58 @@ def test_disk_io_column_reaches_flex_opt_and_is_refused_for_other_runners():
     assert "--disk-io" not in runner.flexgen_command(cases["1.3b-wdisk-1x16"], s, "j", "l")
     with pytest.raises(ValueError, match="only for flexgen cases"):
         dataclasses.replace(cases["orig-1.3b-wdisk-1x16"], disk_io="direct").validate()
+
+
+ENV_FAKE = r"""
+import json, os, sys
+json_file = sys.argv[1]
+tree = os.environ["PYTHONPATH"].split(os.pathsep)[0]
+json.dump(dict(total_throughput=200.0 if tree.endswith("base") else 250.0, decode_throughput=1.0,
+               prefill_latency_s=0.1, decode_latency_s=1.0, device="FakeGPU", tree=tree,
+               env_commit=os.environ.get("FLEXGEN_REPRO_COMMIT", "")), open(json_file, "w"))
+"""
+BASE_SUITE = """case,model,prompt_len,gen_len,percent,gpu_batch_size,num_gpu_batches,timeout_s,repeat,note
+ok-1,opt-1.3b,512,32,0 100 100 0 100 0,16,1,60,2,ok
+"""
+
+
+def _env_command(case, settings, json_file, log_file):
+    return [sys.executable, "-c", ENV_FAKE, json_file]
+
+
+def test_a_baseline_tree_runs_each_case_just_before_ours_and_is_summarized(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "suites"
+    folder.mkdir()
+    (folder / "fake.csv").write_text(BASE_SUITE)
+    monkeypatch.setattr(suites, "SUITES_DIR", str(folder))
+    base = tmp_path / "base"
+    (base / "flexgen_repro").mkdir(parents=True)
+    (base / "flexgen_repro" / "flex_opt.py").write_text("")
+    (base / "COMMIT").write_text("feedbeef0123456789\n")
+    out = str(tmp_path / "results")
+    assert runner.main("fake", None, out, "_DUMMY_", str(tmp_path / "off"), build=_env_command,
+                       probe=fake_probe, baseline=str(base)) == 0
+    printed = [line.split("] ")[1].split(":")[0] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("[")]
+    # the twins take turns with ours, the baseline first in each round
+    assert printed == ["base-ok-1", "ok-1", "base-ok-1.rep2", "ok-1.rep2"]
+    recs = {r["case"]: r for r in tables.load_records(os.path.join(out, "fake"))}
+    for rep in ("", ".rep2"):
+        twin, ours = recs["base-ok-1" + rep], recs["ok-1" + rep]
+        assert twin["tree"] == str(base) and twin["env_commit"] == "feedbeef0123456789"
+        assert twin["commit"] == "feedbee" and twin["commit_full"] == "feedbeef0123456789"
+        assert ours["tree"] != str(base) and ours["commit"] != "feedbee"
+    (summary,) = [line for line in open(os.path.join(out, "fake", "fake.md"))
+                  if line.startswith("| ok-1 | FakeGPU |")]
+    assert "| feedbee | 2 | 250.0 | 200.0 | 1.25x | 1.25x - 1.25x |" in summary
+
+
+def test_a_baseline_that_is_not_a_checkout_is_refused_naming_the_fix(tmp_path, fake_suite, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert _run(fake_suite, baseline=str(bare))[0] == 2
+    assert "no flexgen_repro package there" in capsys.readouterr().err
+    (bare / "flexgen_repro").mkdir()
+    (bare / "flexgen_repro" / "flex_opt.py").write_text("")
+    assert _run(fake_suite, baseline=str(bare))[0] == 2
+    assert f"write the commit into {bare}/COMMIT" in capsys.readouterr().err

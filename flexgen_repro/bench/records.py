@@ -87,6 +87,28 @@ def probe(offload_dir: str, python: str = sys.executable, timeout_s: float = 120
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def tree_state(tree: str) -> dict:
+    """git_state's fields for another source tree (a baseline run beside this one): its COMMIT
+    file where it has one (a tree exported with `git archive`), else its git checkout's HEAD.
+    Raises ValueError naming the fix when neither says which commit it is."""
+    marker = os.path.join(tree, "COMMIT")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            given = f.read().strip()
+        if given:
+            return {"commit": given[:7], "commit_full": given, "dirty": None}
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        done = None
+    if done is None or done.returncode != 0 or not done.stdout.strip():
+        raise ValueError(f"cannot tell which commit {tree} is: make it a git checkout (`git "
+                         f"worktree add {tree} REV`) or write the commit into {tree}/COMMIT")
+    full = done.stdout.strip()
+    return {"commit": full[:7], "commit_full": full, "dirty": None}
+
+
 def git_state(repo: str = REPO_ROOT) -> dict:
     """{"commit": short hash plus "-dirty" when tracked files outside results/ changed,
     "commit_full", "dirty"}. envs.repro_commit(), when set, is the commit (a copy of the tree whose

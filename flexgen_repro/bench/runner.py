@@ -12,6 +12,7 @@ its partial outputs and exits with 130 or 143.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -37,6 +38,7 @@ class Settings:
     python: str = sys.executable
     profile: str | None = None
     allow_cpu: bool = False
+    baseline: str | None = None     # another source tree whose flexgen cases run as base-<case>
 
     def cap(self, case: Case) -> float | None:
         return self.gpu_mem_gb or case.gpu_mem_gb
@@ -132,11 +134,29 @@ def default_command(case: Case, s: Settings, json_file: str, log_file: str) -> l
     return build(case, s, json_file, log_file)
 
 
-def _run_process(cmd: list[str], log_path: str, timeout_s: float) -> tuple[int | None, float]:
-    """Run `cmd` in its own process group with output to `log_path` (process.run_logged)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [records.REPO_ROOT, os.environ.get("PYTHONPATH")])))
+def _run_process(cmd: list[str], log_path: str, timeout_s: float,
+                 tree: str = records.REPO_ROOT, commit: str | None = None) -> tuple[int | None, float]:
+    """Run `cmd` in its own process group with output to `log_path` (process.run_logged),
+    importing flexgen_repro from `tree`; `commit`: the commit its record names."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])))
+    if commit:
+        env["FLEXGEN_REPRO_COMMIT"] = commit
     return process.run_logged(cmd, log_path, timeout_s, env)
+
+
+def is_baseline(case: Case) -> bool:
+    return case.case.startswith(tables.BASELINE_PREFIX)
+
+
+def with_baseline(cases: list[Case]) -> list[Case]:
+    """Each flexgen case preceded by its twin base-<case>, run from the baseline tree: the two
+    take turns in one call, so a change is measured against the code before it on one machine."""
+    out = []
+    for case in cases:
+        if case.runner == "flexgen":
+            out.append(dataclasses.replace(case, case=tables.BASELINE_PREFIX + case.case))
+        out.append(case)
+    return out
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -212,8 +232,11 @@ def run_case(case: Case, s: Settings, build: CommandBuilder = default_command) -
     if os.path.exists(json_file):
         os.remove(json_file)
     cmd = build(case, s, json_file, child_log)
+    tree, commit = records.REPO_ROOT, None
+    if is_baseline(case) and s.baseline:
+        tree, commit = s.baseline, records.tree_state(s.baseline)["commit_full"]
     try:
-        rc, wall = _run_process(cmd, log_file, case.timeout_s)
+        rc, wall = _run_process(cmd, log_file, case.timeout_s, tree, commit)
     except process.Interrupted:
         for partial in (json_file, log_file, child_log):
             if os.path.exists(partial):
@@ -277,6 +300,8 @@ def run_suite(cases: list[Case], s: Settings, context: dict, build: CommandBuild
     for i, case in enumerate(cases, 1):
         reason = why_not_run(case, s, context["hardware"])
         ctx = {**context, "cap": s.cap(case)}
+        if is_baseline(case) and s.baseline:
+            ctx["git"] = records.tree_state(s.baseline)
         if reason:
             run = {"status": "skipped", "reason": reason}
         else:
@@ -302,6 +327,19 @@ def run_folder(suite: str, git: dict, now: datetime.datetime | None = None) -> s
     """results/runs/<suite>-<UTC date and time>-<commit>: a user's run, ignored by git."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
     return os.path.join("results", "runs", f"{suite}-{now:%Y%m%d-%H%M%S}-{git['commit']}")
+
+
+def check_baseline(tree: str) -> str:
+    """The baseline tree as an absolute path, after checking it holds the package and says which
+    commit it is (ValueError naming the fix otherwise)."""
+    tree = os.path.abspath(os.path.expanduser(tree))
+    if not os.path.isfile(os.path.join(tree, "flexgen_repro", "flex_opt.py")):
+        raise ValueError(f"--baseline {tree}: no flexgen_repro package there; give the root of "
+                         f"another checkout (`git worktree add {tree} REV`)")
+    if tree == os.path.abspath(records.REPO_ROOT):
+        raise ValueError("--baseline names this tree itself; give another checkout")
+    records.tree_state(tree)
+    return tree
 
 
 def _prepare(suite: str | None, gpu_mem_gb: float | None, cases: str, offload_dir: str,
@@ -340,22 +378,26 @@ def _report(results: list[dict], out: str, suite: str) -> int:
 def main(suite: str | None, gpu_mem_gb: float | None, out: str | None, path: str,
          offload_dir: str, cases: str = "", *, build: CommandBuilder = default_command,
          profile: str | None = None, probe: Callable[[str], dict] = records.probe,
-         allow_cpu: bool = False) -> int:
+         allow_cpu: bool = False, baseline: str | None = None) -> int:
     """Run a suite into `out`/<suite>/ (default: a run folder); 0 when cases ran or were skipped,
-    1 when one failed or all were skipped, 2 on bad input, 130/143 when interrupted."""
+    1 when one failed or all were skipped, 2 on bad input, 130/143 when interrupted. `baseline`:
+    another source tree; each flexgen case runs from it too, as base-<case>, just before ours."""
     offload_dir = os.path.abspath(os.path.expanduser(offload_dir))
     path = path if path == DUMMY else os.path.abspath(os.path.expanduser(path))
     try:
+        baseline = check_baseline(baseline) if baseline else None
         suite, selected, probed, bw = _prepare(suite, gpu_mem_gb, cases, offload_dir, profile, probe)
     except (ValueError, OSError, RuntimeError, subprocess.SubprocessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if baseline:
+        selected = with_baseline(selected)
     hw = probed["hardware"]
     context = {"hardware": hw, "versions": probed["versions"], "git": records.git_state(),
                "device": hw.get("device") or hw.get("gpu_name") or "cpu"}
     out = out or run_folder(suite, context["git"])
     settings = Settings(out=out, path=path, offload_dir=offload_dir, gpu_mem_gb=gpu_mem_gb,
-                        profile=profile, allow_cpu=allow_cpu)
+                        profile=profile, allow_cpu=allow_cpu, baseline=baseline)
     limit_text = f"limits from the {bw.name!r} profile" if bw else \
         "no limit columns (no GPU bandwidth profile: `invoke profile-hardware` on a GPU machine)"
     print(f"suite {suite}: {len(selected)} case(s) on {context['device']} into {out}/{suite}/; "

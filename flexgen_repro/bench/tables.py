@@ -123,6 +123,7 @@ def write_markdown(recs: list[dict], path: str, suite: str) -> None:
             lines.append(f"- {r['case']}: {r['paper_throughput']:g} tok/s, {r.get('paper_system')}, "
                          f"{how}; {r.get('paper_source')}")
     lines += side_by_side_lines(recs)
+    lines += before_after_lines(recs)
     notes = [r for r in recs if r.get("status") != "ok"]
     if notes:
         lines += ["", "Not measured:", ""]
@@ -134,6 +135,7 @@ def write_markdown(recs: list[dict], path: str, suite: str) -> None:
 
 
 ORIGINAL_PREFIX = "orig-"
+BASELINE_PREFIX = "base-"   # a case run from another source tree (`invoke bench --baseline DIR`)
 SAME_CALL_S = 3 * 3600
 
 
@@ -145,6 +147,51 @@ def _seconds(stamp: str | None) -> float | None:
         return None
 
 
+def _same_call(a: dict, b: dict) -> bool:
+    """Two records of one machine (same hardware description) within SAME_CALL_S of each other."""
+    t0, t1 = _seconds(a.get("timestamp")), _seconds(b.get("timestamp"))
+    return (a.get("hardware") == b.get("hardware") and t0 is not None and t1 is not None
+            and abs(t0 - t1) <= SAME_CALL_S)
+
+
+def before_after(recs: list[dict]) -> list[dict]:
+    """Pairs of our case `X` and `base-X` (the same case run from a baseline tree, usually the
+    commit before a change) measured in one call: this tree's throughput over the baseline's."""
+    ok = {r["case"]: r for r in recs if r.get("status") == "ok"}
+    pairs = []
+    for name, base in ok.items():
+        ours = ok.get(name[len(BASELINE_PREFIX):]) if name.startswith(BASELINE_PREFIX) else None
+        if ours is None or not _same_call(ours, base):
+            continue
+        pairs.append(dict(case=ours["case"], device=ours.get("device") or "",
+                          commit=ours.get("commit") or "", baseline_commit=base.get("commit") or "",
+                          ours=ours["total_throughput"], baseline=base["total_throughput"],
+                          ratio=ours["total_throughput"] / base["total_throughput"]))
+    return pairs
+
+
+def before_after_lines(recs: list[dict]) -> list[str]:
+    """The before-and-after pairs folded per case, GPU and the two commits: median and range."""
+    from flexgen_repro.bench.suites import base_case
+    groups: dict[tuple, list[dict]] = {}
+    for p in before_after(recs):
+        key = (base_case(p["case"])[0], p["device"], p["commit"], p["baseline_commit"])
+        groups.setdefault(key, []).append(p)
+    if not groups:
+        return []
+    out = ["", "This tree against a baseline tree (`base-<case>`, run just before it in the same call "
+           "by `invoke bench --baseline DIR`), the median of the pairs and their range:", "",
+           "| case | GPU | commit | baseline commit | pairs | tok/s (median) | baseline tok/s (median) "
+           "| ratio (median) | min - max |", "|---|---|---|---|---|---|---|---|---|"]
+    for (case, device, commit, base), group in groups.items():
+        ratios = [p["ratio"] for p in group]
+        out.append(f"| {case} | {_md_cell(device)} | {_md_cell(commit)} | {_md_cell(base)} "
+                   f"| {len(group)} | {_md_cell(statistics.median(p['ours'] for p in group))} "
+                   f"| {_md_cell(statistics.median(p['baseline'] for p in group))} "
+                   f"| {statistics.median(ratios):.2f}x | {min(ratios):.2f}x - {max(ratios):.2f}x |")
+    return out
+
+
 def side_by_side(recs: list[dict]) -> list[dict]:
     """Pairs of our measured case `X` and the original's `orig-X` measured on the same machine
     (same GPU and host description) within SAME_CALL_S of each other: the ratio of the two."""
@@ -154,9 +201,7 @@ def side_by_side(recs: list[dict]) -> list[dict]:
         ours = ok.get(name[len(ORIGINAL_PREFIX):]) if name.startswith(ORIGINAL_PREFIX) else None
         if ours is None or orig.get("runner") != "original":
             continue
-        t0, t1 = _seconds(ours.get("timestamp")), _seconds(orig.get("timestamp"))
-        same = (ours.get("hardware") == orig.get("hardware") and t0 is not None and t1 is not None
-                and abs(t0 - t1) <= SAME_CALL_S)
+        same = _same_call(ours, orig)
         pairs.append(dict(case=ours["case"], ours=ours["total_throughput"],
                           original=orig["total_throughput"], device=ours.get("device") or "",
                           commit=ours.get("commit") or "",
