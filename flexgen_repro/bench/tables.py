@@ -172,23 +172,18 @@ def before_after(recs: list[dict]) -> list[dict]:
 
 def before_after_lines(recs: list[dict]) -> list[str]:
     """The before-and-after pairs folded per case, GPU and the two commits: median and range."""
-    from flexgen_repro.bench.suites import base_case
-    groups: dict[tuple, list[dict]] = {}
-    for p in before_after(recs):
-        key = (base_case(p["case"])[0], p["device"], p["commit"], p["baseline_commit"])
-        groups.setdefault(key, []).append(p)
-    if not groups:
+    rows = _fold(before_after(recs), ("device", "commit", "baseline_commit"), "baseline")
+    if not rows:
         return []
     out = ["", "This tree against a baseline tree (`base-<case>`, run just before it in the same call "
            "by `invoke bench --baseline DIR`), the median of the pairs and their range:", "",
            "| case | GPU | commit | baseline commit | pairs | tok/s (median) | baseline tok/s (median) "
            "| ratio (median) | min - max |", "|---|---|---|---|---|---|---|---|---|"]
-    for (case, device, commit, base), group in groups.items():
-        ratios = [p["ratio"] for p in group]
-        out.append(f"| {case} | {_md_cell(device)} | {_md_cell(commit)} | {_md_cell(base)} "
-                   f"| {len(group)} | {_md_cell(statistics.median(p['ours'] for p in group))} "
-                   f"| {_md_cell(statistics.median(p['baseline'] for p in group))} "
-                   f"| {statistics.median(ratios):.2f}x | {min(ratios):.2f}x - {max(ratios):.2f}x |")
+    for r in rows:
+        out.append(f"| {r['case']} | {_md_cell(r['device'])} | {_md_cell(r['commit'])} "
+                   f"| {_md_cell(r['baseline_commit'])} | {r['pairs']} | {_md_cell(r['ours'])} "
+                   f"| {_md_cell(r['baseline'])} | {r['ratio']:.2f}x "
+                   f"| {r['ratio_min']:.2f}x - {r['ratio_max']:.2f}x |")
     return out
 
 
@@ -231,26 +226,28 @@ def side_by_side_lines(recs: list[dict]) -> list[str]:
     return out + pair_summary_lines(pairs)
 
 
-def pair_summary(pairs: list[dict]) -> list[dict]:
-    """Per case (repeats folded: suites.base_case), GPU and commit, over its same-call pairs: how
-    many, and the median, min and max of ours / original and the medians of the two throughputs.
-    Pairs measured on another card or at another commit are a group of their own, never folded
-    into one median."""
+def _fold(pairs: list[dict], keys: tuple[str, ...], other: str) -> list[dict]:
+    """Pairs grouped by case (repeats folded: suites.base_case) and `keys`: how many, the median,
+    min and max of their ratio, and the medians of `ours` and of `other`."""
     from flexgen_repro.bench.suites import base_case
     groups: dict[tuple, list[dict]] = {}
     for p in pairs:
-        if p["same_machine"]:
-            key = (base_case(p["case"])[0], p.get("device", ""), p.get("commit", ""))
-            groups.setdefault(key, []).append(p)
+        groups.setdefault((base_case(p["case"])[0], *(p[k] for k in keys)), []).append(p)
     out = []
-    for (case, device, commit), group in groups.items():
+    for key, group in groups.items():
         ratios = [p["ratio"] for p in group]
-        out.append(dict(case=case, device=device, commit=commit, pairs=len(group),
-                        ratio=statistics.median(ratios),
-                        ratio_min=min(ratios), ratio_max=max(ratios),
-                        ours=statistics.median(p["ours"] for p in group),
-                        original=statistics.median(p["original"] for p in group)))
+        out.append(dict(case=key[0], **dict(zip(keys, key[1:])), pairs=len(group),
+                        ratio=statistics.median(ratios), ratio_min=min(ratios),
+                        ratio_max=max(ratios), ours=statistics.median(p["ours"] for p in group),
+                        **{other: statistics.median(p[other] for p in group)}))
     return out
+
+
+def pair_summary(pairs: list[dict]) -> list[dict]:
+    """Per case, GPU and commit, over its same-call pairs: how many, and the median, min and max
+    of ours / original and the medians of the two throughputs. Pairs measured on another card or
+    at another commit are a group of their own, never folded into one median."""
+    return _fold([p for p in pairs if p["same_machine"]], ("device", "commit"), "original")
 
 
 def pair_summary_lines(pairs: list[dict]) -> list[str]:
