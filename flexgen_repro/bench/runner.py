@@ -39,6 +39,7 @@ class Settings:
     profile: str | None = None
     allow_cpu: bool = False
     baseline: str | None = None     # another source tree whose flexgen cases run as base-<case>
+    baseline_git: dict | None = None  # its records.tree_state, resolved once by main
 
     def cap(self, case: Case) -> float | None:
         return self.gpu_mem_gb or case.gpu_mem_gb
@@ -234,7 +235,7 @@ def run_case(case: Case, s: Settings, build: CommandBuilder = default_command) -
     cmd = build(case, s, json_file, child_log)
     tree, commit = records.REPO_ROOT, None
     if is_baseline(case) and s.baseline:
-        tree, commit = s.baseline, records.tree_state(s.baseline)["commit_full"]
+        tree, commit = s.baseline, s.baseline_git["commit_full"]
     try:
         rc, wall = _run_process(cmd, log_file, case.timeout_s, tree, commit)
     except process.Interrupted:
@@ -301,7 +302,7 @@ def run_suite(cases: list[Case], s: Settings, context: dict, build: CommandBuild
         reason = why_not_run(case, s, context["hardware"])
         ctx = {**context, "cap": s.cap(case)}
         if is_baseline(case) and s.baseline:
-            ctx["git"] = records.tree_state(s.baseline)
+            ctx["git"] = s.baseline_git
         if reason:
             run = {"status": "skipped", "reason": reason}
         else:
@@ -329,17 +330,16 @@ def run_folder(suite: str, git: dict, now: datetime.datetime | None = None) -> s
     return os.path.join("results", "runs", f"{suite}-{now:%Y%m%d-%H%M%S}-{git['commit']}")
 
 
-def check_baseline(tree: str) -> str:
-    """The baseline tree as an absolute path, after checking it holds the package and says which
-    commit it is (ValueError naming the fix otherwise)."""
+def check_baseline(tree: str) -> tuple[str, dict]:
+    """The baseline tree as an absolute path and its commit (records.tree_state), after checking
+    it holds the package (ValueError naming the fix otherwise)."""
     tree = os.path.abspath(os.path.expanduser(tree))
     if not os.path.isfile(os.path.join(tree, "flexgen_repro", "flex_opt.py")):
         raise ValueError(f"--baseline {tree}: no flexgen_repro package there; give the root of "
                          f"another checkout (`git worktree add {tree} REV`)")
     if tree == os.path.abspath(records.REPO_ROOT):
         raise ValueError("--baseline names this tree itself; give another checkout")
-    records.tree_state(tree)
-    return tree
+    return tree, records.tree_state(tree)
 
 
 def _prepare(suite: str | None, gpu_mem_gb: float | None, cases: str, offload_dir: str,
@@ -385,7 +385,7 @@ def main(suite: str | None, gpu_mem_gb: float | None, out: str | None, path: str
     offload_dir = os.path.abspath(os.path.expanduser(offload_dir))
     path = path if path == DUMMY else os.path.abspath(os.path.expanduser(path))
     try:
-        baseline = check_baseline(baseline) if baseline else None
+        baseline, baseline_git = check_baseline(baseline) if baseline else (None, None)
         suite, selected, probed, bw = _prepare(suite, gpu_mem_gb, cases, offload_dir, profile, probe)
     except (ValueError, OSError, RuntimeError, subprocess.SubprocessError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -397,7 +397,8 @@ def main(suite: str | None, gpu_mem_gb: float | None, out: str | None, path: str
                "device": hw.get("device") or hw.get("gpu_name") or "cpu"}
     out = out or run_folder(suite, context["git"])
     settings = Settings(out=out, path=path, offload_dir=offload_dir, gpu_mem_gb=gpu_mem_gb,
-                        profile=profile, allow_cpu=allow_cpu, baseline=baseline)
+                        profile=profile, allow_cpu=allow_cpu, baseline=baseline,
+                        baseline_git=baseline_git)
     limit_text = f"limits from the {bw.name!r} profile" if bw else \
         "no limit columns (no GPU bandwidth profile: `invoke profile-hardware` on a GPU machine)"
     print(f"suite {suite}: {len(selected)} case(s) on {context['device']} into {out}/{suite}/; "
