@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
+from flexgen_repro.devices.copy_engine import poll_count
+
 GB = 1 << 30
 
 
@@ -43,7 +45,6 @@ class PeakMemory:
         self._start: tuple = (None, 0)
 
     def __enter__(self) -> "PeakMemory":
-        from flexgen_repro.devices.copy_engine import poll_count
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -65,7 +66,6 @@ class PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             self.gpu_peak_bytes = torch.cuda.max_memory_allocated()
-        from flexgen_repro.devices.copy_engine import poll_count
         before, polls = self._start
         after = _allocator_counters()
         if before is not None and after is not None:
