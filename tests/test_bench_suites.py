@@ -83,7 +83,7 @@ def test_h100_anchors_carry_issue_7_cases_and_the_original_figures():
             continue
         # case C runs the original's *physical* placement: its `20 80` put ~8% of OPT-30B's
         # weights on the GPU (per-layer midpoint rule), which our exact placement writes `8 92`
-        percent = ORIGINAL_PERCENT.get(c.case, c.percent)
+        percent = ORIGINAL_PERCENT.get(suites.base_case(c.case)[0], c.percent)
         row = [r for r in original if r["model"] == c.model and _pct(r["percent"]) == _pct(percent)
                and int(r["gpu_batch_size"]) == c.gpu_batch_size
                and int(r["num_gpu_batches"]) == c.num_gpu_batches
@@ -96,6 +96,13 @@ def test_h100_anchors_carry_issue_7_cases_and_the_original_figures():
     assert [cases[k].paper_throughput for k in ("a-6.7b-gpu", "c-30b-paper", "d-30b-wcpu", "6.7b-c-72")] \
         == [130.03, 13.96, 7.12, 302.95]
     assert any(c.auto and c.model == "opt-30b" for c in cases.values())
+    # the anchors and the original's twins run three rounds: each published ratio is a median of
+    # three same-call pairs, each twin right after its case
+    for name in ("a-6.7b-gpu", "c-30b-paper", "d-30b-wcpu"):
+        assert cases[name].repeat == cases["orig-" + name].repeat == 3
+        ids = list(cases)
+        for suffix in ("", ".rep2", ".rep3"):
+            assert ids.index("orig-" + name + suffix) == ids.index(name + suffix) + 1
     for weights in ("0 100", "0 0"):  # on CPU, on disk; three schedules each
         schedules = {(c.overlap, c.num_gpu_batches > 1) for c in cases.values()
                      if c.model == "opt-1.3b" and c.percent.startswith(weights + " ")}
