@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexgen_repro import trace
 from flexgen_repro.devices.copy_engine import CopyEngine, wait_done
 from flexgen_repro.devices.disk_io import DiskFile, new_disk_file
 from flexgen_repro.policy import Tier
@@ -53,7 +54,9 @@ class Stored:
             # a disk read bound for the GPU lands in pinned memory whatever `pin` says: the buffer
             # is transient (torch's pinned-block cache reuses it), and a pageable one would cross
             # the link at a fraction of its speed (`pin` is for weights kept in host memory)
-            return engine.to_device(self.data.read(pin=device.type == "cuda"), device, whole)
+            with trace.span("disk_read"):
+                host = self.data.read(pin=device.type == "cuda")
+            return engine.to_device(host, device, whole)
         return engine.to_device(self.data, device, whole)
 
 

@@ -295,7 +295,10 @@ class BlockSteps:
                 self.store_cache(i, j, k, kv)
         self.store_hidden(i, j, k, out)
         if self.env.has_cuda and self.policy.overlap:
-            _mark_used_on_current_stream(w, None if self.resident else cache)
+            # a layer's weights serve every GPU batch: marked once (the mark holds until they
+            # are freed, after the last batch's compute); each batch's loaded cache is its own
+            first = k == self.live_batches[0]
+            _mark_used_on_current_stream(w if first else {}, None if self.resident else cache)
 
     # ---- tokens --------------------------------------------------------------------------------
     def start_token(self, i: int) -> float:
