@@ -40,6 +40,9 @@ class CachePart:
     resident: bool = False                   # k, v are the full home buffers (GPU, in place)
     write_index: torch.Tensor | None = None  # where the new token goes when resident
     valid: int | None = None                 # positions of k, v written so far (k may be longer)
+    # k, v are plain buffers longer than `valid` that this step may write: the new token goes in
+    # at `valid` (this step's own copy, or the home where its store writes the same bytes)
+    in_place: bool = False
 
 
 @dataclass

@@ -181,6 +181,8 @@ class SelfAttention(Layer):
                 _write_at(part.v, v_new[rows], part.write_index)
                 out = attend(q[rows], part.k, part.v,
                              self._resident_mask(step.mask[rows], part.write_index))
+            elif part.in_place and step.attn_sparsity == 1.0 and isinstance(part.k, torch.Tensor):
+                out = _attend_in_place(q[rows], k_new[rows], v_new[rows], part, step.mask[rows])
             else:
                 k, v = part.k, part.v
                 on_host = dev.type == "cpu" and step.host_mask is not None
@@ -211,6 +213,22 @@ class SelfAttention(Layer):
         if any(isinstance(o, (Future, Staged)) for o in outs):
             return Deferred(lambda: _gather(outs, q.device))
         return _gather(outs, q.device)
+
+
+def _attend_in_place(q, k_new, v_new, part: CachePart, mask: torch.Tensor) -> torch.Tensor:
+    """Decode attention over a plain buffer with room: the new token written at `part.valid`,
+    one fused call over the whole buffer with the positions after it masked (the resident path's
+    kernel). q (b, heads, 1, d) pre-scaled, mask (b, valid + 1): the step's mask, new token last.
+    Returns (b, 1, heads * d)."""
+    k, v, at = part.k, part.v, part.valid
+    k[:, :, at:at + 1].copy_(k_new)
+    v[:, :, at:at + 1].copy_(v_new)
+    full = torch.zeros(mask.shape[0], k.shape[2], dtype=torch.bool, device=mask.device)
+    full[:, :at + 1] = mask
+    b, heads, _, d = q.shape
+    out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], heads // k.shape[1], d), k, v,
+                                         attn_mask=full[:, None, None, :], scale=1.0)
+    return out.reshape(b, 1, heads * d)
 
 
 def _traced_attend(name: str, *args, **kwargs) -> torch.Tensor:

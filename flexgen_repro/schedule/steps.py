@@ -20,6 +20,7 @@ import torch
 from flexgen_repro import trace
 from flexgen_repro.model.base import CachePart, Deferred, StepInfo
 from flexgen_repro.devices.host_stage import HostStage
+from flexgen_repro.devices.storage import PlainStore
 from flexgen_repro.policy import Tier, whole_weight_copies
 
 # Cache stores in flight at once; each pending store holds its (GPU) keys and values, so compute
@@ -145,14 +146,19 @@ class BlockSteps:
         for ks, vs in zip(k_home.segments, v_home.segments):
             on_cpu = self.policy.cpu_cache_compute and ks.tier != Tier.GPU
             dev = self.env.cpu.dev if on_cpu else self.env.gpu.dev
-            if ks.tier == Tier.CPU or (on_cpu and ks.store.whole_on_cpu):
+            plain = isinstance(ks.store, PlainStore) and isinstance(ks.store.buf, torch.Tensor)
+            if ks.tier == Tier.CPU or (on_cpu and ks.store.whole_on_cpu) or (ks.tier == Tier.GPU and plain):
                 # the whole (zero-initialized) home buffer, positions from `length` on masked:
                 # CPU batched matmuls are fast only on densely strided batches, and a contiguous
                 # pinned buffer crosses to the GPU at full link speed (its first `length`
                 # positions are strided: torch would stage them through pageable memory); for
-                # CPU attention, a mapped disk file's mapping itself (read in place, no copy)
+                # CPU attention, a mapped disk file's mapping itself (read in place, no copy).
+                # Attended on the compute device, a plain buffer takes the new token at `length`
+                # (a copy, or the GPU home itself, where the store writes the same bytes) and
+                # one fused attention call covers it (layers.SelfAttention._decode)
                 parts.append(CachePart(ks.start, ks.stop, dev, ks.store.read_whole(dev),
-                                       vs.store.read_whole(dev), valid=length))
+                                       vs.store.read_whole(dev), valid=length,
+                                       in_place=plain and not on_cpu))
             else:
                 parts.append(CachePart(ks.start, ks.stop, dev, ks.read(length, dev),
                                        vs.read(length, dev), valid=length))
