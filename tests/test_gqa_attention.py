@@ -10,6 +10,8 @@ import torch
 
 from flexgen_repro.kernels import cpu_attention
 from flexgen_repro.model.attention_math import decode_attention, prefill_attention, repeat_kv
+from flexgen_repro.model.base import CachePart
+from flexgen_repro.model.layers import _attend_in_place
 
 # float64 against float64: only summation order differs
 F64_TOL = 1e-12
@@ -53,6 +55,22 @@ def test_torch_decode_groups_query_heads(kv_heads, sparsity):
     want = _reference_decode(q, k, v, kn, vn, mask, keep)
     got = decode_attention(q, k, v, mask, sparsity, kn, vn)
     assert (got - want).abs().max() < F32_TOL
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 6])
+def test_in_place_decode_writes_the_token_and_matches_the_reference(kv_heads):
+    """A buffer with room (5 unwritten positions of garbage past the 12 written): the new token
+    goes in at position 12 and the fused call over the whole buffer masks the rest."""
+    q, k, v, kn, vn, mask = _gqa_case(kv_heads=kv_heads)
+    want = _reference_decode(q, k, v, kn, vn, mask)
+    g = torch.Generator().manual_seed(7)
+    room = lambda t: torch.cat([t, torch.randn(*t.shape[:2], 5, t.shape[3], generator=g,  # noqa: E731
+                                                   dtype=t.dtype)], 2)
+    part = CachePart(0, q.shape[0], q.device, room(k), room(v), valid=k.shape[2], in_place=True)
+    got = _attend_in_place(q, kn, vn, part, mask)
+    assert (got - want).abs().max() < F64_TOL
+    assert torch.equal(part.k[:, :, 12:13], kn) and torch.equal(part.v[:, :, 12:13], vn)
+    assert torch.equal(part.k[:, :, :12], k)
 
 
 @pytest.mark.skipif(cpu_attention.library() is None, reason="no C compiler here")
