@@ -156,12 +156,9 @@ class SelfAttention(Layer):
             q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
         _write_at(part.k, k, part.write_index)
         _write_at(part.v, v, part.write_index)
-        group = c.n_head // c.n_kv_head
-        attn = F.scaled_dot_product_attention(
-            q.reshape(b, c.n_kv_head, group, c.head_dim), part.k, part.v,
-            attn_mask=self._resident_mask(step.mask, part.write_index)[:, None, None, :],
-            scale=c.head_dim ** -0.5)                                     # (b, kv_heads, group, d)
-        out = linear(attn.reshape(b, 1, c.n_head * c.head_dim), w["w_out"], w.get("b_out")) + x
+        attn = _fused_decode(q, part.k, part.v, self._resident_mask(step.mask, part.write_index),
+                             c.head_dim ** -0.5)
+        out = linear(attn, w["w_out"], w.get("b_out")) + x
         return out, (k, v)
 
     def _resident_mask(self, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -225,9 +222,16 @@ def _attend_in_place(q, k_new, v_new, part: CachePart, mask: torch.Tensor) -> to
     v[:, :, at:at + 1].copy_(v_new)
     full = torch.zeros(mask.shape[0], k.shape[2], dtype=torch.bool, device=mask.device)
     full[:, :at + 1] = mask
+    return _fused_decode(q, k, v, full, 1.0)
+
+
+def _fused_decode(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """One new token per row in one fused attention call: q (b, heads, 1, d) as (b, kv_heads,
+    group, d) over k, v (b, kv_heads, L, d) with mask (b, L); softmax in float32 inside the
+    kernel. Returns (b, 1, heads * d)."""
     b, heads, _, d = q.shape
     out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], heads // k.shape[1], d), k, v,
-                                         attn_mask=full[:, None, None, :], scale=1.0)
+                                         attn_mask=mask[:, None, None, :], scale=scale)
     return out.reshape(b, 1, heads * d)
 
 
