@@ -175,16 +175,11 @@ def before_after_lines(recs: list[dict]) -> list[str]:
     rows = _fold(before_after(recs), ("device", "commit", "baseline_commit"), "baseline")
     if not rows:
         return []
-    out = ["", "This tree against a baseline tree (`base-<case>`, run just before it in the same call "
-           "by `invoke bench --baseline DIR`), the median of the pairs and their range:", "",
-           "| case | GPU | commit | baseline commit | pairs | tok/s (median) | baseline tok/s (median) "
-           "| ratio (median) | min - max |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['case']} | {_md_cell(r['device'])} | {_md_cell(r['commit'])} "
-                   f"| {_md_cell(r['baseline_commit'])} | {r['pairs']} | {_md_cell(r['ours'])} "
-                   f"| {_md_cell(r['baseline'])} | {r['ratio']:.2f}x "
-                   f"| {r['ratio_min']:.2f}x - {r['ratio_max']:.2f}x |")
-    return out
+    return _fold_table(
+        rows, "This tree against a baseline tree (`base-<case>`, run just before it in the same call "
+        "by `invoke bench --baseline DIR`), the median of the pairs and their range:",
+        [("GPU", "device"), ("commit", "commit"), ("baseline commit", "baseline_commit")],
+        ("tok/s (median)", "baseline tok/s (median)", "ratio (median)"), "baseline")
 
 
 def side_by_side(recs: list[dict]) -> list[dict]:
@@ -254,14 +249,24 @@ def pair_summary_lines(pairs: list[dict]) -> list[str]:
     rows = pair_summary(pairs)
     if not rows:
         return []
-    out = ["", "Ours / original as the median of the same-call pairs, with their range (a ratio is "
-           "published from three pairs or more):", "",
-           "| case | GPU | commit | pairs | ours tok/s (median) | original tok/s (median) "
-           "| ours / original (median) | min - max |", "|---|---|---|---|---|---|---|---|"]
+    return _fold_table(
+        rows, "Ours / original as the median of the same-call pairs, with their range (a ratio is "
+        "published from three pairs or more):", [("GPU", "device"), ("commit", "commit")],
+        ("ours tok/s (median)", "original tok/s (median)", "ours / original (median)"), "original")
+
+
+def _fold_table(rows: list[dict], intro: str, keys: list[tuple[str, str]],
+                titles: tuple[str, str, str], other: str) -> list[str]:
+    """Markdown of _fold's rows: case, the `keys` columns (title, field), the pair count, the
+    medians of ours and of `other`, the median ratio and its range (`titles`: the last three
+    columns' headings but the range)."""
+    heads = ["case", *(title for title, _ in keys), "pairs", *titles, "min - max"]
+    out = ["", intro, "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
-        out.append(f"| {r['case']} | {_md_cell(r['device'])} | {_md_cell(r['commit'])} | {r['pairs']} "
-                   f"| {_md_cell(r['ours'])} | {_md_cell(r['original'])} "
-                   f"| {r['ratio']:.2f}x | {r['ratio_min']:.2f}x - {r['ratio_max']:.2f}x |")
+        cells = [r["case"], *(_md_cell(r[field]) for _, field in keys), str(r["pairs"]),
+                 _md_cell(r["ours"]), _md_cell(r[other]), f"{r['ratio']:.2f}x",
+                 f"{r['ratio_min']:.2f}x - {r['ratio_max']:.2f}x"]
+        out.append("| " + " | ".join(cells) + " |")
     return out
 
 
