@@ -97,37 +97,34 @@ def tree_state(tree: str) -> dict:
             given = f.read().strip()
         if given:
             return {"commit": given[:7], "commit_full": given, "dirty": None}
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True,
-                              text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        done = None
-    if done is None or done.returncode != 0 or not done.stdout.strip():
+    full = _git(tree, "rev-parse", "HEAD")
+    if not full:
         raise ValueError(f"cannot tell which commit {tree} is: make it a git checkout (`git "
                          f"worktree add {tree} REV`) or write the commit into {tree}/COMMIT")
-    full = done.stdout.strip()
     return {"commit": full[:7], "commit_full": full, "dirty": None}
+
+
+def _git(repo: str, *args: str) -> str | None:
+    """`git args` in `repo`: its stripped output, or None where git fails or is missing."""
+    try:
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def git_state(repo: str = REPO_ROOT) -> dict:
     """{"commit": short hash plus "-dirty" when tracked files outside results/ changed,
     "commit_full", "dirty"}. envs.repro_commit(), when set, is the commit (a copy of the tree whose
     .git is absent or stale)."""
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
     given = envs.repro_commit()
-    full = None if given else git("rev-parse", "HEAD")
+    full = None if given else _git(repo, "rev-parse", "HEAD")
     if not full:  # given (the Docker image's build arg; a copy whose .git is stale), or unknown
         known = given not in ("", "unknown")
         return {"commit": given[:7] if known else "unknown", "commit_full": given if known else None,
                 "dirty": None}
     # the benchmark's own outputs (results/) do not make the code dirty
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"))
+    dirty = bool(_git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"))
     return {"commit": full[:7] + ("-dirty" if dirty else ""), "commit_full": full, "dirty": dirty}
 
 
