@@ -178,7 +178,7 @@ class SelfAttention(Layer):
                 _write_at(part.v, v_new[rows], part.write_index)
                 out = attend(q[rows], part.k, part.v,
                              self._resident_mask(step.mask[rows], part.write_index))
-            elif part.in_place and step.attn_sparsity == 1.0 and isinstance(part.k, torch.Tensor):
+            elif part.in_place and step.attn_sparsity == 1.0:
                 out = _attend_in_place(q[rows], k_new[rows], v_new[rows], part, step.mask[rows])
             else:
                 k, v = part.k, part.v
