@@ -159,12 +159,11 @@ def test_to_device_stages_pageable_tensors_and_not_pinned_ones(monkeypatch):
 
 
 @pytest.mark.parametrize("use_cuda", [False, pytest.param(True, marks=CUDA)])
-def test_pipelined_channel_jobs_resolve_in_order_with_their_copies_done(use_cuda):
-    """A pipelined job's future holds its result only once its copies are done; the thread queues
-    the next job meanwhile; a failing job reaches its caller and later jobs still run."""
+def test_pipelined_channel_jobs_resolve_in_order_ready_on_the_callers_stream(use_cuda):
+    """A pipelined job's result, taken on the caller's stream, reads its copies' data (the stream
+    waits for them); a failing job reaches its caller and later jobs still run."""
     from flexgen_repro.devices.channels import Channel
     ch = Channel("weight", use_cuda, inline=False)
-    assert (ch._waiter is not None) == use_cuda  # no stream, no waiter: plain jobs
     dev = torch.device("cuda" if use_cuda else "cpu")
     srcs = [torch.full((1 << 22,), float(i)).pin_memory() if use_cuda else torch.full((1 << 22,), float(i))
             for i in range(6)]
@@ -182,12 +181,34 @@ def test_pipelined_channel_jobs_resolve_in_order_with_their_copies_done(use_cuda
     for i, fut in enumerate(futs):
         out = fut.result()
         assert out.device.type == dev.type
-        # no synchronize here: the future resolving means the copy is done
+        # no synchronize here: .cpu() runs on the current stream, which result() ordered after
+        # the job's copies
         assert torch.equal(out.cpu(), srcs[i])
     with pytest.raises(RuntimeError, match="copy failed"):
         bad.result()
     ch.close()
-    assert ch._pool is None and ch._waiter is None
+    assert ch._pool is None and not ch._in_flight
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_pipelined_job_resolves_before_its_copies_end_and_bounds_those_in_flight():
+    """The future resolves once the copies are queued (the host does not wait for the link); the
+    copy thread holds at most PIPELINE_DEPTH jobs in flight, waiting for the oldest first."""
+    from flexgen_repro.devices import channels
+    ch = channels.Channel("weight", True, inline=False)
+    src = torch.full((1 << 20,), 5.0).pin_memory()
+
+    def slow_load():
+        torch.cuda._sleep(int(1e9))          # about half a second on the copy stream
+        return torch.empty(src.shape, device="cuda").copy_(src, non_blocking=True)
+    futs = [ch.submit(slow_load, pipelined=True) for _ in range(channels.PIPELINE_DEPTH + 1)]
+    first = futs[0].result()
+    assert not futs[0].done_event.query()    # resolved while its copy still runs
+    last = futs[-1].result()                 # queued only once the first job's copies ended
+    assert futs[0].done_event.query()
+    assert torch.equal(first.cpu(), src) and torch.equal(last.cpu(), src)
+    ch.close()
 
 
 @pytest.mark.gpu

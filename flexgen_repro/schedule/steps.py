@@ -19,6 +19,7 @@ import torch
 
 from flexgen_repro import trace
 from flexgen_repro.model.base import CachePart, Deferred, StepInfo
+from flexgen_repro.devices.copy_engine import wait_done
 from flexgen_repro.devices.host_stage import HostStage
 from flexgen_repro.devices.storage import PlainStore
 from flexgen_repro.policy import Tier, whole_weight_copies
@@ -26,6 +27,9 @@ from flexgen_repro.policy import Tier, whole_weight_copies
 # Cache stores in flight at once; each pending store holds its (GPU) keys and values, so compute
 # running ahead of a slower store link cannot pile them up (prefill: 2 x b x s x h each).
 MAX_PENDING_STORES = 2
+# Layers the host may queue ahead of the GPU's compute (BlockSteps._bound_lead): enough to keep
+# the GPU fed, few enough that loads queued ahead hold about as much memory as one layer's overlap.
+RUN_AHEAD_LAYERS = 2
 
 
 class BlockSteps:
@@ -84,6 +88,7 @@ class BlockSteps:
         self.pending_stores: deque[Future] = deque()
         self.profile = {} if lm.options.profile else None
         self.unfinished: deque = deque()
+        self.layer_ends: deque = deque()   # events after each layer's last batch (_bound_lead)
         # CPU attention on a worker thread overlaps the main thread's work on the next GPU batch;
         # its results go back to the GPU asynchronously, from pinned buffers (devices/host_stage.py)
         self.cpu_pool = (ThreadPoolExecutor(1, thread_name_prefix="cpu-attention")
@@ -119,7 +124,7 @@ class BlockSteps:
                    if key not in on_disk}
             out.update(from_disk.result())
             return {key: out[key] for key in home}
-        self.weights[j] = self.ch["weight"].submit(load)
+        self.weights[j] = self.ch["weight"].submit(load, pipelined=True)
 
     # ---- load_cache / store_cache --------------------------------------------------------------
     def load_cache(self, i: int, j: int, k: int) -> None:
@@ -136,7 +141,8 @@ class BlockSteps:
         # buffers: nothing on the compute stream needs to finish first, so the copy starts while
         # the layers before it still compute
         self.cache_loads[(j, k)] = self.ch["cache_load"].submit(
-            self._read_cache, self.cache_home[(j, k)], length, pending, after_compute=False)
+            self._read_cache, self.cache_home[(j, k)], length, pending, after_compute=False,
+            pipelined=True)
 
     def _read_cache(self, home, length: int, pending: Future | None) -> list[CachePart]:
         if pending is not None:
@@ -286,6 +292,20 @@ class BlockSteps:
             self._finish(*self.unfinished.popleft())
         if k == last:
             del self.weights[j]
+            self._bound_lead()
+
+    def _bound_lead(self) -> None:
+        """After a layer's last batch is queued, wait until the GPU has finished the layer
+        RUN_AHEAD_LAYERS before it: loads are taken as stream waits (Channel, pipelined), so nothing
+        else holds the host back from queueing a token's layers, and the loads they hold, far ahead
+        of the compute that frees them."""
+        if not (self.env.has_cuda and self.policy.overlap):
+            return
+        end = torch.cuda.Event()
+        end.record()
+        self.layer_ends.append(end)
+        if len(self.layer_ends) > RUN_AHEAD_LAYERS:
+            wait_done(self.layer_ends.popleft())
 
     def _finish(self, i: int, j: int, k: int, out, w, cache, waited: float) -> None:
         layer = self.layers[j]
