@@ -160,3 +160,18 @@ def test_flex_opt_records_the_prediction_of_its_auto_pick(tmp_path):
     ran = calibrate.record_policy(record)
     pred = evaluate_policy(get_opt_config("opt-tiny"), ran, load_profile("t4-paper"), 8, 2)
     assert record["predicted_throughput"] == pytest.approx(pred.throughput, rel=1e-9)
+
+
+def test_the_sweeps_first_case_is_the_cost_models_pick_for_opt_30b_4bit():
+    """The sweep is built around what `invoke policy --model opt-30b --hardware h100 --gpu-mem-gb 16
+    --compress` picks: its first case is that policy (a profile change that moves the pick shows
+    up here, and the sweep's cases and notes follow it)."""
+    from flexgen_repro.cost_model.search import best_policy
+    result = best_policy(get_opt_config("opt-30b"), load_profile("h100"), 512, 32, compress=True,
+                         gpu_mem_gb=16)
+    first = next(iter(_raw("sweep-30b").values()))
+    assert "the cost model's pick" in first.note
+    mine, pick = first.policy(), result.policy
+    assert mine.percent == pick.percent
+    assert (mine.gpu_batch_size, mine.num_gpu_batches) == (pick.gpu_batch_size, pick.num_gpu_batches)
+    assert (mine.compress_weight, mine.compress_cache) == (pick.compress_weight, pick.compress_cache)
