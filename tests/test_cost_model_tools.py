@@ -288,3 +288,20 @@ def test_the_fused_matmul_rate_is_measured_where_the_kernel_runs():
     rate = profile.measure_fused_matmul(dev, 3, batch=8)
     # packed bytes per second: positive, and no faster than the card's memory can be read
     assert 0 < rate < 20e12
+
+
+def test_calibration_reads_records_of_every_family():
+    """A Llama-family record (Mistral-7B's auto pick on an H100, copied from results/h100-llama)
+    is predicted with its own family's shapes: grouped-query attention's smaller cache."""
+    from flexgen_repro.config import get_model_config
+    from flexgen_repro.cost_model.predict import evaluate_policy
+    with open(os.path.join(RECORDS, "h100-mistral-7b-auto.json")) as f:
+        rec = json.load(f)
+    assert rec["model"] == "mistral-7b"
+    profile = load_profile("h100")
+    (row,) = calibrate.compare([rec], profile)
+    config = get_model_config("mistral-7b", dtype="float16")
+    direct = evaluate_policy(config, calibrate.record_policy(rec), profile, 512, 32)
+    assert row["predicted_throughput"] == pytest.approx(direct.throughput, rel=1e-12)
+    assert row["percent"] == "100 0 25 75 100 0" and row["measured_throughput"] == rec["total_throughput"]
+    assert config.n_kv_head < config.n_head   # the cache the prediction moves is the grouped one

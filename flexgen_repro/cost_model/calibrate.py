@@ -22,7 +22,7 @@ import sys
 
 from scipy.optimize import minimize
 
-from flexgen_repro.config import get_opt_config
+from flexgen_repro.config import get_model_config
 from flexgen_repro.cost_model.hardware import GIB, HardwareProfile, load_profile, save_profile
 from flexgen_repro.cost_model.predict import Prediction, evaluate_policy
 from flexgen_repro.policy import Policy, parse_percent
@@ -61,7 +61,7 @@ def record_policy(rec: dict) -> Policy:
 
 def predict_record(rec: dict, profile: HardwareProfile) -> Prediction:
     dtype = rec.get("dtype") or "float16"
-    config = get_opt_config(rec["model"], dtype=dtype)
+    config = get_model_config(rec["model"], dtype=dtype)
     return evaluate_policy(config, record_policy(rec), profile, int(rec["prompt_len"]), int(rec["gen_len"]))
 
 
