@@ -67,6 +67,11 @@ class Segment:
     def __init__(self, tier: Tier, start: int, stop: int, store):
         self.tier, self.start, self.stop, self.store = tier, start, stop, store
 
+    @property
+    def in_memory(self) -> bool:
+        """Uncompressed and held as one tensor in GPU or host memory (not a disk file)."""
+        return isinstance(self.store, PlainStore) and isinstance(self.store.buf, torch.Tensor)
+
     def write(self, pos: int, value) -> None:
         """Write `value` (n positions along the sequence dim) at positions [pos, pos + n)."""
         self.store.write(pos, value)
@@ -211,7 +216,7 @@ class RowSplit:
         segments = []
         for seg in self.segments:
             store = seg.store
-            if not isinstance(store, PlainStore) or not isinstance(store.buf, torch.Tensor):
+            if not seg.in_memory:
                 raise ValueError("only an in-memory, uncompressed tensor has prefix views")
             view = PlainStore(store.buf.narrow(store.seq_dim, 0, length), store.seq_dim, store.engine)
             segments.append(Segment(seg.tier, seg.start, seg.stop, view))

@@ -21,7 +21,6 @@ from flexgen_repro import trace
 from flexgen_repro.model.base import CachePart, Deferred, StepInfo
 from flexgen_repro.devices.copy_engine import wait_done
 from flexgen_repro.devices.host_stage import HostStage
-from flexgen_repro.devices.storage import PlainStore
 from flexgen_repro.policy import Tier, whole_weight_copies
 
 # Cache stores in flight at once; each pending store holds its (GPU) keys and values, so compute
@@ -152,8 +151,7 @@ class BlockSteps:
         for ks, vs in zip(k_home.segments, v_home.segments):
             on_cpu = self.policy.cpu_cache_compute and ks.tier != Tier.GPU
             dev = self.env.cpu.dev if on_cpu else self.env.gpu.dev
-            plain = isinstance(ks.store, PlainStore) and isinstance(ks.store.buf, torch.Tensor)
-            if ks.tier == Tier.CPU or (on_cpu and ks.store.whole_on_cpu) or (ks.tier == Tier.GPU and plain):
+            if ks.tier == Tier.CPU or (on_cpu and ks.store.whole_on_cpu) or (ks.tier == Tier.GPU and ks.in_memory):
                 # the whole (zero-initialized) home buffer, positions from `length` on masked:
                 # CPU batched matmuls are fast only on densely strided batches, and a contiguous
                 # pinned buffer crosses to the GPU at full link speed (its first `length`
@@ -164,7 +162,7 @@ class BlockSteps:
                 # one fused attention call covers it (layers.SelfAttention._decode)
                 parts.append(CachePart(ks.start, ks.stop, dev, ks.store.read_whole(dev),
                                        vs.store.read_whole(dev), valid=length,
-                                       in_place=plain and not on_cpu))
+                                       in_place=ks.in_memory and not on_cpu))
             else:
                 parts.append(CachePart(ks.start, ks.stop, dev, ks.read(length, dev),
                                        vs.read(length, dev), valid=length))
