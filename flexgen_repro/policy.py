@@ -155,26 +155,29 @@ def parse_percent(values) -> tuple[float, ...]:
 
 
 # Layers whose weights load ahead of the one computing (overlap): docs/tuning.md has the
-# measurements. Two where a policy makes no small host<->GPU copies of its own (whole weight
-# copies) and a layer is small: its copy is then short enough that the host's per-layer work
-# between one copy's end and the next one's queueing would idle the link. One otherwise: deeper
-# prefetch delays the compute stream's small copies (CPU attention, host cache) and costs memory.
+# measurements. Two where a policy makes no small host<->GPU copies of its own (whole copies),
+# keeps its cache on the GPU and a layer is small: its copy is then short enough that the host's
+# per-layer work between one copy's end and the next one's queueing would idle the link. One
+# otherwise: deeper prefetch delays the compute stream's small copies (CPU attention, host
+# activations) and a host cache's loads, which share the link, and costs memory.
 DEEP_PREFETCH_MAX_LAYER_BYTES = 256 << 20
 
 
 def prefetch_layers(policy: Policy, layer_bytes: float) -> int:
     """How many layers' weights load ahead of the computing one (`layer_bytes`: the largest
     layer's weights as stored)."""
-    deep = whole_weight_copies(policy) and layer_bytes <= DEEP_PREFETCH_MAX_LAYER_BYTES
+    deep = (whole_copies(policy) and policy.cache_gpu_percent >= 100
+            and layer_bytes <= DEEP_PREFETCH_MAX_LAYER_BYTES)
     return 2 if deep else 1
 
 
-def whole_weight_copies(policy: Policy) -> bool:
-    """Whether weights cross host->GPU as whole copies rather than in pieces.
+def whole_copies(policy: Policy) -> bool:
+    """Whether weights and cache loads cross host->GPU as whole copies rather than in pieces.
 
     Pieces let the compute stream's small host->GPU copies (CPU attention's results, host
-    activations, host cache) queue between them, at some cost in link rate (docs/tuning.md); a
-    policy that makes no such copies (no CPU attention, cache and activations all on the GPU)
-    copies whole."""
-    return (not policy.cpu_cache_compute and policy.cache_gpu_percent >= 100
-            and policy.act_gpu_percent >= 100)
+    activations) queue between them, at some cost in link rate (docs/tuning.md); a policy that
+    makes no such copies (no CPU attention, activations on the GPU) copies whole, a cache in host
+    memory included (its loads run on their own channel, not the compute stream). A cache partly
+    on disk keeps pieces (its reads were not measured whole)."""
+    return (not policy.cpu_cache_compute and policy.act_gpu_percent >= 100
+            and policy.cache_disk_percent <= 0)

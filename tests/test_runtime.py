@@ -107,13 +107,47 @@ def test_unpinned_weights_match_transformers(setup, tmp_path, monkeypatch, compr
             np.testing.assert_array_equal(out, expected)
 
 
-def test_whole_weight_copies_only_where_no_small_copies_wait():
+def test_whole_copies_only_where_no_small_copies_wait():
     from flexgen_repro import schedule
-    assert schedule.whole_weight_copies(policy((0, 100, 100, 0, 100, 0)))        # case D
-    assert not schedule.whole_weight_copies(policy((20, 80, 0, 100, 0, 100),     # case C
+    assert schedule.whole_copies(policy((0, 100, 100, 0, 100, 0)))        # case D
+    assert not schedule.whole_copies(policy((20, 80, 0, 100, 0, 100),     # case C
                                                    cpu_cache_compute=True))
-    assert not schedule.whole_weight_copies(policy((0, 100, 100, 0, 0, 100)))    # host activations
-    assert not schedule.whole_weight_copies(policy((0, 100, 50, 50, 100, 0)))    # host cache
+    assert not schedule.whole_copies(policy((0, 100, 100, 0, 0, 100)))    # host activations
+    assert schedule.whole_copies(policy((0, 100, 50, 50, 100, 0)))        # host cache: own channel
+    assert not schedule.whole_copies(policy((0, 100, 50, 30, 100, 0)))    # cache partly on disk
+
+
+@pytest.mark.parametrize("act", [(100, 0), (0, 100)], ids=["whole", "pieces"])
+def test_host_cache_loads_whole_or_in_pieces_match_transformers(setup, tmp_path, monkeypatch, act):
+    """A cache in host memory loads as whole copies where the policy makes no small copies
+    (activations on the GPU), in pieces otherwise (host activations), 4-bit or not; the tokens
+    are transformers' either way."""
+    from flexgen_repro import schedule
+    from flexgen_repro.devices import copy_engine
+    model, config, weights, prompts, expected = setup
+    seen = []
+    to_device = copy_engine.CopyEngine.to_device
+
+    def spy(self, t, device, whole=False):
+        seen.append(whole)
+        return to_device(self, t, device, whole)
+    monkeypatch.setattr(copy_engine.CopyEngine, "to_device", spy)
+    monkeypatch.setattr(copy_engine, "COPY_CHUNK_BYTES", 4096)
+    for compress in (False, True):
+        pol = policy((100, 0, 0, 100) + act, True, 2, compress_cache=compress)
+        whole = schedule.whole_copies(pol)
+        assert whole == (act[0] == 100)
+        seen.clear()
+        out = generate(config, weights, pol, prompts, tmp_path)
+        assert seen and set(seen) == {whole}     # every host->device copy: the cache's loads
+        if not compress:
+            np.testing.assert_array_equal(out, expected)
+        else:   # 4-bit cache: the same tokens whether its loads are whole or pieced
+            monkeypatch.setattr(copy_engine.CopyEngine, "to_device", to_device)
+            ref = generate(config, weights, policy((100, 0, 0, 100) + act, False, 1,
+                                                   compress_cache=True), prompts, tmp_path)
+            monkeypatch.setattr(copy_engine.CopyEngine, "to_device", spy)
+            np.testing.assert_array_equal(out, ref)
 
 
 @pytest.mark.parametrize("act", [(100, 0), (0, 100)], ids=["whole", "pieces"])
@@ -127,7 +161,7 @@ def test_whole_or_pieced_weight_copies_match_transformers(setup, tmp_path, monke
     monkeypatch.setattr(copy_engine, "COPY_CHUNK_BYTES", 4096)
     for overlap, k in ((False, 1), (True, 2)):
         pol = policy((0, 60, 100, 0) + act, overlap, k)
-        assert schedule.whole_weight_copies(pol) == (act[0] == 100)
+        assert schedule.whole_copies(pol) == (act[0] == 100)
         np.testing.assert_array_equal(generate(config, weights, pol, prompts, tmp_path), expected)
 
 

@@ -62,8 +62,8 @@ def test_deep_prefetch_loads_two_layers_ahead_wrapping_to_the_next_token():
 
 
 def test_prefetch_depth_follows_the_policy_and_layer_size():
-    """Two layers ahead only with whole weight copies (no CPU attention, cache and activations
-    on the GPU) and layers of at most 256 MiB; the cost model counts the same window."""
+    """Two layers ahead only with whole copies (no CPU attention, activations on the GPU), the cache
+    on the GPU and layers of at most 256 MiB; the cost model counts the same window."""
     from flexgen_repro.cost_model.equations import weights_in_flight
     from flexgen_repro.policy import Policy, prefetch_layers
     streamed = Policy(gpu_batch_size=16, num_gpu_batches=1, w_gpu_percent=0, w_cpu_percent=100,

@@ -46,7 +46,7 @@ from flexgen_repro.config import OptConfig
 from flexgen_repro.cost_model.hardware import HardwareProfile
 from flexgen_repro.cost_model.placement import compression_ratio, layer_tensors, realized_placement
 from flexgen_repro.devices.disk_io import PAGE_CACHE_SHARE
-from flexgen_repro.policy import Policy, prefetch_layers, whole_weight_copies
+from flexgen_repro.policy import Policy, prefetch_layers, whole_copies
 
 # The tier name of the page-cache constraints (build_step_model's page_cache).
 PAGE_CACHE = "page-cache"
@@ -223,7 +223,7 @@ def _host_to_gpu(hw: HardwareProfile, p: Policy) -> tuple[float, float]:
     byte); without staging, or where the profile has neither, at the pageable rate."""
     pinned = hw.cpu_to_gpu_bytes_s
     m = hw.measurements or {}
-    if m.get("h2d_pieces") and not whole_weight_copies(p):
+    if m.get("h2d_pieces") and not whole_copies(p):
         # the policy's weights and caches cross in pieces, which the link serves below its
         # whole-copy rate: the rate profile-hardware measured for them
         pinned = min(pinned, float(m["h2d_pieces"]))

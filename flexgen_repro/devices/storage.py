@@ -132,18 +132,19 @@ class PlainStore:
         host = self.buf.read(index, pin=device.type == "cuda")
         return self.engine.to_device(host, device)
 
-    def read_whole(self, device: torch.device) -> torch.Tensor:
+    def read_whole(self, device: torch.device, whole: bool = False) -> torch.Tensor:
         """Every position, written or not, of an in-memory buffer on `device`: one contiguous copy
         (a pinned host buffer goes to the GPU at full link speed, where the first `length`
         positions would be strided); a mapped disk file's every position: for the CPU the
         file's long-lived mapping itself, which CPU attention reads once, only where written
         (a copy first read and wrote every position again: 30 ms against 3 ms per layer of an
-        OPT-1.3B cache of 16 x 544 positions, docs/tuning-devices.md)."""
+        OPT-1.3B cache of 16 x 544 positions, docs/tuning-devices.md). `whole`: one host->GPU
+        copy, not pieces (policy.whole_copies)."""
         if isinstance(self.buf, DiskFile):
             if device.type == "cpu" and self.buf.io == "mmap":
                 return self.buf.view()
             return self._read_disk(None, device)
-        return self.engine.to_device(self.buf, device)
+        return self.engine.to_device(self.buf, device, whole)
 
     @property
     def nbytes(self) -> int:
@@ -179,9 +180,9 @@ class PackedStore:
     def whole_on_cpu(self) -> bool:
         return all(s.whole_on_cpu for s in self.stores.values())
 
-    def read_whole(self, device: torch.device):
+    def read_whole(self, device: torch.device, whole: bool = False):
         from flexgen_repro.compression import CompressedTensor
-        comps = {name: s.read_whole(device) for name, s in self.stores.items()}
+        comps = {name: s.read_whole(device, whole) for name, s in self.stores.items()}
         return CompressedTensor.from_components(comps, self.meta)
 
     @property

@@ -21,7 +21,7 @@ from flexgen_repro import trace
 from flexgen_repro.model.base import CachePart, Deferred, StepInfo
 from flexgen_repro.devices.copy_engine import wait_done
 from flexgen_repro.devices.host_stage import HostStage
-from flexgen_repro.policy import Tier, whole_weight_copies
+from flexgen_repro.policy import Tier, whole_copies
 
 # Cache stores in flight at once; each pending store holds its (GPU) keys and values, so compute
 # running ahead of a slower store link cannot pile them up (prefill: 2 x b x s x h each).
@@ -94,7 +94,7 @@ class BlockSteps:
                          if self.policy.cpu_cache_compute and overlap and self.K > 1 else None)
         self.host_stage = (HostStage(pin=self.env.has_cuda, gate=self.env.engine.gate)
                            if self.cpu_pool is not None else None)
-        self.whole_weight_copies = whole_weight_copies(self.policy)
+        self.whole_copies = whole_copies(self.policy)   # weights and cache loads
         self.prefetch_layers = lm.prefetch_layers
 
     # ---- load_weight ---------------------------------------------------------------------------
@@ -103,7 +103,7 @@ class BlockSteps:
         if j in self.weights or j >= len(self.layers):
             return
         home, gpu, pin = self.lm.weight_home[j], self.env.gpu.dev, self.policy.pin_weight
-        whole = self.whole_weight_copies
+        whole = self.whole_copies
         on_disk = [key for key, stored in home.items() if stored.tier == Tier.DISK]
         if not self.policy.overlap or not on_disk or len(on_disk) == len(home):
             # once a layer's copies are queued the thread goes on to the next layer (Channel,
@@ -160,8 +160,9 @@ class BlockSteps:
                 # Attended on the compute device, a plain buffer takes the new token at `length`
                 # (a copy, or the GPU home itself, where the store writes the same bytes) and
                 # one fused attention call covers it (layers.SelfAttention._decode)
-                parts.append(CachePart(ks.start, ks.stop, dev, ks.store.read_whole(dev),
-                                       vs.store.read_whole(dev), valid=length,
+                whole = self.whole_copies
+                parts.append(CachePart(ks.start, ks.stop, dev, ks.store.read_whole(dev, whole),
+                                       vs.store.read_whole(dev, whole), valid=length,
                                        in_place=ks.in_memory and not on_cpu))
             else:
                 parts.append(CachePart(ks.start, ks.stop, dev, ks.read(length, dev),
