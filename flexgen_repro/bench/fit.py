@@ -7,6 +7,7 @@ when even that floor does not fit, so a case the runtime could run is never skip
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -77,6 +78,40 @@ def flexgen_needs(config: OptConfig, policy: Policy, prompt_len: int, gen_len: i
         staging += stored_bytes(config.cache_bytes(policy.gpu_batch_size, seq), db, ccomp) / layers
     parts["gpu"]["staging"] = staging
     return Needs(parts)
+
+
+def original_weight_split(config: OptConfig, policy: Policy) -> dict[str, float]:
+    """Bytes of weights per tier as the original FlexGen places them: layer by layer (the input
+    embedding, each attention and MLP, the output embedding), each tensor goes to the tier whose
+    percent range holds the midpoint of the tensor within the layer's running total. For OPT-30B
+    `20 80` that keeps one attention matrix in four on the GPU and no MLP matrix: about 8% of the
+    weights."""
+    from flexgen_repro.cost_model.placement import layer_tensors
+    gpu, cpu = policy.w_gpu_percent / 100, (policy.w_gpu_percent + policy.w_cpu_percent) / 100
+    raw = layer_tensors(config, dataclasses.replace(policy, compress_weight=False))
+    stored = layer_tensors(config, policy)
+    split = dict.fromkeys(TIER_NAMES, 0.0)
+    for (_, sizes), (_, kept) in zip(raw, stored):
+        total, seen = sum(sizes), 0.0
+        for size, nbytes in zip(sizes, kept):
+            mid = (seen + size / 2) / total
+            seen += size
+            split["gpu" if mid < gpu else "cpu" if mid < cpu else "disk"] += nbytes
+    return split
+
+
+def original_needs(config: OptConfig, policy: Policy, prompt_len: int, gen_len: int) -> Needs:
+    """The floor of what the original FlexGen holds in host memory and on disk for a policy: its
+    weights as its placement rule puts them, the KV cache and activations by the percentages. The
+    GPU is left out: its own checks decide what fits there."""
+    db = config.dtype_bytes
+    ccomp = policy.comp_cache_config if policy.compress_cache else None
+    block, seq = policy.block_size, prompt_len + gen_len
+    weights = original_weight_split(config, policy)
+    cache = _split(stored_bytes(config.cache_bytes(block, seq), db, ccomp), policy.cache_percents())
+    act = _split(config.hidden_bytes(block, prompt_len), policy.act_percents())
+    return Needs({tier: {"weights": weights[tier], "cache": cache[tier], "activations": act[tier]}
+                  for tier in ("cpu", "disk")})
 
 
 def accelerate_needs(config: OptConfig, batch: int, prompt_len: int, gen_len: int) -> Needs:
@@ -150,6 +185,8 @@ def case_needs(case) -> Needs:
     config = case.config()
     if case.runner in ("accelerate", "deepspeed"):
         return accelerate_needs(config, case.gpu_batch_size, case.prompt_len, case.gen_len)
+    if case.runner == "original":
+        return original_needs(config, case.policy(), case.prompt_len, case.gen_len)
     if case.auto:
         return model_only_needs(config)
     return flexgen_needs(config, case.policy(), case.prompt_len, case.gen_len)

@@ -209,9 +209,7 @@ def why_not_run(case: Case, s: Settings, hardware: dict) -> str | None:
     if needs_gpu(case) and not hardware.get("cuda_available") and not s.allow_cpu:
         return (f"needs a GPU and this machine has none (`invoke bench --suite {case.suite} "
                 f"--allow-cpu` runs it on the CPU anyway: hours for models this size)")
-    if case.runner in ("original", "original-dist"):
-        return None  # its own placement rule decides what fits; a run that does not fit fails
-    if case.runner == "flexgen-dist":
+    if case.runner in ("flexgen-dist", "original-dist"):
         return None  # each rank places its own layers; a run that does not fit fails
     weights = s.weight_path(case)
     if weights != DUMMY:
