@@ -104,7 +104,7 @@ def test_cache_and_hidden_states_are_realized_by_whole_rows():
 @pytest.fixture
 def one_layer_ahead(monkeypatch):
     """The WINDOW above: one layer loading ahead (the toy's small layers would go two ahead under
-    whole weight copies; policy.prefetch_layers, tested by hand in test_schedule_strategies)."""
+    whole copies; policy.prefetch_layers, tested by hand in test_schedule_strategies)."""
     from flexgen_repro import policy as policy_module
     monkeypatch.setattr(policy_module, "DEEP_PREFETCH_MAX_LAYER_BYTES", 0)
 
