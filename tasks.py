@@ -63,16 +63,18 @@ def verify_weights(c, model="", path="~/opt_weights"):
             "cases": "comma-separated case ids to run (default: all)",
             "profile": "bandwidth profile for the limit column (h100-reference, t4-paper, local, or a JSON file)",
             "baseline": "another checkout (e.g. `git worktree add ../base REV`): each flexgen case "
-                        "also runs from it, as base-<case>, just before ours"})
+                        "also runs from it, as base-<case>, just before ours",
+            "trace": "run flexgen cases with flex_opt --trace: a timeline per case in logs/, and "
+                     "its busy seconds per thread and span in the record (trace_summary)"})
 def bench(c, suite="", gpu_mem_gb=0.0, out="", path="~/opt_weights",
           offload_dir="~/flexllmgen_offload_dir", cases="", profile="", publish=False,
-          allow_cpu=False, baseline=""):
+          allow_cpu=False, baseline="", trace=False):
     """Run a benchmark suite: one process per case; raw JSON, CSV, Markdown and a plot in a run folder."""
     from flexgen_repro.bench import runner
     _exit_on(runner.main(suite=suite or None, gpu_mem_gb=float(gpu_mem_gb) or None,
                          out=out or ("results" if publish else None), path=path,
                          offload_dir=offload_dir, cases=cases, profile=profile or None,
-                         allow_cpu=allow_cpu, baseline=baseline or None))
+                         allow_cpu=allow_cpu, baseline=baseline or None, trace=trace))
 
 
 @task(help={"out": "results folder to rebuild tables and plots in (default results/)"})

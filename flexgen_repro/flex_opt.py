@@ -208,12 +208,15 @@ def run(args) -> dict:
         model_size_gb=sizes[0] / GB, cache_size_gb=sizes[1] / GB, hidden_size_gb=sizes[2] / GB,
         weight_placement=lm.weight_placement, device=device_name(), torch_version=torch.__version__,
         python_version=platform.python_version(), commit=envs.checkout_commit(), measured=True,
-        decode_step_s=lm.times.decode_steps,
+        decode_step_s=lm.times.decode_steps, traced=lm.tracer is not None,
         allocator_events=peak.allocator_events, copy_polls=peak.copy_polls,
         predicted_throughput=getattr(args, "predicted_throughput", None),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **metrics.as_dict())
     record["log_text"] = text
+    if lm.tracer is not None:  # busy seconds per phase and thread/span of the measured generation
+        record["trace_summary"] = {phase: {k: round(v, 4) for k, v in busy.items()}
+                                   for phase, busy in lm.tracer.summary().items()}
     return record
 
 

@@ -32,3 +32,17 @@ def test_two_smoke_cases_through_flex_opt(tmp_path):
     assert [row["case"] for row in rows] == cases.split(",")
     assert float(rows[1]["decode_throughput"]) == pytest.approx(disk["decode_throughput"], abs=1e-4)
     assert "| wdisk-overlap-k | ok | opt-tiny |" in open(os.path.join(folder, "smoke.md")).read()
+
+
+@pytest.mark.slow
+def test_a_traced_case_keeps_its_timeline_and_summary(tmp_path):
+    """`invoke bench --trace`: flex_opt runs with --trace; the timeline sits beside the case's logs
+    and the record carries its busy seconds per phase, thread and span."""
+    out = str(tmp_path / "results")
+    assert runner.main("smoke", None, out, "~/opt_weights", str(tmp_path / "offload"),
+                       "ccpu-overlap-k", trace=True) == 0
+    (rec,) = tables.load_records(os.path.join(out, "smoke"))
+    assert rec["status"] == "ok" and rec["traced"] is True
+    decode = rec["trace_summary"]["decode"]
+    assert decode["wall"] > 0 and any(k.startswith("MainThread/") for k in decode)
+    assert os.path.isfile(os.path.join(out, "smoke", "logs", "ccpu-overlap-k.trace.json"))

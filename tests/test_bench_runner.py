@@ -164,6 +164,11 @@ def test_flexgen_command_parses_with_flex_opt():
     auto = runner.flexgen_command(cases["30b-auto"], s, "j", "l")
     assert "--gpu-batch-size" not in auto
     assert flex_opt.build_parser().parse_args(auto[3:]).percent == ["auto"]
+    assert "--trace" not in runner.flexgen_command(cases["c-30b-paper"], s, "j", "l")
+    traced = runner.Settings(out="o", path="/w", offload_dir="/off", trace=True)
+    args = flex_opt.build_parser().parse_args(
+        runner.flexgen_command(cases["c-30b-paper"], traced, "o/logs/c.child.json", "l")[3:])
+    assert args.trace == "o/logs/c.trace.json"
     capped = runner.Settings(out="o", path="/w", offload_dir="/off", gpu_mem_gb=12)
     t4 = suites.load_suite("t4-paper")[0]
     args = flex_opt.build_parser().parse_args(runner.flexgen_command(t4, capped, "j", "l")[3:])

@@ -40,6 +40,7 @@ class Settings:
     allow_cpu: bool = False
     baseline: str | None = None     # another source tree whose flexgen cases run as base-<case>
     baseline_git: dict | None = None  # its records.tree_state, resolved once by main
+    trace: bool = False             # flexgen cases run with flex_opt --trace (logs/<case>.trace.json)
 
     def cap(self, case: Case) -> float | None:
         return self.gpu_mem_gb or case.gpu_mem_gb
@@ -85,6 +86,8 @@ def flexgen_command(case: Case, s: Settings, json_file: str, log_file: str) -> l
         cmd += ["--hardware", case.hardware]
     if case.disk_io != "auto":
         cmd += ["--disk-io", case.disk_io]
+    if s.trace:  # beside the case's other logs; the record carries its summary (trace_summary)
+        cmd += ["--trace", json_file.removesuffix(".child.json") + ".trace.json"]
     return cmd + ["--json-file", json_file, "--log-file", log_file]
 
 
@@ -376,10 +379,11 @@ def _report(results: list[dict], out: str, suite: str) -> int:
 def main(suite: str | None, gpu_mem_gb: float | None, out: str | None, path: str,
          offload_dir: str, cases: str = "", *, build: CommandBuilder = default_command,
          profile: str | None = None, probe: Callable[[str], dict] = records.probe,
-         allow_cpu: bool = False, baseline: str | None = None) -> int:
+         allow_cpu: bool = False, baseline: str | None = None, trace: bool = False) -> int:
     """Run a suite into `out`/<suite>/ (default: a run folder); 0 when cases ran or were skipped,
     1 when one failed or all were skipped, 2 on bad input, 130/143 when interrupted. `baseline`:
-    another source tree; each flexgen case runs from it too, as base-<case>, just before ours."""
+    another source tree; each flexgen case runs from it too, as base-<case>, just before ours.
+    `trace`: flexgen cases run with flex_opt --trace; each record gets the trace's summary."""
     offload_dir = os.path.abspath(os.path.expanduser(offload_dir))
     path = path if path == DUMMY else os.path.abspath(os.path.expanduser(path))
     try:
@@ -396,7 +400,7 @@ def main(suite: str | None, gpu_mem_gb: float | None, out: str | None, path: str
     out = out or run_folder(suite, context["git"])
     settings = Settings(out=out, path=path, offload_dir=offload_dir, gpu_mem_gb=gpu_mem_gb,
                         profile=profile, allow_cpu=allow_cpu, baseline=baseline,
-                        baseline_git=baseline_git)
+                        baseline_git=baseline_git, trace=trace)
     limit_text = f"limits from the {bw.name!r} profile" if bw else \
         "no limit columns (no GPU bandwidth profile: `invoke profile-hardware` on a GPU machine)"
     print(f"suite {suite}: {len(selected)} case(s) on {context['device']} into {out}/{suite}/; "
