@@ -8,6 +8,8 @@ argument is checked before any weight is read (exit code 2 with the fix).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import gc
 import os
@@ -133,8 +135,6 @@ def policy_from_args(args, config) -> Policy:
 
 def _auto_policy(args, config) -> Policy:
     """The cost model's best policy for this machine's profile (the one place the CLI asks it)."""
-    import dataclasses
-
     from flexgen_repro.cost_model.hardware import load_profile
     from flexgen_repro.cost_model.search import best_policy
     profile = load_profile(args.hardware)
@@ -162,15 +162,29 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
 
 
-def run(args) -> dict:
+@dataclasses.dataclass
+class Prepared:
+    """A run ready for its measured generation: weights at home, warmed up."""
+    config: object
+    policy: Policy
+    options: RuntimeOptions
+    env: ExecutionEnv
+    lm: OptLM
+    prompts: np.ndarray
+
+
+@contextlib.contextmanager
+def prepared(args):
+    """The model of `args` on its environment, weights placed and warmed up, and its prompts;
+    the environment closes on exit. `run` measures one generation of it; bench/alternate.py
+    several, under other settings in turn."""
     config = get_model_config(args.model, dtype=args.dtype)
     if args.gpu_mem_gb and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GB / total))
     policy = policy_from_args(args, config)
     options = options_from_args(args)
-    num_prompts = policy.block_size
-    prompts = synthetic_prompts(num_prompts, args.prompt_len, config.vocab_size, args.seed)
+    prompts = synthetic_prompts(policy.block_size, args.prompt_len, config.vocab_size, args.seed)
     t0 = time.perf_counter()
     with ExecutionEnv.create(args.offload_dir, options=options) as env:
         lm = OptLM(config, env, args.path, policy, options)
@@ -183,10 +197,17 @@ def run(args) -> dict:
         # out of the cyclic collector's passes, which stop every thread (copy threads included)
         gc.collect()
         gc.freeze()
+        yield Prepared(config, policy, options, env, lm, prompts)
+
+
+def run(args) -> dict:
+    with prepared(args) as ready:
+        config, policy, options, env, lm = ready.config, ready.policy, ready.options, ready.env, ready.lm
+        num_prompts = policy.block_size
         if lm.tracer is not None:  # --trace: the measured generation only
             lm.tracer.reset()
         with PeakMemory() as peak:
-            lm.generate(prompts, max_new_tokens=args.gen_len)
+            lm.generate(ready.prompts, max_new_tokens=args.gen_len)
     if lm.tracer is not None:
         _report_trace(lm.tracer)
     metrics = RunMetrics(num_prompts, args.prompt_len, args.gen_len, lm.times.prefill_s,
