@@ -1,7 +1,7 @@
 """`invoke bench` as a user meets it: an interrupt stops the running case's whole process group,
-removes its partial outputs and exits 130 (SIGINT) or 143 (SIGTERM); cases that need a GPU are
-refused on a machine without one unless --allow-cpu, and a suite whose cases were all skipped
-fails saying why; a run writes to a git-ignored run folder; the records' commit is not made
+removes its partial record (its log stays, marked) and exits 130 (SIGINT) or 143 (SIGTERM); cases
+that need a GPU are refused on a machine without one unless --allow-cpu, and a suite whose cases
+were all skipped fails saying why; a run writes to a git-ignored run folder; the records' commit is not made
 "-dirty" by results/."""
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_stops_the_case_group_and_leaves_no_partial_record(tmp_path, monkeypatch, sig, code):
+def test_interrupt_stops_the_case_group_and_keeps_only_its_log(tmp_path, monkeypatch, sig, code):
     suites_dir = _suite(tmp_path, monkeypatch, "long,opt-tiny,32,8,100 0 100 0 100 0,2,1,,900,long\n")
     out, pidfile = str(tmp_path / "out"), str(tmp_path / "pids")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -87,8 +87,12 @@ def test_interrupt_stops_the_case_group_and_leaves_no_partial_record(tmp_path, m
     while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(_gone(p) for p in pids), "a process of the case is left behind"
-    left = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(out, "fake")) for f in files]
-    assert left == [], left  # no raw record, no partial child record, no log of the stopped case
+    left = sorted(os.path.relpath(os.path.join(d, f), out)
+                  for d, _, files in os.walk(os.path.join(out, "fake")) for f in files)
+    # no raw record and no partial child record; the stopped case's log, marked as stopped
+    assert left == [os.path.join("fake", "logs", "long.log")], left
+    with open(os.path.join(out, "fake", "logs", "long.log")) as f:
+        assert f"interrupted ({signal.Signals(sig).name})" in f.read()
 
 
 def _probe(cuda: bool):

@@ -8,7 +8,7 @@ needs and the memory there is) when it cannot fit; otherwise run `python -m flex
 merge the run's JSON record with the case's reference figure and ratio, the hardware limit, the
 hardware, versions and commit, and write raw/<case>.json. Tables and the plot are rebuilt from raw/
 at the end (tables.py). SIGINT or SIGTERM stops the running case's whole process group, removes
-its partial outputs and exits with 130 or 143.
+its partial record (its log stays, marked as stopped) and exits with 130 or 143.
 """
 from __future__ import annotations
 
@@ -239,10 +239,13 @@ def run_case(case: Case, s: Settings, build: CommandBuilder = default_command) -
         tree, commit = s.baseline, s.baseline_git["commit_full"]
     try:
         rc, wall = _run_process(cmd, log_file, case.timeout_s, tree, commit)
-    except process.Interrupted:
-        for partial in (json_file, log_file, child_log):
-            if os.path.exists(partial):
-                os.remove(partial)
+    except process.Interrupted as e:
+        if os.path.exists(json_file):   # a torn record is never read as a result
+            os.remove(json_file)
+        for log in (log_file, child_log):   # the logs stay, to say how far the run got
+            if os.path.exists(log):
+                with open(log, "a") as f:
+                    f.write(f"\n[bench] interrupted ({e}): this run was stopped; it left no record\n")
         raise
     out = {"command": cmd, "wall_s": round(wall, 2), "log": os.path.relpath(log_file, s.out)}
     if rc is None:
@@ -413,8 +416,9 @@ def main(suite: str | None, gpu_mem_gb: float | None, out: str | None, path: str
         with process.stop_on_signals():
             results = run_suite(selected, settings, context, build, bw)
     except process.Interrupted as e:
-        print(f"interrupted ({e}): the running case was stopped and its partial outputs removed; "
-              f"finished cases' records are in {out}/{suite}/raw/", file=sys.stderr)
+        print(f"interrupted ({e}): the running case was stopped and left no record (its log is in "
+              f"{out}/{suite}/logs/); finished cases' records are in {out}/{suite}/raw/",
+              file=sys.stderr)
         return e.exit_code
     written = tables.write_suite(os.path.join(out, suite))
     written += multi_gpu.write_scaling(os.path.join(out, suite))
