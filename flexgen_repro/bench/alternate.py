@@ -35,6 +35,7 @@ import torch
 
 from flexgen_repro import envs, flex_opt
 from flexgen_repro.devices import copy_engine
+from flexgen_repro.metrics import RunMetrics
 
 SWITCH_INTERVAL = "sys.switchinterval"
 
@@ -189,10 +190,10 @@ def _alternate(fo, variants: list[tuple[str, dict]], repeats: int) -> list[dict]
                     sync()
                     wall = time.perf_counter() - t0
                 times = lm.times
+                rate = RunMetrics(n, fo.prompt_len, fo.gen_len, times.prefill_s, times.decode_s, 0, 0)
                 row = {"repeat": r, "variant": name, "wall_s": wall, "prefill_s": times.prefill_s,
-                       "decode_s": times.decode_s,
-                       "decode_tok_s": n * (fo.gen_len - 1) / times.decode_s if times.decode_s else 0.0,
-                       "total_tok_s": n * fo.gen_len / (times.prefill_s + times.decode_s),
+                       "decode_s": times.decode_s, "decode_tok_s": rate.decode_throughput,
+                       "total_tok_s": rate.total_throughput,
                        "copy_polls": copy_engine.poll_count() - polls,
                        "tokens": hashlib.sha256(np.asarray(out).tobytes()).hexdigest()[:16]}
                 rows.append(row)

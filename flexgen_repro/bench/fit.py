@@ -63,12 +63,9 @@ def flexgen_needs(config: OptConfig, policy: Policy, prompt_len: int, gen_len: i
     db = config.dtype_bytes
     wcomp = policy.comp_weight_config if policy.compress_weight else None
     ccomp = policy.comp_cache_config if policy.compress_cache else None
-    block, seq = policy.block_size, prompt_len + gen_len
+    seq = prompt_len + gen_len
     weights = _split(stored_bytes(config.model_bytes(), db, wcomp), policy.weight_percents())
-    cache = _split(stored_bytes(config.cache_bytes(block, seq), db, ccomp), policy.cache_percents())
-    act = _split(config.hidden_bytes(block, prompt_len), policy.act_percents())
-    parts = {tier: {"weights": weights[tier], "cache": cache[tier], "activations": act[tier]}
-             for tier in TIER_NAMES}
+    parts = _parts(config, policy, prompt_len, gen_len, weights, TIER_NAMES)
     layer_w = stored_bytes(config.layer_params() * db, db, wcomp)
     staging = 0.0
     if policy.w_gpu_percent < 100:
@@ -104,14 +101,21 @@ def original_needs(config: OptConfig, policy: Policy, prompt_len: int, gen_len: 
     """The floor of what the original FlexGen holds in host memory and on disk for a policy: its
     weights as its placement rule puts them, the KV cache and activations by the percentages. The
     GPU is left out: its own checks decide what fits there."""
-    db = config.dtype_bytes
-    ccomp = policy.comp_cache_config if policy.compress_cache else None
-    block, seq = policy.block_size, prompt_len + gen_len
     weights = original_weight_split(config, policy)
-    cache = _split(stored_bytes(config.cache_bytes(block, seq), db, ccomp), policy.cache_percents())
+    return Needs(_parts(config, policy, prompt_len, gen_len, weights, ("cpu", "disk")))
+
+
+def _parts(config: OptConfig, policy: Policy, prompt_len: int, gen_len: int,
+           weights: dict[str, float], tiers) -> dict[str, dict[str, float]]:
+    """Per tier of `tiers`: the given weight bytes, and the KV cache (at its stored size) and the
+    activations of the block split by the policy's percentages."""
+    ccomp = policy.comp_cache_config if policy.compress_cache else None
+    block = policy.block_size
+    cache = _split(stored_bytes(config.cache_bytes(block, prompt_len + gen_len), config.dtype_bytes,
+                                ccomp), policy.cache_percents())
     act = _split(config.hidden_bytes(block, prompt_len), policy.act_percents())
-    return Needs({tier: {"weights": weights[tier], "cache": cache[tier], "activations": act[tier]}
-                  for tier in ("cpu", "disk")})
+    return {tier: {"weights": weights[tier], "cache": cache[tier], "activations": act[tier]}
+            for tier in tiers}
 
 
 def accelerate_needs(config: OptConfig, batch: int, prompt_len: int, gen_len: int) -> Needs:

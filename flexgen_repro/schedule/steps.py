@@ -160,9 +160,9 @@ class BlockSteps:
                 # Attended on the compute device, a plain buffer takes the new token at `length`
                 # (a copy, or the GPU home itself, where the store writes the same bytes) and
                 # one fused attention call covers it (layers.SelfAttention._decode)
-                whole = self.whole_copies
-                parts.append(CachePart(ks.start, ks.stop, dev, ks.store.read_whole(dev, whole),
-                                       vs.store.read_whole(dev, whole), valid=length,
+                parts.append(CachePart(ks.start, ks.stop, dev,
+                                       ks.store.read_whole(dev, self.whole_copies),
+                                       vs.store.read_whole(dev, self.whole_copies), valid=length,
                                        in_place=ks.in_memory and not on_cpu))
             else:
                 parts.append(CachePart(ks.start, ks.stop, dev, ks.read(length, dev),
