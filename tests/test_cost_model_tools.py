@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 
@@ -215,6 +217,25 @@ def test_calibration_report_on_synthetic_records(tmp_path):
     for i, rec in enumerate(records):
         (files / f"{i}.json").write_text(json.dumps(rec))
     assert calibrate.load_records([str(files)]) == records
+    nested = tmp_path / "suite" / "raw"          # a bench output folder: records under raw/
+    nested.mkdir(parents=True)
+    (nested / "a.json").write_text(json.dumps(records[0]))
+    (nested / "a.trace.json").write_text(json.dumps([{"name": "step", "ph": "X"}]))
+    assert calibrate.load_records([str(tmp_path / "suite")]) == records[:1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{empty}", "--hardware", "t4-paper"], "no measured records"),
+    (["{missing}", "--hardware", "t4-paper"], "no such file or folder"),
+    (["{empty}", "--hardware", "no-such-profile"], "no-such-profile"),
+])
+def test_calibrate_command_rejects_bad_input_with_exit_2(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(empty=tmp_path / "empty", missing=tmp_path / "missing") for a in args]
+    done = subprocess.run([sys.executable, "-m", "flexgen_repro.cost_model.calibrate", *argv,
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_fit_recovers_the_fields_that_generated_the_runs():

@@ -198,10 +198,16 @@ def leave_one_out(records: list[dict], profile: HardwareProfile, fields: tuple =
 
 
 def load_records(paths: list[str]) -> list[dict]:
-    """Records from JSON files (one object, a list, or JSON lines) or folders of *.json."""
+    """Records from JSON files (one object, a list, or JSON lines) or folders searched for *.json at
+    any depth (a bench output folder keeps its records under raw/)."""
     files = []
     for path in paths:
-        files += sorted(glob.glob(os.path.join(path, "*.json"))) if os.path.isdir(path) else [path]
+        if os.path.isdir(path):
+            files += sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or folder")
     records = []
     for path in files:
         with open(path) as f:
@@ -211,7 +217,8 @@ def load_records(paths: list[str]) -> list[dict]:
             records += data if isinstance(data, list) else [data]
         except json.JSONDecodeError:
             records += [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [r for r in records if r.get("measured", True) and r.get("total_throughput")]
+    return [r for r in records
+            if isinstance(r, dict) and r.get("measured", True) and r.get("total_throughput")]
 
 
 if __name__ == "__main__":
@@ -222,7 +229,13 @@ if __name__ == "__main__":
     p.add_argument("--out", default="results/calibration")
     p.add_argument("--fit", default="", help=f"comma-separated fields to fit, e.g. {','.join(DEFAULT_FIT)}")
     a = p.parse_args()
-    recs, prof = load_records(a.records), load_profile(a.hardware)
+    try:
+        recs, prof = load_records(a.records), load_profile(a.hardware)
+        if not recs:
+            raise ValueError(f"no measured records (JSON with a total_throughput) in {' '.join(a.records)}")
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     report = {"measured_profile": write_report(recs, prof, a.out)}
     if a.fit:
         fields = tuple(a.fit.split(","))
