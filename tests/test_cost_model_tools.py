@@ -221,6 +221,9 @@ def test_calibration_report_on_synthetic_records(tmp_path):
     nested.mkdir(parents=True)
     (nested / "a.json").write_text(json.dumps(records[0]))
     (nested / "a.trace.json").write_text(json.dumps([{"name": "step", "ph": "X"}]))
+    # the original's twin and a failed case sit beside ours in a bench folder: not our runtime's runs
+    (nested / "orig-a.json").write_text(json.dumps({**records[1], "system": "original-flexgen"}))
+    (nested / "b.json").write_text(json.dumps({**records[2], "status": "failed"}))
     assert calibrate.load_records([str(tmp_path / "suite")]) == records[:1]
 
 

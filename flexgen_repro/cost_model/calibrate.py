@@ -198,8 +198,10 @@ def leave_one_out(records: list[dict], profile: HardwareProfile, fields: tuple =
 
 
 def load_records(paths: list[str]) -> list[dict]:
-    """Records from JSON files (one object, a list, or JSON lines) or folders searched for *.json at
-    any depth (a bench output folder keeps its records under raw/)."""
+    """Our runtime's measured records from JSON files (one object, a list, or JSON lines) or folders
+    searched for *.json at any depth (a bench output folder keeps its records under raw/). Records
+    of other systems (a `system` field: the original FlexGen, HF Accelerate, DeepSpeed, which a
+    bench folder holds beside ours) and failed runs are left out: the model predicts our runtime."""
     files = []
     for path in paths:
         if os.path.isdir(path):
@@ -218,7 +220,8 @@ def load_records(paths: list[str]) -> list[dict]:
         except json.JSONDecodeError:
             records += [json.loads(line) for line in text.splitlines() if line.strip()]
     return [r for r in records
-            if isinstance(r, dict) and r.get("measured", True) and r.get("total_throughput")]
+            if isinstance(r, dict) and r.get("measured", True) and r.get("total_throughput")
+            and r.get("status", "ok") == "ok" and not r.get("system")]
 
 
 if __name__ == "__main__":
