@@ -163,12 +163,26 @@ def parse_percent(values) -> tuple[float, ...]:
 DEEP_PREFETCH_MAX_LAYER_BYTES = 256 << 20
 
 
+# GPU batches from which a layer's compressed weights are dequantized once per token (dequantize_once)
+DEQUANTIZE_ONCE_MIN_BATCHES = 2
+
+
 def prefetch_layers(policy: Policy, layer_bytes: float) -> int:
     """How many layers' weights load ahead of the computing one (`layer_bytes`: the largest
     layer's weights as stored)."""
     deep = (whole_copies(policy) and policy.cache_gpu_percent >= 100
             and layer_bytes <= DEEP_PREFETCH_MAX_LAYER_BYTES)
     return 2 if deep else 1
+
+
+def dequantize_once(policy: Policy) -> bool:
+    """Whether each layer's compressed weights are dequantized once per token and shared by its
+    GPU batches (dense matmuls), rather than read packed by every batch's fused 4-bit matmul:
+    from DEQUANTIZE_ONCE_MIN_BATCHES GPU batches on. Dequantizing costs one pass over the layer's
+    16-bit bytes and holds them on the GPU while the layer's batches compute; the fused kernel
+    rereads the packed bytes for every batch at a rate well below the GPU's memory bandwidth
+    (docs/cost-model.md), so two or more batches repay it."""
+    return policy.compress_weight and policy.num_gpu_batches >= DEQUANTIZE_ONCE_MIN_BATCHES
 
 
 def whole_copies(policy: Policy) -> bool:

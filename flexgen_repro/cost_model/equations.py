@@ -46,7 +46,7 @@ from flexgen_repro.config import OptConfig
 from flexgen_repro.cost_model.hardware import HardwareProfile
 from flexgen_repro.cost_model.placement import compression_ratio, layer_tensors, realized_placement
 from flexgen_repro.devices.disk_io import PAGE_CACHE_SHARE
-from flexgen_repro.policy import Policy, prefetch_layers, whole_copies
+from flexgen_repro.policy import Policy, dequantize_once, prefetch_layers, whole_copies
 
 # The tier name of the page-cache constraints (build_step_model's page_cache).
 PAGE_CACHE = "page-cache"
@@ -251,7 +251,7 @@ def _prefill_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: in
     flops = b * (s * z.flops_token + z.flops_logits)          # logits of the last token only
     mm = k * max(flops / hw.gpu_mm_prefill_flop_s, z.w_layer_fp / hw.gpu_mem_bw_bytes_s)
     attn = B * 4.0 * s * s * (c.n_head * c.head_dim) / hw.gpu_bmm_prefill_flop_s
-    dequant = (k * z.w_layer_fp if p.compress_weight else 0.0) + \
+    dequant = (_weight_dequant_bytes(z, p) if p.compress_weight else 0.0) + \
         (B * s * z.kv_token_fp if p.compress_cache else 0.0)
     mm += _step_overheads(c, p, hw)
     weights = Affine.of(wc=z.w_layer / h2d_w, wd=z.w_layer / h2d)
@@ -330,7 +330,8 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
     mm += _step_overheads(c, p, hw)
     attn_flops = B * 4.0 * avg * (c.n_head * c.head_dim)
     gpu_attn = _cache_read_share(z, p, hw) / hw.gpu_bmm_decode_flop_s
-    dequant, cache_dequant = _decode_dequant(p, hw, z, k * z.w_layer_fp, B * avg * z.kv_token_fp)
+    dequant, cache_dequant = _decode_dequant(p, hw, z, _weight_dequant_bytes(z, p),
+                                             B * avg * z.kv_token_fp)
     extra = {}
     if p.cpu_cache_compute:              # CPU attends over the CPU and disk parts; q out, result back
         ctog += Affine.of(cc=hid, cd=hid) * per_byte
@@ -380,21 +381,29 @@ def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, 
     b, k = p.gpu_batch_size, p.num_gpu_batches
     flops = b * (z.flops_token + z.flops_logits)
     steps = (2 if p.sep_layer else 1) + 2 / c.num_hidden_layers
-    per_batch = max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_seconds(z, p, hw)) \
+    per_batch = max(flops / hw.gpu_mm_decode_flop_s, _decode_weight_seconds(z, p, hw, graphed=True)) \
         + steps * hw.gpu_graph_step_overhead_s + hw.gpu_step_overhead_s / c.num_hidden_layers
     attn = (b * k * 4.0 * (s + n) * (c.n_head * c.head_dim) * _cache_read_share(z, p, hw)
             / hw.gpu_bmm_decode_flop_s)
-    dequant = sum(_decode_dequant(p, hw, z, k * z.w_layer_fp, b * k * (s + n) * z.kv_token_fp))
+    dequant = sum(_decode_dequant(p, hw, z, k * z.w_layer_fp, b * k * (s + n) * z.kv_token_fp,
+                                  graphed=True))
     return {**decode, "comp": Affine.of(k * per_batch + attn + dequant)}
 
 
-def _decode_weight_seconds(z: Sizes, p: Policy, hw: HardwareProfile) -> float:
+def _decode_weight_seconds(z: Sizes, p: Policy, hw: HardwareProfile, graphed: bool = False) -> float:
     """Seconds the decode matmuls of one layer and GPU batch spend reading weights: compressed
     weights read in place by the fused kernel at its measured rate (the packed bytes), else the
-    dense bytes at HBM rate."""
-    if hw.gpu_fused_kernels and p.compress_weight:
+    dense bytes at HBM rate (also where policy.dequantize_once has dequantized them for the
+    layer's batches; CUDA graphs, `graphed`, replay the fused kernels)."""
+    if hw.gpu_fused_kernels and p.compress_weight and (graphed or not dequantize_once(p)):
         return z.w_layer / hw.fused_matmul_bytes_s
     return z.w_layer_fp / hw.gpu_mem_bw_bytes_s
+
+
+def _weight_dequant_bytes(z: Sizes, p: Policy) -> float:
+    """16-bit weight bytes a layer's steps dequantize: once per layer with policy.dequantize_once,
+    else once per GPU batch (counted only where no fused kernel reads them packed)."""
+    return z.w_layer_fp * (1 if dequantize_once(p) else p.num_gpu_batches)
 
 
 def _cache_read_share(z: Sizes, p: Policy, hw: HardwareProfile) -> float:
@@ -404,10 +413,13 @@ def _cache_read_share(z: Sizes, p: Policy, hw: HardwareProfile) -> float:
 
 
 def _decode_dequant(p: Policy, hw: HardwareProfile, z: Sizes, weight_fp: float,
-                    cache_fp: float) -> tuple[float, float]:
+                    cache_fp: float, graphed: bool = False) -> tuple[float, float]:
     """(weight, cache) dequantization seconds of a decode step: none where the fused kernels
-    read compressed bytes in place (CPU attention over a compressed cache still decompresses)."""
-    weights = weight_fp / hw.gpu_dequant_bytes_s if p.compress_weight and not hw.gpu_fused_kernels else 0.0
+    read compressed bytes in place (CPU attention over a compressed cache still decompresses);
+    weights dequantized once per layer (policy.dequantize_once) are, outside CUDA graphs."""
+    once = dequantize_once(p) and not graphed
+    weights = weight_fp / hw.gpu_dequant_bytes_s \
+        if p.compress_weight and (once or not hw.gpu_fused_kernels) else 0.0
     cache = cache_fp / hw.gpu_dequant_bytes_s if p.compress_cache and (
         not hw.gpu_fused_kernels or p.cpu_cache_compute) else 0.0
     return weights, cache
@@ -425,7 +437,8 @@ def _prefill_steps(c: OptConfig, p: Policy, b: int, s: int) -> dict:
     MLP: chunks of MLP_CHUNK_TOKENS tokens (layer norm, fc1 and its ReLU copy, fc2, the sum), the
     chunks done and their concatenation. Without sep_layer one step does both, the attention's
     output, K and V alive during the MLP. Embeddings: two lookups and their sum, or the logits.
-    With compress_weight, the matrix being dequantized for the matmul."""
+    With compress_weight, the matrix being dequantized for the matmul, or with
+    policy.dequantize_once the step's whole layer dequantized (_dense_layers)."""
     dt, h = c.dtype_bytes, c.hidden_size
     f, inter = _ffn(c)
     hid = b * s * h * dt
@@ -435,12 +448,25 @@ def _prefill_steps(c: OptConfig, p: Policy, b: int, s: int) -> dict:
     chunk = min(tokens, b * max(1, MLP_CHUNK_TOKENS // b))
     mlp = chunk * (inter * f + 2 * h) * dt + (2 * hid if chunk < tokens else 0)
     embed = max(3 * hid, _logits(c, b))
-    steps = {"embed": embed + _dequantized(c, p, c.vocab_size * h)}
+    dense = _dense_layers(c, p)
+    steps = {"embed": embed + dense.get("embed", _dequantized(c, p, c.vocab_size * h))}
     if p.sep_layer:
-        steps.update(attention=attention + _dequantized(c, p, h * h), mlp=mlp + _dequantized(c, p, h * f))
+        steps.update(attention=attention + dense.get("attention", _dequantized(c, p, h * h)),
+                     mlp=mlp + dense.get("mlp", _dequantized(c, p, h * f)))
     else:
-        steps["layer"] = max(attention, mlp + 3 * hid) + _dequantized(c, p, h * f)
+        steps["layer"] = max(attention, mlp + 3 * hid) + dense.get("layer", _dequantized(c, p, h * f))
     return steps
+
+
+def _dense_layers(c: OptConfig, p: Policy) -> dict:
+    """Step kind -> 16-bit bytes of the largest layer of that kind: what policy.dequantize_once
+    holds on the GPU while the layer's batches compute ({} without it)."""
+    if not dequantize_once(p):
+        return {}
+    out: dict = {}
+    for kind, sizes in layer_tensors(c, dataclasses.replace(p, compress_weight=False)):
+        out[kind] = max(out.get(kind, 0.0), sum(sizes))
+    return out
 
 
 def _decode_steps(c: OptConfig, p: Policy, b: int, kv_len: int) -> dict:
@@ -448,16 +474,18 @@ def _decode_steps(c: OptConfig, p: Policy, b: int, kv_len: int) -> dict:
     weights and cache: the scores of one query over kv_len positions (fp16 product, with the new
     token, float32, masked, softmax, fp16 probabilities: 18 bytes each) and a few (b, h) vectors;
     the MLP's (b, ffn) pair; the logits. Matmuls on one token read compressed weights in place
-    (fused kernel); the input embedding dequantizes the token embedding."""
+    (fused kernel); the input embedding dequantizes the token embedding; with
+    policy.dequantize_once each step holds its whole layer dequantized (_dense_layers)."""
     dt, h = c.dtype_bytes, c.hidden_size
     f, inter = _ffn(c)
     attention = 18 * b * c.n_head * kv_len + 8 * b * h * dt
     mlp = b * (inter * f + 2 * h) * dt
-    steps = {"embed": _logits(c, b) + _dequantized(c, p, c.vocab_size * h)}
+    dense = _dense_layers(c, p)
+    steps = {"embed": _logits(c, b) + dense.get("embed", _dequantized(c, p, c.vocab_size * h))}
     if p.sep_layer:
-        steps.update(attention=attention, mlp=mlp)
+        steps.update(attention=attention + dense.get("attention", 0.0), mlp=mlp + dense.get("mlp", 0.0))
     else:
-        steps["layer"] = max(attention, mlp)
+        steps["layer"] = max(attention, mlp) + dense.get("layer", 0.0)
     return steps
 
 

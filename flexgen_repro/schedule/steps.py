@@ -19,9 +19,10 @@ import torch
 
 from flexgen_repro import trace
 from flexgen_repro.model.base import CachePart, Deferred, StepInfo
+from flexgen_repro.model.layers import dense
 from flexgen_repro.devices.copy_engine import wait_done
 from flexgen_repro.devices.host_stage import HostStage
-from flexgen_repro.policy import Tier, whole_copies
+from flexgen_repro.policy import Tier, dequantize_once, whole_copies
 
 # Cache stores in flight at once; each pending store holds its (GPU) keys and values, so compute
 # running ahead of a slower store link cannot pile them up (prefill: 2 x b x s x h each).
@@ -95,6 +96,8 @@ class BlockSteps:
         self.host_stage = (HostStage(pin=self.env.has_cuda, gate=self.env.engine.gate)
                            if self.cpu_pool is not None else None)
         self.whole_copies = whole_copies(self.policy)   # weights and cache loads
+        # layer j's weights dequantized once per token, shared by its GPU batches (policy.py)
+        self.dense: dict[int, dict] | None = {} if dequantize_once(self.policy) else None
         self.prefetch_layers = lm.prefetch_layers
 
     # ---- load_weight ---------------------------------------------------------------------------
@@ -283,7 +286,7 @@ class BlockSteps:
         t1 = time.perf_counter()
         with trace.span(type(layer).__name__):
             x = self.load_hidden(i, j, k)
-            out = layer.forward(x, w, step, cache)
+            out = layer.forward(x, self._dense_weights(j, w), step, cache)
         self.unfinished.append((i, j, k, out, w, cache, t1 - t0))
         last = self.live_batches[-1]
         keep = 1 if isinstance(out, Deferred) and k < last else 0
@@ -291,7 +294,20 @@ class BlockSteps:
             self._finish(*self.unfinished.popleft())
         if k == last:
             del self.weights[j]
+            if self.dense is not None:
+                self.dense.pop(j, None)
             self._bound_lead()
+
+    def _dense_weights(self, j: int, w: dict) -> dict:
+        """Layer j's weights as its batches compute with them: with dequantize_once, the
+        compressed ones dequantized at the layer's first batch (on the compute stream) and kept
+        until its last; else as loaded. The loaded ones stay what _finish marks as used."""
+        if self.dense is None:
+            return w
+        if j not in self.dense:
+            with trace.span("dequantize"):
+                self.dense[j] = {key: dense(v) for key, v in w.items()}
+        return self.dense[j]
 
     def _bound_lead(self) -> None:
         """After a layer's last batch is queued, wait until the GPU has finished the layer
@@ -379,6 +395,8 @@ class BlockSteps:
             list(self.cache_stores.values())
         self.weights.clear()
         self.cache_loads.clear()
+        if self.dense is not None:
+            self.dense.clear()
         for fut in futures:
             fut.result()
         self.cache_stores.clear()
