@@ -236,6 +236,31 @@ def test_fused_4bit_matmuls_read_packed_weights_at_their_measured_rate():
     assert hbm.fused_matmul_bytes_s == 1e9 and slow.fused_matmul_bytes_s == 0.25e9
 
 
+def test_dequantize_once_pays_one_dequantization_per_layer_then_dense_reads(monkeypatch):
+    """Compressed weights streamed from the host to k >= 2 GPU batches (policy.dequantize_once):
+    a decode step dequantizes the model's 16-bit bytes once, then each batch reads them at HBM
+    rate; with the rule off, each batch's fused matmul reads the packed bytes at the fused rate.
+    Memory-bound (flops free, links instant), so the step is exactly that many bytes over rates.
+    The dequantized layer is held on the GPU while its batches compute: a higher GPU peak."""
+    from flexgen_repro import policy as policy_module
+    s, n, b, k = 16, 8, 4, 3
+    hw = round_profile(gpu_mem_bw_bytes_s=1e9, gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18,
+                       gpu_fused_kernels=True, gpu_fused_matmul_bytes_s=0.25e9, gpu_dequant_bytes_s=2e9,
+                       cpu_to_gpu_bytes_s=1e18, gpu_to_cpu_cache_bytes_s=1e18,
+                       gpu_to_cpu_hidden_bytes_s=1e18)
+    pol = policy((0, 100, 100, 0, 100, 0), b, k, compress_weight=True)
+    once = evaluate_policy(TOY, pol, hw, s, n)
+    assert once.decode_step_time == pytest.approx(MODEL_BYTES / 2e9 + k * MODEL_BYTES / 1e9, rel=EXACT)
+    monkeypatch.setattr(policy_module, "DEQUANTIZE_ONCE_MIN_BATCHES", k + 1)
+    fused = evaluate_policy(TOY, pol, hw, s, n)
+    # stored bytes: matrices (the embeddings, the token one twice) packed, vectors as they are
+    matrices = L * (4 * H * H + 2 * H * F) + 2 * V * H + (POS + 2) * H
+    vectors = L * (9 * H + F) + 2 * H
+    packed = 2 * matrices * compression_ratio(pol.comp_weight_config, 2) + 2 * vectors
+    assert fused.decode_step_time == pytest.approx(k * packed / 0.25e9, rel=EXACT)
+    assert once.peak_memory["gpu"] > fused.peak_memory["gpu"]
+
+
 def test_a_host_backed_gpu_never_uses_graph_decode():
     s, n, b = 16, 8, 4
     pol = policy((100, 0, 100, 0, 100, 0), b)

@@ -87,3 +87,31 @@ def test_memory_accounting_reports_compressed_sizes(model64, tmp_path):
         assert stored_bytes(spec, lm.policy, 2) <= 0.3 * spec.numel * 2
         stored = lm.weight_home[1][spec.key]
         assert stored.nbytes <= 0.3 * spec.numel * 4  # float32 run: scale and min in float32
+
+
+def test_compressed_weights_are_dequantized_once_per_layer_and_token(model64, tmp_path, monkeypatch):
+    """With two or more GPU batches (policy.dequantize_once) each layer's compressed weights are
+    decompressed at the layer's first batch and shared by the others: as many decompressions as
+    one batch of all the rows makes, a quarter of what four batches make each on their own; the
+    tokens are those of per-batch dequantization (the same float32 maths)."""
+    from flexgen_repro import compression
+    from flexgen_repro import policy as policy_module
+    model, config, root = model64
+    prompts = random_prompts(4, 9, config.vocab_size, seed=6, pad_rows=2)
+    real, calls = compression.decompress, []
+    monkeypatch.setattr(compression, "decompress", lambda t: calls.append(1) or real(t))
+
+    def run(b, k):
+        calls.clear()
+        with ExecutionEnv.create(str(tmp_path / "off")) as env:
+            pol = policy((0, 100, 100, 0, 100, 0), gpu_batch_size=b, num_gpu_batches=k,
+                         compress_weight=True)
+            out = OptLM(config, env, root, pol).generate(prompts, max_new_tokens=4)
+        return out, len(calls)
+    one_batch, per_token = run(4, 1)
+    once, once_calls = run(1, 4)
+    monkeypatch.setattr(policy_module, "DEQUANTIZE_ONCE_MIN_BATCHES", 5)
+    each, each_calls = run(1, 4)
+    assert per_token > 0 and once_calls == per_token and each_calls == 4 * per_token
+    np.testing.assert_array_equal(once, each)
+    np.testing.assert_array_equal(once, one_batch)
