@@ -164,7 +164,7 @@ DEEP_PREFETCH_MAX_LAYER_BYTES = 256 << 20
 
 
 # GPU batches from which a layer's compressed weights are dequantized once per token (dequantize_once)
-DEQUANTIZE_ONCE_MIN_BATCHES = 2
+DEQUANTIZE_ONCE_MIN_BATCHES = 8
 
 
 def prefetch_layers(policy: Policy, layer_bytes: float) -> int:
@@ -181,7 +181,7 @@ def dequantize_once(policy: Policy) -> bool:
     from DEQUANTIZE_ONCE_MIN_BATCHES GPU batches on. Dequantizing costs one pass over the layer's
     16-bit bytes and holds them on the GPU while the layer's batches compute; the fused kernel
     rereads the packed bytes for every batch at a rate well below the GPU's memory bandwidth
-    (docs/cost-model.md), so two or more batches repay it."""
+    (docs/performance-targets.md gives the measured threshold)."""
     return policy.compress_weight and policy.num_gpu_batches >= DEQUANTIZE_ONCE_MIN_BATCHES
 
 

@@ -237,7 +237,8 @@ def test_fused_4bit_matmuls_read_packed_weights_at_their_measured_rate():
 
 
 def test_dequantize_once_pays_one_dequantization_per_layer_then_dense_reads(monkeypatch):
-    """Compressed weights streamed from the host to k >= 2 GPU batches (policy.dequantize_once):
+    """Compressed weights streamed from the host to k GPU batches, k at least
+    DEQUANTIZE_ONCE_MIN_BATCHES (policy.dequantize_once):
     a decode step dequantizes the model's 16-bit bytes once, then each batch reads them at HBM
     rate; with the rule off, each batch's fused matmul reads the packed bytes at the fused rate.
     Memory-bound (flops free, links instant), so the step is exactly that many bytes over rates.
@@ -249,6 +250,7 @@ def test_dequantize_once_pays_one_dequantization_per_layer_then_dense_reads(monk
                        cpu_to_gpu_bytes_s=1e18, gpu_to_cpu_cache_bytes_s=1e18,
                        gpu_to_cpu_hidden_bytes_s=1e18)
     pol = policy((0, 100, 100, 0, 100, 0), b, k, compress_weight=True)
+    monkeypatch.setattr(policy_module, "DEQUANTIZE_ONCE_MIN_BATCHES", k)
     once = evaluate_policy(TOY, pol, hw, s, n)
     assert once.decode_step_time == pytest.approx(MODEL_BYTES / 2e9 + k * MODEL_BYTES / 1e9, rel=EXACT)
     monkeypatch.setattr(policy_module, "DEQUANTIZE_ONCE_MIN_BATCHES", k + 1)

@@ -90,8 +90,9 @@ def test_memory_accounting_reports_compressed_sizes(model64, tmp_path):
 
 
 def test_compressed_weights_are_dequantized_once_per_layer_and_token(model64, tmp_path, monkeypatch):
-    """With two or more GPU batches (policy.dequantize_once) each layer's compressed weights are
-    decompressed at the layer's first batch and shared by the others: as many decompressions as
+    """From DEQUANTIZE_ONCE_MIN_BATCHES GPU batches (policy.dequantize_once) each layer's
+    compressed weights are decompressed at the layer's first batch and shared by the others: as
+    many decompressions as
     one batch of all the rows makes, a quarter of what four batches make each on their own; the
     tokens are those of per-batch dequantization (the same float32 maths)."""
     from flexgen_repro import compression
@@ -109,6 +110,7 @@ def test_compressed_weights_are_dequantized_once_per_layer_and_token(model64, tm
             out = OptLM(config, env, root, pol).generate(prompts, max_new_tokens=4)
         return out, len(calls)
     one_batch, per_token = run(4, 1)
+    monkeypatch.setattr(policy_module, "DEQUANTIZE_ONCE_MIN_BATCHES", 4)
     once, once_calls = run(1, 4)
     monkeypatch.setattr(policy_module, "DEQUANTIZE_ONCE_MIN_BATCHES", 5)
     each, each_calls = run(1, 4)
