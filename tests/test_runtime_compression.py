@@ -117,3 +117,26 @@ def test_compressed_weights_are_dequantized_once_per_layer_and_token(model64, tm
     assert per_token > 0 and once_calls == per_token and each_calls == 4 * per_token
     np.testing.assert_array_equal(once, each)
     np.testing.assert_array_equal(once, one_batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (float16, the fused 4-bit matmul)")
+def test_dequantize_once_on_the_gpu_matches_the_fused_matmul(model64, tmp_path, monkeypatch):
+    """On the GPU in float16, layers dequantized once for their 8 GPU batches (dequantize kernel,
+    cuBLAS matmuls) and the fused 4-bit matmul of every batch give the same logits up to float16
+    rounding: 5e-2 absolute on logits of order 1 (each float16 matmul rounds at about 1e-3 of its
+    inputs' scale; two layers and the output projection, summed in a different order)."""
+    from flexgen_repro import policy as policy_module
+    _, _, root = model64
+    config = get_opt_config(os.path.join(os.path.dirname(root), "hf", "opt-c64"), dtype=np.float16)
+    prompts = random_prompts(8, 9, config.vocab_size, seed=7, pad_rows=2)
+    out = {}
+    for name, least in (("once", 8), ("fused", 9)):
+        monkeypatch.setattr(policy_module, "DEQUANTIZE_ONCE_MIN_BATCHES", least)
+        with ExecutionEnv.create(str(tmp_path / "off")) as env:
+            pol = policy((0, 100, 100, 0, 100, 0), gpu_batch_size=1, num_gpu_batches=8,
+                         compress_weight=True)
+            out[name] = OptLM(config, env, root, pol).logits(prompts)
+    real = prompts != 1
+    assert np.isfinite(out["once"][real]).all()
+    np.testing.assert_allclose(out["once"][real], out["fused"][real], atol=5e-2, rtol=0)
