@@ -157,3 +157,18 @@ def test_a_cpu_too_small_to_stage_disk_reads_names_the_cpu(t4):
     with pytest.raises(DoesNotFit, match="the CPU needs at least") as e:
         best_policy(get_opt_config("opt-175b"), t4, 512, 32, cpu_mem_gb=1, disk_mem_gb=400)
     assert e.value.tier == "cpu"
+
+
+def test_the_search_is_not_cut_short_by_a_relaxed_optimum_that_rounds_badly():
+    """OPT-175B 4-bit under 16 GiB on the h100 profile: the best relaxed optimum (4x8, layers
+    dequantized once) rounds to much less than it promises; a search that pruned every shape by
+    that optimum alone never solved 8x3, whose rounding is the best policy found. Pruning against
+    the candidates that get rounded keeps it: the pick is at least as good as 8x3's policy."""
+    config, profile = get_opt_config("opt-175b"), load_profile("h100")
+    known = Policy(gpu_batch_size=8, num_gpu_batches=3, w_gpu_percent=11, w_cpu_percent=89,
+                   cache_gpu_percent=0, cache_cpu_percent=100, act_gpu_percent=100,
+                   act_cpu_percent=0, compress_weight=True, compress_cache=True)
+    floor = evaluate_policy(config, known, profile.with_memory(16), 512, 32)
+    assert floor.feasible
+    result = best_policy(config, profile, 512, 32, compress=True, gpu_mem_gb=16)
+    assert result.predicted_throughput >= floor.throughput * (1 - 1e-9)

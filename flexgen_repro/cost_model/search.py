@@ -17,6 +17,7 @@ the best rounded policy wins.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -246,8 +247,18 @@ def _all_on_gpu_seconds(model: StepModel) -> float | None:
 
 def _relaxed_candidates(config, profile, prompt_len, gen_len, compress, space):
     """[(seconds per generated token, relaxed placement, shape policy, model)], best first, and the
-    number of LPs solved."""
-    found, solved, best = [], 0, np.inf
+    number of LPs solved. A shape is skipped when its lower bound cannot enter the
+    `space.top_candidates` best relaxed optima, the ones best_policy rounds (a bound on the best
+    one alone would skip shapes whose rounding beats a relaxed optimum that rounds badly)."""
+    found, solved = [], 0
+    tops: list[float] = []          # the best relaxed seconds per token so far, at most top_candidates
+
+    def keep(per_token: float) -> None:
+        bisect.insort(tops, per_token)
+        del tops[space.top_candidates:]
+
+    def cutoff() -> float:
+        return tops[-1] if len(tops) >= space.top_candidates else np.inf
     for switches in switch_settings(compress):
         for b in space.gpu_batch_sizes:
             row_fits = False
@@ -262,9 +273,9 @@ def _relaxed_candidates(config, profile, prompt_len, gen_len, compress, space):
                 graphed = _all_on_gpu_seconds(model)
                 if graphed is not None:     # CUDA-graph decode: faster than the LP's terms say
                     row_fits = True
-                    best = min(best, graphed / tokens)
+                    keep(graphed / tokens)
                     found.append((graphed / tokens, ALL_ON_GPU, shape, model))
-                if _lower_bound(model, space.allow_act_disk) / tokens >= best:
+                if _lower_bound(model, space.allow_act_disk) / tokens >= cutoff():
                     row_fits = True
                     continue
                 solved += 1
@@ -273,7 +284,7 @@ def _relaxed_candidates(config, profile, prompt_len, gen_len, compress, space):
                     break
                 row_fits = True
                 per_token = sol[1] / tokens
-                best = min(best, per_token)
+                keep(per_token)
                 found.append((per_token, sol[0], shape, model))
             if not row_fits:
                 break
