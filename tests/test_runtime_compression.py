@@ -92,9 +92,8 @@ def test_memory_accounting_reports_compressed_sizes(model64, tmp_path):
 def test_compressed_weights_are_dequantized_once_per_layer_and_token(model64, tmp_path, monkeypatch):
     """From DEQUANTIZE_ONCE_MIN_BATCHES GPU batches (policy.dequantize_once) each layer's
     compressed weights are decompressed at the layer's first batch and shared by the others: as
-    many decompressions as
-    one batch of all the rows makes, a quarter of what four batches make each on their own; the
-    tokens are those of per-batch dequantization (the same float32 maths)."""
+    many decompressions as one batch of all the rows makes, a quarter of what four batches make
+    each on their own; the tokens are those of per-batch dequantization (the same float32 maths)."""
     from flexgen_repro import compression
     from flexgen_repro import policy as policy_module
     model, config, root = model64
