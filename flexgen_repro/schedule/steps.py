@@ -24,9 +24,12 @@ from flexgen_repro.devices.copy_engine import wait_done
 from flexgen_repro.devices.host_stage import HostStage
 from flexgen_repro.policy import Tier, dequantize_once, whole_copies
 
-# Cache stores in flight at once; each pending store holds its (GPU) keys and values, so compute
-# running ahead of a slower store link cannot pile them up (prefill: 2 x b x s x h each).
+# Cache stores in flight, in prefill stores' worth of bytes: each pending store holds its (GPU)
+# keys and values, so compute running ahead of a slower store link cannot pile them up (prefill:
+# 2 x b x s x h each). A decode store holds one token's, so hundreds fit the same bytes and the
+# host is never held to a few GPU batches ahead of the compute by them.
 MAX_PENDING_STORES = 2
+PENDING_STORES_BY_BYTES = True
 # Layers the host may queue ahead of the GPU's compute (BlockSteps._bound_lead): enough to keep
 # the GPU fed, few enough that loads queued ahead hold about as much memory as one layer's overlap.
 RUN_AHEAD_LAYERS = 2
@@ -85,7 +88,8 @@ class BlockSteps:
         self.logits = np.zeros((self.B * self.K, self.prompt_len, self.config.vocab_size),
                                np.float32) if want_logits else None
         self.step_times: list[float] = []
-        self.pending_stores: deque[Future] = deque()
+        self.pending_stores: deque[tuple[Future, int]] = deque()
+        self.pending_store_bytes = 0
         self.profile = {} if lm.options.profile else None
         self.unfinished: deque = deque()
         self.layer_ends: deque = deque()   # events after each layer's last batch (_bound_lead)
@@ -188,9 +192,16 @@ class BlockSteps:
         fut = self.ch["cache_store"].submit(
             lambda: (home[0].write(pos, kv[0]), home[1].write(pos, kv[1])))
         self.cache_stores[(j, k)] = fut
-        self.pending_stores.append(fut)
-        while len(self.pending_stores) > MAX_PENDING_STORES:
-            self.pending_stores.popleft().result()
+        size = kv[0].numel() * kv[0].element_size() * 2
+        self.pending_stores.append((fut, size))
+        self.pending_store_bytes += size
+        budget = MAX_PENDING_STORES * self.B * self.prompt_len * \
+            self.config.n_kv_head * self.config.head_dim * 2 * kv[0].element_size()
+        while (self.pending_store_bytes > budget if PENDING_STORES_BY_BYTES
+               else len(self.pending_stores) > MAX_PENDING_STORES):
+            done, size = self.pending_stores.popleft()
+            done.result()
+            self.pending_store_bytes -= size
 
     def new_cache_home(self, j: int, k: int, length: int | None = None) -> tuple:
         """(keys, values) homes of (layer j, batch k): `length` positions (default cache_len),
