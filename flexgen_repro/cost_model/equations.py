@@ -38,6 +38,7 @@ pinned one unless pin_weight is off.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -461,10 +462,15 @@ def _prefill_steps(c: OptConfig, p: Policy, b: int, s: int) -> dict:
 def _dense_layers(c: OptConfig, p: Policy) -> dict:
     """Step kind -> 16-bit bytes of the largest layer of that kind: what policy.dequantize_once
     holds on the GPU while the layer's batches compute ({} without it)."""
-    if not dequantize_once(p):
-        return {}
+    return _largest_layers(c, p.sep_layer) if dequantize_once(p) else {}
+
+
+@functools.lru_cache(maxsize=64)
+def _largest_layers(c: OptConfig, sep_layer: bool) -> dict:
+    """Step kind -> 16-bit bytes of the largest uncompressed layer of that kind (per model, not
+    per candidate shape: the search asks for it at every shape and phase)."""
     out: dict = {}
-    for kind, sizes in layer_tensors(c, dataclasses.replace(p, compress_weight=False)):
+    for kind, sizes in layer_tensors(c, Policy(1, 1, 100, 0, 100, 0, 100, 0, sep_layer=sep_layer)):
         out[kind] = max(out.get(kind, 0.0), sum(sizes))
     return out
 
