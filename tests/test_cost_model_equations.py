@@ -293,6 +293,35 @@ def test_cpu_attention_serial_term_is_the_attention_sublayer_then_the_next_atten
         assert "cpu_attn_serial" not in terms.decode_terms
 
 
+def test_host_cache_steps_term_is_the_hosts_work_per_gpu_batch_whose_cache_crosses():
+    """With a 4-bit cache loaded from and stored to the host each token, the host spends
+    cache_step_host_s per (layer, GPU batch) queueing the step and its copies: k of them per layer,
+    for the cache's share off the GPU (rows of a batch: 3 of 5 at 60%). It is a term of its own (a
+    max with the link and the GPU), which binds when the GPU batches are many and small."""
+    s, n, b, k = 16, 8, 5, 3
+    o = 2e-3
+    hw = round_profile(cache_step_host_s=o)
+    for cache_cpu, share in ((100, 1.0), (60, 0.6)):
+        pol = policy((100, 0, 100 - cache_cpu, cache_cpu, 100, 0), b, k, compress_cache=True)
+        pred = evaluate_policy(TOY, pol, hw, s, n)
+        assert pred.decode_terms["host_cache_steps"] == pytest.approx(k * o * share, rel=EXACT)
+    big = evaluate_policy(TOY, pol, round_profile(cache_step_host_s=1.0), s, n)
+    assert big.decode_bound == "host_cache_steps"
+    assert big.decode_step_time == pytest.approx(L * k * 1.0 * 0.6, rel=EXACT)
+    # none without the profile's figure, without compression, with CPU attention, without overlap,
+    # or with the cache held on the GPU
+    plain = policy((100, 0, 0, 100, 100, 0), b, k, compress_cache=True)
+    for other, prof in ((plain, round_profile()),
+                        (dataclasses.replace(plain, compress_cache=False), hw),
+                        (dataclasses.replace(plain, cpu_cache_compute=True), hw),
+                        (dataclasses.replace(plain, overlap=False), hw)):
+        assert "host_cache_steps" not in evaluate_policy(TOY, other, prof, s, n).decode_terms
+    held = evaluate_policy(TOY, policy((100, 0, 100, 0, 100, 0), b, k, compress_cache=True), hw, s, n)
+    assert held.decode_terms.get("host_cache_steps", 0.0) == 0.0
+    with pytest.raises(ValueError, match="cache_step_host_s"):
+        round_profile(cache_step_host_s=-1e-3)
+
+
 def test_cpu_attention_batch_overhead_must_not_be_negative():
     with pytest.raises(ValueError, match="cpu_attention_batch_overhead_s"):
         round_profile(cpu_attention_batch_overhead_s=-1e-3)

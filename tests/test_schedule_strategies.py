@@ -184,3 +184,27 @@ def test_trace_records_the_run_and_leaves_nothing_active(setup, tmp_path):
     assert set(summary) == {"prefill", "decode"}
     assert summary["decode"]["MainThread/SelfAttention"] > 0 and "MainThread/wait" in summary["decode"]
     assert any(name.startswith("copy-weight") for name in summary["decode"])
+
+
+def test_cache_stores_in_flight_are_bounded_by_a_prefill_stores_worth_of_bytes(setup, tmp_path,
+                                                                               monkeypatch):
+    """Pending cache stores hold their keys and values: at most MAX_PENDING_STORES prefill stores'
+    bytes of them. A decode store holds one token's, so many more than MAX_PENDING_STORES of those
+    may be pending (the host is not held to a few GPU batches ahead by them); tokens unchanged."""
+    from flexgen_repro.schedule import steps
+    config, weights, prompts, expected = setup
+    seen = []
+    store = steps.BlockSteps.store_cache
+
+    def record(run, i, j, k, kv):
+        store(run, i, j, k, kv)
+        seen.append((i, len(run.pending_stores), run.pending_store_bytes))
+    monkeypatch.setattr(steps.BlockSteps, "store_cache", record)
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        lm = OptLM(config, env, weights, policy(True, 3, pct=(0, 100, 0, 100, 100, 0)))
+        np.testing.assert_array_equal(lm.generate(prompts, max_new_tokens=GEN), expected)
+    row_bytes = config.n_kv_head * config.head_dim * 2 * 4       # K and V of one position, float32
+    budget = steps.MAX_PENDING_STORES * 2 * prompts.shape[1] * row_bytes   # 2 rows per GPU batch
+    assert max(b for _, _, b in seen) <= budget
+    assert max(n for i, n, _ in seen if i == 0) <= steps.MAX_PENDING_STORES
+    assert max(n for i, n, _ in seen if i > 0) > steps.MAX_PENDING_STORES

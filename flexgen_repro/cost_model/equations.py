@@ -346,6 +346,10 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
         ctog += Affine.of(cc=read, cd=read) * per_byte
         gpu_side = attn_flops * gpu_attn + cache_dequant
         comp = Affine.of(mm + dequant + gpu_side)
+        if p.compress_cache and p.overlap and hw.cache_step_host_s > 0:
+            # the host's work per GPU batch whose cache crosses (its share off the GPU)
+            host = k * hw.cache_step_host_s
+            extra["host_cache_steps"] = Affine.of(cc=host, cd=host)
     return {
         "ctog": ctog, "gtoc": gtoc,
         "dtoc": Affine.of(wd=z.w_layer, cd=0.0 if mapped and p.cpu_cache_compute else read, hd=hid)

@@ -27,7 +27,8 @@ RATE_FIELDS = (
     "gpu_bmm_prefill_flop_s", "gpu_bmm_decode_flop_s", "cpu_attention_flop_s", "gpu_dequant_bytes_s",
 )
 MEMORY_FIELDS = ("gpu_mem_bytes", "cpu_mem_bytes", "disk_mem_bytes", "gpu_step_overhead_s",
-                 "gpu_graph_step_overhead_s", "cpu_attention_batch_overhead_s")
+                 "gpu_graph_step_overhead_s", "cpu_attention_batch_overhead_s",
+                 "cache_step_host_s")
 # Rates a profile may leave at 0 (not measured): the model does without them (the disk tier at the
 # drive's rates; the fused matmul at HBM rate).
 OPTIONAL_RATE_FIELDS = ("page_cache_read_bytes_s", "page_cache_write_bytes_s",
@@ -61,6 +62,12 @@ class HardwareProfile:
     while the main thread prepares the next GPU batch), the time per (layer, GPU batch) the worker
     still waits on the main thread (its synchronous copy of q, k, v to the host, queueing, finishing
     the previous batch). Fitted from runs where measured (h100); 0 leaves the term out.
+    `cache_step_host_s`: host time of one decode (layer, GPU batch) step whose 4-bit cache crosses
+    the link both ways each token (loaded from and stored to the host, no CPU attention): the
+    main thread queueing the layer's kernels while the cache threads issue the load and the
+    store's quantize, copies and host writes, all under one interpreter lock. Where the GPU
+    batches are small this, not the link or the GPU, sets the step. Fitted from runs where
+    measured (h100); 0 leaves the term out.
     `page_cache_read_bytes_s`, `page_cache_write_bytes_s`: the disk tier's files while the page
     cache holds them (the runtime maps the files that fit in disk_io.PAGE_CACHE_SHARE of the free
     host memory; equations.build_step_model's `page_cache`); 0: not measured, every disk byte
@@ -100,6 +107,7 @@ class HardwareProfile:
     gpu_headroom: float = 1.0
     cpu_mm_flop_s: float = 0.0
     cpu_attention_batch_overhead_s: float = 0.0
+    cache_step_host_s: float = 0.0
     page_cache_read_bytes_s: float = 0.0
     page_cache_write_bytes_s: float = 0.0
     gpu_fused_matmul_bytes_s: float = 0.0

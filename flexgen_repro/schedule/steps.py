@@ -29,7 +29,6 @@ from flexgen_repro.policy import Tier, dequantize_once, whole_copies
 # 2 x b x s x h each). A decode store holds one token's, so hundreds fit the same bytes and the
 # host is never held to a few GPU batches ahead of the compute by them.
 MAX_PENDING_STORES = 2
-PENDING_STORES_BY_BYTES = True
 # Layers the host may queue ahead of the GPU's compute (BlockSteps._bound_lead): enough to keep
 # the GPU fed, few enough that loads queued ahead hold about as much memory as one layer's overlap.
 RUN_AHEAD_LAYERS = 2
@@ -197,8 +196,7 @@ class BlockSteps:
         self.pending_store_bytes += size
         budget = MAX_PENDING_STORES * self.B * self.prompt_len * \
             self.config.n_kv_head * self.config.head_dim * 2 * kv[0].element_size()
-        while (self.pending_store_bytes > budget if PENDING_STORES_BY_BYTES
-               else len(self.pending_stores) > MAX_PENDING_STORES):
+        while self.pending_store_bytes > budget:
             done, size = self.pending_stores.popleft()
             done.result()
             self.pending_store_bytes -= size
