@@ -232,3 +232,47 @@ def test_a_job_not_after_compute_copies_while_compute_still_runs():
     assert busy.query()                     # the default waits for compute queued before it
     assert torch.equal(early.cpu(), src) and torch.equal(late.cpu(), src)
     ch.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_write_to_host_makes_every_write_as_a_plain_copy_would(device, monkeypatch):
+    """Several small writes of mixed dtypes into strided host destinations (one position of a
+    (rows, heads, length, d) home each, as a decode step's cache store): gathered into one copy
+    and one wait per source device, the destinations get exactly the sources' values."""
+    from flexgen_repro.devices import storage
+    waits = []
+    monkeypatch.setattr(storage, "wait_done", lambda handle: (waits.append(handle), handle.synchronize()))
+    g = torch.Generator().manual_seed(0)
+    homes = [torch.zeros(3, 2, 9, 8, dtype=torch.uint8), torch.zeros(3, 2, 9, 1, dtype=torch.float16),
+             torch.zeros(3, 2, 9, 4, dtype=torch.float32)]
+    sources = [torch.randint(0, 255, (3, 2, 1, 8), generator=g, dtype=torch.uint8),
+               torch.randn(3, 2, 1, 1, generator=g).half(), torch.randn(3, 2, 1, 4, generator=g)]
+    expected = [h.clone() for h in homes]
+    for e, src in zip(expected, sources):
+        e[:, :, 5:6] = src
+    writes = [(h[:, :, 5:6], src.to(device)) for h, src in zip(homes, sources)]
+    writes.append((homes[0][:, :, 7:8], sources[0].to(device)))     # a second write into one home
+    expected[0][:, :, 7:8] = sources[0]
+    storage.write_to_host(writes)
+    for h, e in zip(homes, expected):
+        assert torch.equal(h, e)
+    assert len(waits) == (1 if device == "cuda" else 0)
+
+
+def test_a_row_split_collects_its_host_writes_and_makes_the_others(tmp_path):
+    """RowSplit.write with a list: each segment in host memory appends (its slice, its rows) and
+    writes nothing; a disk segment writes its rows at once (its file is not host memory)."""
+    from flexgen_repro.devices.disk_io import new_disk_file
+    from flexgen_repro.devices.storage import PlainStore, RowSplit, Segment
+    from flexgen_repro.policy import Tier
+    host = torch.zeros(2, 6, 3)
+    disk = new_disk_file(str(tmp_path), (1, 6, 3), torch.float32)
+    split = RowSplit((3, 6, 3), [Segment(Tier.CPU, 0, 2, PlainStore(host)),
+                                 Segment(Tier.DISK, 2, 3, PlainStore(disk))])
+    value = torch.arange(9, dtype=torch.float32).view(3, 1, 3) + 1
+    writes: list = []
+    split.write(4, value, writes)
+    assert len(writes) == 1 and not host.any()
+    dst, src = writes[0]
+    assert dst.data_ptr() == host[:, 4:5].data_ptr() and torch.equal(src, value[0:2])
+    assert torch.equal(disk.read()[:, 4:5], value[2:3])

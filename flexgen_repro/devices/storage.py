@@ -17,7 +17,8 @@ from flexgen_repro.devices.copy_engine import CopyEngine, wait_done
 from flexgen_repro.devices.disk_io import DiskFile, new_disk_file
 from flexgen_repro.policy import Tier
 
-__all__ = ["DiskFile", "PackedStore", "PlainStore", "RowSplit", "Segment", "Stored", "new_disk_file"]
+__all__ = ["DiskFile", "PackedStore", "PlainStore", "RowSplit", "Segment", "Stored", "new_disk_file",
+           "write_to_host"]
 
 
 @dataclass
@@ -72,9 +73,10 @@ class Segment:
         """Uncompressed and held as one tensor in GPU or host memory (not a disk file)."""
         return isinstance(self.store, PlainStore) and isinstance(self.store.buf, torch.Tensor)
 
-    def write(self, pos: int, value) -> None:
-        """Write `value` (n positions along the sequence dim) at positions [pos, pos + n)."""
-        self.store.write(pos, value)
+    def write(self, pos: int, value, host_writes: list | None = None) -> None:
+        """Write `value` (n positions along the sequence dim) at positions [pos, pos + n);
+        `host_writes`: collect the writes into host memory there, for `write_to_host`."""
+        self.store.write(pos, value, host_writes)
 
     def read(self, length: int, device: torch.device):
         """Positions [0, length) on `device`."""
@@ -98,8 +100,11 @@ class PlainStore:
     def _index(self, start: int, stop: int) -> tuple:
         return (slice(None),) * self.seq_dim + (slice(start, stop),)
 
-    def write(self, pos: int, value: torch.Tensor) -> None:
+    def write(self, pos: int, value: torch.Tensor, host_writes: list | None = None) -> None:
         index = self._index(pos, pos + value.shape[self.seq_dim])
+        if host_writes is not None and isinstance(self.buf, torch.Tensor) and self.buf.is_cpu:
+            host_writes.append((self.buf[index], value))
+            return
         if isinstance(self.buf, DiskFile):
             self.buf.write(index, self._on_host(value))
             return
@@ -162,11 +167,11 @@ class PackedStore:
     def __init__(self, stores: dict[str, PlainStore], meta, seq_dim: int):
         self.stores, self.meta, self.seq_dim = stores, meta, seq_dim  # meta: full shape, dtype, config
 
-    def write(self, pos: int, value: torch.Tensor) -> None:
+    def write(self, pos: int, value: torch.Tensor, host_writes: list | None = None) -> None:
         from flexgen_repro import kernels  # fused quantize kernel on the GPU, else the reference
         packed = kernels.quantize(value, self.meta[2])
         for name, comp in packed.components().items():
-            self.stores[name].write(pos, comp)
+            self.stores[name].write(pos, comp, host_writes)
 
     def read(self, length: int, device: torch.device):
         from flexgen_repro.compression import CompressedTensor
@@ -196,9 +201,12 @@ class RowSplit:
     shape: tuple[int, ...]
     segments: list[Segment]
 
-    def write(self, pos: int, value) -> None:
+    def write(self, pos: int, value, host_writes: list | None = None) -> None:
+        """`value`'s rows into the segments at positions [pos, pos + n). `host_writes`: the
+        writes into host memory are appended there as (destination, source) instead of made, for
+        one `write_to_host` of several small writes; the others are made now."""
         for seg in self.segments:
-            seg.write(pos, value[seg.start:seg.stop])
+            seg.write(pos, value[seg.start:seg.stop], host_writes)
 
     def buffer(self):
         """The home buffer of a one-segment tensor: the tensor itself where plain, a
@@ -232,3 +240,28 @@ class RowSplit:
             t = seg.read(length, device)
             parts.append(t if isinstance(t, torch.Tensor) else decompress(t))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def write_to_host(writes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Small writes into host memory, (destination, source) each, made as one: the sources'
+    bytes gathered on their device, one copy of them to pinned host memory, one wait, then each
+    destination written on the host. A decode step's cache store is six such writes (data, scale
+    and mn of K and V) of one position each: one wait, not six, and the store thread wakes (and
+    takes the interpreter lock from the thread queueing compute) once per store."""
+    by_device: dict = {}
+    for dst, src in writes:
+        by_device.setdefault(src.device, []).append((dst, src))
+    for device, group in by_device.items():
+        flat = [src.contiguous().view(-1).view(torch.uint8) for _, src in group]
+        gathered = torch.cat(flat) if len(flat) > 1 else flat[0]
+        if device.type == "cuda":
+            host = torch.empty(gathered.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(gathered, non_blocking=True)
+            wait_done(torch.cuda.current_stream())
+        else:
+            host = gathered
+        start = 0
+        for (dst, src), piece in zip(group, flat):
+            stop = start + piece.numel()
+            dst.copy_(host[start:stop].view(src.dtype).view(src.shape))
+            start = stop

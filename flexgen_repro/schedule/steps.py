@@ -22,6 +22,7 @@ from flexgen_repro.model.base import CachePart, Deferred, StepInfo
 from flexgen_repro.model.layers import dense
 from flexgen_repro.devices.copy_engine import wait_done
 from flexgen_repro.devices.host_stage import HostStage
+from flexgen_repro.devices.storage import write_to_host
 from flexgen_repro.policy import Tier, dequantize_once, whole_copies
 
 # Cache stores in flight, in prefill stores' worth of bytes: each pending store holds its (GPU)
@@ -188,8 +189,7 @@ class BlockSteps:
             self.cache_home[(j, k)] = self.new_cache_home(j, k)
         pos = 0 if i == 0 else self.prompt_len + i - 1
         home = self.cache_home[(j, k)]
-        fut = self.ch["cache_store"].submit(
-            lambda: (home[0].write(pos, kv[0]), home[1].write(pos, kv[1])))
+        fut = self.ch["cache_store"].submit(self._write_cache, home, pos, kv, i > 0)
         self.cache_stores[(j, k)] = fut
         size = kv[0].numel() * kv[0].element_size() * 2
         self.pending_stores.append((fut, size))
@@ -200,6 +200,20 @@ class BlockSteps:
             done, size = self.pending_stores.popleft()
             done.result()
             self.pending_store_bytes -= size
+
+    @staticmethod
+    def _write_cache(home, pos: int, kv, small: bool) -> None:
+        """K and V into their homes; a decode step's (one position, `small`) writes into host
+        memory go as one copy and one wait (storage.write_to_host). Prefill's large ones go
+        each on its own: gathering them would hold a second copy of them on the GPU."""
+        if not small:
+            home[0].write(pos, kv[0])
+            home[1].write(pos, kv[1])
+            return
+        host_writes: list = []
+        home[0].write(pos, kv[0], host_writes)
+        home[1].write(pos, kv[1], host_writes)
+        write_to_host(host_writes)
 
     def new_cache_home(self, j: int, k: int, length: int | None = None) -> tuple:
         """(keys, values) homes of (layer j, batch k): `length` positions (default cache_len),
