@@ -208,3 +208,15 @@ def test_cache_stores_in_flight_are_bounded_by_a_prefill_stores_worth_of_bytes(s
     assert max(b for _, _, b in seen) <= budget
     assert max(n for i, n, _ in seen if i == 0) <= steps.MAX_PENDING_STORES
     assert max(n for i, n, _ in seen if i > 0) > steps.MAX_PENDING_STORES
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_decode_cache_stores_gathered_or_one_by_one_keep_tokens(setup, tmp_path, monkeypatch, gather):
+    """A decode step's store into a host cache split with the GPU tier: its host parts written as
+    one gathered copy (storage.write_to_host) or each on its own give transformers' tokens."""
+    from flexgen_repro.schedule import steps
+    monkeypatch.setattr(steps, "GATHER_DECODE_STORES", gather)
+    config, weights, prompts, expected = setup
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        lm = OptLM(config, env, weights, policy(True, 2, pct=(0, 100, 50, 50, 100, 0)))
+        np.testing.assert_array_equal(lm.generate(prompts, max_new_tokens=GEN), expected)
