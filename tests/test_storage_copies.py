@@ -276,3 +276,45 @@ def test_a_row_split_collects_its_host_writes_and_makes_the_others(tmp_path):
     dst, src = writes[0]
     assert dst.data_ptr() == host[:, 4:5].data_ptr() and torch.equal(src, value[0:2])
     assert torch.equal(disk.read()[:, 4:5], value[2:3])
+
+
+def test_packed_layout_aligns_each_component_and_carve_gives_disjoint_views():
+    from flexgen_repro.devices.storage import BUFFER_ALIGN, carve, packed_layout
+    parts = [("data", (3, 2, 7, 5), torch.uint8), ("scale", (3, 2, 7, 1), torch.float16),
+             ("mn", (3, 2, 7, 1), torch.float16)]
+    layout, nbytes = packed_layout(parts)
+    offsets = [offset for *_, offset in layout]
+    assert offsets == [0, 256, 384] and nbytes == 512      # 210 -> 256, 84 -> 128, 84 -> 128 bytes
+    assert all(o % BUFFER_ALIGN == 0 for o in offsets)
+    buffer = torch.zeros(nbytes, dtype=torch.uint8)
+    views = carve(buffer, layout)
+    for (name, shape, dtype), value in zip(parts, (7, 1.5, -2.0)):
+        assert views[name].shape == shape and views[name].dtype == dtype
+        views[name].fill_(value)
+    # each write landed in its own range: the others kept their values
+    assert (views["data"] == 7).all() and (views["scale"] == 1.5).all() and (views["mn"] == -2.0).all()
+
+
+@pytest.mark.parametrize("one_buffer", [True, False])
+def test_a_packed_host_home_reads_back_what_was_written_from_one_buffer_or_three(tmp_path,
+                                                                                monkeypatch, one_buffer):
+    """A 4-bit cache home in host memory: its components are views of one buffer (one copy per
+    read of every position) or three buffers; either way a read gives the written values."""
+    from flexgen_repro import CompressionConfig, ExecutionEnv
+    from flexgen_repro.compression import compress, decompress
+    from flexgen_repro.devices import tiers
+    monkeypatch.setattr(tiers, "ONE_BUFFER_PACKED_HOMES", one_buffer)
+    config = CompressionConfig(4, 8, 3, False)
+    value = torch.randn(4, 2, 3, 16, generator=torch.Generator().manual_seed(1))
+    with ExecutionEnv.create(str(tmp_path / "off")) as env:
+        home = env.mixed.alloc((4, 2, 9, 16), torch.float32, (0, 100, 0), True, config, seq_dim=2,
+                               zero=True)
+        (seg,) = home.segments
+        assert (seg.store.buffer is not None) == one_buffer
+        if one_buffer:
+            ptrs = {t.untyped_storage().data_ptr() for t in
+                    (s.buf for s in seg.store.stores.values())}
+            assert ptrs == {seg.store.buffer.untyped_storage().data_ptr()}
+        home.write(5, value)
+        read = decompress(seg.store.read_whole(env.gpu.dev))[:, :, 5:8]
+    assert torch.equal(read, decompress(compress(value, config)))

@@ -14,11 +14,11 @@ import torch
 
 from flexgen_repro import trace
 from flexgen_repro.devices.copy_engine import CopyEngine, wait_done
-from flexgen_repro.devices.disk_io import DiskFile, new_disk_file
+from flexgen_repro.devices.disk_io import DiskFile, nbytes_of, new_disk_file
 from flexgen_repro.policy import Tier
 
-__all__ = ["DiskFile", "PackedStore", "PlainStore", "RowSplit", "Segment", "Stored", "new_disk_file",
-           "write_to_host"]
+__all__ = ["DiskFile", "PackedStore", "PlainStore", "RowSplit", "Segment", "Stored", "carve",
+           "new_disk_file", "packed_layout", "write_to_host"]
 
 
 @dataclass
@@ -164,8 +164,12 @@ class PackedStore:
     Requires groups along a dimension after the sequence dim, so positions slice every component.
     """
 
-    def __init__(self, stores: dict[str, PlainStore], meta, seq_dim: int):
+    def __init__(self, stores: dict[str, PlainStore], meta, seq_dim: int,
+                 buffer: torch.Tensor | None = None, layout: list | None = None):
         self.stores, self.meta, self.seq_dim = stores, meta, seq_dim  # meta: full shape, dtype, config
+        # where the components are views of one host buffer (`carve(buffer, layout)`), a read of
+        # every position to the GPU is one copy of it instead of one per component
+        self.buffer, self.layout = buffer, layout
 
     def write(self, pos: int, value: torch.Tensor, host_writes: list | None = None) -> None:
         from flexgen_repro import kernels  # fused quantize kernel on the GPU, else the reference
@@ -187,7 +191,11 @@ class PackedStore:
 
     def read_whole(self, device: torch.device, whole: bool = False):
         from flexgen_repro.compression import CompressedTensor
-        comps = {name: s.read_whole(device, whole) for name, s in self.stores.items()}
+        if self.buffer is not None:
+            engine = next(iter(self.stores.values())).engine
+            comps = carve(engine.to_device(self.buffer, device, whole), self.layout)
+        else:
+            comps = {name: s.read_whole(device, whole) for name, s in self.stores.items()}
         return CompressedTensor.from_components(comps, self.meta)
 
     @property
@@ -240,6 +248,27 @@ class RowSplit:
             t = seg.read(length, device)
             parts.append(t if isinstance(t, torch.Tensor) else decompress(t))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+BUFFER_ALIGN = 64   # bytes: every component of a packed buffer starts at a multiple of this
+
+
+def packed_layout(components: list[tuple[str, tuple, torch.dtype]]) -> tuple[list, int]:
+    """(name, shape, dtype) of each component -> (layout for `carve`, the buffer's bytes): the
+    components one after the other, each at an offset aligned to BUFFER_ALIGN."""
+    layout, offset = [], 0
+    for name, shape, dtype in components:
+        layout.append((name, tuple(shape), dtype, offset))
+        offset += -(-nbytes_of(shape, dtype) // BUFFER_ALIGN) * BUFFER_ALIGN
+    return layout, offset
+
+
+def carve(buffer: torch.Tensor, layout: list) -> dict[str, torch.Tensor]:
+    """The components laid out in a one-dimensional uint8 `buffer` (packed_layout), as views."""
+    out = {}
+    for name, shape, dtype, offset in layout:
+        out[name] = buffer[offset:offset + nbytes_of(shape, dtype)].view(dtype).view(shape)
+    return out
 
 
 def write_to_host(writes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

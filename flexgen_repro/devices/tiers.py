@@ -14,11 +14,17 @@ import torch
 from flexgen_repro.devices.copy_engine import CopyEngine
 from flexgen_repro.devices.disk_io import (PAGE_CACHE_SHARE, DiskFile, available_memory,
                                            nbytes_of, new_disk_file, resolve_io_mode)
-from flexgen_repro.devices.storage import PackedStore, PlainStore, RowSplit, Segment, Stored
+from flexgen_repro.devices.storage import (PackedStore, PlainStore, RowSplit, Segment, Stored, carve,
+                                           packed_layout)
 from flexgen_repro.policy import Tier, split_rows
 
 if TYPE_CHECKING:
     from flexgen_repro.devices.env import ExecutionEnv
+
+# A 4-bit tensor in host memory (a KV cache home) keeps its packed components (data, scale, mn)
+# as views of one buffer, so a load of it to the GPU is one allocation and one copy, not three
+# (`python -m flexgen_repro.bench.alternate` compares False: a buffer per component).
+ONE_BUFFER_PACKED_HOMES = True
 
 
 class MemDevice:
@@ -196,11 +202,19 @@ class MixedDevice:
         probe_shape = list(shape)
         probe_shape[0] = probe_shape[seq_dim] = 1
         probe = compress(torch.zeros(probe_shape, dtype=torch.float32), config)
-        stores = {}
+        parts = []
         for name, comp in probe.components().items():
             comp_shape = list(comp.shape)
             comp_shape[0], comp_shape[seq_dim] = shape[0], shape[seq_dim]
-            comp_dtype = comp.dtype if comp.dtype == torch.uint8 else dtype
-            stores[name] = PlainStore(device.alloc(comp_shape, comp_dtype, pin), seq_dim,
-                                      self.env.engine)
-        return PackedStore(stores, (tuple(shape), dtype, config), seq_dim)
+            parts.append((name, tuple(comp_shape), comp.dtype if comp.dtype == torch.uint8 else dtype))
+        meta = (tuple(shape), dtype, config)
+        if device.tier == Tier.CPU and ONE_BUFFER_PACKED_HOMES:
+            # host memory: the components as views of one buffer, so a load to the GPU is one copy
+            layout, nbytes = packed_layout(parts)
+            buffer = device.alloc((nbytes,), torch.uint8, pin)
+            stores = {name: PlainStore(view, seq_dim, self.env.engine)
+                      for name, view in carve(buffer, layout).items()}
+            return PackedStore(stores, meta, seq_dim, buffer, layout)
+        stores = {name: PlainStore(device.alloc(comp_shape, comp_dtype, pin), seq_dim, self.env.engine)
+                  for name, comp_shape, comp_dtype in parts}
+        return PackedStore(stores, meta, seq_dim)
