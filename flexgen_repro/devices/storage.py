@@ -292,5 +292,8 @@ def write_to_host(writes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         start = 0
         for (dst, src), piece in zip(group, flat):
             stop = start + piece.numel()
-            dst.copy_(host[start:stop].view(src.dtype).view(src.shape))
+            raw = host[start:stop]
+            if start % src.element_size():  # after an odd number of bytes: realigned by a copy
+                raw = raw.clone()
+            dst.copy_(raw.view(src.dtype).view(src.shape))
             start = stop
