@@ -106,25 +106,13 @@ class PlainStore:
             host_writes.append((self.buf[index], value))
             return
         if isinstance(self.buf, DiskFile):
-            self.buf.write(index, self._on_host(value))
+            self.buf.write(index, on_host(value, self.engine))
             return
         dst = self.buf[index]
         if value.is_cuda and dst.device.type == "cpu" and not dst.is_contiguous():
-            dst.copy_(self._on_host(value))
+            dst.copy_(on_host(value, self.engine))
         else:
             self.engine.copy_chunked_(dst, value)
-
-    def _on_host(self, value: torch.Tensor) -> torch.Tensor:
-        """A GPU tensor as a contiguous pinned host copy, a host tensor as it is. torch copies a
-        GPU tensor into strided or mapped host memory through a fresh pageable temporary, whose
-        pages it faults in every time (a prefill's cache store into a mapped file: 23 ms per
-        OPT-1.3B K or V of 16 x 512 positions on an H100 machine)."""
-        if not value.is_cuda:
-            return value
-        staged = self.engine.copy_chunked_(
-            torch.empty(value.shape, dtype=value.dtype, pin_memory=True), value.contiguous())
-        wait_done(torch.cuda.current_stream())
-        return staged
 
     def read(self, length: int, device: torch.device) -> torch.Tensor:
         if isinstance(self.buf, DiskFile):
@@ -250,6 +238,19 @@ class RowSplit:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
+def on_host(value: torch.Tensor, engine: CopyEngine | None = None) -> torch.Tensor:
+    """A GPU tensor as a contiguous pinned host copy (waited for), a host tensor as it is. torch
+    copies a GPU tensor into strided or mapped host memory through a fresh pageable temporary,
+    whose pages it faults in every time (a prefill's cache store into a mapped file: 23 ms per
+    OPT-1.3B K or V of 16 x 512 positions on an H100 machine)."""
+    if not value.is_cuda:
+        return value
+    staged = (engine or CopyEngine()).copy_chunked_(
+        torch.empty(value.shape, dtype=value.dtype, pin_memory=True), value.contiguous())
+    wait_done(torch.cuda.current_stream())
+    return staged
+
+
 BUFFER_ALIGN = 64   # bytes: every component of a packed buffer starts at a multiple of this
 
 
@@ -280,15 +281,9 @@ def write_to_host(writes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     by_device: dict = {}
     for dst, src in writes:
         by_device.setdefault(src.device, []).append((dst, src))
-    for device, group in by_device.items():
+    for group in by_device.values():
         flat = [src.contiguous().view(-1).view(torch.uint8) for _, src in group]
-        gathered = torch.cat(flat) if len(flat) > 1 else flat[0]
-        if device.type == "cuda":
-            host = torch.empty(gathered.shape, dtype=torch.uint8, pin_memory=True)
-            host.copy_(gathered, non_blocking=True)
-            wait_done(torch.cuda.current_stream())
-        else:
-            host = gathered
+        host = on_host(torch.cat(flat) if len(flat) > 1 else flat[0])
         start = 0
         for (dst, src), piece in zip(group, flat):
             stop = start + piece.numel()

@@ -94,6 +94,9 @@ class BlockSteps:
         self.step_times: list[float] = []
         self.pending_stores: deque[tuple[Future, int]] = deque()
         self.pending_store_bytes = 0
+        # MAX_PENDING_STORES prefill stores: K and V of B rows x prompt_len positions each
+        self.store_budget = MAX_PENDING_STORES * 2 * self.B * self.prompt_len * \
+            self.config.n_kv_head * self.config.head_dim * lm.dtype.itemsize
         self.profile = {} if lm.options.profile else None
         self.unfinished: deque = deque()
         self.layer_ends: deque = deque()   # events after each layer's last batch (_bound_lead)
@@ -198,9 +201,7 @@ class BlockSteps:
         size = kv[0].numel() * kv[0].element_size() * 2
         self.pending_stores.append((fut, size))
         self.pending_store_bytes += size
-        budget = MAX_PENDING_STORES * self.B * self.prompt_len * \
-            self.config.n_kv_head * self.config.head_dim * 2 * kv[0].element_size()
-        while self.pending_store_bytes > budget:
+        while self.pending_store_bytes > self.store_budget:
             done, size = self.pending_stores.popleft()
             done.result()
             self.pending_store_bytes -= size
