@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import hf_greedy, random_prompts
 from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config, trace
@@ -210,13 +211,23 @@ def test_cache_stores_in_flight_are_bounded_by_a_prefill_stores_worth_of_bytes(s
     assert max(n for i, n, _ in seen if i > 0) > steps.MAX_PENDING_STORES
 
 
-@pytest.mark.parametrize("gather", [True, False])
-def test_decode_cache_stores_gathered_or_one_by_one_keep_tokens(setup, tmp_path, monkeypatch, gather):
-    """A decode step's store into a host cache split with the GPU tier: its host parts written as
-    one gathered copy (storage.write_to_host) or each on its own give transformers' tokens."""
+def test_decode_cache_stores_gathered_keep_tokens(setup, tmp_path, monkeypatch):
+    """A decode step's store into a host cache split with the GPU tier: its host parts go as one
+    gathered copy (storage.write_to_host, once per store with both K's and V's host parts), and
+    the tokens are transformers'."""
     from flexgen_repro.schedule import steps
-    monkeypatch.setattr(steps, "GATHER_DECODE_STORES", gather)
+    calls, gather = [], steps.write_to_host
+    def spy(writes):
+        calls.append(len(writes))
+        return gather(writes)
+    monkeypatch.setattr(steps, "write_to_host", spy)
     config, weights, prompts, expected = setup
     with ExecutionEnv.create(str(tmp_path / "offload")) as env:
         lm = OptLM(config, env, weights, policy(True, 2, pct=(0, 100, 50, 50, 100, 0)))
         np.testing.assert_array_equal(lm.generate(prompts, max_new_tokens=GEN), expected)
+    # one gathered store per decode step of every (layer, GPU batch); K and V each have a host part
+    # a decode store per (token after the first, layer, GPU batch of 2 rows: 3 over the 6 prompts)
+    assert len(calls) == (GEN - 1) * config.num_hidden_layers * 3
+    # K's and V's rows split 50/50 in two segments; without CUDA the GPU tier is host memory too
+    segments_on_host = 1 if torch.cuda.is_available() else 2
+    assert set(calls) == {2 * segments_on_host}

@@ -297,26 +297,20 @@ def test_packed_layout_aligns_each_component_and_carve_gives_disjoint_views():
     assert (views["data"] == 7).all() and (views["scale"] == 1.5).all() and (views["mn"] == -2.0).all()
 
 
-@pytest.mark.parametrize("one_buffer", [True, False])
-def test_a_packed_host_home_reads_back_what_was_written_from_one_buffer_or_three(tmp_path,
-                                                                                monkeypatch, one_buffer):
+def test_a_packed_host_home_is_one_buffer_and_reads_back_what_was_written(tmp_path):
     """A 4-bit cache home in host memory: its components are views of one buffer (one copy per
-    read of every position) or three buffers; either way a read gives the written values."""
+    read of every position), and a read gives the written values."""
     from flexgen_repro import CompressionConfig, ExecutionEnv
     from flexgen_repro.compression import compress, decompress
-    from flexgen_repro.devices import tiers
-    monkeypatch.setattr(tiers, "ONE_BUFFER_PACKED_HOMES", one_buffer)
     config = CompressionConfig(4, 8, 3, False)
     value = torch.randn(4, 2, 3, 16, generator=torch.Generator().manual_seed(1))
     with ExecutionEnv.create(str(tmp_path / "off")) as env:
         home = env.mixed.alloc((4, 2, 9, 16), torch.float32, (0, 100, 0), True, config, seq_dim=2,
                                zero=True)
         (seg,) = home.segments
-        assert (seg.store.buffer is not None) == one_buffer
-        if one_buffer:
-            ptrs = {t.untyped_storage().data_ptr() for t in
-                    (s.buf for s in seg.store.stores.values())}
-            assert ptrs == {seg.store.buffer.untyped_storage().data_ptr()}
+        assert seg.store.buffer is not None
+        ptrs = {t.untyped_storage().data_ptr() for t in (s.buf for s in seg.store.stores.values())}
+        assert ptrs == {seg.store.buffer.untyped_storage().data_ptr()}
         home.write(5, value)
         read = decompress(seg.store.read_whole(env.gpu.dev))[:, :, 5:8]
     assert torch.equal(read, decompress(compress(value, config)))

@@ -21,11 +21,6 @@ from flexgen_repro.policy import Tier, split_rows
 if TYPE_CHECKING:
     from flexgen_repro.devices.env import ExecutionEnv
 
-# A 4-bit tensor in host memory (a KV cache home) keeps its packed components (data, scale, mn)
-# as views of one buffer, so a load of it to the GPU is one allocation and one copy, not three
-# (`python -m flexgen_repro.bench.alternate` compares False: a buffer per component).
-ONE_BUFFER_PACKED_HOMES = True
-
 
 class MemDevice:
     """GPU or CPU memory. CPU tensors are pinned (when asked) only where CUDA exists.
@@ -208,7 +203,7 @@ class MixedDevice:
             comp_shape[0], comp_shape[seq_dim] = shape[0], shape[seq_dim]
             parts.append((name, tuple(comp_shape), comp.dtype if comp.dtype == torch.uint8 else dtype))
         meta = (tuple(shape), dtype, config)
-        if device.tier == Tier.CPU and ONE_BUFFER_PACKED_HOMES:
+        if device.tier == Tier.CPU:
             # host memory: the components as views of one buffer, so a load to the GPU is one copy
             layout, nbytes = packed_layout(parts)
             buffer = device.alloc((nbytes,), torch.uint8, pin)

@@ -33,10 +33,6 @@ MAX_PENDING_STORES = 2
 # Layers the host may queue ahead of the GPU's compute (BlockSteps._bound_lead): enough to keep
 # the GPU fed, few enough that loads queued ahead hold about as much memory as one layer's overlap.
 RUN_AHEAD_LAYERS = 2
-# A decode step's cache store writes its host parts as one gathered copy and one wait
-# (storage.write_to_host); False writes each part on its own, staged and waited for
-# (`python -m flexgen_repro.bench.alternate` compares the two in one process).
-GATHER_DECODE_STORES = True
 
 
 class BlockSteps:
@@ -211,7 +207,7 @@ class BlockSteps:
         """K and V into their homes; a decode step's (one position, `small`) writes into host
         memory go as one copy and one wait (storage.write_to_host). Prefill's large ones go
         each on its own: gathering them would hold a second copy of them on the GPU."""
-        if not (small and GATHER_DECODE_STORES):
+        if not small:
             home[0].write(pos, kv[0])
             home[1].write(pos, kv[1])
             return
