@@ -4,6 +4,7 @@ filesystem takes it; "auto"'s choice; environments that share nothing; and the r
 tokens, token-identical to transformers, with disk placements under every mode."""
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -23,6 +24,7 @@ HAS_DIRECT = hasattr(os, "O_DIRECT")
 # element counts at 2 bytes each: a block and a half, whole blocks over several requests, less
 # than one block
 NUMELS = [3 * 1024, 16 * 4096, 100]
+PAGE = mmap.PAGESIZE
 
 
 def _values(shape, dtype, seed=0) -> torch.Tensor:
@@ -117,6 +119,125 @@ def test_mmap_reads_for_the_cpu_are_views_of_the_file_and_see_later_writes(tmp_p
     f.write((slice(None), slice(3, 4)), torch.ones(4, 1, dtype=torch.float16))
     assert torch.equal(copy[:, 3], torch.zeros(4, dtype=torch.float16))   # a read is its own buffer
     disk.close()
+
+
+class FakeCudaRegistry:
+    """Stands in for cudaHostRegister / cudaHostUnregister and torch's pinned check (no CUDA
+    here): records each call; `refuse` holds the flags it refuses, `pinned` what is_pinned says."""
+
+    def __init__(self, monkeypatch, refuse=(), pinned=True):
+        self.registered, self.unregistered, self.refuse = [], [], set(refuse)
+        monkeypatch.setattr(disk_io.torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(disk_io, "_host_register", self.register)
+        monkeypatch.setattr(disk_io, "_host_unregister", self.unregistered.append)
+        monkeypatch.setattr(disk_io, "_is_pinned", lambda t: pinned)
+
+    def register(self, ptr, nbytes, flags):
+        self.registered.append((ptr, nbytes, flags))
+        return flags not in self.refuse
+
+
+def test_a_mapped_weight_is_registered_once_read_only_and_unregistered_on_close(tmp_path,
+                                                                               monkeypatch):
+    cuda = FakeCudaRegistry(monkeypatch)
+    disk = DiskDevice(str(tmp_path), "mmap")
+    f = disk.put(_values((8, 16), torch.float16)).data
+    first, second = f.pinned_view(), f.pinned_view()
+    ptr = f.mapped().ctypes.data
+    assert cuda.registered == [(ptr, PAGE, 8)]   # once, whole pages, read-only (cudaHostRegisterReadOnly)
+    assert first.data_ptr() == second.data_ptr() == ptr     # the mapping itself: no host copy
+    assert _same_bits(first, _values((8, 16), torch.float16))
+    disk.close()                                            # closes every file it handed out
+    assert cuda.unregistered == [ptr]
+
+
+def test_a_refused_registration_falls_back_or_gives_none(tmp_path, monkeypatch):
+    """Read-only refused: a raw file (a shared mapping) registers plainly; an np.save file (mapped
+    copy-on-write, which a writable pin would copy page by page) is not registered. Each file is
+    tried once; a registration torch does not see as pinned is undone."""
+    cuda = FakeCudaRegistry(monkeypatch, refuse={8})
+    disk = DiskDevice(str(tmp_path), "mmap")
+    raw = disk.put(_values((4, 4), torch.float32)).data
+    assert raw.pinned_view() is not None and [c[2] for c in cuda.registered] == [8, 0]
+    np.save(tmp_path / "w.npy", np.ones((4, 4), np.float32))
+    npy = disk.file(str(tmp_path / "w.npy"), (4, 4), torch.float32, npy=True)
+    assert npy.pinned_view() is None and npy.pinned_view() is None
+    assert [c[2] for c in cuda.registered] == [8, 0, 8]
+    disk.close()
+    unpinned = FakeCudaRegistry(monkeypatch, pinned=False)
+    disk = DiskDevice(str(tmp_path), "mmap")
+    f = disk.put(_values((4, 4), torch.float32)).data
+    assert f.pinned_view() is None
+    assert unpinned.unregistered == [f.mapped().ctypes.data]
+    disk.close()
+
+
+def test_an_np_save_file_registers_the_whole_pages_around_its_data(tmp_path, monkeypatch):
+    """Its data starts after the file's header, inside the mapping's first page."""
+    cuda = FakeCudaRegistry(monkeypatch)
+    disk = DiskDevice(str(tmp_path), "mmap")
+    np.save(tmp_path / "w.npy", np.arange(3000, dtype=np.float32))
+    f = disk.file(str(tmp_path / "w.npy"), (3000,), torch.float32, npy=True)
+    assert torch.equal(f.pinned_view(), torch.arange(3000, dtype=torch.float32))
+    ((start, nbytes, flags),) = cuda.registered
+    data = f.mapped().ctypes.data
+    assert start % PAGE == 0 and nbytes % PAGE == 0 and flags == 8
+    assert start < data and data + 3000 * 4 <= start + nbytes < data + 3000 * 4 + PAGE
+    disk.close()
+    assert cuda.unregistered == [start]
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_only_mapped_files_are_registered(tmp_path, monkeypatch, mode):
+    cuda = FakeCudaRegistry(monkeypatch)
+    disk = DiskDevice(str(tmp_path), mode)
+    assert disk.put(_values((4, 4), torch.float32)).data.pinned_view() is None
+    monkeypatch.setattr(disk_io, "REGISTER_MAPPINGS", False)
+    mapped = DiskDevice(str(tmp_path / "m"), "mmap")
+    assert mapped.put(_values((4, 4), torch.float32)).data.pinned_view() is None
+    assert cuda.registered == []
+    disk.close()
+    mapped.close()
+
+
+def test_a_mapped_weight_bound_for_the_gpu_crosses_from_the_mapping(tmp_path, monkeypatch):
+    """Stored.load hands the registered mapping to the copy engine: no read into a host buffer."""
+    FakeCudaRegistry(monkeypatch)
+    disk = DiskDevice(str(tmp_path), "mmap")
+    stored = disk.put(_values((8, 16), torch.float16))
+    sent = []
+    monkeypatch.setattr(stored.engine, "to_device", lambda t, device, whole=False: sent.append(t) or t)
+    monkeypatch.setattr(disk_io.DiskFile, "read", lambda *a, **k: pytest.fail("read a host copy"))
+    out = stored.load(torch.device("cuda"))
+    assert out.data_ptr() == stored.data.mapped().ctypes.data and len(sent) == 1
+    disk.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("npy", [False, True])
+def test_a_registered_mapping_crosses_to_the_gpu_bit_exactly(tmp_path, npy):
+    """On a GPU: a raw file's and an np.save file's mappings register (torch then sees them as
+    pinned), load onto the GPU bit-exactly, and are unregistered on close (a second
+    registration of the same range then succeeds)."""
+    from flexgen_repro.devices.storage import Stored
+    disk = DiskDevice(str(tmp_path), "mmap")
+    values = _values((64, 256), torch.float16)
+    if npy:
+        np.save(tmp_path / "w.npy", values.numpy())
+        stored = Stored(Tier.DISK, disk.file(str(tmp_path / "w.npy"), (64, 256), torch.float16,
+                                            npy=True), engine=disk.engine)
+    else:
+        stored = disk.put(values)
+    view = stored.data.pinned_view()
+    assert view is not None and view.is_pinned()
+    out = stored.load(torch.device("cuda"), whole=True)
+    torch.cuda.synchronize()
+    assert _same_bits(out.cpu(), values)
+    ptr, nbytes = view.data_ptr(), view.numel() * view.element_size()
+    disk.close()             # `view` keeps the old mapping alive at ptr: registrable again only
+    assert disk_io._host_register(ptr, nbytes, 8)   # if close unregistered it
+    disk_io._host_unregister(ptr)
 
 
 def _record_opens(monkeypatch, refuse_direct=False):

@@ -8,11 +8,13 @@ by how much of the tier the page cache can hold: DiskDevice):
   go through the page cache;
 - "buffered": through the page cache, whole reads as parallel preads;
 - "mmap": reads map the file (one long-lived mapping per file): a weight computed on the CPU is a
-  view of the mapping (no copy); any other read is one copy out of it (into pinned memory where it
-  goes to the GPU). Writes of "buffered" and "mmap" go through the page cache.
+  view of the mapping (no copy); a weight bound for the GPU crosses straight out of the mapping,
+  registered with CUDA (`DiskFile.pinned_view`: page-locked, read-only), with no copy on the host;
+  any other read is one copy out of it. Writes of "buffered" and "mmap" go through the page cache.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 import threading
@@ -29,6 +31,10 @@ IO_THREADS = 4
 # available (the rest of it is left to the host tier and the process)
 PAGE_CACHE_SHARE = 0.5
 DIRECT_ALIGN = 4096        # O_DIRECT: buffer address, file offset and length in whole blocks
+# A mapped weight bound for the GPU: the mapping registered with CUDA, so the copy to the GPU reads
+# the page cache itself; False reads it into a pinned buffer first (`bench.alternate` compares).
+REGISTER_MAPPINGS = True
+_HOST_REGISTER_READ_ONLY = 8   # cudaHostRegisterReadOnly: the GPU only reads the pages
 # filesystems that live in memory or on top of another one: O_DIRECT there measures nothing
 _NOT_A_DRIVE = {"tmpfs", "ramfs", "overlay", "overlayfs", "squashfs", "fuse", "9p", "nfs", "nfs4",
                 "devtmpfs", "aufs"}
@@ -53,6 +59,8 @@ class DiskFile:
     _offset: int | None = field(default=None, repr=False)
     _map: np.ndarray | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _registered: int | None = field(default=None, repr=False)   # data pointer, while registered
+    _register_tried: bool = field(default=False, repr=False)
 
     def memmap(self, mode: str = "r+") -> np.ndarray:
         """A fresh mapping of the file (np.load's for an np.save file)."""
@@ -84,9 +92,34 @@ class DiskFile:
             return out.copy_(src)
         return self._read_whole(pin)
 
+    def pinned_view(self) -> torch.Tensor | None:
+        """The mapped tensor, registered with CUDA (once; page-locked and read-only for the GPU),
+        so a copy of it to the GPU reads the page cache directly with no host copy. None where
+        that cannot be: not "mmap" mode, no CUDA, or the registration refused (the caller then
+        reads into pinned memory). The file must not change while registered: weights only."""
+        if self.io != "mmap" or not REGISTER_MAPPINGS or not torch.cuda.is_available():
+            return None
+        with self._lock:
+            if not self._register_tried:
+                self._register_tried = True
+                self._registered = _register_mapping(self._mapped_locked(), shared=not self.npy)
+            if self._registered is None:
+                return None
+        return self.view()
+
+    def _mapped_locked(self) -> np.ndarray:
+        if self._map is None:
+            self._map = self.memmap("r+")
+        return self._map
+
     def close(self) -> None:
-        """Drop the long-lived mapping (the file stays)."""
-        self._map = None
+        """Unregister and drop the long-lived mapping (the file stays)."""
+        with self._lock:
+            if self._registered is not None:
+                _host_unregister(self._registered)
+                self._registered = None
+            self._register_tried = False
+            self._map = None
 
     def _data_offset(self) -> int:
         """Where the data starts: after the header of an np.save file, 0 for a raw file (parsed
@@ -143,6 +176,61 @@ class DiskFile:
     @property
     def nbytes(self) -> int:
         return nbytes_of(self.shape, self.dtype)
+
+
+def _host_register(ptr: int, nbytes: int, flags: int) -> bool:
+    if int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, flags)) == 0:
+        return True
+    _clear_last_cuda_error()
+    return False
+
+
+def _clear_last_cuda_error() -> None:
+    """Reset this thread's last CUDA error (cudaGetLastError): a refused registration leaves its
+    error there, where torch's next kernel-launch check would raise it. Through the CUDA runtime
+    library the process has loaded; nothing to do where none is found."""
+    global _CUDART
+    if _CUDART is None:
+        import ctypes
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+            _CUDART = ctypes.CDLL(sorted(paths)[0]) if paths else False
+        except OSError:
+            _CUDART = False
+    if _CUDART:
+        _CUDART.cudaGetLastError()
+
+
+_CUDART = None   # the loaded CUDA runtime library (ctypes), False where none was found
+
+
+def _host_unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def _is_pinned(t: torch.Tensor) -> bool:
+    return t.is_pinned()
+
+
+def _register_mapping(arr: np.ndarray, shared: bool) -> int | None:
+    """Register `arr`'s bytes (a mapping) with CUDA, read-only; a shared mapping (a raw file) may
+    fall back to a plain registration where read-only ones are not supported, a private one (an
+    np.save file mapped copy-on-write) may not: pinning it writable would copy every page. The
+    start of the registered pages, or None when refused or when torch does not then see the
+    data as pinned."""
+    if arr.nbytes == 0:
+        return None
+    # whole pages: an np.save file's data starts after its header, inside the mapping's first page
+    start = arr.ctypes.data - arr.ctypes.data % mmap.PAGESIZE
+    nbytes = -(-(arr.ctypes.data + arr.nbytes - start) // mmap.PAGESIZE) * mmap.PAGESIZE
+    if not _host_register(start, nbytes, _HOST_REGISTER_READ_ONLY):
+        if not (shared and _host_register(start, nbytes, 0)):
+            return None
+    if not _is_pinned(torch.from_numpy(arr.reshape(-1)[:1])):
+        _host_unregister(start)
+        return None
+    return start
 
 
 def nbytes_of(shape, dtype: torch.dtype) -> int:

@@ -52,6 +52,9 @@ class Stored:
         if isinstance(self.data, DiskFile):
             if device.type == "cpu" and self.data.io == "mmap":
                 return self.data.view()   # read-only, computed on the CPU: the mapped file itself
+            mapped = self.data.pinned_view() if device.type == "cuda" else None
+            if mapped is not None:        # the page cache straight to the GPU, no host copy
+                return engine.to_device(mapped, device, whole)
             # a disk read bound for the GPU lands in pinned memory whatever `pin` says: the buffer
             # is transient (torch's pinned-block cache reuses it), and a pageable one would cross
             # the link at a fraction of its speed (`pin` is for weights kept in host memory)
