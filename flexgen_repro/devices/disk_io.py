@@ -59,7 +59,7 @@ class DiskFile:
     _offset: int | None = field(default=None, repr=False)
     _map: np.ndarray | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _registered: int | None = field(default=None, repr=False)   # data pointer, while registered
+    _registered: int | None = field(default=None, repr=False)   # first registered page
     _register_tried: bool = field(default=False, repr=False)
 
     def memmap(self, mode: str = "r+") -> np.ndarray:
@@ -72,8 +72,7 @@ class DiskFile:
         """This file's one long-lived writable mapping (private for an np.save file)."""
         if self._map is None:
             with self._lock:
-                if self._map is None:
-                    self._map = self.memmap("r+")
+                return self._mapped_locked()
         return self._map
 
     def view(self, index=None) -> torch.Tensor:

@@ -96,7 +96,7 @@ class DiskDevice:
         self.folder = folder
         self.engine = engine or CopyEngine()
         self._owned: list[str] = []
-        self._files: list[DiskFile] = []   # handed out: closed (mappings unregistered) on close
+        self._files: dict[int, DiskFile] = {}   # handed out (by id): closed on close
         self._lock = threading.Lock()
         os.makedirs(folder, exist_ok=True)
         self.io_mode, self.io_reason = resolve_io_mode(folder, disk_io)
@@ -125,14 +125,14 @@ class DiskDevice:
         f = new_disk_file(self.folder, shape, dtype, io=self._mode_for(nbytes_of(shape, dtype)))
         with self._lock:
             self._owned.append(f.path)
-            self._files.append(f)
+            self._files[id(f)] = f
         return f
 
     def file(self, path: str, shape, dtype: torch.dtype, npy: bool = False) -> DiskFile:
         """A handle on an existing file (e.g. a weight folder's), read in this device's mode."""
         f = DiskFile(path, tuple(shape), dtype, npy=npy, io=self._mode_for(nbytes_of(shape, dtype)))
         with self._lock:
-            self._files.append(f)
+            self._files[id(f)] = f
         return f
 
     def put(self, t: torch.Tensor, pin: bool = False) -> Stored:
@@ -146,14 +146,14 @@ class DiskDevice:
         with self._lock:
             if f.path in self._owned:
                 self._owned.remove(f.path)
-            self._files = [x for x in self._files if x is not f]
+            self._files.pop(id(f), None)
         if os.path.exists(f.path):
             os.remove(f.path)
 
     def close(self) -> None:
         with self._lock:
             owned, self._owned = self._owned, []
-            files, self._files = self._files, []
+            files, self._files = list(self._files.values()), {}
         for f in files:
             f.close()
         for path in owned:
