@@ -198,3 +198,48 @@ def test_the_sweeps_first_case_is_the_cost_models_pick_for_opt_30b_4bit():
     assert mine.percent == pick.percent
     assert (mine.gpu_batch_size, mine.num_gpu_batches) == (pick.gpu_batch_size, pick.num_gpu_batches)
     assert (mine.compress_weight, mine.compress_cache) == (pick.compress_weight, pick.compress_cache)
+
+
+def _at(case: str, tok_s: float, minute: int, hardware="H100", commit="abc1234", **kw) -> dict:
+    stamp = f"2026-01-01T10:{minute:02d}:00+00:00"
+    r = _record(case, tok_s, stamp, commit)
+    r["hardware"] = {"gpu_name": hardware}
+    return {**r, "percent": "44 56 0 100 100 0", "gpu_batch_size": 48, "num_gpu_batches": 8, **kw}
+
+
+def test_an_original_pairs_with_the_latest_of_ours_before_it():
+    """Calls chained close together: ours of the second call is nearer in time to the first
+    call's original than that original's own twin is, yet each original pairs within its call."""
+    ours = [_at("x", 160.0, 2), _at("x.rep2", 164.0, 6), _at("x.rep3", 150.0, 30, hardware="H200")]
+    orig = [_at("orig-x", 37.0, 4), _at("orig-x.rep2", 38.0, 9), _at("orig-x.rep3", 40.0, 0)]
+    pairs = tables.call_pairs(ours, orig)
+    # x.rep2 is 2 minutes after orig-x, 3 before orig-x.rep2; orig-x.rep3 ran before every ours of
+    # its machine; x.rep3 ran on another machine
+    assert [(o["case"], r["case"]) for o, r in pairs] == [("x", "orig-x"), ("x.rep2", "orig-x.rep2")]
+
+
+def test_the_table2_summary_folds_pairs_across_suites(tmp_path, monkeypatch):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("model,compression,ours,original,note\n"
+                    "opt-30b,4-bit,sweep/s30 table2/t2-30b-c,table2/orig-t2-30b-c,paper's placement\n"
+                    "opt-66b,4-bit,table2/t2-66b-c,table2/orig-t2-66b-c,paper's placement\n"
+                    "opt-6.7b,none,table2/t2-6.7b,table2/orig-t2-6.7b,paper's policy\n")
+    monkeypatch.setattr(tables, "TABLE2_ROWS", str(rows))
+    recs = {"sweep": [_at("s30", 160.0, 0, fraction_of_limit=0.9, binding_term="PCIe"),
+                      _at("s30.rep2", 164.0, 5, fraction_of_limit=0.92, binding_term="PCIe"),
+                      _at("s30.rep3", 162.0, 10, fraction_of_limit=0.91, binding_term="PCIe")],
+            "table2": [_at("orig-t2-30b-c", 40.0, 3), _at("orig-t2-30b-c.rep2", 41.0, 8),
+                       _at("orig-t2-30b-c.rep3", 36.0, 13),
+                       _at("t2-66b-c", 80.0, 20), _at("orig-t2-66b-c", 20.0, 25)]}
+    for suite, records in recs.items():
+        (tmp_path / suite / "raw").mkdir(parents=True)
+        for r in records:
+            (tmp_path / suite / "raw" / f"{r['case']}.json").write_text(json.dumps(r))
+    lines = open(tables.write_table2(str(tmp_path))).read().splitlines()
+    # ratios 4.0, 4.0, 4.5: the median and the range; ours' decode / limit the median of three
+    assert ("| opt-30b | 4-bit | H100 | abc1234 | `44 56 0 100 100 0`, 48x8 | 162.0 (160.0-164.0) "
+            "| 0.91 (PCIe) | `44 56 0 100 100 0`, 48x8 | 40.00 (36.00-41.00) | 3 | 4.00x (4.00-4.50x) "
+            "| paper's placement |") in lines
+    assert any(l.startswith("| opt-66b | 4-bit |") and "| 80.00 | - |" in l
+               and "| 1 | fewer than 3 pairs |" in l for l in lines)
+    assert any(l.startswith("| opt-6.7b | none |") and "not measured" in l for l in lines)

@@ -330,4 +330,120 @@ def main(out: str) -> int:
         return 1
     for d in dirs:
         print("wrote " + ", ".join(write_suite(os.path.join(out, d))))
+    print("wrote " + write_table2(out))
     return 0
+
+
+# The paper's Table 2 under the cap: each row names our cases (the cost model's pick) and the
+# original's, as suite/case; `invoke results` folds their same-call pairs into TABLE2_SUMMARY.
+TABLE2_ROWS = os.path.join(os.path.dirname(__file__), "table2_rows.csv")
+TABLE2_SUMMARY = "table2-summary.md"
+MIN_PAIRS_FOR_RATIO = 3
+
+
+def _named_records(out: str, names: str, cache: dict) -> list[dict]:
+    """The ok records of the cases `names` ("suite/case ..."), repeats included."""
+    from flexgen_repro.bench.suites import base_case
+    found = []
+    for name in names.split():
+        suite, case = name.split("/", 1)
+        if suite not in cache:
+            folder = os.path.join(out, suite)
+            cache[suite] = load_records(folder) if os.path.isdir(os.path.join(folder, "raw")) else []
+        found += [r for r in cache[suite]
+                  if r.get("status") == "ok" and base_case(r.get("case", ""))[0] == case]
+    return found
+
+
+def call_pairs(ours: list[dict], originals: list[dict]) -> list[tuple[dict, dict]]:
+    """Same-call pairs (same machine, within SAME_CALL_S), each record in one pair at most: an
+    original with the latest of ours measured before it (a call runs ours, then the original's
+    twin, as the suites order them), the originals taken in time order."""
+    pairs, used = [], set()
+    for orig in sorted(originals, key=lambda r: _seconds(r["timestamp"])):
+        t = _seconds(orig["timestamp"])
+        before = [(_seconds(o["timestamp"]), i) for i, o in enumerate(ours)
+                  if i not in used and _same_call(o, orig) and _seconds(o["timestamp"]) <= t]
+        if before:
+            i = max(before)[1]
+            used.add(i)
+            pairs.append((ours[i], orig))
+    return pairs
+
+
+def _policy_text(r: dict) -> str:
+    attn = ", CPU attention" if r.get("cpu_cache_compute") else ""
+    return f"`{r.get('percent')}`, {r.get('gpu_batch_size')}x{r.get('num_gpu_batches')}{attn}"
+
+
+def _spread(values: list[float]) -> str:
+    mid = _md_cell(statistics.median(values))
+    return mid if len(values) == 1 else f"{mid} ({_md_cell(min(values))}-{_md_cell(max(values))})"
+
+
+def table2_rows(out: str) -> list[dict]:
+    """One entry per row of TABLE2_ROWS and GPU and commit of ours: the same-call pairs of our
+    cases and the original's, folded (medians and ranges; a ratio only from MIN_PAIRS_FOR_RATIO
+    pairs); a row with no pair says so."""
+    with open(TABLE2_ROWS, newline="") as f:
+        spec = list(csv.DictReader(f))
+    cache: dict = {}
+    rows = []
+    for s in spec:
+        pairs = call_pairs(_named_records(out, s["ours"], cache),
+                              _named_records(out, s["original"], cache))
+        groups: dict[tuple, list] = {}
+        for o, r in pairs:
+            groups.setdefault((o.get("device") or "", o.get("commit") or ""), []).append((o, r))
+        base = dict(model=s["model"], compression=s["compression"], note=s["note"],
+                    ours_cases=s["ours"], original_cases=s["original"])
+        if not groups:
+            rows.append(dict(base, pairs=0))
+        for (device, commit), group in groups.items():
+            ours, orig = [o for o, _ in group], [r for _, r in group]
+            ratios = [o["total_throughput"] / r["total_throughput"] for o, r in group]
+            fractions = [o["fraction_of_limit"] for o in ours if o.get("fraction_of_limit")]
+            rows.append(dict(
+                base, pairs=len(group), device=device, commit=commit,
+                ours_policy=_policy_text(ours[-1]), original_policy=_policy_text(orig[-1]),
+                ours=[o["total_throughput"] for o in ours],
+                original=[r["total_throughput"] for r in orig], ratios=ratios,
+                fraction_of_limit=statistics.median(fractions) if fractions else None,
+                binding=ours[-1].get("binding_term") or ""))
+    return rows
+
+
+def table2_lines(rows: list[dict]) -> list[str]:
+    heads = ["model", "4-bit", "GPU", "ours: commit", "ours: policy", "ours tok/s",
+             "decode / limit (binding)", "original: policy", "original tok/s", "pairs",
+             "ours / original", "the original's side"]
+    out = ["# The paper's Table 2 under a 16 GiB GPU cap", "",
+           "Made by `invoke results` from the records under results/ (the rows and their cases: "
+           "flexgen_repro/bench/table2_rows.csv). Ours is the cost model's pick; each pair is ours "
+           "and the original's run after it on the same machine within 3 hours (the latest of ours "
+           "before each original). "
+           f"Throughput is the median of the pairs (their range in brackets); a ratio is given "
+           f"from {MIN_PAIRS_FOR_RATIO} pairs or more.", "",
+           "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:
+        if not r["pairs"]:
+            cells = [r["model"], r["compression"], "-", "-", r["ours_cases"], "not measured", "-",
+                     r["original_cases"], "-", "0", "-", r["note"]]
+        else:
+            limit = (f"{_md_cell(r['fraction_of_limit'])} ({r['binding']})"
+                     if r["fraction_of_limit"] else "-")
+            ratio = (f"{statistics.median(r['ratios']):.2f}x ({min(r['ratios']):.2f}-"
+                     f"{max(r['ratios']):.2f}x)" if r["pairs"] >= MIN_PAIRS_FOR_RATIO
+                     else f"fewer than {MIN_PAIRS_FOR_RATIO} pairs")
+            cells = [r["model"], r["compression"], _md_cell(r["device"]), r["commit"],
+                     r["ours_policy"], _spread(r["ours"]), limit,
+                     r["original_policy"], _spread(r["original"]), str(r["pairs"]), ratio, r["note"]]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def write_table2(out: str) -> str:
+    path = os.path.join(out, TABLE2_SUMMARY)
+    with open(path, "w") as f:
+        f.write("\n".join(table2_lines(table2_rows(out))) + "\n")
+    return path
