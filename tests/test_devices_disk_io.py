@@ -187,6 +187,15 @@ def test_an_np_save_file_registers_the_whole_pages_around_its_data(tmp_path, mon
     assert cuda.unregistered == [start]
 
 
+def test_a_mapping_is_not_pinned_past_half_the_memory_available(tmp_path, monkeypatch):
+    cuda = FakeCudaRegistry(monkeypatch)
+    disk = DiskDevice(str(tmp_path), "mmap")
+    f = disk.put(_values((64, 64), torch.float32)).data      # 16 KiB
+    monkeypatch.setattr(disk_io, "available_memory", lambda: 30 << 10)
+    assert f.pinned_view() is None and cuda.registered == []
+    disk.close()
+
+
 @pytest.mark.parametrize("mode", ["direct", "buffered"])
 def test_only_mapped_files_are_registered(tmp_path, monkeypatch, mode):
     cuda = FakeCudaRegistry(monkeypatch)

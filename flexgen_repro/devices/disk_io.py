@@ -215,11 +215,12 @@ def _is_pinned(t: torch.Tensor) -> bool:
 def _register_mapping(arr: np.ndarray, shared: bool) -> int | None:
     """Register `arr`'s bytes (a mapping) with CUDA, read-only; a shared mapping (a raw file) may
     fall back to a plain registration where read-only ones are not supported, a private one (an
-    np.save file mapped copy-on-write) may not: pinning it writable would copy every page. The
+    np.save file mapped copy-on-write) may not: pinning it writable would copy every page. Not
+    where it would pin more than PAGE_CACHE_SHARE of the memory still available. The
     start of the registered pages, or None when refused or when torch does not then see the
     data as pinned."""
-    if arr.nbytes == 0:
-        return None
+    if arr.nbytes == 0 or arr.nbytes > PAGE_CACHE_SHARE * available_memory():
+        return None   # pinned pages cannot be evicted: leave at least as much memory as it takes
     # whole pages: an np.save file's data starts after its header, inside the mapping's first page
     start = arr.ctypes.data - arr.ctypes.data % mmap.PAGESIZE
     nbytes = -(-(arr.ctypes.data + arr.nbytes - start) // mmap.PAGESIZE) * mmap.PAGESIZE
