@@ -381,6 +381,17 @@ def _spread(values: list[float]) -> str:
     return mid if len(values) == 1 else f"{mid} ({_md_cell(min(values))}-{_md_cell(max(values))})"
 
 
+def _predicted(rec: dict) -> float | None:
+    """The cost model's throughput for a record's policy, with the shipped h100 profile (the
+    model as it is now, whatever commit ran the record)."""
+    from flexgen_repro.cost_model import calibrate
+    from flexgen_repro.cost_model.hardware import load_profile
+    try:
+        return calibrate.predict_record(rec, load_profile("h100")).throughput
+    except (KeyError, ValueError):
+        return None
+
+
 def table2_rows(out: str) -> list[dict]:
     """One entry per row of TABLE2_ROWS and GPU and commit of ours: the same-call pairs of our
     cases and the original's, folded (medians and ranges; a ratio only from MIN_PAIRS_FOR_RATIO
@@ -405,6 +416,7 @@ def table2_rows(out: str) -> list[dict]:
             fractions = [o["fraction_of_limit"] for o in ours if o.get("fraction_of_limit")]
             rows.append(dict(
                 base, pairs=len(group), device=device, commit=commit,
+                predicted=_predicted(ours[-1]),
                 ours_policy=_policy_text(ours[-1]), original_policy=_policy_text(orig[-1]),
                 ours=[o["total_throughput"] for o in ours],
                 original=[r["total_throughput"] for r in orig], ratios=ratios,
@@ -415,7 +427,7 @@ def table2_rows(out: str) -> list[dict]:
 
 def table2_lines(rows: list[dict]) -> list[str]:
     heads = ["model", "4-bit", "GPU", "ours: commit", "ours: policy", "ours tok/s",
-             "decode / limit (binding)", "original: policy", "original tok/s", "pairs",
+             "predicted (h100 profile)", "decode / limit (binding)", "original: policy", "original tok/s", "pairs",
              "ours / original", "the original's side"]
     out = ["# The paper's Table 2 under a 16 GiB GPU cap", "",
            "Made by `invoke results` from the records under results/ (the rows and their cases: "
@@ -423,20 +435,24 @@ def table2_lines(rows: list[dict]) -> list[str]:
            "and the original's run after it on the same machine within 3 hours (the latest of ours "
            "before each original). "
            f"Throughput is the median of the pairs (their range in brackets); a ratio is given "
-           f"from {MIN_PAIRS_FOR_RATIO} pairs or more.", "",
+           f"from {MIN_PAIRS_FOR_RATIO} pairs or more. Predicted: the cost model as it is now "
+           "(the shipped h100 profile) for ours' policy, against ours' median.", "",
            "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         if not r["pairs"]:
             cells = [r["model"], r["compression"], "-", "-", r["ours_cases"], "not measured", "-",
-                     r["original_cases"], "-", "0", "-", r["note"]]
+                     "-", r["original_cases"], "-", "0", "-", r["note"]]
         else:
             limit = (f"{_md_cell(r['fraction_of_limit'])} ({r['binding']})"
                      if r["fraction_of_limit"] else "-")
             ratio = (f"{statistics.median(r['ratios']):.2f}x ({min(r['ratios']):.2f}-"
                      f"{max(r['ratios']):.2f}x)" if r["pairs"] >= MIN_PAIRS_FOR_RATIO
                      else f"fewer than {MIN_PAIRS_FOR_RATIO} pairs")
+            mid = statistics.median(r["ours"])
+            predicted = (f"{_md_cell(r['predicted'])} ({100 * (r['predicted'] / mid - 1):+.0f}%)"
+                         if r["predicted"] else "-")
             cells = [r["model"], r["compression"], _md_cell(r["device"]), r["commit"],
-                     r["ours_policy"], _spread(r["ours"]), limit,
+                     r["ours_policy"], _spread(r["ours"]), predicted, limit,
                      r["original_policy"], _spread(r["original"]), str(r["pairs"]), ratio, r["note"]]
         out.append("| " + " | ".join(cells) + " |")
     return out
