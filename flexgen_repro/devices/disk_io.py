@@ -96,12 +96,16 @@ class DiskFile:
         so a copy of it to the GPU reads the page cache directly with no host copy. None where
         that cannot be: not "mmap" mode, no CUDA, or the registration refused (the caller then
         reads into pinned memory). The file must not change while registered: weights only."""
-        if self.io != "mmap" or not REGISTER_MAPPINGS or not torch.cuda.is_available():
+        if self.io != "mmap" or not REGISTER_MAPPINGS:
+            return None
+        if self._register_tried:   # every load after the first
+            return self.view() if self._registered is not None else None
+        if not torch.cuda.is_available():
             return None
         with self._lock:
             if not self._register_tried:
-                self._register_tried = True
                 self._registered = _register_mapping(self._mapped_locked(), shared=not self.npy)
+                self._register_tried = True
             if self._registered is None:
                 return None
         return self.view()
