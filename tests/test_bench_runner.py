@@ -307,3 +307,16 @@ def test_a_baseline_that_is_not_a_checkout_is_refused_naming_the_fix(tmp_path, f
     (bare / "flexgen_repro" / "flex_opt.py").write_text("")
     assert _run(fake_suite, baseline=str(bare))[0] == 2
     assert f"write the commit into {bare}/COMMIT" in capsys.readouterr().err
+
+
+def test_a_run_into_a_folder_with_records_never_overwrites_a_measurement(fake_suite):
+    """Measured records are kept (the new one becomes `<case>.repN`); a failed one is replaced."""
+    _run(fake_suite, cases="ok-1,broken")
+    rc, folder = _run(fake_suite, cases="ok-1,broken")
+    recs = {r["case"]: r for r in tables.load_records(folder)}
+    assert set(recs) == {"ok-1", "ok-1.rep2", "broken"}
+    assert recs["ok-1"]["timestamp"] <= recs["ok-1.rep2"]["timestamp"]
+    assert os.path.isfile(os.path.join(folder, "logs", "ok-1.log"))       # each run's log kept
+    assert os.path.isfile(os.path.join(folder, "logs", "ok-1.rep2.log"))
+    _run(fake_suite, cases="ok-1")
+    assert "ok-1.rep3" in {r["case"] for r in tables.load_records(folder)}

@@ -183,22 +183,38 @@ def before_after_lines(recs: list[dict]) -> list[str]:
 
 
 def side_by_side(recs: list[dict]) -> list[dict]:
-    """Pairs of our measured case `X` and the original's `orig-X` measured on the same machine
-    (same GPU and host description) within SAME_CALL_S of each other: the ratio of the two."""
-    ok = {r["case"]: r for r in recs if r.get("status") == "ok"}
+    """Pairs of our measured case `X` (repeats included) and the original's `orig-X`: on the same
+    machine (same GPU and host description) within SAME_CALL_S, each original with the latest of
+    ours run before it (call_pairs); then, for display only, an original left over with ours of
+    the same name measured elsewhere. Each with the ratio of the two."""
+    from flexgen_repro.bench.suites import base_case
+    ok = [r for r in recs if r.get("status") == "ok"]
+    ours_of: dict[str, list[dict]] = {}
+    origs_of: dict[str, list[dict]] = {}
+    for r in ok:
+        name = base_case(r["case"])[0]
+        if name.startswith(ORIGINAL_PREFIX) and r.get("runner") == "original":
+            origs_of.setdefault(name[len(ORIGINAL_PREFIX):], []).append(r)
+        elif not name.startswith((ORIGINAL_PREFIX, BASELINE_PREFIX)):
+            ours_of.setdefault(name, []).append(r)
     pairs = []
-    for name, orig in ok.items():
-        ours = ok.get(name[len(ORIGINAL_PREFIX):]) if name.startswith(ORIGINAL_PREFIX) else None
-        if ours is None or orig.get("runner") != "original":
-            continue
-        same = _same_call(ours, orig)
-        pairs.append(dict(case=ours["case"], ours=ours["total_throughput"],
-                          original=orig["total_throughput"], device=ours.get("device") or "",
-                          commit=ours.get("commit") or "",
-                          ratio=ours["total_throughput"] / orig["total_throughput"],
-                          reference=orig.get("paper_throughput"), same_machine=same,
-                          original_percent=orig.get("percent")))
-    return pairs
+    for name, origs in origs_of.items():
+        ours = ours_of.get(name, [])
+        matched = call_pairs(ours, origs)
+        paired = {id(r) for pair in matched for r in pair}
+        by_case = {o["case"]: o for o in ours if id(o) not in paired}
+        for orig in origs:
+            twin = by_case.get(orig["case"][len(ORIGINAL_PREFIX):])
+            if id(orig) not in paired and twin is not None:
+                matched.append((twin, orig))
+        for o, r in matched:
+            pairs.append(dict(case=o["case"], ours=o["total_throughput"],
+                              original=r["total_throughput"], device=o.get("device") or "",
+                              commit=o.get("commit") or "",
+                              ratio=o["total_throughput"] / r["total_throughput"],
+                              reference=r.get("paper_throughput"), same_machine=_same_call(o, r),
+                              original_percent=r.get("percent")))
+    return sorted(pairs, key=lambda p: base_case(p["case"]))
 
 
 def side_by_side_lines(recs: list[dict]) -> list[str]:
