@@ -77,11 +77,13 @@ def bench(c, suite="", gpu_mem_gb=0.0, out="", path="~/opt_weights",
                          allow_cpu=allow_cpu, baseline=baseline or None, trace=trace))
 
 
-@task(help={"out": "results folder to rebuild tables and plots in (default results/)"})
-def results(c, out="results"):
+@task(help={"out": "results folder to rebuild tables and plots in (default results/)",
+            "add": "first copy in the records of this run folder (`invoke bench --out` wrote it); "
+                   "a measurement already there is never overwritten"})
+def results(c, out="results", add=""):
     """Rebuild every CSV, Markdown table and plot from the raw JSON records."""
     from flexgen_repro.bench import tables
-    _exit_on(tables.main(out=out))
+    _exit_on(tables.main(out=out, add=add or None))
 
 
 @task(help={"model": "model name", "hardware": "t4-paper, local, or a profile JSON file",

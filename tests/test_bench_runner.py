@@ -320,3 +320,21 @@ def test_a_run_into_a_folder_with_records_never_overwrites_a_measurement(fake_su
     assert os.path.isfile(os.path.join(folder, "logs", "ok-1.rep2.log"))
     _run(fake_suite, cases="ok-1")
     assert "ok-1.rep3" in {r["case"] for r in tables.load_records(folder)}
+
+
+def test_results_add_copies_a_run_folder_in_without_overwriting(fake_suite, capsys):
+    """`invoke results --add RUN`: a record measured again comes in as `<case>.repN`; one the
+    results already hold is not copied twice; a folder with no suite records exits 2."""
+    _, kept = _run(fake_suite, cases="ok-1")
+    run_dir = str(fake_suite / "run")
+    runner.main("fake", None, run_dir, "_DUMMY_", str(fake_suite / "offload"), "ok-1",
+                build=fake_command, probe=fake_probe, profile="h100-reference")
+    out = str(fake_suite / "results")
+    assert tables.main(out, add=run_dir) == 0
+    recs = {r["case"]: r for r in tables.load_records(kept)}
+    assert set(recs) == {"ok-1", "ok-1.rep2"} and recs["ok-1.rep2"]["case"] == "ok-1.rep2"
+    assert tables.main(out, add=run_dir) == 0            # again: nothing new
+    assert len(tables.load_records(kept)) == 2
+    assert "all were there already" in capsys.readouterr().out
+    assert tables.main(out, add=str(fake_suite / "nothing")) == 2
+    assert "give the folder `invoke bench --out` wrote" in capsys.readouterr().err

@@ -303,7 +303,7 @@ def run_suite(cases: list[Case], s: Settings, context: dict, build: CommandBuild
     os.makedirs(raw, exist_ok=True)
     out = []
     for i, case in enumerate(cases, 1):
-        case = dataclasses.replace(case, case=record_name(raw, case.case))  # its logs too
+        case = dataclasses.replace(case, case=tables.free_record_name(raw, case.case))  # logs too
         reason = why_not_run(case, s, context["hardware"])
         ctx = {**context, "cap": s.cap(case)}
         if is_baseline(case) and s.baseline:
@@ -319,25 +319,6 @@ def run_suite(cases: list[Case], s: Settings, context: dict, build: CommandBuild
         print(_summary(i, len(cases), record), flush=True)
         out.append(record)
     return out
-
-
-def record_name(raw: str, case_id: str) -> str:
-    """Where raw/ holds no measured record of `case_id`, `case_id`; else the next `<case>.repN`
-    free of one (a run into a folder that has records, as `--publish` does): a measurement is never
-    overwritten, a skipped or failed record may be. The tables pair each original's record with
-    ours by machine and time, not by this name."""
-    def measured(name: str) -> bool:
-        try:
-            with open(os.path.join(raw, f"{name}.json")) as f:
-                return json.load(f).get("status") == "ok"
-        except (OSError, ValueError):
-            return False
-    if not measured(case_id):
-        return case_id
-    base, n = suites.base_case(case_id)[0], 2
-    while measured(f"{base}{suites.REPEAT_SUFFIX}{n}"):
-        n += 1
-    return f"{base}{suites.REPEAT_SUFFIX}{n}"
 
 
 def default_suite(hardware: dict) -> tuple[str, tuple[str, ...]]:

@@ -46,6 +46,61 @@ def load_records(suite_dir: str) -> list[dict]:
     return sorted(recs, key=lambda r: (r.get("index", 1 << 30), r.get("case", "")))
 
 
+def free_record_name(raw: str, case_id: str) -> str:
+    """Where `raw` holds no measured record of `case_id`, `case_id`; else the next `<case>.repN`
+    free of one: a measurement is never overwritten, a skipped or failed record may be. The tables
+    pair each original's record with ours by machine and time, not by this name."""
+    from flexgen_repro.bench.suites import REPEAT_SUFFIX, base_case
+
+    def measured(name: str) -> bool:
+        try:
+            with open(os.path.join(raw, f"{name}.json")) as f:
+                return json.load(f).get("status") == "ok"
+        except (OSError, ValueError):
+            return False
+    if not measured(case_id):
+        return case_id
+    base, n = base_case(case_id)[0], 2
+    while measured(f"{base}{REPEAT_SUFFIX}{n}"):
+        n += 1
+    return f"{base}{REPEAT_SUFFIX}{n}"
+
+
+def _identity(rec: dict) -> str:
+    """A record's content but its name: the same run under another `.repN` name is the same."""
+    from flexgen_repro.bench.suites import base_case
+    return json.dumps({**rec, "case": base_case(rec.get("case", ""))[0]}, sort_keys=True)
+
+
+def add_records(src: str, out: str) -> list[str]:
+    """Copy the records of every suite folder under `src` (`<suite>/raw/*.json`: a run folder, as
+    `invoke bench --out` writes it on a GPU machine) into `out/<suite>/raw/`, each under
+    free_record_name (its `case` renamed to match); a record `out` already holds (the same content
+    under any repeat name) is not copied twice. Returns "suite/case" of each record copied."""
+    if not os.path.isdir(src):
+        raise ValueError(f"no folder {src!r}: give the folder `invoke bench --out` wrote")
+    suites_in = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d, "raw")))
+    if not suites_in:
+        raise ValueError(f"no <suite>/raw/ folders under {src!r}: give the folder `invoke bench "
+                         "--out` wrote (it holds one folder per suite)")
+    added = []
+    for suite in suites_in:
+        raw = os.path.join(out, suite, "raw")
+        os.makedirs(raw, exist_ok=True)
+        held = {_identity(r) for r in load_records(os.path.join(out, suite))}
+        for rec in load_records(os.path.join(src, suite)):
+            key = _identity(rec)
+            if key in held:
+                continue
+            rec = {**rec, "case": free_record_name(raw, rec["case"])}
+            with open(os.path.join(raw, f"{rec['case']}.json"), "w") as f:
+                json.dump(rec, f, indent=2, sort_keys=True)
+                f.write("\n")
+            held.add(key)
+            added.append(f"{suite}/{rec['case']}")
+    return added
+
+
 def machine(r: dict) -> str | None:
     """The machine a record ran on, in words: its CPU, cores and memory (the GPU is `device`)."""
     hw = r.get("hardware") or {}
@@ -334,8 +389,16 @@ def write_suite(suite_dir: str) -> list[str]:
     return paths
 
 
-def main(out: str) -> int:
-    """Rebuild the tables and plots of every suite folder under `out` (those with raw/)."""
+def main(out: str, add: str | None = None) -> int:
+    """Rebuild the tables and plots of every suite folder under `out` (those with raw/); `add`:
+    first copy the records of that run folder in (add_records). 2 on a bad `add` folder."""
+    if add:
+        try:
+            added = add_records(add, out)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"added {len(added)} record(s): " + (", ".join(added) or "all were there already"))
     if not os.path.isdir(out):
         print(f"error: no results folder {out!r}: run `invoke bench` first", file=sys.stderr)
         return 1
