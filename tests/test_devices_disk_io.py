@@ -128,8 +128,8 @@ class FakeCudaRegistry:
     def __init__(self, monkeypatch, refuse=(), pinned=True):
         self.registered, self.unregistered, self.refuse = [], [], set(refuse)
         monkeypatch.setattr(disk_io.torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(disk_io, "_host_register", self.register)
-        monkeypatch.setattr(disk_io, "_host_unregister", self.unregistered.append)
+        monkeypatch.setattr(disk_io, "host_register", self.register)
+        monkeypatch.setattr(disk_io, "host_unregister", self.unregistered.append)
         monkeypatch.setattr(disk_io, "_is_pinned", lambda t: pinned)
 
     def register(self, ptr, nbytes, flags):
@@ -245,8 +245,8 @@ def test_a_registered_mapping_crosses_to_the_gpu_bit_exactly(tmp_path, npy):
     assert _same_bits(out.cpu(), values)
     ptr, nbytes = view.data_ptr(), view.numel() * view.element_size()
     disk.close()             # `view` keeps the old mapping alive at ptr: registrable again only
-    assert disk_io._host_register(ptr, nbytes, 8)   # if close unregistered it
-    disk_io._host_unregister(ptr)
+    assert disk_io.host_register(ptr, nbytes, 8)   # if close unregistered it
+    disk_io.host_unregister(ptr)
 
 
 def _record_opens(monkeypatch, refuse_direct=False):

@@ -439,10 +439,11 @@ def call_pairs(ours: list[dict], originals: list[dict]) -> list[tuple[dict, dict
     original with the latest of ours measured before it (a call runs ours, then the original's
     twin, as the suites order them), the originals taken in time order."""
     pairs, used = [], set()
+    times = [_seconds(o["timestamp"]) for o in ours]
     for orig in sorted(originals, key=lambda r: _seconds(r["timestamp"])):
         t = _seconds(orig["timestamp"])
-        before = [(_seconds(o["timestamp"]), i) for i, o in enumerate(ours)
-                  if i not in used and _same_call(o, orig) and _seconds(o["timestamp"]) <= t]
+        before = [(times[i], i) for i, o in enumerate(ours)
+                  if i not in used and _same_call(o, orig) and times[i] <= t]
         if before:
             i = max(before)[1]
             used.add(i)
@@ -481,7 +482,7 @@ def table2_rows(out: str) -> list[dict]:
     rows = []
     for s in spec:
         pairs = call_pairs(_named_records(out, s["ours"], cache),
-                              _named_records(out, s["original"], cache))
+                           _named_records(out, s["original"], cache))
         groups: dict[tuple, list] = {}
         for o, r in pairs:
             groups.setdefault((o.get("device") or "", o.get("commit") or ""), []).append((o, r))
@@ -506,8 +507,8 @@ def table2_rows(out: str) -> list[dict]:
 
 def table2_lines(rows: list[dict]) -> list[str]:
     heads = ["model", "4-bit", "GPU", "ours: commit", "ours: policy", "ours tok/s",
-             "predicted (h100 profile)", "decode / limit (binding)", "original: policy", "original tok/s", "pairs",
-             "ours / original", "the original's side"]
+             "predicted (h100 profile)", "decode / limit (binding)", "original: policy",
+             "original tok/s", "pairs", "ours / original", "the original's side"]
     out = ["# The paper's Table 2 under a 16 GiB GPU cap", "",
            "Made by `invoke results` from the records under results/ (the rows and their cases: "
            "flexgen_repro/bench/table2_rows.csv). Ours is the cost model's pick; each pair is ours "

@@ -119,7 +119,7 @@ class DiskFile:
         """Unregister and drop the long-lived mapping (the file stays)."""
         with self._lock:
             if self._registered is not None:
-                _host_unregister(self._registered)
+                host_unregister(self._registered)
                 self._registered = None
             self._register_tried = False
             self._map = None
@@ -181,7 +181,8 @@ class DiskFile:
         return nbytes_of(self.shape, self.dtype)
 
 
-def _host_register(ptr: int, nbytes: int, flags: int) -> bool:
+def host_register(ptr: int, nbytes: int, flags: int = 0) -> bool:
+    """cudaHostRegister; False where refused (this thread's CUDA error then cleared)."""
     if int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, flags)) == 0:
         return True
     _clear_last_cuda_error()
@@ -208,7 +209,7 @@ def _clear_last_cuda_error() -> None:
 _CUDART = None   # the loaded CUDA runtime library (ctypes), False where none was found
 
 
-def _host_unregister(ptr: int) -> None:
+def host_unregister(ptr: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
@@ -228,11 +229,11 @@ def _register_mapping(arr: np.ndarray, shared: bool) -> int | None:
     # whole pages: an np.save file's data starts after its header, inside the mapping's first page
     start = arr.ctypes.data - arr.ctypes.data % mmap.PAGESIZE
     nbytes = -(-(arr.ctypes.data + arr.nbytes - start) // mmap.PAGESIZE) * mmap.PAGESIZE
-    if not _host_register(start, nbytes, _HOST_REGISTER_READ_ONLY):
-        if not (shared and _host_register(start, nbytes, 0)):
+    if not host_register(start, nbytes, _HOST_REGISTER_READ_ONLY):
+        if not (shared and host_register(start, nbytes, 0)):
             return None
     if not _is_pinned(torch.from_numpy(arr.reshape(-1)[:1])):
-        _host_unregister(start)
+        host_unregister(start)
         return None
     return start
 

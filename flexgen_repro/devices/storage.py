@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flexgen_repro import trace
-from flexgen_repro.devices.copy_engine import CopyEngine, wait_done
+from flexgen_repro.devices.copy_engine import CopyEngine, copy_chunked_, wait_done
 from flexgen_repro.devices.disk_io import DiskFile, nbytes_of, new_disk_file
 from flexgen_repro.policy import Tier
 
@@ -248,8 +248,8 @@ def on_host(value: torch.Tensor, engine: CopyEngine | None = None) -> torch.Tens
     OPT-1.3B K or V of 16 x 512 positions on an H100 machine)."""
     if not value.is_cuda:
         return value
-    staged = (engine or CopyEngine()).copy_chunked_(
-        torch.empty(value.shape, dtype=value.dtype, pin_memory=True), value.contiguous())
+    staged = copy_chunked_(torch.empty(value.shape, dtype=value.dtype, pin_memory=True),
+                           value.contiguous(), engine.gate if engine else None)
     wait_done(torch.cuda.current_stream())
     return staged
 

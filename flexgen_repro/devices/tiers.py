@@ -13,7 +13,8 @@ import torch
 
 from flexgen_repro.devices.copy_engine import CopyEngine
 from flexgen_repro.devices.disk_io import (PAGE_CACHE_SHARE, DiskFile, available_memory,
-                                           nbytes_of, new_disk_file, resolve_io_mode)
+                                           host_register, host_unregister, nbytes_of,
+                                           new_disk_file, resolve_io_mode)
 from flexgen_repro.devices.storage import (PackedStore, PlainStore, RowSplit, Segment, Stored, carve,
                                            packed_layout)
 from flexgen_repro.policy import Tier, split_rows
@@ -54,7 +55,7 @@ class MemDevice:
         return torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
 
     def _register(self, ptr: int, nbytes: int) -> bool:
-        if int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)) != 0:
+        if not host_register(ptr, nbytes):
             return False  # e.g. an overlapping range still registered: use the pinned allocator
         with self._lock:
             self._registered[ptr] = nbytes
@@ -65,13 +66,13 @@ class MemDevice:
         with self._lock:
             registered = self._registered.pop(t.data_ptr(), None)
         if registered is not None:
-            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+            host_unregister(t.data_ptr())
 
     def close(self) -> None:
         with self._lock:
             ptrs, self._registered = list(self._registered), {}
         for ptr in ptrs:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
+            host_unregister(ptr)
 
     def put(self, t: torch.Tensor, pin: bool = False) -> Stored:
         buf = self.alloc(t.shape, t.dtype, pin)

@@ -207,14 +207,11 @@ class BlockSteps:
         """K and V into their homes; a decode step's (one position, `small`) writes into host
         memory go as one copy and one wait (storage.write_to_host). Prefill's large ones go
         each on its own: gathering them would hold a second copy of them on the GPU."""
-        if not small:
-            home[0].write(pos, kv[0])
-            home[1].write(pos, kv[1])
-            return
-        host_writes: list = []
+        host_writes: list | None = [] if small else None
         home[0].write(pos, kv[0], host_writes)
         home[1].write(pos, kv[1], host_writes)
-        write_to_host(host_writes)
+        if host_writes:
+            write_to_host(host_writes)
 
     def new_cache_home(self, j: int, k: int, length: int | None = None) -> tuple:
         """(keys, values) homes of (layer j, batch k): `length` positions (default cache_len),
