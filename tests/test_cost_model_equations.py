@@ -296,18 +296,19 @@ def test_cpu_attention_serial_term_is_the_attention_sublayer_then_the_next_atten
 def test_host_cache_steps_term_is_the_hosts_work_per_gpu_batch_whose_cache_crosses():
     """With a 4-bit cache loaded from and stored to the host each token, the host spends
     cache_step_host_s per (layer, GPU batch) queueing the step and its copies: k of them per layer,
-    for the cache's share off the GPU (rows of a batch: 3 of 5 at 60%). It is a term of its own (a
-    max with the link and the GPU), which binds when the GPU batches are many and small."""
+    in full whatever share of the rows is off the GPU (a batch with 1 of its 5 rows there loads
+    and stores in pieces as one with all 5 does). It is a term of its own (a max with the link and
+    the GPU), which binds when the GPU batches are many and small."""
     s, n, b, k = 16, 8, 5, 3
     o = 2e-3
     hw = round_profile(cache_step_host_s=o)
-    for cache_cpu, share in ((100, 1.0), (60, 0.6)):
+    for cache_cpu in (100, 60, 20):
         pol = policy((100, 0, 100 - cache_cpu, cache_cpu, 100, 0), b, k, compress_cache=True)
         pred = evaluate_policy(TOY, pol, hw, s, n)
-        assert pred.decode_terms["host_cache_steps"] == pytest.approx(k * o * share, rel=EXACT)
+        assert pred.decode_terms["host_cache_steps"] == pytest.approx(k * o, rel=EXACT)
     big = evaluate_policy(TOY, pol, round_profile(cache_step_host_s=1.0), s, n)
     assert big.decode_bound == "host_cache_steps"
-    assert big.decode_step_time == pytest.approx(L * k * 1.0 * 0.6, rel=EXACT)
+    assert big.decode_step_time == pytest.approx(L * k * 1.0, rel=EXACT)
     # none without the profile's figure, without compression, with CPU attention, without overlap,
     # or with the cache held on the GPU
     plain = policy((100, 0, 0, 100, 100, 0), b, k, compress_cache=True)
@@ -332,9 +333,17 @@ def test_a_disk_tier_that_fits_the_page_cache_moves_at_its_rates():
     # keeps a disk tier that fits in PAGE_CACHE_SHARE of the host memory the CPU tier leaves)
     hw = round_profile(gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18, disk_to_cpu_bytes_s=0.1e9,
                        page_cache_read_bytes_s=0.5e9, page_cache_write_bytes_s=0.25e9)
+    # weights on disk cross to the GPU straight out of their registered mappings: at the link's
+    # 1 GB/s, with no read out of the page cache first
     pred = evaluate_policy(TOY, policy((0, 0, 100, 0, 100, 0), b=1), hw, 16, 8)
-    assert pred.page_cache and pred.decode_bound == "dtoc"
-    assert pred.decode_step_time == pytest.approx(STORED_BYTES / 0.5e9, rel=EXACT)
+    assert pred.page_cache and pred.decode_bound == "ctog" and pred.decode_terms["dtoc"] == 0
+    assert pred.decode_step_time == pytest.approx(STORED_BYTES / 1e9, rel=EXACT)
+    assert pred.prefill_terms["dtoc"] == 0 and "sub_disk_mlp" not in pred.prefill_terms
+    # a cache on disk attended on the GPU is read out of the page cache at its 0.5 GB/s
+    s, n, b = 16, 8, 4
+    read = evaluate_policy(TOY, policy((100, 0, 0, 0, 100, 0), b=b), hw, s, n)
+    assert read.page_cache
+    assert read.decode_terms["dtoc"] == pytest.approx(b * (s + n / 2) * 2 * H * 2 / 0.5e9, rel=EXACT)
     # the same disk tier beyond the share (host memory of 1.5x the weights: half of it holds
     # less than the disk tier plus the CPU tier's staging) streams from the drive
     small = dataclasses.replace(hw, cpu_mem_bytes=1.5 * STORED_BYTES)
@@ -380,3 +389,34 @@ def test_page_cache_constraints_hold_the_disk_tier_within_its_share_of_free_host
         build_step_model(TOY, policy((0, 50, 100, 0, 100, 0)), 16, 8, round_profile(), page_cache=True)
     with pytest.raises(ValueError, match="page_cache_read_bytes_s must be a number >= 0"):
         round_profile(page_cache_read_bytes_s=-1.0)
+
+
+def test_the_search_weighs_a_cache_split_at_the_whole_host_charge():
+    """The host cache steps are a fixed charge: a placement with any cache row off the GPU pays all
+    of it, one with the cache held there none. On a GPU that cannot hold everything, the relaxed
+    search then keeps the cache whole on the GPU and moves weights, which a charge scaled by the
+    cache's share off the GPU would not (moving a few rows of cache would look nearly free)."""
+    from flexgen_repro.cost_model.predict import tier_peaks
+    from flexgen_repro.cost_model.search import solve_placement
+    s, n, b, k = 16, 8, 4, 1
+    shape = policy((100, 0, 100, 0, 100, 0), b, k, compress_cache=True)
+    charge = 1e-3      # a layer's weights cross the 1 GB/s link in STORED_BYTES / L / 1e9 ~ 0.1 ms
+    hw = round_profile(cache_step_host_s=charge)
+    everything = build_step_model(TOY, shape, s, n, hw)
+    gpu_peak = tier_peaks(everything, everything.placement((100, 0, 100, 0, 100, 0)))[0]["gpu"]
+    # a GPU a tenth of the weights short of holding everything
+    short = dataclasses.replace(hw, gpu_mem_bytes=gpu_peak - 0.1 * STORED_BYTES)
+    model = build_step_model(TOY, shape, s, n, short)
+    x, seconds = solve_placement(model)
+    assert x[3] == pytest.approx(1.0) and x[0] < 0.5        # the cache stays, weights move
+    # without the charge the same GPU sends the cache to the host instead
+    free, _ = solve_placement(build_step_model(TOY, shape, s, n,
+                                               dataclasses.replace(short, cache_step_host_s=0.0)))
+    assert free[3] < 0.5
+    assert "host_cache_steps" not in model.terms("decode", x)
+    split = x.copy()
+    split[[3, 4]] = [0.99, 0.01]
+    assert model.terms("decode", split)["host_cache_steps"](split) == pytest.approx(k * charge, rel=EXACT)
+    # overlapped, the charge binds every decode step of the split: n - 1 tokens x L layers x k
+    assert model.total_time(split)[1] == pytest.approx((n - 1) * L * k * charge, rel=EXACT)
+    assert sum(model.total_time(split)) > 3 * seconds

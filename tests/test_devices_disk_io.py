@@ -201,12 +201,8 @@ def test_only_mapped_files_are_registered(tmp_path, monkeypatch, mode):
     cuda = FakeCudaRegistry(monkeypatch)
     disk = DiskDevice(str(tmp_path), mode)
     assert disk.put(_values((4, 4), torch.float32)).data.pinned_view() is None
-    monkeypatch.setattr(disk_io, "REGISTER_MAPPINGS", False)
-    mapped = DiskDevice(str(tmp_path / "m"), "mmap")
-    assert mapped.put(_values((4, 4), torch.float32)).data.pinned_view() is None
     assert cuda.registered == []
     disk.close()
-    mapped.close()
 
 
 def test_a_mapped_weight_bound_for_the_gpu_crosses_from_the_mapping(tmp_path, monkeypatch):

@@ -53,6 +53,9 @@ from flexgen_repro.policy import Policy, dequantize_once, prefetch_layers, whole
 PAGE_CACHE = "page-cache"
 PLACEMENT = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
 TERMS = ("ctog", "gtoc", "dtoc", "ctod", "comp")
+# A decode term charged in full wherever any of the cache is off the GPU, and not at all where it
+# is all there: not affine in the placement, so the search solves both sides (search.py)
+HOST_CACHE_STEPS = "host_cache_steps"
 
 # The runtime's buffering, mirrored here (tests/test_cost_model_memory.py checks they match):
 MAX_PENDING_STORES = 2      # schedule.MAX_PENDING_STORES: cache stores in flight, each holding K, V
@@ -145,7 +148,14 @@ class StepModel:
         """The time terms of `phase` at placement x."""
         if phase == "decode" and self.graph_decode is not None and all_on_gpu(x):
             return self.graph_decode
-        return getattr(self, phase)
+        terms = getattr(self, phase)
+        if phase == "decode" and HOST_CACHE_STEPS in terms and cache_on_gpu(x):
+            return self.decode_cache_on_gpu()
+        return terms
+
+    def decode_cache_on_gpu(self) -> dict:
+        """The decode terms where the whole cache stays on the GPU (no host cache steps)."""
+        return {name: t for name, t in self.decode.items() if name != HOST_CACHE_STEPS}
 
     def phase_time(self, phase: str, x) -> float:
         values = [term(x) for term in self.terms(phase, x).values()]
@@ -159,6 +169,11 @@ class StepModel:
 
 
 ALL_ON_GPU = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0], dtype=float)
+
+
+def cache_on_gpu(x) -> bool:
+    """The whole KV cache on the GPU at placement x."""
+    return bool(np.asarray(x, dtype=float)[3] >= 1 - 1e-9)
 
 
 def all_on_gpu(x) -> bool:
@@ -244,7 +259,11 @@ def _step_overheads(c: OptConfig, p: Policy, hw: HardwareProfile) -> float:
     return p.num_gpu_batches * steps * hw.gpu_step_overhead_s
 
 
-def _prefill_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int) -> dict:
+def _prefill_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int,
+                   mapped: bool = False) -> dict:
+    """mapped: the disk tier's files mapped and their weights registered with CUDA, so a weight
+    on disk crosses to the GPU straight out of the page cache, at the link's rate (no read into
+    host memory first: no disk->host term for it)."""
     b, k = p.gpu_batch_size, p.num_gpu_batches
     B = b * k
     h2d, h2d_w = _host_to_gpu(hw, p)
@@ -260,11 +279,11 @@ def _prefill_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: in
         "ctog": weights + Affine.of(hc=hid, hd=hid) * (1 / h2d),
         "gtoc": Affine.of(cc=cache_new, cd=cache_new) * (1 / hw.gpu_to_cpu_cache_bytes_s)
         + Affine.of(hc=hid, hd=hid) * (1 / hw.gpu_to_cpu_hidden_bytes_s),
-        "dtoc": Affine.of(wd=z.w_layer, hd=hid) * (1 / hw.disk_to_cpu_bytes_s),
+        "dtoc": Affine.of(wd=0.0 if mapped else z.w_layer, hd=hid) * (1 / hw.disk_to_cpu_bytes_s),
         "ctod": Affine.of(cd=cache_new / hw.cpu_to_disk_cache_bytes_s, hd=hid / hw.cpu_to_disk_bytes_s),
         "comp": Affine.of(mm + attn + dequant / hw.gpu_dequant_bytes_s) + _prefill_host_hidden(p, hw, z, s, h2d),
     }
-    return {**terms, **_prefill_sublayer_terms(c, p, hw, z, terms["comp"], attn, weights)}
+    return {**terms, **_prefill_sublayer_terms(c, p, hw, z, terms["comp"], attn, weights, mapped)}
 
 
 def _prefill_host_hidden(p: Policy, hw: HardwareProfile, z: Sizes, s: int, h2d: float) -> Affine:
@@ -294,7 +313,7 @@ def attention_share(c: OptConfig) -> float:
 
 
 def _prefill_sublayer_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes,
-                            comp: Affine, attn: float, link: Affine) -> dict:
+                            comp: Affine, attn: float, link: Affine, mapped: bool = False) -> dict:
     """With sep_layer and overlap the runtime loads one sublayer ahead: the MLP's weights load while
     the attention computes, the next attention's while the MLP computes. A layer then takes
     max(load MLP, compute attention) + max(load attention, compute MLP), which exceeds
@@ -302,21 +321,25 @@ def _prefill_sublayer_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Siz
     missing from the max (one per link the weights cross: host->GPU, disk->host). The attention
     itself (attn) goes to the attention sublayer, the rest of the compute (matmuls, dequantization,
     step overheads, hidden-state copies) by the matmul share (attention_share). link: a layer's
-    weights over host->GPU."""
+    weights over host->GPU. mapped: disk weights cross out of the page cache over that link
+    (no disk->host sums)."""
     if not (p.sep_layer and p.overlap):
         return {}
     share = attention_share(c)
     matmul = comp + Affine.of(-attn)
     comp_attn, comp_mlp = matmul * share + Affine.of(attn), matmul * (1 - share)
-    disk = Affine.of(wd=z.w_layer / hw.disk_to_cpu_bytes_s)
-    return {"sub_link_mlp": link * (1 - share) + comp_mlp, "sub_link_attn": link * share + comp_attn,
-            "sub_disk_mlp": disk * (1 - share) + comp_mlp, "sub_disk_attn": disk * share + comp_attn}
+    out = {"sub_link_mlp": link * (1 - share) + comp_mlp, "sub_link_attn": link * share + comp_attn}
+    if not mapped:
+        disk = Affine.of(wd=z.w_layer / hw.disk_to_cpu_bytes_s)
+        out.update(sub_disk_mlp=disk * (1 - share) + comp_mlp, sub_disk_attn=disk * share + comp_attn)
+    return out
 
 
 def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int, n: int,
                   mapped: bool = False) -> dict:
     """mapped: the disk tier is read from the page cache through mappings, where CPU attention
-    reads its cache in place (the read is part of the attention, not a transfer)."""
+    reads its cache in place (the read is part of the attention, not a transfer) and weights
+    cross to the GPU straight out of their registered mappings (_prefill_terms)."""
     b, k = p.gpu_batch_size, p.num_gpu_batches
     B = b * k
     avg = s + n / 2                      # average attended length over the generated tokens
@@ -347,12 +370,14 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
         gpu_side = attn_flops * gpu_attn + cache_dequant
         comp = Affine.of(mm + dequant + gpu_side)
         if p.compress_cache and p.overlap and hw.cache_step_host_s > 0:
-            # the host's work per GPU batch whose cache crosses (its share off the GPU)
-            host = k * hw.cache_step_host_s
-            extra["host_cache_steps"] = Affine.of(cc=host, cd=host)
+            # the host's work per GPU batch whose cache crosses: a GPU batch with any of its rows
+            # off the GPU loads and stores its cache in pieces each token, whatever their share
+            # (a fixed charge: StepModel.terms drops it where the cache is all on the GPU)
+            extra[HOST_CACHE_STEPS] = Affine.of(k * hw.cache_step_host_s)
     return {
         "ctog": ctog, "gtoc": gtoc,
-        "dtoc": Affine.of(wd=z.w_layer, cd=0.0 if mapped and p.cpu_cache_compute else read, hd=hid)
+        "dtoc": Affine.of(wd=0.0 if mapped else z.w_layer,
+                          cd=0.0 if mapped and p.cpu_cache_compute else read, hd=hid)
         * (1 / hw.disk_to_cpu_bytes_s),
         "ctod": Affine.of(cd=new, hd=hid) * (1 / hw.cpu_to_disk_bytes_s),
         "comp": comp,
@@ -392,7 +417,8 @@ def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, 
             / hw.gpu_bmm_decode_flop_s)
     dequant = sum(_decode_dequant(p, hw, z, k * z.w_layer_fp, b * k * (s + n) * z.kv_token_fp,
                                   graphed=True))
-    return {**decode, "comp": Affine.of(k * per_batch + attn + dequant)}
+    rest = {name: t for name, t in decode.items() if name != HOST_CACHE_STEPS}
+    return {**rest, "comp": Affine.of(k * per_batch + attn + dequant)}
 
 
 def _decode_weight_seconds(z: Sizes, p: Policy, hw: HardwareProfile, graphed: bool = False) -> float:
@@ -595,7 +621,8 @@ def build_step_model(config: OptConfig, policy: Policy, prompt_len: int, gen_len
 
     page_cache: the disk tier as the runtime runs it when it fits in the page cache's share of
     host memory (every file mapped): disk traffic at the profile's page-cache rates, CPU
-    attention over a disk cache in place, and constraints ("page-cache_*") that keep the disk
+    attention over a disk cache in place, weights on disk crossing to the GPU out of their
+    registered mappings at the link's rate (devices/disk_io.DiskFile.pinned_view), and constraints ("page-cache_*") that keep the disk
     tier within that share. Needs a profile with page-cache rates. Predictions of a given
     policy use it where its disk tier fits (predict.policy_model); the search does not need it:
     host memory free for the page cache would hold the same bytes in the CPU tier, which
@@ -616,7 +643,8 @@ def build_step_model(config: OptConfig, policy: Policy, prompt_len: int, gen_len
         profile = page_cache_rates(profile)
     decode = _decode_terms(config, policy, profile, z, prompt_len, gen_len, mapped=page_cache)
     graphs = not profile.host_backed_gpu and policy.attn_sparsity == 1.0
-    return StepModel(prefill=_prefill_terms(config, policy, profile, z, prompt_len), decode=decode,
+    return StepModel(prefill=_prefill_terms(config, policy, profile, z, prompt_len, page_cache),
+                     decode=decode,
                      memory=memory, capacity=capacity, num_layers=config.num_hidden_layers,
                      block_size=policy.block_size, gen_len=gen_len, overlap=policy.overlap,
                      graph_decode=_graph_decode_terms(config, policy, profile, z, prompt_len,

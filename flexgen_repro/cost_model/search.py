@@ -26,8 +26,8 @@ import numpy as np
 from scipy.optimize import linprog
 
 from flexgen_repro.config import OptConfig
-from flexgen_repro.cost_model.equations import (ALL_ON_GPU, StepModel, build_step_model, model_sizes,
-                                                tier_of)
+from flexgen_repro.cost_model.equations import (ALL_ON_GPU, HOST_CACHE_STEPS, StepModel,
+                                                build_step_model, model_sizes, tier_of)
 from flexgen_repro.cost_model.hardware import GIB, HardwareProfile
 from flexgen_repro.cost_model.placement import row_percent, rows_of
 from flexgen_repro.cost_model.predict import Prediction, evaluate_at, evaluate_policy, tier_peaks
@@ -90,15 +90,16 @@ def _bounds(allow_act_disk: bool) -> list[tuple]:
     return [(0, 1)] * 8 + [(0, 1 if allow_act_disk else 0), (0, None), (0, None)]
 
 
-def _lp_rows(model: StepModel) -> tuple[np.ndarray, np.ndarray, float]:
-    """Inequality rows over (x, T_pre / scale, T_gen / scale): each time term <= its phase's T,
-    each memory term <= its capacity. Rows are normalized (seconds by the largest time coefficient,
-    bytes by the capacity) because HiGHS drops matrix entries below 1e-9."""
-    terms = list(model.prefill.values()) + list(model.decode.values())
+def _lp_rows(model: StepModel, decode: dict) -> tuple[np.ndarray, np.ndarray, float]:
+    """Inequality rows over (x, T_pre / scale, T_gen / scale): each time term <= its phase's T
+    (`decode`: the decode terms in force), each memory term <= its capacity. Rows are normalized
+    (seconds by the largest time coefficient, bytes by the capacity) because HiGHS drops matrix
+    entries below 1e-9."""
+    terms = list(model.prefill.values()) + list(decode.values())
     scale = max(max(np.abs(t.coef).max(), abs(t.const)) for t in terms) or 1.0
     rows, rhs = [], []
-    for col, phase in ((9, "prefill"), (10, "decode")):
-        for term in getattr(model, phase).values():
+    for col, phase_terms in ((9, model.prefill), (10, decode)):
+        for term in phase_terms.values():
             row = np.zeros(NVARS)
             row[:9], row[col] = term.coef / scale, -1.0
             rows.append(row)
@@ -122,14 +123,26 @@ def _sum_rows(nvars: int) -> np.ndarray:
 
 def solve_placement(model: StepModel, allow_act_disk: bool = False) -> tuple[np.ndarray, float] | None:
     """The relaxed optimum (placement vector, generation seconds) of one shape, or None if no
-    placement fits."""
-    a_ub, b_ub, _ = _lp_rows(model)
+    placement fits. Where a decode term is charged only while some of the cache is off the GPU
+    (HOST_CACHE_STEPS), two programs: every placement with the charge, and the cache held on the
+    GPU without it; the faster wins."""
+    found = [_solve(model, model.decode, _bounds(allow_act_disk))]
+    if HOST_CACHE_STEPS in model.decode:
+        bounds = _bounds(allow_act_disk)
+        bounds[3] = (1, 1)                          # cg: the whole cache on the GPU
+        found.append(_solve(model, model.decode_cache_on_gpu(), bounds))
+    found = [f for f in found if f is not None]
+    return min(found, key=lambda f: f[1]) if found else None
+
+
+def _solve(model: StepModel, decode: dict, bounds: list) -> tuple[np.ndarray, float] | None:
+    a_ub, b_ub, _ = _lp_rows(model, decode)
     cost = np.zeros(NVARS)
     cost[9], cost[10] = model.num_layers, (model.gen_len - 1) * model.num_layers
     # ties (a tier's traffic hidden under compute) go to the higher tier: a relative 1e-6 nudge
     cost[:9] = TIE_BREAK * model.num_layers * model.gen_len * np.tile([0.0, 1.0, 2.0], 3)
     res = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=_sum_rows(NVARS), b_eq=np.ones(3),
-                  bounds=_bounds(allow_act_disk), method="highs")
+                  bounds=bounds, method="highs")
     if res.status != 0:
         return None
     x = np.clip(res.x[:9], 0.0, 1.0)
@@ -147,7 +160,7 @@ def _min_over_simplex(term, allow_act_disk: bool) -> float:
 
 def _lower_bound(model: StepModel, allow_act_disk: bool) -> float:
     pre = max(_min_over_simplex(t, allow_act_disk) for t in model.prefill.values())
-    dec = max(_min_over_simplex(t, allow_act_disk) for t in model.decode.values())
+    dec = max(_min_over_simplex(t, allow_act_disk) for t in model.decode_cache_on_gpu().values())
     return model.num_layers * (pre + (model.gen_len - 1) * dec)
 
 

@@ -31,9 +31,6 @@ IO_THREADS = 4
 # available (the rest of it is left to the host tier and the process)
 PAGE_CACHE_SHARE = 0.5
 DIRECT_ALIGN = 4096        # O_DIRECT: buffer address, file offset and length in whole blocks
-# A mapped weight bound for the GPU: the mapping registered with CUDA, so the copy to the GPU reads
-# the page cache itself; False reads it into a pinned buffer first (`bench.alternate` compares).
-REGISTER_MAPPINGS = True
 _HOST_REGISTER_READ_ONLY = 8   # cudaHostRegisterReadOnly: the GPU only reads the pages
 # filesystems that live in memory or on top of another one: O_DIRECT there measures nothing
 _NOT_A_DRIVE = {"tmpfs", "ramfs", "overlay", "overlayfs", "squashfs", "fuse", "9p", "nfs", "nfs4",
@@ -96,7 +93,7 @@ class DiskFile:
         so a copy of it to the GPU reads the page cache directly with no host copy. None where
         that cannot be: not "mmap" mode, no CUDA, or the registration refused (the caller then
         reads into pinned memory). The file must not change while registered: weights only."""
-        if self.io != "mmap" or not REGISTER_MAPPINGS:
+        if self.io != "mmap":
             return None
         if self._register_tried:   # every load after the first
             return self.view() if self._registered is not None else None
