@@ -540,7 +540,7 @@ def _gpu_memory(c: OptConfig, p: Policy, z: Sizes, s: int, n: int, phase: str) -
     the full-length cache, the hidden states of every GPU batch) and cuBLAS workspaces, plus
     transient memory times ALLOCATOR_FRAGMENTATION: weights in flight, the current batch's input
     when it comes from the CPU or disk, the step's tensors, and the K, V of pending cache stores
-    (prefill, overlap) or the cache loaded from the CPU or disk (decode without CPU attention:
+    (prefill, overlap; the newest are the attention step's own K, V, counted once) or the cache loaded from the CPU or disk (decode without CPU attention:
     whole (b, heads, s + n, d) buffers, this step's and the next one's)."""
     b, k = p.gpu_batch_size, p.num_gpu_batches
     tok = s if phase == "prefill" else 1
@@ -554,7 +554,10 @@ def _gpu_memory(c: OptConfig, p: Policy, z: Sizes, s: int, n: int, phase: str) -
         w = z.w_in_flight[kind]
         work = Affine.of(step, wc=w, wd=w, hc=batch_hidden, hd=batch_hidden)
         if phase == "prefill" and p.overlap:
-            work += Affine.of(MAX_PENDING_STORES * b * s * z.kv_token_fp)
+            # the stores in flight hold their K and V; an attention step's own (the newest) are
+            # among its step tensors already (_prefill_steps), so it holds one fewer besides
+            stores = MAX_PENDING_STORES - (1 if kind in ("attention", "layer") else 0)
+            work += Affine.of(stores * b * s * z.kv_token_fp)
         if phase == "decode" and not p.cpu_cache_compute:
             loaded = buffer * (DECODE_CACHE_BUFFERS if kind in ("attention", "layer") else 1)
             work += Affine.of(cc=loaded, cd=loaded)

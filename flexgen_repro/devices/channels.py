@@ -89,7 +89,7 @@ class Channel:
         try:
             while len(self._in_flight) >= PIPELINE_DEPTH:
                 wait_done(self._in_flight.popleft())
-            with trace.span(self.name + "/issue"), torch.cuda.stream(self.stream):
+            with trace.span(self.name + "/queue"), torch.cuda.stream(self.stream):
                 if ready is not None:
                     self.stream.wait_event(ready)
                 out = fn(*args)
