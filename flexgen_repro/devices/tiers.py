@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,28 +39,43 @@ class MemDevice:
         self.tier, self.dev, self.can_pin = tier, device, can_pin
         self.engine = engine or CopyEngine()
         self._registered: dict[int, int] = {}  # data_ptr -> bytes
+        self._refused = 0                        # large buffers left pageable (registration refused)
         self._lock = threading.Lock()
 
     def alloc(self, shape, dtype: torch.dtype, pin: bool = False,
               long_lived: bool = True) -> torch.Tensor:
         """`long_lived` pinned buffers are registered (exact size); short-lived ones come from
-        torch's pinned allocator, which reuses its blocks."""
+        torch's pinned allocator, which reuses its blocks. A large buffer whose registration is
+        refused stays pageable (copies to the GPU stage it through pinned blocks) rather than
+        take the pinned allocator's power-of-two rounding, up to twice its bytes."""
         pin = pin and self.can_pin and self.dev.type == "cpu"
         if not pin:
             return torch.empty(tuple(shape), dtype=dtype, device=self.dev)
         if long_lived:
             t = torch.empty(tuple(shape), dtype=dtype)
             nbytes = t.numel() * t.element_size()
-            if nbytes >= self.REGISTER_MIN_BYTES and self._register(t.data_ptr(), nbytes):
+            if nbytes >= self.REGISTER_MIN_BYTES:
+                if not self._register(t.data_ptr(), nbytes):
+                    self._warn_unpinned(nbytes)
                 return t
         return torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
 
     def _register(self, ptr: int, nbytes: int) -> bool:
         if not host_register(ptr, nbytes):
-            return False  # e.g. an overlapping range still registered: use the pinned allocator
+            return False  # e.g. too little memory left to lock
         with self._lock:
             self._registered[ptr] = nbytes
         return True
+
+    def _warn_unpinned(self, nbytes: int) -> None:
+        with self._lock:
+            first, self._refused = self._refused == 0, self._refused + 1
+        if first:
+            warnings.warn(f"CUDA refused to pin a {nbytes / 2**20:.0f} MiB host buffer "
+                          f"(cudaHostRegister): it, and any other it refuses, stays pageable and "
+                          f"crosses to the GPU through staging buffers, more slowly; less in host "
+                          f"memory (--percent) or more memory free lets it pin",
+                          RuntimeWarning, stacklevel=3)
 
     def release(self, t: torch.Tensor) -> None:
         """Unregister a buffer this device registered (before its memory is freed)."""
