@@ -56,6 +56,9 @@ def test_summary_gives_medians_ranges_and_token_agreement():
     assert (a["decode_tok_s"], a["decode_range"], a["total_tok_s"]) == (12.0, [10.0, 14.0], 6.0)
     assert (b["decode_tok_s"], b["total_range"], b["runs"]) == (12.0, [4.0, 8.0], 3)
     assert a["same_tokens"] and not b["same_tokens"]       # the second repeat differs
+    assert not a["repeatable"] and not b["repeatable"]     # x, y, w: each varies between repeats
+    steady = alternate.summarize([dict(r, tokens="x") for r in rows], ["a", "b"])
+    assert all(v["repeatable"] and v["same_tokens"] for v in steady)
 
 
 def test_a_run_alternates_variants_on_one_setup(tmp_path, capsys, monkeypatch):
@@ -70,7 +73,8 @@ def test_a_run_alternates_variants_on_one_setup(tmp_path, capsys, monkeypatch):
     assert [(r["repeat"], r["variant"]) for r in data["rows"]] == \
         [(0, "shipped"), (0, "deep"), (1, "shipped"), (1, "deep")]
     assert data["variants"] == {"shipped": {}, "deep": {"copy_engine.COPY_IN_FLIGHT": 5}}
-    assert all(s["same_tokens"] and s["runs"] == 2 and s["decode_tok_s"] > 0 for s in data["summary"])
+    assert all(s["same_tokens"] and s["repeatable"] and s["runs"] == 2 and s["decode_tok_s"] > 0
+               for s in data["summary"])
     assert data["argv"] == argv and data["commit"] and data["device"]
     assert copy_engine.COPY_IN_FLIGHT == before
     text = capsys.readouterr().out

@@ -115,7 +115,9 @@ def applied(settings: dict):
 
 
 def summarize(rows: list[dict], names: list[str]) -> list[dict]:
-    """Per variant: median and range of decode and total throughput; same tokens as the first."""
+    """Per variant: median and range of decode and total throughput; same tokens as the first
+    variant in each repeat; the same tokens in all its own repeats (a generation that varies
+    between repeats of one setting is not deterministic, whatever the variants compare)."""
     first = {r["repeat"]: r["tokens"] for r in rows if r["variant"] == names[0]}
     out = []
     for name in names:
@@ -124,7 +126,8 @@ def summarize(rows: list[dict], names: list[str]) -> list[dict]:
         out.append({"variant": name, "runs": len(mine),
                     "decode_tok_s": statistics.median(dec), "decode_range": [min(dec), max(dec)],
                     "total_tok_s": statistics.median(tot), "total_range": [min(tot), max(tot)],
-                    "same_tokens": all(r["tokens"] == first.get(r["repeat"]) for r in mine)})
+                    "same_tokens": all(r["tokens"] == first.get(r["repeat"]) for r in mine),
+                    "repeatable": len({r["tokens"] for r in mine}) == 1})
     return out
 
 
@@ -165,7 +168,8 @@ def main(argv=None) -> int:
     for s in summary:
         print(f"{s['variant']}: decode {s['decode_tok_s']:.1f} tok/s ({s['decode_range'][0]:.1f}-"
               f"{s['decode_range'][1]:.1f}), total {s['total_tok_s']:.1f} ({s['total_range'][0]:.1f}-"
-              f"{s['total_range'][1]:.1f}), {s['runs']} runs, same tokens: {s['same_tokens']}")
+              f"{s['total_range'][1]:.1f}), {s['runs']} runs, same tokens: {s['same_tokens']}, "
+              f"the same in every repeat: {s['repeatable']}")
     if args.json_file:
         with open(args.json_file, "w") as f:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
