@@ -540,8 +540,9 @@ def _gpu_memory(c: OptConfig, p: Policy, z: Sizes, s: int, n: int, phase: str) -
     the full-length cache, the hidden states of every GPU batch) and cuBLAS workspaces, plus
     transient memory times ALLOCATOR_FRAGMENTATION: weights in flight, the current batch's input
     when it comes from the CPU or disk, the step's tensors, and the K, V of pending cache stores
-    (prefill, overlap; the newest are the attention step's own K, V, counted once) or the cache loaded from the CPU or disk (decode without CPU attention:
-    whole (b, heads, s + n, d) buffers, this step's and the next one's)."""
+    (prefill, overlap; the newest are the attention step's own K, V, counted once) or the cache
+    loaded from the CPU or disk (decode without CPU attention: whole (b, heads, s + n, d)
+    buffers, this step's and the next one's)."""
     b, k = p.gpu_batch_size, p.num_gpu_batches
     tok = s if phase == "prefill" else 1
     batch_hidden = b * tok * z.hid_token
@@ -625,9 +626,10 @@ def build_step_model(config: OptConfig, policy: Policy, prompt_len: int, gen_len
     page_cache: the disk tier as the runtime runs it when it fits in the page cache's share of
     host memory (every file mapped): disk traffic at the profile's page-cache rates, CPU
     attention over a disk cache in place, weights on disk crossing to the GPU out of their
-    registered mappings at the link's rate (devices/disk_io.DiskFile.pinned_view), and constraints ("page-cache_*") that keep the disk
-    tier within that share. Needs a profile with page-cache rates. Predictions of a given
-    policy use it where its disk tier fits (predict.policy_model); the search does not need it:
+    registered mappings at the link's rate (devices/disk_io.DiskFile.pinned_view), and
+    constraints ("page-cache_*") that keep the disk tier within that share. Needs a profile
+    with page-cache rates. Predictions of a given policy use it where its disk tier fits
+    (predict.policy_model); the search does not need it:
     host memory free for the page cache would hold the same bytes in the CPU tier, which
     crosses to the GPU faster still."""
     if page_cache and not profile.has_page_cache_rates:

@@ -44,7 +44,8 @@ TIE_BREAK = 1e-6
 class SearchSpace:
     """The block shapes and options searched (the paper: GPU batch sizes mostly multiples of 4,
     fewer than ~20 GPU batches per block)."""
-    gpu_batch_sizes: tuple = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 192, 256, 384, 512)
+    gpu_batch_sizes: tuple = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 192, 256, 384,
+                              512)
     num_gpu_batches: tuple = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
     max_block_size: int = 8192
     allow_act_disk: bool = False      # hidden states on disk never pay; keep them off it
