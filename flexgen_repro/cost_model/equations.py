@@ -155,7 +155,7 @@ class StepModel:
 
     def decode_cache_on_gpu(self) -> dict:
         """The decode terms where the whole cache stays on the GPU (no host cache steps)."""
-        return {name: t for name, t in self.decode.items() if name != HOST_CACHE_STEPS}
+        return cache_on_gpu_terms(self.decode)
 
     def phase_time(self, phase: str, x) -> float:
         values = [term(x) for term in self.terms(phase, x).values()]
@@ -169,6 +169,11 @@ class StepModel:
 
 
 ALL_ON_GPU = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0], dtype=float)
+
+
+def cache_on_gpu_terms(terms: dict) -> dict:
+    """Decode terms as they stand where the whole cache is on the GPU: without HOST_CACHE_STEPS."""
+    return {name: t for name, t in terms.items() if name != HOST_CACHE_STEPS}
 
 
 def cache_on_gpu(x) -> bool:
@@ -417,8 +422,7 @@ def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, 
             / hw.gpu_bmm_decode_flop_s)
     dequant = sum(_decode_dequant(p, hw, z, k * z.w_layer_fp, b * k * (s + n) * z.kv_token_fp,
                                   graphed=True))
-    rest = {name: t for name, t in decode.items() if name != HOST_CACHE_STEPS}
-    return {**rest, "comp": Affine.of(k * per_batch + attn + dequant)}
+    return {**cache_on_gpu_terms(decode), "comp": Affine.of(k * per_batch + attn + dequant)}
 
 
 def _decode_weight_seconds(z: Sizes, p: Policy, hw: HardwareProfile, graphed: bool = False) -> float:

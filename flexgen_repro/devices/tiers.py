@@ -39,7 +39,7 @@ class MemDevice:
         self.tier, self.dev, self.can_pin = tier, device, can_pin
         self.engine = engine or CopyEngine()
         self._registered: dict[int, int] = {}  # data_ptr -> bytes
-        self._refused = 0                        # large buffers left pageable (registration refused)
+        self._warned_unpinned = False            # a refused registration has been reported
         self._lock = threading.Lock()
 
     def alloc(self, shape, dtype: torch.dtype, pin: bool = False,
@@ -69,7 +69,7 @@ class MemDevice:
 
     def _warn_unpinned(self, nbytes: int) -> None:
         with self._lock:
-            first, self._refused = self._refused == 0, self._refused + 1
+            first, self._warned_unpinned = not self._warned_unpinned, True
         if first:
             warnings.warn(f"CUDA refused to pin a {nbytes / 2**20:.0f} MiB host buffer "
                           f"(cudaHostRegister): it, and any other it refuses, stays pageable and "
