@@ -19,6 +19,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # Prefill attention on the GPU leaves out cuDNN's kernel, which plans anew for each new shape
 # (every block width of a text job is one); the memory-efficient kernel takes any mask.
 PREFILL_GPU_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Decode attention on the GPU leaves cuDNN's kernel out too: given the same inputs twice it returns
+# different last bits (an OPT-1.3B decode step's logits moved by up to 0.008 between repeats, and
+# greedy tokens at near-ties flipped); the memory-efficient and math kernels repeat exactly
+# (docs/tuning.md). Flash attention takes no mask, so the memory-efficient kernel runs.
+DECODE_GPU_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def to_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
