@@ -66,8 +66,8 @@ def test_local_profile_missing_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="invoke profile-hardware"):
         load_profile("local")
-    with pytest.raises(ValueError, match="unknown hardware profile 'h200'"):
-        load_profile("h200")
+    with pytest.raises(ValueError, match="unknown hardware profile 'a100'"):
+        load_profile("a100")
 
 
 def test_memory_caps_replace_tiers_in_gib():
@@ -126,6 +126,23 @@ def test_a_profile_without_page_cache_rates_predicts_every_disk_byte_at_the_driv
     pol = cli.parse_flags("--percent 0 0 100 0 100 0 --gpu-batch-size 16 --num-gpu-batches 1")[0]
     pred = evaluate_policy(get_opt_config("opt-1.3b"), pol, plain, 512, 32)
     assert not pred.page_cache and pred.decode_bound == "dtoc"
+
+
+def test_the_shipped_h200_profile_is_its_measurement_with_the_h100_host_fits():
+    """The h200 profile's link, memory and compute rates are its own measurements, its GPU memory
+    the whole card's (94% of what CUDA reported), and its host-side fits the h100 profile's."""
+    h200, h100 = load_profile("h200"), load_profile("h100")
+    m = h200.measurements
+    assert m["device"] == "NVIDIA H200"
+    assert h200.cpu_to_gpu_bytes_s == m["h2d_pinned"] and h200.gpu_mem_bw_bytes_s == m["mem_bw"]
+    assert h200.gpu_mm_decode_flop_s == m["mm_decode"] and h200.disk_to_cpu_bytes_s == m["disk_read"]
+    assert h200.gpu_mem_bytes == pytest.approx(0.94 * m["gpu_total"])
+    assert h200.gpu_mem_bytes > h100.gpu_mem_bytes
+    for key in ("cpu_attention_flop_s", "cpu_attention_batch_overhead_s", "cache_step_host_s"):
+        assert getattr(h200, key) == getattr(h100, key)
+    pol = cli.parse_flags("--percent 100 0 100 0 100 0 --gpu-batch-size 4 --num-gpu-batches 1")[0]
+    capped = h200.with_memory(gpu_gb=16)
+    assert evaluate_policy(get_opt_config("opt-6.7b"), pol, capped, 512, 32).throughput > 0
 
 
 def test_policy_prints_flags_that_parse_back_to_the_same_policy(capsys):

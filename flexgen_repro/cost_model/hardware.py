@@ -1,6 +1,6 @@
 """Hardware profiles for the cost model: the HardwareProfile dataclass, reading and writing its JSON,
-and the named profiles (shipped with the package: `t4-paper`, the paper's T4 machine, and `h100`,
-measured on an H100 80GB machine; `local`, measured on this machine by
+and the named profiles (shipped with the package: `t4-paper`, the paper's T4 machine, `h100`,
+measured on an H100 80GB machine, and `h200`, measured on an H200 machine; `local`, measured on this machine by
 `invoke profile-hardware`).
 
 Units are SI base units throughout: bytes, bytes per second, floating-point operations per second.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 GIB = float(1 << 30)
 TERA = 1e12
 PROFILES_DIR = os.path.join(os.path.dirname(__file__), "profiles")
-BUILTIN_PROFILES = ("t4-paper", "h100")
+BUILTIN_PROFILES = ("t4-paper", "h100", "h200")
 LOCAL_PROFILE = "~/.cache/flexgen_repro/hardware_local.json"
 
 # Every rate the equations divide by; each must be > 0.
