@@ -64,6 +64,20 @@ def test_fused_dequant_linear_matches_reference(m, group_dim, symmetric, overrid
     assert rel_err(out, ref) < FP16_TOL
 
 
+@pytest.mark.parametrize("group_dim", [0, 1])
+def test_split_k_fused_dequant_linear_repeats_bit_for_bit(group_dim):
+    """Split-K adds its splits' partial sums in one fixed order (no atomics), so a decode layer's
+    output is the same bits every time (greedy tokens at near-ties then repeat too)."""
+    from flexgen_repro.kernels import dequant_matmul
+    n, k = 256, 1024
+    w = compress(rand(n, k, seed=4, scale=0.05), CompressionConfig(4, 64, group_dim, False))
+    x, bias = rand(16, k, seed=5), rand(n, seed=6)
+    first = dequant_matmul.dequant_linear(x, w, bias, overrides={"split": 4})
+    assert all(torch.equal(dequant_matmul.dequant_linear(x, w, bias, overrides={"split": 4}), first)
+               for _ in range(10))
+    assert rel_err(first, reference.dequant_linear(x, w, bias)) < FP16_TOL
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_dequant_linear_other_dtypes_and_batched_input(dtype):
     from flexgen_repro.kernels import dequant_matmul

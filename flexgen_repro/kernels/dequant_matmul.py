@@ -3,7 +3,9 @@
 W is (out, in), 4-bit, compressed along out (group_dim 0, FlexGen's weight default) or along in
 (group_dim 1). Decode (x has at most DECODE_MAX_M rows) runs one fused, memory-bound kernel that
 reads every packed byte once per block of rows of x and splits the in-dimension over programs
-(split-K, float32 atomics) so that a small layer still fills the GPU. Larger x (prefill) dequantizes
+(split-K) so that a small layer still fills the GPU; each split stores its float32 partial sums
+and one reduction adds them in a fixed order, so a result repeats bit for bit (atomic adds would
+add them in whatever order the programs finish). Larger x (prefill) dequantizes
 W into a scratch buffer with one kernel and calls torch's matmul. Imports triton.
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _rows_kernel(x, data, scale, mn, bias, y, M, N, K, n_groups, k_per_split,
                  stride_xm, stride_ym,
                  P: tl.constexpr, GS: tl.constexpr, ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ATOMIC: tl.constexpr, PREC: tl.constexpr):
+                 PARTIAL: tl.constexpr, PREC: tl.constexpr):
     """W grouped along out: packed row r = group * P + b holds out rows group*GS + b (low nibble)
     and group*GS + P + b (high nibble) for every input column."""
     pid_r, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -67,15 +69,15 @@ def _rows_kernel(x, data, scale, mn, bias, y, M, N, K, n_groups, k_per_split,
         w_hi = (((byte >> 4).to(tl.float32) - ZERO) * sc + off).to(xt.dtype)
         acc_lo = tl.dot(xt, tl.trans(w_lo), acc_lo, input_precision=PREC)
         acc_hi = tl.dot(xt, tl.trans(w_hi), acc_hi, input_precision=PREC)
-    _finish(acc_lo, bias, y, m, n_lo, M, N, stride_ym, pid_k, HAS_BIAS, ATOMIC)
-    _finish(acc_hi, bias, y, m, n_hi, M, N, stride_ym, pid_k, HAS_BIAS, ATOMIC)
+    _finish(acc_lo, bias, y, m, n_lo, M, N, stride_ym, pid_k, HAS_BIAS, PARTIAL)
+    _finish(acc_hi, bias, y, m, n_hi, M, N, stride_ym, pid_k, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
 def _cols_kernel(x, data, scale, mn, bias, y, M, N, K, n_groups, groups_per_split,
                  stride_xm, stride_ym,
                  P: tl.constexpr, GS: tl.constexpr, ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
                  PREC: tl.constexpr):
     """W grouped along in: packed byte (n, group * P + b) holds W[n, group*GS + b] (low nibble)
     and W[n, group*GS + P + b] (high nibble)."""
@@ -101,21 +103,21 @@ def _cols_kernel(x, data, scale, mn, bias, y, M, N, K, n_groups, groups_per_spli
         w_hi = (((byte >> 4).to(tl.float32) - ZERO) * sc + off).to(x_lo.dtype)
         acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PREC)
         acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PREC)
-    _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k, HAS_BIAS, ATOMIC)
+    _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
-def _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
-    """Add the bias (once: split 0) and write (or atomically add) a tile of y."""
+def _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    """Add the bias (once: split 0) and write a tile of y; with PARTIAL, of split pid_k's float32
+    partial sums, y being (splits, M, N)."""
     ok = (m < M)[:, None] & (n < N)[None, :]
     if HAS_BIAS:
         bv = tl.load(bias + n, mask=(n < N) & (pid_k == 0), other=0).to(tl.float32)
         acc += bv[None, :]
     ptr = y + m[:, None] * stride_ym + n[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptr, acc, mask=ok)
-    else:
-        tl.store(ptr, acc.to(y.dtype.element_ty), mask=ok)
+    if PARTIAL:
+        ptr += pid_k.to(tl.int64) * M * stride_ym
+    tl.store(ptr, acc.to(y.dtype.element_ty), mask=ok)
 
 
 def decode_config(m: int, out_units: int, group_dim: int, num_sms: int, p: int = 32) -> dict:
@@ -153,12 +155,12 @@ def _launch(x2: torch.Tensor, packed_w: CompressedTensor, bias, overrides: dict 
         split = triton.cdiv(n_groups, step)
         grid = (triton.cdiv(n, cfg["BLOCK_OUT"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
         kernel, extra = _cols_kernel, dict(BLOCK_N=cfg["BLOCK_OUT"])
-    atomic = split > 1
-    y = (torch.zeros if atomic else torch.empty)((m, n), device=x2.device,
-                                                  dtype=torch.float32 if atomic else x2.dtype)
+    partial = split > 1
+    y = torch.empty((split, m, n) if partial else (m, n), device=x2.device,
+                    dtype=torch.float32 if partial else x2.dtype)
     kernel[grid](x2, data, scale, mn, bias if bias is not None else x2, y, m, n, k, n_groups, step,
-                 x2.stride(0), y.stride(0), ATOMIC=atomic, **common, **extra)
-    return y.to(x2.dtype) if atomic else y
+                 x2.stride(0), n, PARTIAL=partial, **common, **extra)
+    return y.sum(0).to(x2.dtype) if partial else y
 
 
 def dequant_linear(x: torch.Tensor, packed_w: CompressedTensor, bias=None,
