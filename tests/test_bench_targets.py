@@ -249,3 +249,28 @@ def test_the_table2_summary_folds_pairs_across_suites(tmp_path, monkeypatch):
     assert any(l.startswith("| opt-66b | 4-bit |") and "| 80.00 |" in l
                and "| 1 | fewer than 3 pairs |" in l for l in lines)
     assert any(l.startswith("| opt-6.7b | none |") and "not measured" in l for l in lines)
+
+
+def test_table2_summary_shows_ours_alone_with_the_cards_profile(tmp_path, monkeypatch):
+    """A row whose original never ran beside ours shows ours alone, with no ratio, predicted with
+    the shipped profile of the card that ran it (h200 for an H200)."""
+    rows = tmp_path / "rows.csv"
+    rows.write_text("model,compression,ours,original,note\n"
+                    "opt-30b,none,table2/t2-30b,table2/orig-t2-30b,paper's policy\n")
+    monkeypatch.setattr(tables, "TABLE2_ROWS", str(rows))
+    rec = dict(_at("t2-30b", 43.5, 0), device="NVIDIA H200", percent="0 100 21 79 100 0",
+               gpu_batch_size=24, num_gpu_batches=3, cpu_cache_compute=True, compress_weight=False,
+               compress_cache=False)
+    (tmp_path / "table2" / "raw").mkdir(parents=True)
+    (tmp_path / "table2" / "raw" / "t2-30b.json").write_text(json.dumps(rec))
+    lines = open(tables.write_table2(str(tmp_path))).read().splitlines()
+    predicted = evaluate_policy(get_opt_config("opt-30b"), calibrate_policy(rec),
+                                load_profile("h200"), 512, 32).throughput
+    assert predicted != evaluate_policy(get_opt_config("opt-30b"), calibrate_policy(rec),
+                                        load_profile("h100"), 512, 32).throughput
+    row = [l for l in lines if l.startswith("| opt-30b | none |")]
+    assert len(row) == 1
+    assert (f"| NVIDIA H200 | abc1234 | `0 100 21 79 100 0`, 24x3, CPU attention | 43.50 | "
+            f"{tables._md_cell(predicted)} "
+            f"({100 * (predicted / 43.5 - 1):+.0f}%) | - | table2/orig-t2-30b | - | 0 | ours alone |") in row[0]
+    assert tables.card_profile("NVIDIA H100 80GB HBM3") == "h100"

@@ -461,13 +461,18 @@ def _spread(values: list[float]) -> str:
     return mid if len(values) == 1 else f"{mid} ({_md_cell(min(values))}-{_md_cell(max(values))})"
 
 
+def card_profile(device: str) -> str:
+    """The shipped profile of the card that ran a record: h200 for an H200, else h100."""
+    return "h200" if "H200" in (device or "").upper() else "h100"
+
+
 def _predicted(rec: dict) -> float | None:
-    """The cost model's throughput for a record's policy, with the shipped h100 profile (the
-    model as it is now, whatever commit ran the record)."""
+    """The cost model's throughput for a record's policy, with the shipped profile of the card
+    that ran it (the model as it is now, whatever commit ran the record)."""
     from flexgen_repro.cost_model import calibrate
     from flexgen_repro.cost_model.hardware import load_profile
     try:
-        return calibrate.predict_record(rec, load_profile("h100")).throughput
+        return calibrate.predict_record(rec, load_profile(card_profile(rec.get("device")))).throughput
     except (KeyError, ValueError):
         return None
 
@@ -475,21 +480,28 @@ def _predicted(rec: dict) -> float | None:
 def table2_rows(out: str) -> list[dict]:
     """One entry per row of TABLE2_ROWS and GPU and commit of ours: the same-call pairs of our
     cases and the original's, folded (medians and ranges; a ratio only from MIN_PAIRS_FOR_RATIO
-    pairs); a row with no pair says so."""
+    pairs); where no original ran beside ours, ours alone (no pair); a row never run says so."""
     with open(TABLE2_ROWS, newline="") as f:
         spec = list(csv.DictReader(f))
     cache: dict = {}
     rows = []
     for s in spec:
-        pairs = call_pairs(_named_records(out, s["ours"], cache),
-                           _named_records(out, s["original"], cache))
+        mine = _named_records(out, s["ours"], cache)
+        pairs = call_pairs(mine, _named_records(out, s["original"], cache))
         groups: dict[tuple, list] = {}
         for o, r in pairs:
             groups.setdefault((o.get("device") or "", o.get("commit") or ""), []).append((o, r))
         base = dict(model=s["model"], compression=s["compression"], note=s["note"],
                     ours_cases=s["ours"], original_cases=s["original"])
-        if not groups:
+        alone: dict[tuple, list] = {}
+        for o in mine if not groups else ():
+            alone.setdefault((o.get("device") or "", o.get("commit") or ""), []).append(o)
+        if not groups and not alone:
             rows.append(dict(base, pairs=0))
+        for (device, commit), ours in alone.items():
+            rows.append(dict(base, pairs=0, device=device, commit=commit,
+                             predicted=_predicted(ours[-1]), ours_policy=_policy_text(ours[-1]),
+                             ours=[o["total_throughput"] for o in ours]))
         for (device, commit), group in groups.items():
             ours, orig = [o for o, _ in group], [r for _, r in group]
             ratios = [o["total_throughput"] / r["total_throughput"] for o, r in group]
@@ -505,9 +517,15 @@ def table2_rows(out: str) -> list[dict]:
     return rows
 
 
+def _vs_predicted(r: dict) -> str:
+    mid = statistics.median(r["ours"])
+    return f"{_md_cell(r['predicted'])} ({100 * (r['predicted'] / mid - 1):+.0f}%)" \
+        if r["predicted"] else "-"
+
+
 def table2_lines(rows: list[dict]) -> list[str]:
     heads = ["model", "4-bit", "GPU", "ours: commit", "ours: policy", "ours tok/s",
-             "predicted (h100 profile)", "decode / limit (binding)", "original: policy",
+             "predicted (the card's profile)", "decode / limit (binding)", "original: policy",
              "original tok/s", "pairs", "ours / original", "the original's side"]
     out = ["# The paper's Table 2 under a 16 GiB GPU cap", "",
            "Made by `invoke results` from the records under results/ (the rows and their cases: "
@@ -516,23 +534,25 @@ def table2_lines(rows: list[dict]) -> list[str]:
            "before each original). "
            f"Throughput is the median of the pairs (their range in brackets); a ratio is given "
            f"from {MIN_PAIRS_FOR_RATIO} pairs or more. Predicted: the cost model as it is now "
-           "(the shipped h100 profile) for ours' policy, against ours' median.", "",
+           "(the shipped profile of the card that ran ours: h200 on an H200, else h100) for ours' "
+           "policy, against ours' median. Ours alone: no original ran beside it.", "",
            "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
-        if not r["pairs"]:
+        if "ours" not in r:
             cells = [r["model"], r["compression"], "-", "-", r["ours_cases"], "not measured", "-",
                      "-", r["original_cases"], "-", "0", "-", r["note"]]
+        elif not r["pairs"]:
+            cells = [r["model"], r["compression"], _md_cell(r["device"]), r["commit"],
+                     r["ours_policy"], _spread(r["ours"]), _vs_predicted(r), "-",
+                     r["original_cases"], "-", "0", "ours alone", r["note"]]
         else:
             limit = (f"{_md_cell(r['fraction_of_limit'])} ({r['binding']})"
                      if r["fraction_of_limit"] else "-")
             ratio = (f"{statistics.median(r['ratios']):.2f}x ({min(r['ratios']):.2f}-"
                      f"{max(r['ratios']):.2f}x)" if r["pairs"] >= MIN_PAIRS_FOR_RATIO
                      else f"fewer than {MIN_PAIRS_FOR_RATIO} pairs")
-            mid = statistics.median(r["ours"])
-            predicted = (f"{_md_cell(r['predicted'])} ({100 * (r['predicted'] / mid - 1):+.0f}%)"
-                         if r["predicted"] else "-")
             cells = [r["model"], r["compression"], _md_cell(r["device"]), r["commit"],
-                     r["ours_policy"], _spread(r["ours"]), predicted, limit,
+                     r["ours_policy"], _spread(r["ours"]), _vs_predicted(r), limit,
                      r["original_policy"], _spread(r["original"]), str(r["pairs"]), ratio, r["note"]]
         out.append("| " + " | ".join(cells) + " |")
     return out
