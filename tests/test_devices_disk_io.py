@@ -251,17 +251,19 @@ def test_a_registered_mapping_crosses_to_the_gpu_bit_exactly(tmp_path, npy):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_streamed_weights_decode_the_same_tokens_every_time(tmp_path):
     """On a GPU: weights on disk (mapped, registered), in host memory and on the GPU give the same
-    tokens in three generations each in one process, and the three placements agree. Dummy
+    tokens in three generations each in one process, and the three placements agree; so do three
+    generations with 4-bit weights and cache (the fused split-K matmul and 4-bit attention). Dummy
     weights leave near-ties between the top logits, so any kernel whose last bits vary between
     repeats, or a copy racing the compute that reads its buffer, shows as a flipped token."""
     from flexgen_repro import flex_opt
     outs = {}
     for name, pct in (("disk", "0 0 100 0 100 0"), ("host", "0 100 100 0 100 0"),
-                      ("gpu", "100 0 100 0 100 0")):
+                      ("gpu", "100 0 100 0 100 0"), ("gpu-4bit", "100 0 100 0 100 0")):
+        four_bit = ["--compress-weight", "--compress-cache"] if name == "gpu-4bit" else []
         args = flex_opt.build_parser().parse_args(
             ["--model", "opt-1.3b", "--path", "_DUMMY_", "--offload-dir", str(tmp_path / name),
              "--percent", *pct.split(), "--gpu-batch-size", "16", "--num-gpu-batches", "1",
-             "--prompt-len", "128", "--gen-len", "16", "--cuda-graphs", "false"])
+             "--prompt-len", "128", "--gen-len", "16", "--cuda-graphs", "false", *four_bit])
         try:
             with flex_opt.prepared(args) as ready:
                 outs[name] = [np.asarray(ready.lm.generate(ready.prompts, max_new_tokens=16))
