@@ -272,5 +272,6 @@ def test_table2_summary_shows_ours_alone_with_the_cards_profile(tmp_path, monkey
     assert len(row) == 1
     assert (f"| NVIDIA H200 | abc1234 | `0 100 21 79 100 0`, 24x3, CPU attention | 43.50 | "
             f"{tables._md_cell(predicted)} "
-            f"({100 * (predicted / 43.5 - 1):+.0f}%) | - | table2/orig-t2-30b | - | 0 | ours alone |") in row[0]
+            f"({100 * (predicted / 43.5 - 1):+.0f}%) | - | table2/orig-t2-30b | - | 0 | ours alone |"
+            ) in row[0]
     assert tables.card_profile("NVIDIA H100 80GB HBM3") == "h100"

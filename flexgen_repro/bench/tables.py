@@ -472,7 +472,8 @@ def _predicted(rec: dict) -> float | None:
     from flexgen_repro.cost_model import calibrate
     from flexgen_repro.cost_model.hardware import load_profile
     try:
-        return calibrate.predict_record(rec, load_profile(card_profile(rec.get("device")))).throughput
+        profile = load_profile(card_profile(rec.get("device")))
+        return calibrate.predict_record(rec, profile).throughput
     except (KeyError, ValueError):
         return None
 

@@ -1,7 +1,7 @@
 """Hardware profiles for the cost model: the HardwareProfile dataclass, reading and writing its JSON,
 and the named profiles (shipped with the package: `t4-paper`, the paper's T4 machine, `h100`,
-measured on an H100 80GB machine, and `h200`, measured on an H200 machine; `local`, measured on this machine by
-`invoke profile-hardware`).
+measured on an H100 80GB machine, and `h200`, measured on an H200 machine; `local`, measured on
+this machine by `invoke profile-hardware`).
 
 Units are SI base units throughout: bytes, bytes per second, floating-point operations per second.
 Memory figures are what the runtime may use for tensors (not the nominal size of the part).

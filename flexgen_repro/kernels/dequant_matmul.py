@@ -107,7 +107,8 @@ def _cols_kernel(x, data, scale, mn, bias, y, M, N, K, n_groups, groups_per_spli
 
 
 @triton.jit
-def _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+def _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k,
+            HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
     """Add the bias (once: split 0) and write a tile of y; with PARTIAL, of split pid_k's float32
     partial sums, y being (splits, M, N)."""
     ok = (m < M)[:, None] & (n < N)[None, :]
