@@ -339,6 +339,17 @@ def test_a_disk_tier_that_fits_the_page_cache_moves_at_its_rates():
     assert pred.page_cache and pred.decode_bound == "ctog" and pred.decode_terms["dtoc"] == 0
     assert pred.decode_step_time == pytest.approx(STORED_BYTES / 1e9, rel=EXACT)
     assert pred.prefill_terms["dtoc"] == 0 and "sub_disk_mlp" not in pred.prefill_terms
+    # where profile-hardware measured that copy (page-cache pages registered with CUDA) below the
+    # link's rate, at the measured 0.5 GB/s: twice the time; a measurement above the link's rate
+    # changes nothing
+    for mapped, rate in ((0.5e9, 0.5e9), (2e9, 1e9)):
+        slow = dataclasses.replace(hw, measurements={"h2d_mapped": mapped})
+        got = evaluate_policy(TOY, policy((0, 0, 100, 0, 100, 0), b=1), slow, 16, 8)
+        assert got.page_cache and got.decode_step_time == pytest.approx(STORED_BYTES / rate, rel=EXACT)
+    # weights in host memory are not mapped: the measurement does not touch them
+    host = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1),
+                           dataclasses.replace(hw, measurements={"h2d_mapped": 0.5e9}), 16, 8)
+    assert host.decode_step_time == pytest.approx(STORED_BYTES / 1e9, rel=EXACT)
     # a cache on disk attended on the GPU is read out of the page cache at its 0.5 GB/s
     s, n, b = 16, 8, 4
     read = evaluate_policy(TOY, policy((100, 0, 0, 0, 100, 0), b=b), hw, s, n)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from flexgen_repro.config import get_opt_config
 from flexgen_repro import kernels
@@ -115,8 +116,19 @@ def test_disk_measurement_falls_back_to_buffered_where_o_direct_is_refused(tmp_p
 
 
 def test_page_cache_measurement_times_the_runtimes_mapped_files_and_removes_its_file(tmp_path):
-    out = profile.measure_page_cache(str(tmp_path / "offload"), 8 << 20, 2, pin=False)
+    out = profile.measure_page_cache(str(tmp_path / "offload"), 8 << 20, 2, pin=False,
+                                     dev=torch.device("cpu"))
     assert out["page_cache_read"] > 0 and out["page_cache_write"] > 0
+    assert "h2d_mapped" not in out          # a copy to a GPU: measured on CUDA only
+    assert not os.listdir(tmp_path / "offload")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_page_cache_measurement_on_a_gpu_times_the_registered_mapping_to_the_gpu(tmp_path):
+    out = profile.measure_page_cache(str(tmp_path / "offload"), 64 << 20, 3, pin=True,
+                                     dev=torch.device("cuda"))
+    assert out["h2d_mapped"] > 0
     assert not os.listdir(tmp_path / "offload")
 
 

@@ -257,6 +257,13 @@ def _host_to_gpu(hw: HardwareProfile, p: Policy) -> tuple[float, float]:
     return pinned, hw.cpu_to_gpu_pageable_bytes_s
 
 
+def _mapped_weight_rate(hw: HardwareProfile, h2d: float) -> float:
+    """Rate of a disk weight crossing to the GPU out of its registered mapping (page-cache pages):
+    the link's, or the lower rate profile-hardware measured for that copy (`h2d_mapped`)."""
+    mapped = (hw.measurements or {}).get("h2d_mapped")
+    return min(h2d, float(mapped)) if mapped else h2d
+
+
 def _step_overheads(c: OptConfig, p: Policy, hw: HardwareProfile) -> float:
     """Fixed step costs per transformer layer and block: k GPU batches, each running attention
     and MLP as two steps with sep_layer, plus the two embedding steps spread over the layers."""
@@ -267,11 +274,12 @@ def _step_overheads(c: OptConfig, p: Policy, hw: HardwareProfile) -> float:
 def _prefill_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int,
                    mapped: bool = False) -> dict:
     """mapped: the disk tier's files mapped and their weights registered with CUDA, so a weight
-    on disk crosses to the GPU straight out of the page cache, at the link's rate (no read into
-    host memory first: no disk->host term for it)."""
+    on disk crosses to the GPU straight out of the page cache, at the rate measured for that
+    (_mapped_weight_rate; no read into host memory first: no disk->host term for it)."""
     b, k = p.gpu_batch_size, p.num_gpu_batches
     B = b * k
     h2d, h2d_w = _host_to_gpu(hw, p)
+    h2d_wd = _mapped_weight_rate(hw, h2d) if mapped else h2d
     hid, cache_new = B * s * z.hid_token, B * s * z.kv_token
     flops = b * (s * z.flops_token + z.flops_logits)          # logits of the last token only
     mm = k * max(flops / hw.gpu_mm_prefill_flop_s, z.w_layer_fp / hw.gpu_mem_bw_bytes_s)
@@ -279,7 +287,7 @@ def _prefill_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: in
     dequant = (_weight_dequant_bytes(z, p) if p.compress_weight else 0.0) + \
         (B * s * z.kv_token_fp if p.compress_cache else 0.0)
     mm += _step_overheads(c, p, hw)
-    weights = Affine.of(wc=z.w_layer / h2d_w, wd=z.w_layer / h2d)
+    weights = Affine.of(wc=z.w_layer / h2d_w, wd=z.w_layer / h2d_wd)
     terms = {
         "ctog": weights + Affine.of(hc=hid, hd=hid) * (1 / h2d),
         "gtoc": Affine.of(cc=cache_new, cd=cache_new) * (1 / hw.gpu_to_cpu_cache_bytes_s)
@@ -349,9 +357,10 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
     B = b * k
     avg = s + n / 2                      # average attended length over the generated tokens
     h2d, h2d_w = _host_to_gpu(hw, p)
+    h2d_wd = _mapped_weight_rate(hw, h2d) if mapped else h2d
     hid, read, new = B * z.hid_token, B * avg * z.kv_token, B * z.kv_token
     per_byte = 1 / h2d
-    ctog = Affine.of(wc=z.w_layer / h2d_w, wd=z.w_layer * per_byte) + Affine.of(hc=hid, hd=hid) * per_byte
+    ctog = Affine.of(wc=z.w_layer / h2d_w, wd=z.w_layer / h2d_wd) + Affine.of(hc=hid, hd=hid) * per_byte
     gtoc = Affine.of(cc=new, cd=new) * (1 / hw.gpu_to_cpu_cache_bytes_s) \
         + Affine.of(hc=hid, hd=hid) * (1 / hw.gpu_to_cpu_hidden_bytes_s)
     flops = b * (z.flops_token + z.flops_logits)

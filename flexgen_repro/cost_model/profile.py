@@ -162,11 +162,13 @@ def measure_disk(folder: str, nbytes: int) -> dict:
     return {"disk_write": write, "disk_read": read, "disk_mode": mode, "disk_test_bytes": nbytes}
 
 
-def measure_page_cache(folder: str, nbytes: int, reps: int, pin: bool) -> dict:
+def measure_page_cache(folder: str, nbytes: int, reps: int, pin: bool,
+                       dev: torch.device | None = None) -> dict:
     """Bytes per second of the disk tier's mapped files while the page cache holds them, as the
     runtime moves them (disk_io.DiskFile in "mmap" mode): a whole write into a fresh file (the
-    first touch of its pages, as a prefill's cache store) and a whole read out of the mapping
-    (into pinned memory where it goes on to the GPU)."""
+    first touch of its pages, as a prefill's cache store), a whole read out of the mapping (into
+    pinned memory where it goes on to the GPU), and on a CUDA `dev` the copy of the mapping,
+    registered with CUDA, straight to the GPU, as a disk weight crosses (`h2d_mapped`)."""
     from flexgen_repro.devices.disk_io import new_disk_file
     os.makedirs(folder, exist_ok=True)
     f = new_disk_file(folder, (nbytes // 2,), torch.float16, prefix=".profile-page-cache", io="mmap")
@@ -176,10 +178,16 @@ def measure_page_cache(folder: str, nbytes: int, reps: int, pin: bool) -> dict:
         f.write(Ellipsis, src)
         write = nbytes / (time.perf_counter() - t0)
         read = nbytes / _timed(lambda: f.read(pin=pin), reps, lambda: None)
+        out = {"page_cache_write": write, "page_cache_read": read}
+        mapped = f.pinned_view() if dev is not None and dev.type == "cuda" else None
+        if mapped is not None:
+            dst = torch.empty(mapped.shape, dtype=mapped.dtype, device=dev)
+            out["h2d_mapped"] = nbytes / _timed(lambda: dst.copy_(mapped, non_blocking=True),
+                                                reps, _sync(dev))
     finally:
         f.close()
         os.remove(f.path)
-    return {"page_cache_write": write, "page_cache_read": read}
+    return out
 
 
 def _attention(q, k, v):
@@ -397,7 +405,7 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
     m.update(measure_host_memory((1 << 30) if cuda else (128 << 20), 5 if cuda else 3))
     m.update(measure_disk(offload_dir, min((2 << 30) if cuda else (128 << 20), int(m["disk_mem"] / 4))))
     m.update(measure_page_cache(offload_dir, min((1 << 30) if cuda else (64 << 20), int(m["disk_mem"] / 4)),
-                                5 if cuda else 3, pin=cuda))
+                                5 if cuda else 3, pin=cuda, dev=dev))
     m.update(measure_compute(dev, cuda, 10 if cuda else 3))
     m.update(measure_cpu(cuda, 20 if cuda else 3, dev))
     m["step_overhead"] = measure_step_overhead(dev, 50)
