@@ -243,7 +243,10 @@ def measure_fused_matmul(dev: torch.device, reps: int, batch: int = 32) -> float
     """Packed weight bytes per second the fused 4-bit decode matmul reads (kernels.dequant_linear,
     the runtime's decode path for compressed weights): the six matrices of one OPT-6.7B layer (q,
     k, v, out 4096x4096; fc1 16384x4096; fc2 4096x16384) in the weights' default compression, one
-    token each for `batch` rows. None without CUDA and Triton (the kernel does not run there)."""
+    token each for `batch` rows, captured once in a CUDA graph and replayed, so the figure is the
+    kernels' own time (the cost model adds the launches of a step apart: gpu_step_overhead_s, or
+    the graph floor where decode replays graphs). None without CUDA and Triton (the kernel does
+    not run there)."""
     if dev.type != "cuda" or not kernels.available():
         return None
     from flexgen_repro.policy import CompressionConfig
@@ -256,7 +259,15 @@ def measure_fused_matmul(dev: torch.device, reps: int, batch: int = 32) -> float
     def layer():
         for w in weights:
             kernels.dequant_linear(xs[w.shape[1]], w)
-    return sum(w.nbytes for w in weights) / _timed(layer, reps, _sync(dev))
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        layer()                                  # compiles the kernels off the capturing stream
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer()
+    return sum(w.nbytes for w in weights) / _timed(graph.replay, reps, _sync(dev))
 
 
 def measure_step_overhead(dev: torch.device, reps: int) -> float:
