@@ -101,11 +101,13 @@ def test_staged_unpinned_weights_and_pieced_copies_use_their_measured_rates():
                          cpu_to_gpu_pageable_bytes_s=0.25e9)
     unpinned = policy((0, 100, 100, 0, 100, 0), b=1, pin_weight=False)
     host_bw = dataclasses.replace(fast, measurements={"cpu_mem_bytes_s": 1.2e9})
-    step = evaluate_policy(TOY, unpinned, host_bw, 16, 8).decode_step_time
-    assert step == pytest.approx(STORED_BYTES / 0.6e9, rel=EXACT)           # 1.2 / 2 < 1
+    # (the link's term: the host memory's own, three passes at 1.2 GB/s, binds the step here;
+    # test_host_memory_binds_where_host_bytes_pass_it_more_than_once)
+    link = evaluate_policy(TOY, unpinned, host_bw, 16, 8).decode_terms["ctog"] * L
+    assert link == pytest.approx(STORED_BYTES / 0.6e9, rel=EXACT)           # 1.2 / 2 < 1
     staged = dataclasses.replace(fast, measurements={"cpu_mem_bytes_s": 1.2e9, "h2d_staged": 0.8e9})
-    step = evaluate_policy(TOY, unpinned, staged, 16, 8).decode_step_time
-    assert step == pytest.approx(STORED_BYTES / 0.8e9, rel=EXACT)
+    link = evaluate_policy(TOY, unpinned, staged, 16, 8).decode_terms["ctog"] * L
+    assert link == pytest.approx(STORED_BYTES / 0.8e9, rel=EXACT)
     unstaged = dataclasses.replace(staged, stages_pageable=False)            # a runtime without staging
     step = evaluate_policy(TOY, unpinned, unstaged, 16, 8).decode_step_time
     assert step == pytest.approx(STORED_BYTES / 0.25e9, rel=EXACT)
@@ -321,6 +323,34 @@ def test_host_cache_steps_term_is_the_hosts_work_per_gpu_batch_whose_cache_cross
     assert held.decode_terms.get("host_cache_steps", 0.0) == 0.0
     with pytest.raises(ValueError, match="cache_step_host_s"):
         round_profile(cache_step_host_s=-1e-3)
+
+
+def test_host_memory_binds_where_host_bytes_pass_it_more_than_once():
+    """Host memory at 0.5 GB/s, the link at 1 GB/s. Pinned host weights pass host memory once
+    (the link's DMA reads them): 2 s a GB. Unpinned ones are staged (read, written, read again by
+    the DMA): 6 s a GB, more than their link time (the staged rate, half the host memory's
+    copy rate, 4 s a GB)."""
+    hw = round_profile(gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18,
+                       measurements={"cpu_mem_bytes_s": 0.5e9})
+    pinned = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1), hw, 16, 8)
+    assert pinned.decode_bound == "host_memory"
+    assert pinned.decode_step_time == pytest.approx(STORED_BYTES / 0.5e9, rel=EXACT)
+    unpinned = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1, pin_weight=False), hw, 16, 8)
+    assert unpinned.decode_bound == "host_memory"
+    assert unpinned.decode_terms["ctog"] == pytest.approx(STORED_BYTES / 0.25e9 / L, rel=EXACT)
+    assert unpinned.decode_step_time == pytest.approx(3 * STORED_BYTES / 0.5e9, rel=EXACT)
+    # a host cache is read by its load and written by its store: b * (s + n/2) positions, plus one
+    s, n, b = 16, 8, 4
+    cached = evaluate_policy(TOY, policy((100, 0, 0, 100, 100, 0), b=b), hw, s, n)
+    assert cached.decode_terms["host_memory"] == pytest.approx(
+        b * (s + n / 2 + 1) * 2 * H * 2 / 0.5e9, rel=EXACT)
+    # none without overlap (the terms add up there), without the measurement, or all on the GPU
+    serial = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1, overlap=False), hw, 16, 8)
+    assert "host_memory" not in serial.decode_terms
+    assert "host_memory" not in evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), b=1),
+                                                round_profile(), 16, 8).decode_terms
+    gpu = evaluate_policy(TOY, policy((100, 0, 100, 0, 100, 0), b=1), hw, 16, 8)
+    assert gpu.decode_terms.get("host_memory", 0.0) == 0.0
 
 
 def test_cpu_attention_batch_overhead_must_not_be_negative():

@@ -8,6 +8,9 @@ for. For one layer and the whole block (all k GPU batches), as in the paper (sec
 
     T_layer = max(ctog, gtoc, dtoc, ctod, comp)      (sum instead of max without overlap)
 
+(with overlap, decode adds the host memory's own bandwidth as a term, host_memory, and where
+they apply the host's cache steps and CPU attention's serial share, as further terms)
+
 each term summing the bytes a link moves (or the work a processor does) divided by its rate:
 weights not on the GPU cross CPU->GPU once per layer per block (shared by the k GPU batches);
 disk-resident weights also cross disk->CPU; the cache a GPU batch attends over is loaded unless
@@ -56,6 +59,9 @@ TERMS = ("ctog", "gtoc", "dtoc", "ctod", "comp")
 # A decode term charged in full wherever any of the cache is off the GPU, and not at all where it
 # is all there: not affine in the placement, so the search solves both sides (search.py)
 HOST_CACHE_STEPS = "host_cache_steps"
+# A decode term: the host memory's own bandwidth, which every byte crossing to or from the host
+# tiers passes through (some more than once: _host_memory_passes)
+HOST_MEMORY = "host_memory"
 
 # The runtime's buffering, mirrored here (tests/test_cost_model_memory.py checks they match):
 MAX_PENDING_STORES = 2      # schedule.MAX_PENDING_STORES: cache stores in flight, each holding K, V
@@ -388,6 +394,9 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
             # off the GPU loads and stores its cache in pieces each token, whatever their share
             # (a fixed charge: StepModel.terms drops it where the cache is all on the GPU)
             extra[HOST_CACHE_STEPS] = Affine.of(k * hw.cache_step_host_s)
+    if p.overlap and (hw.measurements or {}).get("cpu_mem_bytes_s"):
+        extra[HOST_MEMORY] = _host_memory_passes(p, z, read, new, hid, mapped) * \
+            (1 / float(hw.measurements["cpu_mem_bytes_s"]))
     return {
         "ctog": ctog, "gtoc": gtoc,
         "dtoc": Affine.of(wd=0.0 if mapped else z.w_layer,
@@ -397,6 +406,20 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
         "comp": comp,
         **extra,
     }
+
+
+def _host_memory_passes(p: Policy, z: Sizes, read: float, new: float, hid: float,
+                        mapped: bool) -> Affine:
+    """Bytes of host memory traffic per decode layer and block (reads and writes both count, as
+    profile-hardware's `cpu_mem_bytes_s` counts a copy's). A pinned host weight is read once by
+    the link's DMA; an unpinned one is copied into a pinned staging block first (read, write) and
+    then read by the DMA: three passes. A disk weight is read out of its registered mapping once,
+    or written into pinned memory and read by the DMA: two. A host cache is read by its load (or by
+    CPU attention) and written by its store once each; a disk cache twice (through pinned
+    buffers). Hidden states: stored and loaded once each, twice on disk."""
+    cache = read + new
+    return Affine.of(wc=z.w_layer * (1 if p.pin_weight else 3), wd=z.w_layer * (1 if mapped else 2),
+                     cc=cache, cd=2 * cache, hc=2 * hid, hd=4 * hid)
 
 
 def _cpu_attention_serial(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes,
