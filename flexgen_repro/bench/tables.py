@@ -478,6 +478,15 @@ def _predicted(rec: dict) -> float | None:
         return None
 
 
+def _by_card_and_commit(items: list, ours_of) -> dict[tuple, list]:
+    """`items` grouped by the GPU and commit of ours in each (`ours_of(item)`), in order."""
+    groups: dict[tuple, list] = {}
+    for item in items:
+        o = ours_of(item)
+        groups.setdefault((o.get("device") or "", o.get("commit") or ""), []).append(item)
+    return groups
+
+
 def table2_rows(out: str) -> list[dict]:
     """One entry per row of TABLE2_ROWS and GPU and commit of ours: the same-call pairs of our
     cases and the original's, folded (medians and ranges; a ratio only from MIN_PAIRS_FOR_RATIO
@@ -489,14 +498,10 @@ def table2_rows(out: str) -> list[dict]:
     for s in spec:
         mine = _named_records(out, s["ours"], cache)
         pairs = call_pairs(mine, _named_records(out, s["original"], cache))
-        groups: dict[tuple, list] = {}
-        for o, r in pairs:
-            groups.setdefault((o.get("device") or "", o.get("commit") or ""), []).append((o, r))
+        groups = _by_card_and_commit(pairs, lambda pair: pair[0])
         base = dict(model=s["model"], compression=s["compression"], note=s["note"],
                     ours_cases=s["ours"], original_cases=s["original"])
-        alone: dict[tuple, list] = {}
-        for o in mine if not groups else ():
-            alone.setdefault((o.get("device") or "", o.get("commit") or ""), []).append(o)
+        alone = _by_card_and_commit(mine if not groups else [], lambda o: o)
         if not groups and not alone:
             rows.append(dict(base, pairs=0))
         for (device, commit), ours in alone.items():

@@ -263,11 +263,12 @@ def _host_to_gpu(hw: HardwareProfile, p: Policy) -> tuple[float, float]:
     return pinned, hw.cpu_to_gpu_pageable_bytes_s
 
 
-def _mapped_weight_rate(hw: HardwareProfile, h2d: float) -> float:
-    """Rate of a disk weight crossing to the GPU out of its registered mapping (page-cache pages):
-    the link's, or the lower rate profile-hardware measured for that copy (`h2d_mapped`)."""
-    mapped = (hw.measurements or {}).get("h2d_mapped")
-    return min(h2d, float(mapped)) if mapped else h2d
+def _disk_weight_rate(hw: HardwareProfile, h2d: float, mapped: bool) -> float:
+    """Rate of a disk weight crossing to the GPU: from pinned memory at the link's `h2d`; `mapped`,
+    out of its registered mapping (page-cache pages), at the lower of that and the rate
+    profile-hardware measured for such a copy (`h2d_mapped`)."""
+    measured = (hw.measurements or {}).get("h2d_mapped") if mapped else None
+    return min(h2d, float(measured)) if measured else h2d
 
 
 def _step_overheads(c: OptConfig, p: Policy, hw: HardwareProfile) -> float:
@@ -281,11 +282,11 @@ def _prefill_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: in
                    mapped: bool = False) -> dict:
     """mapped: the disk tier's files mapped and their weights registered with CUDA, so a weight
     on disk crosses to the GPU straight out of the page cache, at the rate measured for that
-    (_mapped_weight_rate; no read into host memory first: no disk->host term for it)."""
+    (_disk_weight_rate; no read into host memory first: no disk->host term for it)."""
     b, k = p.gpu_batch_size, p.num_gpu_batches
     B = b * k
     h2d, h2d_w = _host_to_gpu(hw, p)
-    h2d_wd = _mapped_weight_rate(hw, h2d) if mapped else h2d
+    h2d_wd = _disk_weight_rate(hw, h2d, mapped)
     hid, cache_new = B * s * z.hid_token, B * s * z.kv_token
     flops = b * (s * z.flops_token + z.flops_logits)          # logits of the last token only
     mm = k * max(flops / hw.gpu_mm_prefill_flop_s, z.w_layer_fp / hw.gpu_mem_bw_bytes_s)
@@ -363,7 +364,7 @@ def _decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int
     B = b * k
     avg = s + n / 2                      # average attended length over the generated tokens
     h2d, h2d_w = _host_to_gpu(hw, p)
-    h2d_wd = _mapped_weight_rate(hw, h2d) if mapped else h2d
+    h2d_wd = _disk_weight_rate(hw, h2d, mapped)
     hid, read, new = B * z.hid_token, B * avg * z.kv_token, B * z.kv_token
     per_byte = 1 / h2d
     ctog = Affine.of(wc=z.w_layer / h2d_w, wd=z.w_layer / h2d_wd) + Affine.of(hc=hid, hd=hid) * per_byte

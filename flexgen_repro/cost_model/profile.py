@@ -57,6 +57,21 @@ def _sync(device: torch.device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
+def _graph_seconds(body, dev: torch.device, reps: int) -> float:
+    """Median seconds of `body`'s work captured once in a CUDA graph and replayed: the kernels'
+    own time, without the launches (run once first off the capturing stream, as torch asks; that
+    also compiles any Triton kernel)."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return _timed(graph.replay, reps, _sync(dev))
+
+
 def _on_copy_thread(dst: torch.Tensor, src: torch.Tensor):
     """A function that copies src to dst as a copy channel does: copy_engine.copy_chunked_ on a
     thread and stream of its own (pieces of COPY_CHUNK_BYTES, COPY_IN_FLIGHT queued at a time),
@@ -259,15 +274,7 @@ def measure_fused_matmul(dev: torch.device, reps: int, batch: int = 32) -> float
     def layer():
         for w in weights:
             kernels.dequant_linear(xs[w.shape[1]], w)
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        layer()                                  # compiles the kernels off the capturing stream
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        layer()
-    return sum(w.nbytes for w in weights) / _timed(graph.replay, reps, _sync(dev))
+    return sum(w.nbytes for w in weights) / _graph_seconds(layer, dev, reps)
 
 
 def measure_step_overhead(dev: torch.device, reps: int) -> float:
@@ -325,15 +332,7 @@ def measure_graph_step_overhead(dev: torch.device, mem_bw: float, big: bool, rep
             y = linear(torch.relu(linear(norm(y, (h,)), lw["fc1"], bias4)), lw["fc2"], bias) + y
         return y
 
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        body()                                   # warm-up off the capturing stream, as torch asks
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    seconds = _timed(graph.replay, reps, _sync(dev))
+    seconds = _graph_seconds(body, dev, reps)
     read = [t for lw in layers for t in (*lw["w"], lw["fc1"], lw["fc2"], *lw["kv"])]
     nbytes = sum(t.numel() * t.element_size() for t in read)
     return max(0.0, seconds - nbytes / mem_bw) / (2 * GRAPH_LAYERS)

@@ -38,7 +38,7 @@ def _rows_kernel(x, data, scale, mn, bias, y, M, N, K, n_groups, k_per_split,
                  stride_xm, stride_ym,
                  P: tl.constexpr, GS: tl.constexpr, ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 PARTIAL: tl.constexpr, PREC: tl.constexpr):
+                 PREC: tl.constexpr):
     """W grouped along out: packed row r = group * P + b holds out rows group*GS + b (low nibble)
     and group*GS + P + b (high nibble) for every input column."""
     pid_r, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -69,16 +69,15 @@ def _rows_kernel(x, data, scale, mn, bias, y, M, N, K, n_groups, k_per_split,
         w_hi = (((byte >> 4).to(tl.float32) - ZERO) * sc + off).to(xt.dtype)
         acc_lo = tl.dot(xt, tl.trans(w_lo), acc_lo, input_precision=PREC)
         acc_hi = tl.dot(xt, tl.trans(w_hi), acc_hi, input_precision=PREC)
-    _finish(acc_lo, bias, y, m, n_lo, M, N, stride_ym, pid_k, HAS_BIAS, PARTIAL)
-    _finish(acc_hi, bias, y, m, n_hi, M, N, stride_ym, pid_k, HAS_BIAS, PARTIAL)
+    _finish(acc_lo, bias, y, m, n_lo, M, N, stride_ym, pid_k, HAS_BIAS)
+    _finish(acc_hi, bias, y, m, n_hi, M, N, stride_ym, pid_k, HAS_BIAS)
 
 
 @triton.jit
 def _cols_kernel(x, data, scale, mn, bias, y, M, N, K, n_groups, groups_per_split,
                  stride_xm, stride_ym,
                  P: tl.constexpr, GS: tl.constexpr, ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                 PREC: tl.constexpr):
+                 BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
     """W grouped along in: packed byte (n, group * P + b) holds W[n, group*GS + b] (low nibble)
     and W[n, group*GS + P + b] (high nibble)."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -103,21 +102,18 @@ def _cols_kernel(x, data, scale, mn, bias, y, M, N, K, n_groups, groups_per_spli
         w_hi = (((byte >> 4).to(tl.float32) - ZERO) * sc + off).to(x_lo.dtype)
         acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PREC)
         acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PREC)
-    _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k, HAS_BIAS, PARTIAL)
+    _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k, HAS_BIAS)
 
 
 @triton.jit
-def _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k,
-            HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
-    """Add the bias (once: split 0) and write a tile of y; with PARTIAL, of split pid_k's float32
-    partial sums, y being (splits, M, N)."""
+def _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k, HAS_BIAS: tl.constexpr):
+    """Add the bias (once: split 0) and write split pid_k's tile of y, which is (splits, M, N)
+    (with one split, (M, N))."""
     ok = (m < M)[:, None] & (n < N)[None, :]
     if HAS_BIAS:
         bv = tl.load(bias + n, mask=(n < N) & (pid_k == 0), other=0).to(tl.float32)
         acc += bv[None, :]
-    ptr = y + m[:, None] * stride_ym + n[None, :]
-    if PARTIAL:
-        ptr += pid_k.to(tl.int64) * M * stride_ym
+    ptr = y + pid_k.to(tl.int64) * M * stride_ym + m[:, None] * stride_ym + n[None, :]
     tl.store(ptr, acc.to(y.dtype.element_ty), mask=ok)
 
 
@@ -160,7 +156,7 @@ def _launch(x2: torch.Tensor, packed_w: CompressedTensor, bias, overrides: dict 
     y = torch.empty((split, m, n) if partial else (m, n), device=x2.device,
                     dtype=torch.float32 if partial else x2.dtype)
     kernel[grid](x2, data, scale, mn, bias if bias is not None else x2, y, m, n, k, n_groups, step,
-                 x2.stride(0), n, PARTIAL=partial, **common, **extra)
+                 x2.stride(0), n, **common, **extra)
     return y.sum(0).to(x2.dtype) if partial else y
 
 

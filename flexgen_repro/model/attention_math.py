@@ -26,6 +26,11 @@ PREFILL_GPU_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTI
 DECODE_GPU_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def gpu_kernels(q: torch.Tensor, backends: list):
+    """The attention kernels `backends` in force for `q` on the GPU (nothing to choose on CPU)."""
+    return sdpa_kernel(backends) if q.is_cuda else contextlib.nullcontext()
+
+
 def to_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
     """(b, s, heads * d) -> contiguous (b, heads, s, d)."""
     b, s, h = x.shape
@@ -72,7 +77,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     `window` columns; `allowed`: prefill_allowed(mask, window), made once per step by the caller."""
     allowed = prefill_allowed(mask, window) if allowed is None else allowed
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    with sdpa_kernel(PREFILL_GPU_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+    with gpu_kernels(q, PREFILL_GPU_BACKENDS):
         return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0))
 
 

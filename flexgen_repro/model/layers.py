@@ -11,19 +11,17 @@ OPT's ReLU fused into fc1's GEMM (small-batch decode on the GPU is bound by kern
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from concurrent.futures import Future
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel
 
 from flexgen_repro import trace
 from flexgen_repro.kernels import cpu_attention
 from flexgen_repro.model import families, rope
-from flexgen_repro.model.attention_math import (DECODE_GPU_BACKENDS, decode_attention,
+from flexgen_repro.model.attention_math import (DECODE_GPU_BACKENDS, decode_attention, gpu_kernels,
                                                 prefill_attention, to_heads, window_columns)
 from flexgen_repro.model.base import CachePart, Deferred, Layer, StepInfo, WeightSpec
 from flexgen_repro.devices.host_stage import Staged
@@ -232,7 +230,7 @@ def _fused_decode(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
     group, d) over k, v (b, kv_heads, L, d) with mask (b, L); softmax in float32 inside the
     kernel. Returns (b, 1, heads * d)."""
     b, heads, _, d = q.shape
-    with sdpa_kernel(DECODE_GPU_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+    with gpu_kernels(q, DECODE_GPU_BACKENDS):
         out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], heads // k.shape[1], d), k, v,
                                              attn_mask=mask[:, None, None, :], scale=scale)
     return out.reshape(b, 1, heads * d)
