@@ -221,15 +221,18 @@ def _try_time(fn) -> float:
 
 
 def sweep(copy_gbps: float) -> list[dict]:
-    """Block sizes, warps and split-K of the fused kernels, for updating their defaults."""
+    """Block sizes (rows of x too), warps and split-K of the fused kernels, for updating their
+    defaults."""
     from flexgen_repro.kernels import compressed_attention, dequant_matmul
     rows = []
     for name, (n, k) in LINEARS.items():
         w = compress(rand(n, k, scale=0.02), WEIGHT_CFG)
         for m in (1, 32, 72):
             x = rand(m, k)
-            for out, bk, warps, split in itertools.product((32, 64), (64, 128), (4, 8), (1, 2, 4, 8)):
-                cfg = {"BLOCK_OUT": out, "BLOCK_K": bk, "num_warps": warps, "split": split}
+            block_ms = (16,) if m <= 16 else (16, 32, 64)  # rows of x per program
+            for bm, out, bk, warps, split in itertools.product(block_ms, (32, 64), (64, 128), (4, 8),
+                                                               (1, 2, 4, 8)):
+                cfg = {"BLOCK_M": bm, "BLOCK_OUT": out, "BLOCK_K": bk, "num_warps": warps, "split": split}
                 ms = _try_time(lambda: dequant_matmul.dequant_linear(x, w, None, cfg))
                 rows.append({**_row("sweep", f"{name} m={m}", json.dumps(cfg), ms,
                                     w.nbytes + (m * k + m * n) * 2, copy_gbps), "config": cfg})

@@ -238,6 +238,28 @@ def test_fused_4bit_matmuls_read_packed_weights_at_their_measured_rate():
     assert hbm.fused_matmul_bytes_s == 1e9 and slow.fused_matmul_bytes_s == 0.25e9
 
 
+def test_the_fused_matmul_rate_follows_the_gpu_batch_where_measured_at_several():
+    """Rates measured at batches 4 (1 GB/s) and 8 (0.25 GB/s): batch 4 reads at 1 GB/s, batch 8
+    at 0.25, batch 6 (halfway) at 1 / (0.5/1 + 0.5/0.25) = 0.4 GB/s (seconds per byte halfway),
+    below 4 or above 8 the end's rate. The memory-bound step (flops free) scales with it."""
+    s, n, k = 16, 8, 1
+    one = round_profile(gpu_mem_bw_bytes_s=1e9, gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18,
+                        gpu_fused_kernels=True)
+    curve = dataclasses.replace(one, gpu_fused_matmul_bytes_s=5e9,
+                                gpu_fused_matmul_batches=[[4, 1e9], [8, 0.25e9]])
+    assert [curve.fused_matmul_rate(b) for b in (1, 4, 6, 8, 64)] == pytest.approx(
+        [1e9, 1e9, 0.4e9, 0.25e9, 0.25e9], rel=EXACT)
+    assert one.fused_matmul_rate(6) == 1e9                     # none measured: the single rate
+    for b, rate in ((4, 1e9), (8, 0.25e9)):
+        packed = policy((100, 0, 100, 0, 100, 0), b, k, compress_weight=True)
+        ref = dataclasses.replace(one, gpu_fused_matmul_bytes_s=rate)
+        assert evaluate_policy(TOY, packed, curve, s, n).decode_step_time == pytest.approx(
+            evaluate_policy(TOY, packed, ref, s, n).decode_step_time, rel=EXACT)
+    for bad in ([[8, 1e9], [4, 1e9]], [[4, 0.0]], [[4.5, 1e9]], [4, 1e9]):
+        with pytest.raises(ValueError, match="gpu_fused_matmul_batches"):
+            dataclasses.replace(one, gpu_fused_matmul_batches=bad)
+
+
 def test_dequantize_once_pays_one_dequantization_per_layer_then_dense_reads(monkeypatch):
     """Compressed weights streamed from the host to k GPU batches, k at least
     DEQUANTIZE_ONCE_MIN_BATCHES (policy.dequantize_once):

@@ -95,7 +95,8 @@ def test_measure_on_this_machine_writes_a_loadable_profile(tmp_path, monkeypatch
     assert measured.gpu_graph_step_overhead_s == hardware.GRAPH_STEP_OVERHEAD_S
     # nor the fused 4-bit matmul (Triton needs CUDA): the model reads packed weights at HBM rate
     assert profile.measure_fused_matmul(profile.torch.device("cpu"), 1) is None
-    assert measured.gpu_fused_matmul_bytes_s == 0
+    assert profile.measure_fused_matmul_batches(profile.torch.device("cpu"), 1) == []
+    assert measured.gpu_fused_matmul_bytes_s == 0 and measured.gpu_fused_matmul_batches == []
     assert measured.fused_matmul_bytes_s == measured.gpu_mem_bw_bytes_s
     assert measured.measurements["disk_mode"] in ("O_DIRECT", "buffered")
     assert not os.listdir(tmp_path / "offload")          # the test file is removed
@@ -342,6 +343,10 @@ def test_the_fused_matmul_rate_is_measured_where_the_kernel_runs():
     rate = profile.measure_fused_matmul(dev, 3, batch=8)
     # packed bytes per second: positive, and no faster than the card's memory can be read
     assert 0 < rate < 20e12
+    rates = profile.measure_fused_matmul_batches(dev, 3, (1, 64, 192))   # 192: dequantize + cuBLAS
+    assert [b for b, _ in rates] == [1, 64, 192] and all(0 < r < 20e12 for _, r in rates)
+    # the profile takes them as measured
+    hardware.profile_from_dict({**hardware.load_profile("h100").to_json(), "gpu_fused_matmul_batches": rates})
 
 
 def test_calibration_reads_records_of_every_family():

@@ -460,11 +460,11 @@ def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, 
 
 def _decode_weight_seconds(z: Sizes, p: Policy, hw: HardwareProfile, graphed: bool = False) -> float:
     """Seconds the decode matmuls of one layer and GPU batch spend reading weights: compressed
-    weights read in place by the fused kernel at its measured rate (the packed bytes), else the
-    dense bytes at HBM rate (also where policy.dequantize_once has dequantized them for the
-    layer's batches; CUDA graphs, `graphed`, replay the fused kernels)."""
+    weights read in place by the fused kernel at its measured rate for the GPU batch (the packed
+    bytes), else the dense bytes at HBM rate (also where policy.dequantize_once has dequantized
+    them for the layer's batches; CUDA graphs, `graphed`, replay the fused kernels)."""
     if hw.gpu_fused_kernels and p.compress_weight and (graphed or not dequantize_once(p)):
-        return z.w_layer / hw.fused_matmul_bytes_s
+        return z.w_layer / hw.fused_matmul_rate(p.gpu_batch_size)
     return z.w_layer_fp / hw.gpu_mem_bw_bytes_s
 
 

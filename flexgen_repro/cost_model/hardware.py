@@ -75,6 +75,10 @@ class HardwareProfile:
     `gpu_fused_matmul_bytes_s`: packed weight bytes per second the fused 4-bit decode matmul reads
     (kernels.dequant_linear over one OPT-6.7B-wide layer's matrices at a decode batch;
     profile.measure_fused_matmul); 0: not measured, the HBM rate is used.
+    `gpu_fused_matmul_batches`: the same rate measured at several decode batches, [[batch, bytes
+    per second], ...] in rising batch order (it falls several-fold from one row to a hundred:
+    the kernel's tiles change with the batch); where present, `fused_matmul_rate(batch)` reads
+    it, else every batch gets `gpu_fused_matmul_bytes_s`.
     `gpu_headroom`: the
     fraction of a GPU memory cap (`with_memory(gpu_gb=...)`) usable for tensors.
     `host_backed_gpu`: no CUDA; the "GPU" tier is host memory, so GPU and CPU share `cpu_mem_bytes`.
@@ -111,6 +115,7 @@ class HardwareProfile:
     page_cache_read_bytes_s: float = 0.0
     page_cache_write_bytes_s: float = 0.0
     gpu_fused_matmul_bytes_s: float = 0.0
+    gpu_fused_matmul_batches: list = field(default_factory=list)
     host_backed_gpu: bool = False
     gpu_fused_kernels: bool = False
     stages_pageable: bool = True
@@ -127,6 +132,14 @@ class HardwareProfile:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"HardwareProfile.{name} must be a number >= 0, got {value!r}")
+        batches = [b for b, _ in self.gpu_fused_matmul_batches] if all(
+            isinstance(e, (list, tuple)) and len(e) == 2 for e in self.gpu_fused_matmul_batches) else None
+        if batches is None or batches != sorted(set(batches)) or not all(
+                isinstance(b, int) and b > 0 and isinstance(r, (int, float)) and r > 0
+                for b, r in self.gpu_fused_matmul_batches):
+            raise ValueError("HardwareProfile.gpu_fused_matmul_batches must be [[batch, bytes per "
+                             "second], ...] with whole batches > 0 in rising order and rates > 0, "
+                             f"got {self.gpu_fused_matmul_batches!r}")
         if not 0 < self.gpu_headroom <= 1:
             raise ValueError(f"HardwareProfile.gpu_headroom must be in (0, 1], got {self.gpu_headroom!r}")
 
@@ -134,6 +147,22 @@ class HardwareProfile:
     def fused_matmul_bytes_s(self) -> float:
         """The rate the fused 4-bit decode matmul reads packed weights at: measured, else HBM's."""
         return self.gpu_fused_matmul_bytes_s or self.gpu_mem_bw_bytes_s
+
+    def fused_matmul_rate(self, batch: int) -> float:
+        """The fused 4-bit decode matmul's rate (packed bytes per second) at a decode batch of
+        `batch` rows: between two measured batches, seconds per byte interpolated linearly; below
+        the first or above the last, that end's rate; with no batches measured,
+        `fused_matmul_bytes_s`."""
+        points = self.gpu_fused_matmul_batches
+        if not points:
+            return self.fused_matmul_bytes_s
+        if batch <= points[0][0]:
+            return float(points[0][1])
+        for (b0, r0), (b1, r1) in zip(points, points[1:]):
+            if batch <= b1:
+                t = (batch - b0) / (b1 - b0)
+                return 1.0 / ((1 - t) / r0 + t / r1)
+        return float(points[-1][1])
 
     @property
     def has_page_cache_rates(self) -> bool:

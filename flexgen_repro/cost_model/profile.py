@@ -7,7 +7,7 @@ refused, e.g. tmpfs) and through mappings while the page cache holds the file (t
 mapped disk files), GPU memory bandwidth, fp16 matmul (prefill- and decode-shaped), attention
 (prefill- and decode-shaped) on the GPU and, with fp16 data upcast to fp32 as the runtime does, on
 the CPU, CPU matmul (fp32, bf16, fp16), 4-bit dequantization and, where the fused kernels run, the
-rate of the fused 4-bit decode matmul, the fixed cost of a tiny layer step
+rate of the fused 4-bit decode matmul (at decode batches of 1 to 256 rows), the fixed cost of a tiny layer step
 (launched from Python, and replayed in a CUDA graph), and the memory of each tier. Without CUDA
 the "GPU" is host memory: its fields are measured on the CPU and the profile is marked
 `host_backed_gpu`. Sizes are scaled to the device (well under two minutes on an H100 machine,
@@ -254,6 +254,9 @@ def _dequant_rate(dev: torch.device, n_values: int, reps: int) -> float:
     return 2 * n_values / _timed(run, reps, sync)
 
 
+FUSED_MATMUL_BATCHES = (1, 8, 16, 32, 48, 64, 80, 96, 128, 192, 256)
+
+
 def measure_fused_matmul(dev: torch.device, reps: int, batch: int = 32) -> float | None:
     """Packed weight bytes per second the fused 4-bit decode matmul reads (kernels.dequant_linear,
     the runtime's decode path for compressed weights): the six matrices of one OPT-6.7B layer (q,
@@ -262,19 +265,32 @@ def measure_fused_matmul(dev: torch.device, reps: int, batch: int = 32) -> float
     kernels' own time (the cost model adds the launches of a step apart: gpu_step_overhead_s, or
     the graph floor where decode replays graphs). None without CUDA and Triton (the kernel does
     not run there)."""
+    rates = measure_fused_matmul_batches(dev, reps, (batch,))
+    return rates[0][1] if rates else None
+
+
+def measure_fused_matmul_batches(dev: torch.device, reps: int,
+                                 batches=FUSED_MATMUL_BATCHES) -> list:
+    """[[batch, packed bytes per second], ...] of measure_fused_matmul at each batch (one set of
+    weights for all; beyond kernels' DECODE_MAX_M rows the same call dequantizes and runs
+    cuBLAS, as the runtime does); [] without CUDA and Triton."""
     if dev.type != "cuda" or not kernels.available():
-        return None
+        return []
     from flexgen_repro.policy import CompressionConfig
     config, h = CompressionConfig(4, 64, 0, False), 4096
     shapes = [(h, h)] * 4 + [(4 * h, h), (h, 4 * h)]
     weights = [kernels.quantize(torch.randn(*shape, dtype=torch.float16, device=dev) * 0.02, config)
                for shape in shapes]
-    xs = {n: torch.randn(batch, 1, n, dtype=torch.float16, device=dev) for n in (h, 4 * h)}
+    nbytes = sum(w.nbytes for w in weights)
+    rates = []
+    for batch in batches:
+        xs = {n: torch.randn(batch, 1, n, dtype=torch.float16, device=dev) for n in (h, 4 * h)}
 
-    def layer():
-        for w in weights:
-            kernels.dequant_linear(xs[w.shape[1]], w)
-    return sum(w.nbytes for w in weights) / _graph_seconds(layer, dev, reps)
+        def layer():
+            for w in weights:
+                kernels.dequant_linear(xs[w.shape[1]], w)
+        rates.append([batch, nbytes / _graph_seconds(layer, dev, reps)])
+    return rates
 
 
 def measure_step_overhead(dev: torch.device, reps: int) -> float:
@@ -420,7 +436,8 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
     m.update(measure_cpu(cuda, 20 if cuda else 3, dev))
     m["step_overhead"] = measure_step_overhead(dev, 50)
     m["graph_step_overhead"] = measure_graph_step_overhead(dev, m["mem_bw"], cuda, 20)
-    m["fused_matmul"] = measure_fused_matmul(dev, 20)
+    m["fused_matmul_batches"] = measure_fused_matmul_batches(dev, 20)
+    m["fused_matmul"] = dict(m["fused_matmul_batches"]).get(32)
     cpu_name = platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(dev) if cuda else f"host-backed ({cpu_name})"
     m.update(device=name, torch=torch.__version__, host=platform.node(), seconds=time.perf_counter() - start,
@@ -433,6 +450,7 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
         cpu_to_disk_bytes_s=m["disk_write"], gpu_mem_bw_bytes_s=m["mem_bw"],
         page_cache_read_bytes_s=m["page_cache_read"], page_cache_write_bytes_s=m["page_cache_write"],
         gpu_fused_matmul_bytes_s=m["fused_matmul"] or 0.0,
+        gpu_fused_matmul_batches=m["fused_matmul_batches"],
         gpu_mm_prefill_flop_s=m["mm_prefill"], gpu_mm_decode_flop_s=m["mm_decode"],
         gpu_bmm_prefill_flop_s=m["bmm_prefill"], gpu_bmm_decode_flop_s=m["bmm_decode"],
         cpu_attention_flop_s=m["cpu_attention"], gpu_dequant_bytes_s=m["dequant"],
@@ -459,6 +477,8 @@ def format_table(profile: HardwareProfile) -> str:
             rows.append((key, f"{value * 1e6:10.1f} us"))
         elif key in ("name", "host_backed_gpu", "description"):
             rows.append((key, str(value)))
+        elif key == "gpu_fused_matmul_batches" and value:
+            rows.append((key, " ".join(f"{b}:{r / GIB:.0f}" for b, r in value) + " (batch:GiB/s)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
