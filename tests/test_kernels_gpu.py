@@ -47,7 +47,7 @@ def rand(*shape, dtype=torch.float16, seed=0, scale=1.0):
     return (torch.randn(shape, generator=gen) * scale).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("m", [1, 5, 24, 33])
 @pytest.mark.parametrize("group_dim,symmetric", [(0, False), (1, False), (0, True)])
 @pytest.mark.parametrize("overrides", [None, {"split": 1}, {"split": 3},
                                        {"split": 2, "BLOCK_OUT": 64, "BLOCK_K": 128}])

@@ -119,9 +119,15 @@ def _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k, HAS_BIAS: tl.constexpr):
 
 def decode_config(m: int, out_units: int, group_dim: int, num_sms: int, p: int = 32) -> dict:
     """Block sizes and split-K for the fused kernel. out_units: packed rows (group_dim 0) or output
-    columns (group_dim 1). Chosen so that ptxas (sm_90, Triton 3.6) reports no register spills;
+    columns (group_dim 1). Rows of x per program: 16 up to 16 rows, 64 up to 64, else 128, but
+    weights grouped along out (the default) take no 32-row tile: with 4 warps it issues more
+    work per packed byte there than the 64-row tile with 8 (Hopper's wgmma), 5600 against 4800
+    SASS instructions per program (`scripts/kernel_resources.py --rows 32 --sweep`; along in,
+    5280 against 7104, so that kernel keeps it), and on an H100 it read 294 GB/s of packed
+    weights at 32 rows where the 64-row tile read 423 at 48. Chosen so that ptxas (sm_90, Triton
+    3.6) reports no register spills (scripts/kernel_resources.py checks);
     `scripts/bench_kernels.py --sweep` times the alternatives on a real GPU."""
-    block_m = min(max(16, triton.next_power_of_2(m)), 128)
+    block_m = 16 if m <= 16 else 32 if m <= 32 and group_dim == 1 else 64 if m <= 64 else 128
     block_out = p if group_dim == 0 else (32 if m <= 16 else 64)
     cfg = {"BLOCK_M": block_m, "BLOCK_OUT": block_out, "BLOCK_K": 64,
            "num_warps": 8 if block_m >= 64 else 4}
