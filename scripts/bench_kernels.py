@@ -1,6 +1,6 @@
 """Benchmark the fused compression kernels against the pure-torch reference path on one GPU.
 
-    python scripts/bench_kernels.py OUT.json [--sweep] [--quick]
+    python scripts/bench_kernels.py OUT.json [--sweep] [--quick] [--sweep-rows 16,32,48] [--sweep-only]
 
 First checks every kernel against its reference at the benchmark's shapes (PASS/FAIL per kernel),
 then times with triton.testing.do_bench (median; it flushes the L2 cache before each run) at
@@ -220,14 +220,15 @@ def _try_time(fn) -> float:
         return float("nan")
 
 
-def sweep(copy_gbps: float) -> list[dict]:
+def sweep(copy_gbps: float, sweep_rows=(1, 32, 72), linears_only: bool = False) -> list[dict]:
     """Block sizes (rows of x too), warps and split-K of the fused kernels, for updating their
-    defaults."""
+    defaults: the decode matmul at `sweep_rows` rows of x, then (unless `linears_only`) the
+    attention kernels."""
     from flexgen_repro.kernels import compressed_attention, dequant_matmul
     rows = []
     for name, (n, k) in LINEARS.items():
         w = compress(rand(n, k, scale=0.02), WEIGHT_CFG)
-        for m in (1, 32, 72):
+        for m in sweep_rows:
             x = rand(m, k)
             block_ms = (16,) if m <= 16 else (16, 32, 64)  # rows of x per program
             for bm, out, bk, warps, split in itertools.product(block_ms, (32, 64), (64, 128), (4, 8),
@@ -236,6 +237,8 @@ def sweep(copy_gbps: float) -> list[dict]:
                 ms = _try_time(lambda: dequant_matmul.dequant_linear(x, w, None, cfg))
                 rows.append({**_row("sweep", f"{name} m={m}", json.dumps(cfg), ms,
                                     w.nbytes + (m * k + m * n) * 2, copy_gbps), "config": cfg})
+    if linears_only:
+        return rows
     q, kc, vc, mask = attn_inputs(ATTN_SEQS[0])
     for block_s, warps in itertools.product((16, 32, 64), (4, 8)):
         cfg = {"block_s": block_s, "num_warps": warps}
@@ -264,7 +267,22 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="where the JSON records are written")
     ap.add_argument("--sweep", action="store_true", help="also sweep the decode kernels' block sizes")
     ap.add_argument("--quick", action="store_true", help="fewer decode batch sizes")
+    ap.add_argument("--sweep-rows", default="1,32,72",
+                    help="rows of x the decode matmul sweep times (comma-separated; implies --sweep)")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="after the checks, only the decode matmul sweep (implies --sweep)")
     args = ap.parse_args(argv)
+    try:
+        sweep_rows = tuple(int(r) for r in args.sweep_rows.split(","))
+    except ValueError:
+        print(f"error: --sweep-rows takes whole numbers separated by commas, got {args.sweep_rows!r}",
+              file=sys.stderr)
+        return 2
+    if any(r < 1 for r in sweep_rows):
+        print("error: --sweep-rows must be >= 1", file=sys.stderr)
+        return 2
+    if args.sweep_only or args.sweep_rows != ap.get_default("sweep_rows"):
+        args.sweep = True
     if not kernels.available():
         print("bench_kernels needs a CUDA GPU and triton; run it on the GPU machine", file=sys.stderr)
         return 2
@@ -273,10 +291,10 @@ def main(argv=None) -> int:
     checks = run_checks()
     copy_gbps = copy_bandwidth_gbps()
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
-    rows = (bench_linears(copy_gbps, args.quick) + bench_attention(copy_gbps)
-            + bench_heads_attention(copy_gbps) + bench_whole_tensor(copy_gbps))
+    rows = [] if args.sweep_only else (bench_linears(copy_gbps, args.quick) + bench_attention(copy_gbps)
+                                       + bench_heads_attention(copy_gbps) + bench_whole_tensor(copy_gbps))
     if args.sweep:
-        rows += sweep(copy_gbps)
+        rows += sweep(copy_gbps, sweep_rows, linears_only=args.sweep_only)
     import triton
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
