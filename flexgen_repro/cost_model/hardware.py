@@ -132,11 +132,11 @@ class HardwareProfile:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"HardwareProfile.{name} must be a number >= 0, got {value!r}")
-        batches = [b for b, _ in self.gpu_fused_matmul_batches] if all(
-            isinstance(e, (list, tuple)) and len(e) == 2 for e in self.gpu_fused_matmul_batches) else None
-        if batches is None or batches != sorted(set(batches)) or not all(
-                isinstance(b, int) and b > 0 and isinstance(r, (int, float)) and r > 0
-                for b, r in self.gpu_fused_matmul_batches):
+        points = self.gpu_fused_matmul_batches
+        pairs = isinstance(points, (list, tuple)) and all(
+            isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], int) and e[0] > 0
+            and isinstance(e[1], (int, float)) and e[1] > 0 for e in points)
+        if not pairs or [e[0] for e in points] != sorted({e[0] for e in points}):
             raise ValueError("HardwareProfile.gpu_fused_matmul_batches must be [[batch, bytes per "
                              "second], ...] with whole batches > 0 in rising order and rates > 0, "
                              f"got {self.gpu_fused_matmul_batches!r}")

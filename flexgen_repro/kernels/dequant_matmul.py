@@ -119,12 +119,12 @@ def _finish(acc, bias, y, m, n, M, N, stride_ym, pid_k, HAS_BIAS: tl.constexpr):
 
 def decode_config(m: int, out_units: int, group_dim: int, num_sms: int, p: int = 32) -> dict:
     """Block sizes and split-K for the fused kernel. out_units: packed rows (group_dim 0) or output
-    columns (group_dim 1). Rows of x per program: 16 up to 16 rows, 64 up to 64, else 128, but
-    weights grouped along out (the default) take no 32-row tile: with 4 warps it issues more
-    work per packed byte there than the 64-row tile with 8 (Hopper's wgmma), 5600 against 4800
-    SASS instructions per program (`scripts/kernel_resources.py --rows 32 --sweep`; along in,
-    5280 against 7104, so that kernel keeps it), and on an H100 it read 294 GB/s of packed
-    weights at 32 rows where the 64-row tile read 423 at 48. Chosen so that ptxas (sm_90, Triton
+    columns (group_dim 1). Rows of x per program: 16 up to 16 rows; up to 32, 64 for weights
+    grouped along out (the default) and 32 along in; then 64 up to 64, else 128. Along out the
+    32-row tile (4 warps) issues more work per packed byte than the 64-row wgmma tile (8 warps),
+    5600 against 4800 SASS instructions per program, and read 294 GB/s of packed weights at 32
+    rows on an H100 where the 64-row tile read 423 at 48; along in it issues less (5280 against
+    7104; `scripts/kernel_resources.py --rows 32 --sweep`). Chosen so that ptxas (sm_90, Triton
     3.6) reports no register spills (scripts/kernel_resources.py checks);
     `scripts/bench_kernels.py --sweep` times the alternatives on a real GPU."""
     block_m = 16 if m <= 16 else 32 if m <= 32 and group_dim == 1 else 64 if m <= 64 else 128
