@@ -10,8 +10,8 @@ size of the compiled kernel in SASS instructions times its warps times the progr
 the rows (`ceil(rows / BLOCK_M)`, each reading every packed byte): a static count with the loop
 body once, and every configuration moves the same packed bytes per loop turn, so it compares the
 work issued per packed byte; the kernels are bound by their dequantizing arithmetic, so more is
-slower. Also the matrix instruction used (mma.sync or Hopper's wgmma). `decode_config` promises no spills on sm_90;
-exit code 1 if a configuration it picks spills, 2 without Triton's CUDA tools.
+slower. Also the matrix instruction used (mma.sync or Hopper's wgmma). `decode_config` promises
+no spills on sm_90; exit code 1 if a configuration it picks spills, 2 without Triton's CUDA tools.
 """
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
     ap.add_argument("--rows", default="1,16,32,64,128", help="rows of x (decode batch), comma-separated")
-    ap.add_argument("--sweep", action="store_true", help="also the rows-per-program and warps around each pick")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also the rows-per-program and warps around each pick")
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args(argv)
     try:

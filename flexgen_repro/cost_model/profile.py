@@ -7,9 +7,9 @@ refused, e.g. tmpfs) and through mappings while the page cache holds the file (t
 mapped disk files), GPU memory bandwidth, fp16 matmul (prefill- and decode-shaped), attention
 (prefill- and decode-shaped) on the GPU and, with fp16 data upcast to fp32 as the runtime does, on
 the CPU, CPU matmul (fp32, bf16, fp16), 4-bit dequantization and, where the fused kernels run, the
-rate of the fused 4-bit decode matmul (at decode batches of 1 to 256 rows), the fixed cost of a tiny layer step
-(launched from Python, and replayed in a CUDA graph), and the memory of each tier. Without CUDA
-the "GPU" is host memory: its fields are measured on the CPU and the profile is marked
+rate of the fused 4-bit decode matmul (at decode batches of 1 to 256 rows), the fixed cost of a
+tiny layer step (launched from Python, and replayed in a CUDA graph), and the memory of each tier.
+Without CUDA the "GPU" is host memory: its fields are measured on the CPU and the profile is marked
 `host_backed_gpu`. Sizes are scaled to the device (well under two minutes on an H100 machine,
 seconds on a small CPU machine).
 """
@@ -255,9 +255,10 @@ def _dequant_rate(dev: torch.device, n_values: int, reps: int) -> float:
 
 
 FUSED_MATMUL_BATCHES = (1, 8, 16, 32, 48, 64, 80, 96, 128, 192, 256)
+FUSED_MATMUL_BATCH = 32  # the batch of the profile's single figure, gpu_fused_matmul_bytes_s
 
 
-def measure_fused_matmul(dev: torch.device, reps: int, batch: int = 32) -> float | None:
+def measure_fused_matmul(dev: torch.device, reps: int, batch: int = FUSED_MATMUL_BATCH) -> float | None:
     """Packed weight bytes per second the fused 4-bit decode matmul reads (kernels.dequant_linear,
     the runtime's decode path for compressed weights): the six matrices of one OPT-6.7B layer (q,
     k, v, out 4096x4096; fc1 16384x4096; fc2 4096x16384) in the weights' default compression, one
@@ -437,7 +438,7 @@ def measure(offload_dir: str, gpu_mem_gb: float | None = None) -> HardwareProfil
     m["step_overhead"] = measure_step_overhead(dev, 50)
     m["graph_step_overhead"] = measure_graph_step_overhead(dev, m["mem_bw"], cuda, 20)
     m["fused_matmul_batches"] = measure_fused_matmul_batches(dev, 20)
-    m["fused_matmul"] = dict(m["fused_matmul_batches"]).get(32)
+    m["fused_matmul"] = dict(m["fused_matmul_batches"]).get(FUSED_MATMUL_BATCH)
     cpu_name = platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(dev) if cuda else f"host-backed ({cpu_name})"
     m.update(device=name, torch=torch.__version__, host=platform.node(), seconds=time.perf_counter() - start,
