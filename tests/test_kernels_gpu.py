@@ -1,8 +1,11 @@
 """The Triton kernels (flexgen_repro.kernels) against their pure-torch references.
 
-Runs on CUDA. Without CUDA it is skipped, unless TRITON_INTERPRET=1 is set and triton is
-installed: then the same checks run the kernels in Triton's CPU interpreter (slow, tiny sizes),
-which is how they were checked on a machine with no GPU.
+Runs wherever triton is installed, and is skipped where it is not: on CUDA the kernels compile
+and run on the GPU; without CUDA (CI installs triton with the development lock) the same checks run
+them in Triton's CPU interpreter (tiny sizes; about 30 s on one core). The interpreter is switched
+on for this module alone (the runtime never sends CPU tensors to triton: kernels.available() needs
+CUDA), so the other test modules of a process, tests/test_kernels_heads.py's interpreter runs
+included, see neither TRITON_INTERPRET nor an interpreted kernel.
 
 Tolerances, as relative error norms ||out - ref|| / ||ref|| with the reference in float32 on the
 same dequantized values:
@@ -15,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 import importlib.util
-import os
+import sys
 
 import pytest
 import torch
@@ -26,11 +29,51 @@ from flexgen_repro.kernels import reference
 from flexgen_repro.policy import CompressionConfig
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not HAS_TRITON or not (torch.cuda.is_available() or INTERPRET),
-    reason="needs CUDA and triton (or TRITON_INTERPRET=1 with triton installed)")]
+    not HAS_TRITON, reason="needs triton (run on CUDA, or without CUDA in Triton's CPU interpreter)")]
+KERNEL_MODULES = ("dequant", "dequant_matmul", "compressed_attention")  # what these tests import
+
+if HAS_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
+    # triton.language's own @triton.jit helpers (tl.cdiv, tl.sum, ...) are decorated when triton is
+    # first imported, and the interpreter runs only interpreted ones: import it under the flag,
+    # which is unset again at once (without CUDA nothing else runs a triton kernel)
+    with pytest.MonkeyPatch.context() as _mp:
+        _mp.setenv("TRITON_INTERPRET", "1")
+        importlib.import_module("triton.language")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    """Without CUDA: TRITON_INTERPRET=1 and freshly imported kernel modules, for this module only.
+
+    triton.jit reads TRITON_INTERPRET when it decorates a kernel, that is when its module is first
+    imported: the kernel modules are dropped from sys.modules, so the tests import them afresh
+    under the flag, and afterwards the environment and sys.modules are put back (an xdist worker
+    runs many test modules in one process). With CUDA nothing changes."""
+    if DEVICE == "cuda":
+        yield
+        return
+    from triton.language import cdiv
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(cdiv, InterpretedFunction):
+        pytest.fail("triton was imported in this process before this module, without "
+                    "TRITON_INTERPRET=1, so its own @jit helpers cannot run in the interpreter: run "
+                    "this module on its own or with TRITON_INTERPRET=1", pytrace=False)
+    names = [f"{kernels.__name__}.{m}" for m in KERNEL_MODULES]
+    saved_modules = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    saved_attrs = {m: vars(kernels).pop(m) for m in KERNEL_MODULES if m in vars(kernels)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        try:
+            yield
+        finally:
+            for n, m in zip(names, KERNEL_MODULES):
+                sys.modules.pop(n, None)
+                vars(kernels).pop(m, None)
+            sys.modules.update(saved_modules)
+            vars(kernels).update(saved_attrs)
+
 
 FP16_TOL = 2e-3
 FP32_TOL = 1e-5
@@ -82,7 +125,7 @@ def test_split_k_fused_dequant_linear_repeats_bit_for_bit(group_dim):
 def test_fused_dequant_linear_other_dtypes_and_batched_input(dtype):
     from flexgen_repro.kernels import dequant_matmul
     if dtype == torch.bfloat16 and DEVICE == "cpu":
-        pytest.skip("Triton 3.6's CPU interpreter mis-evaluates tl.dot on bfloat16 (CUDA is fine)")
+        pytest.skip("Triton's CPU interpreter (3.6, 3.7.1) mis-evaluates tl.dot on bfloat16 (CUDA is fine)")
     w = compress(rand(128, 128, dtype=dtype, seed=4), CompressionConfig(4, 64, 0, False))
     x = rand(2, 3, 128, dtype=dtype, seed=5)
     out = dequant_matmul.dequant_linear(x, w, None)
