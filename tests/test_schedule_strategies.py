@@ -3,6 +3,7 @@ each queues (hand-worked for a 3-layer model, two GPU batches), Algorithm 1's lo
 token-identical greedy output against transformers for every ordering and runtime option."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -34,6 +35,7 @@ class Recorder:
         self.prefetch_layers = 1
         self.live_batches = list(range(K))  # GPU batches still generating: all of them here
         self.stop_after, self.output_ids = stop_after, np.zeros(1)
+        self.decode_torch_threads = None   # torch's thread count left as it is
 
     def __getattr__(self, name):
         return lambda *args: self.calls.append((name, args))
@@ -119,6 +121,59 @@ def test_algorithm_1_visits_token_layer_batch_in_order_and_stops_when_told():
     assert computes == [(i, j, k) for i in range(2) for j in range(3) for k in range(2)]
     assert [n for n, _ in run.calls if n in ("start_token", "end_token", "drain")] == \
         ["start_token", "end_token"] * 2 + ["drain"]
+
+
+def test_decode_runs_torch_on_the_blocks_decode_threads_and_restores_them():
+    """Prefill keeps torch's thread count; decode (tokens 1..) runs on decode_torch_threads; the
+    count comes back after the block, and after a failing step too."""
+    saved = torch.get_num_threads()
+    seen = []
+
+    class Counting:
+        def step(self, run, i, j, k):
+            seen.append((i, torch.get_num_threads()))
+            if run.fail_at == i:
+                raise RuntimeError("step failed")
+
+    run = Recorder(K=1, gen_len=3)
+    run.decode_torch_threads, run.fail_at = 1, None
+    generate_block(run, Counting(), None)
+    assert {i: n for i, n in seen} == {0: saved, 1: 1, 2: 1}
+    assert torch.get_num_threads() == saved
+    run = Recorder(K=1, gen_len=3)
+    run.decode_torch_threads, run.fail_at = 1, 2
+    with pytest.raises(RuntimeError, match="step failed"):
+        generate_block(run, Counting(), None)
+    assert torch.get_num_threads() == saved
+
+
+def test_decode_threads_only_where_the_c_kernel_attends_beside_a_gpu(monkeypatch):
+    """The kernel's team size is fixed before torch's count drops (its default follows torch's);
+    nothing changes without CUDA, without CPU attention, or without the kernel."""
+    from flexgen_repro.kernels import cpu_attention
+    from flexgen_repro.schedule.steps import decode_threads
+    monkeypatch.setattr(cpu_attention, "library", lambda: object())   # built
+    monkeypatch.setattr(cpu_attention, "_cores", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    gpu, cpu = SimpleNamespace(has_cuda=True), SimpleNamespace(has_cuda=False)
+    attends = policy(True, 1, pct=(100, 0, 0, 100, 100, 0), cpu_cache_compute=True)
+    options = RuntimeOptions()
+    decoding, threads = decode_threads(options, attends, gpu)
+    assert threads == cpu_attention.RESERVED_CORES == 4
+    assert decoding.cpu_attention_threads == 12 and decoding.cuda_graphs == options.cuda_graphs
+    assert decode_threads(RuntimeOptions(cpu_attention_threads=6), attends, gpu)[0] \
+        .cpu_attention_threads == 6                                        # the user's size stays
+    assert decode_threads(options, attends, cpu) == (options, None)
+    assert decode_threads(options, policy(True, 1), gpu) == (options, None)
+    assert decode_threads(RuntimeOptions(cpu_attention_kernel=False), attends, gpu)[1] is None
+    host_weights = policy(True, 1, pct=(0, 100, 0, 100, 100, 0), cpu_cache_compute=True)
+    assert decode_threads(options, host_weights, gpu)[1] == 4                 # pinned: DMA
+    assert decode_threads(options, dataclasses.replace(host_weights, pin_weight=False),
+                          gpu) == (options, None)                          # staged by torch
+    disk_weights = policy(True, 1, pct=(50, 0, 0, 100, 100, 0), cpu_cache_compute=True)
+    assert decode_threads(options, disk_weights, gpu) == (options, None)    # read by torch
+    monkeypatch.setattr(cpu_attention, "library", lambda: None)           # no compiler
+    assert decode_threads(options, attends, gpu) == (options, None)
 
 
 @pytest.fixture(scope="module")

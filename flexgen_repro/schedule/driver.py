@@ -3,11 +3,13 @@ ordering the steps of each (i, j, k) (strategies.py), the steps on the block's s
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from flexgen_repro.graph_decode import DecodeBlock, GraphedDecode, fuse_qkv_weights, graphable
-from flexgen_repro.schedule.steps import BlockSteps
+from flexgen_repro.schedule.steps import BlockSteps, torch_threads
 from flexgen_repro.schedule.strategies import GraphedPipeline, layer_strategy
 
 
@@ -79,16 +81,20 @@ class BlockRun(BlockSteps):
 def generate_block(run: BlockSteps, strategy, graphed: GraphedPipeline | None) -> np.ndarray:
     """Algorithm 1: for each token, each layer, each GPU batch, the strategy's ordering of
     load_weight / load_cache / compute / store_cache (compute stores the cache and hidden state).
-    With graphs, decode (tokens 1..) replays them instead, pipelined."""
-    for i in range(run.gen_len):
-        if graphed is not None and i > 0:
-            graphed.decode(run, i)
-            break
-        t0 = run.start_token(i)
-        for j in range(len(run.layers)):
-            for k in run.live_batches:  # a GPU batch whose rows have all ended is skipped
-                strategy.step(run, i, j, k)
-        if run.end_token(i, t0):
-            break
-    run.drain()
+    With graphs, decode (tokens 1..) replays them instead, pipelined. Decode runs torch on
+    run.decode_torch_threads intra-op threads where that is set (steps.decode_threads)."""
+    with contextlib.ExitStack() as decoding:
+        for i in range(run.gen_len):
+            if i == 1:
+                decoding.enter_context(torch_threads(run.decode_torch_threads))
+            if graphed is not None and i > 0:
+                graphed.decode(run, i)
+                break
+            t0 = run.start_token(i)
+            for j in range(len(run.layers)):
+                for k in run.live_batches:  # a GPU batch whose rows have all ended is skipped
+                    strategy.step(run, i, j, k)
+            if run.end_token(i, t0):
+                break
+        run.drain()
     return run.output_ids

@@ -8,6 +8,7 @@ ahead of time and again when it is needed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -19,7 +20,9 @@ import torch
 
 from flexgen_repro import trace
 from flexgen_repro.model.base import CachePart, Deferred, StepInfo
+from flexgen_repro.kernels import cpu_attention
 from flexgen_repro.model.layers import dense
+from flexgen_repro.options import RuntimeOptions
 from flexgen_repro.devices.copy_engine import wait_done
 from flexgen_repro.devices.host_stage import HostStage
 from flexgen_repro.devices.storage import write_to_host
@@ -33,6 +36,40 @@ MAX_PENDING_STORES = 2
 # Layers the host may queue ahead of the GPU's compute (BlockSteps._bound_lead): enough to keep
 # the GPU fed, few enough that loads queued ahead hold about as much memory as one layer's overlap.
 RUN_AHEAD_LAYERS = 2
+
+
+def decode_threads(options: RuntimeOptions, policy, env) -> tuple[RuntimeOptions, int | None]:
+    """(the options decode runs with, torch's intra-op thread count during decode or None for
+    unchanged). Where the C kernel attends on the host beside a GPU, decode's other host work is
+    small copies and masks; torch's team for them (every core by default) is a second OpenMP team
+    beside the kernel's, whose threads spin after each copy on the cores the kernel works on.
+    Decode then runs torch on RESERVED_CORES threads, with the kernel's team size fixed first (its
+    default follows torch's count). OPT-1.3B, cache on disk, 16x1, H100 machine of 16 cores, two
+    runs each in one call: 82.4 and 84.3 ms per decode step against 91.3 and 99.1 with 16 torch
+    threads (docs/performance.md). Prefill keeps every thread: its cache stores are large. So do
+    runs whose weights cross through host copies, which torch spreads over its threads (weights
+    read from disk, unpinned ones staged): only pinned or GPU-resident weights qualify."""
+    weights_by_dma = policy.w_disk_percent == 0 and (policy.pin_weight or policy.w_cpu_percent == 0)
+    if not (env.has_cuda and policy.cpu_cache_compute and weights_by_dma
+            and options.cpu_attention_kernel and cpu_attention.library() is not None):
+        return options, None
+    threads = min(torch.get_num_threads(), cpu_attention.RESERVED_CORES)
+    return dataclasses.replace(options, cpu_attention_threads=cpu_attention.n_threads(
+        options.cpu_attention_threads)), threads
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op thread count set to `n` inside (None: unchanged), restored after."""
+    if n is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 class BlockSteps:
@@ -103,6 +140,7 @@ class BlockSteps:
         self.host_stage = (HostStage(pin=self.env.has_cuda, gate=self.env.engine.gate)
                            if self.cpu_pool is not None else None)
         self.whole_copies = whole_copies(self.policy)   # weights and cache loads
+        self.options, self.decode_torch_threads = decode_threads(lm.options, self.policy, self.env)
         # layer j's weights dequantized once per token, shared by its GPU batches (policy.py)
         self.dense: dict[int, dict] | None = {} if dequantize_once(self.policy) else None
         self.prefetch_layers = lm.prefetch_layers
@@ -280,7 +318,7 @@ class BlockSteps:
             self.steps[(i, k)] = StepInfo(i, self.prompt_len, host_mask.to(dev),
                                           torch.from_numpy(pos).to(dev), self.policy.attn_sparsity,
                                           self.pick, self.want_logits, self.cpu_pool, host_mask,
-                                          self.host_stage, self.lm.options, index)
+                                          self.host_stage, self.options, index)
         return self.steps[(i, k)]
 
     def mask_and_positions(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
