@@ -69,6 +69,16 @@ def _lock(name: str = "requirements.lock") -> dict[str, str]:
     return pins
 
 
+def _hashes(name: str, package: str) -> set[str]:
+    """The sha256 hashes a lock gives for `package`."""
+    for line in re.sub(r"\\\n\s*", " ", _read(name)).splitlines():
+        pin, *hashes = line.split("#", 1)[0].split() or [""]
+        m = PIN.match(pin)
+        if m and _norm(m.group(1)) == _norm(package):
+            return set(hashes)
+    return set()
+
+
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -110,6 +120,12 @@ def test_dev_lock_holds_the_test_tools_and_agrees_with_the_runtime_lock():
     assert set(TEST_TOOLS) <= set(dev) and "pyyaml" in runtime  # what these tests need
     assert not set(runtime) & set(dev), "a package locked twice can disagree: once is enough"
     assert not set(runtime) & set(_lock("requirements-cuda.lock"))
+    # triton is in both the CUDA lock (the image's torch needs it) and the development lock (the
+    # kernel tests in Triton's CPU interpreter): the tests must check the triton the image runs
+    cuda = _lock("requirements-cuda.lock")
+    assert {name: dev[name] for name in set(dev) & set(cuda)} == \
+        {name: cuda[name] for name in set(dev) & set(cuda)} and "triton" in dev
+    assert _hashes("requirements-dev.lock", "triton") == _hashes("requirements-cuda.lock", "triton")
 
 
 def test_nodeps_lock_holds_only_the_checkpoint_package():
