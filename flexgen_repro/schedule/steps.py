@@ -45,10 +45,11 @@ def decode_threads(options: RuntimeOptions, policy, env) -> tuple[RuntimeOptions
     beside the kernel's, whose threads spin after each copy on the cores the kernel works on.
     Decode then runs torch on RESERVED_CORES threads, with the kernel's team size fixed first (its
     default follows torch's count). OPT-1.3B, cache on disk, 16x1, H100 machine of 16 cores, two
-    runs each in one call: 82.4 and 84.3 ms per decode step against 91.3 and 99.1 with 16 torch
-    threads (docs/performance.md). Prefill keeps every thread: its cache stores are large. So do
-    runs whose weights cross through host copies, which torch spreads over its threads (weights
-    read from disk, unpinned ones staged): only pinned or GPU-resident weights qualify."""
+    runs each in one call: 82.4 and 84.3 ms per decode step against 91.3-99.1 with 16 torch
+    threads (docs/performance-targets.md). Prefill keeps every thread: its cache stores are
+    large. So do runs whose weights cross through host copies, which torch spreads over its
+    threads (weights read from disk, unpinned ones staged): only pinned or GPU-resident weights
+    qualify."""
     weights_by_dma = policy.w_disk_percent == 0 and (policy.pin_weight or policy.w_cpu_percent == 0)
     if not (env.has_cuda and policy.cpu_cache_compute and weights_by_dma
             and options.cpu_attention_kernel and cpu_attention.library() is not None):
