@@ -52,8 +52,9 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     assert done.returncode != 0 and "DL3007" in done.stdout  # the linter really lints
 
 
-def _lock(name: str = "requirements.lock") -> dict[str, str]:
-    """{package: version} of a lock; every entry is an exact pin followed by its sha256 hashes."""
+def _lock_entries(name: str) -> dict[str, tuple[str, frozenset]]:
+    """{package: (version, its sha256 hashes)} of a lock; every entry is an exact pin followed by
+    its hashes."""
     pins = {}
     entries = re.sub(r"\\\n\s*", " ", _read(name)).splitlines()
     for line in entries:
@@ -65,18 +66,13 @@ def _lock(name: str = "requirements.lock") -> dict[str, str]:
         assert m, f"{name} line {line!r} is not an exact name==version pin"
         assert hashes and all(re.match(r"^--hash=sha256:[0-9a-f]{64}$", h) for h in hashes), \
             f"{name}: {pin} has no sha256 hash"
-        pins[_norm(m.group(1))] = m.group(2)
+        pins[_norm(m.group(1))] = (m.group(2), frozenset(hashes))
     return pins
 
 
-def _hashes(name: str, package: str) -> set[str]:
-    """The sha256 hashes a lock gives for `package`."""
-    for line in re.sub(r"\\\n\s*", " ", _read(name)).splitlines():
-        pin, *hashes = line.split("#", 1)[0].split() or [""]
-        m = PIN.match(pin)
-        if m and _norm(m.group(1)) == _norm(package):
-            return set(hashes)
-    return set()
+def _lock(name: str = "requirements.lock") -> dict[str, str]:
+    """{package: version} of a lock (_lock_entries without the hashes)."""
+    return {package: version for package, (version, _) in _lock_entries(name).items()}
 
 
 def _norm(name: str) -> str:
@@ -122,10 +118,10 @@ def test_dev_lock_holds_the_test_tools_and_agrees_with_the_runtime_lock():
     assert not set(runtime) & set(_lock("requirements-cuda.lock"))
     # triton is in both the CUDA lock (the image's torch needs it) and the development lock (the
     # kernel tests in Triton's CPU interpreter): the tests must check the triton the image runs
-    cuda = _lock("requirements-cuda.lock")
-    assert {name: dev[name] for name in set(dev) & set(cuda)} == \
-        {name: cuda[name] for name in set(dev) & set(cuda)} and "triton" in dev
-    assert _hashes("requirements-dev.lock", "triton") == _hashes("requirements-cuda.lock", "triton")
+    dev_entries, cuda = _lock_entries("requirements-dev.lock"), _lock_entries("requirements-cuda.lock")
+    shared = set(dev_entries) & set(cuda)
+    assert "triton" in shared and all(dev_entries[name] == cuda[name] for name in shared), \
+        "a package in both the development and CUDA locks must have the same version and hashes"
 
 
 def test_nodeps_lock_holds_only_the_checkpoint_package():
