@@ -150,25 +150,41 @@ class GraphedDecode:
         self.pool = graph.pool()
         return graph
 
+    def queue_token(self, i: int, batches: list[int]) -> None:
+        """Queue token i of each of `batches` (queue)."""
+        for k in batches:
+            self.queue(i, k)
+
     def queue(self, i: int, k: int) -> None:
-        """Queue token i of GPU batch k without waiting for anything: where batch k replayed token
-        i - 1 last, its next inputs are made on the GPU from that step's (ids picked there, one
-        position and one mask column on, write index on), else copied from the host. The picked
-        ids go to a pinned buffer; `collect(i)` records them.
+        """Queue token i of GPU batch k without waiting for anything (_set_inputs); the picked
+        ids go to a pinned buffer, and `collect(i)` records them."""
+        self._set_inputs(i, k)
+        if k not in self.graphs:
+            self._capture(k)
+        self.graphs[k].replay()
+        self._picked(i, k, self.block.pick(self.static[k]["logits"]))
+
+    def _set_inputs(self, i: int, k: int) -> None:
+        """Batch k's static inputs for token i: where it ran token i - 1 last, made on the GPU
+        from that step's (ids picked there, one position and one mask column on, write index
+        on), else copied from the host.
 
         A row that stopped (its output is padding from then on) is fed its own picked token rather
         than the pad token the host would feed; rows never mix, so every other row is unchanged."""
-        blk = self.block
-        if self.last.get(k) == i - 1 and k in self.graphs:
-            st = self.static[k]
+        blk, st = self.block, self.static.setdefault(k, {})
+        if self.last.get(k) == i - 1 and "ids" in st:
             st["ids"].copy_(self.picked[k].view_as(st["ids"]))
             st["pos"].add_(1)
             st["mask"][:, blk.prompt_len + i - 1] = True
             st["index"].add_(1)
-            self.graphs[k].replay()
-            ids = blk.pick(st["logits"])
-        else:
-            ids = self._from_host(i, k)
+            return
+        for name, t in self._inputs(i, k).items():
+            if name in st:
+                st[name].copy_(t)
+            else:
+                st[name] = t
+
+    def _picked(self, i: int, k: int, ids: torch.Tensor) -> None:
         self.picked[k], self.last[k] = ids, i
         self.in_flight[i].append((k, *self._to_host(i, k, ids)))
 
@@ -187,16 +203,3 @@ class GraphedDecode:
         for k, host, done in self.in_flight.pop(i, []):
             done.synchronize()
             self.block.record_ids(i, k, host.numpy())
-
-    def _from_host(self, i: int, k: int) -> torch.Tensor:
-        """Token i of batch k with its inputs copied from the host (captured at first use);
-        returns the picked ids, on the GPU."""
-        fresh = self._inputs(i, k)
-        if k not in self.graphs:
-            self.static[k] = dict(fresh)
-            self._capture(k)
-        else:
-            for name, t in fresh.items():
-                self.static[k][name].copy_(t)
-        self.graphs[k].replay()
-        return self.block.pick(self.static[k]["logits"])

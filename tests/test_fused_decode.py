@@ -149,9 +149,10 @@ class _FakeGraphs:
         self.run, self.picks, self.queued, self.collected = run, picks, [], []
         self.in_flight = {}
 
-    def queue(self, i, k):
-        self.queued.append((i, k))
-        self.in_flight.setdefault(i, []).append(k)
+    def queue_token(self, i, batches):
+        for k in batches:
+            self.queued.append((i, k))
+            self.in_flight.setdefault(i, []).append(k)
 
     def collect(self, i):
         for k in self.in_flight.pop(i):

@@ -36,6 +36,7 @@ class Recorder:
         self.live_batches = list(range(K))  # GPU batches still generating: all of them here
         self.stop_after, self.output_ids = stop_after, np.zeros(1)
         self.decode_torch_threads = None   # torch's thread count left as it is
+        self.graphed_decode = False        # decode runs the strategy's steps, not graphs
 
     def __getattr__(self, name):
         return lambda *args: self.calls.append((name, args))
@@ -62,6 +63,14 @@ def test_deep_prefetch_loads_two_layers_ahead_wrapping_to_the_next_token():
     OverlapOneBatch().step(run, 1, 1, 0)
     assert [c for c in run.calls if c[0] == "load_weight"] == [
         ("load_weight", (1,)), ("load_weight", (2,)), ("load_weight", (0,))]
+
+
+def test_prefetch_stops_at_the_last_layer_where_graphs_load_decode_weights():
+    run = Recorder(K=1)
+    run.prefetch_layers, run.graphed_decode = 2, True
+    OverlapOneBatch().step(run, 0, 1, 0)
+    assert [c for c in run.calls if c[0] == "load_weight"] == [
+        ("load_weight", (1,)), ("load_weight", (2,))]
 
 
 def test_prefetch_depth_follows_the_policy_and_layer_size():

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from flexgen_repro.graph_decode import DecodeBlock, GraphedDecode, fuse_qkv_weights, graphable
+from flexgen_repro.graph_stream import StreamedGraphs, WeightSlots, streamable
 from flexgen_repro.schedule.steps import BlockSteps, torch_threads
 from flexgen_repro.schedule.strategies import GraphedPipeline, layer_strategy
 
@@ -21,7 +22,9 @@ class BlockRun(BlockSteps):
 
     def run(self) -> np.ndarray:
         with self.env.computing():
-            out = generate_block(self, layer_strategy(self.policy), self._graphed())
+            graphed = self._graphed()
+            self.graphed_decode = graphed is not None
+            out = generate_block(self, layer_strategy(self.policy), graphed)
         if self.env.has_cuda:  # results leave the compute stream for the caller's
             torch.cuda.current_stream().wait_stream(self.env.compute_stream)
         return out
@@ -30,23 +33,40 @@ class BlockRun(BlockSteps):
         """Cache homes persist across blocks and calls (no re-allocation, no re-pinning): a GPU
         cache is held at the longest length asked for so far, and a block of a shorter cache
         length uses views of its first positions; a cache elsewhere is kept while the length
-        stays the same. Graph decode where everything is on the GPU, one set of graphs per cache
-        length, kept with the homes."""
+        stays the same. Graph decode where everything is on the GPU, or all but the weights,
+        which stream from pinned host memory into slots (graph_stream.py): one set of graphs
+        per cache length, kept with the homes."""
         state = self.lm.block_state
         held = state.get("home_len")
         if held is None or held < self.cache_len or (held != self.cache_len and not self._viewable()):
             self.lm.release_cache()
-            state.update(home_len=self.cache_len, homes={}, graphs={}, weights=None)
+            state.update(home_len=self.cache_len, homes={}, graphs={}, weights=None, slots=None)
         self.home_len, self.full_homes = state["home_len"], state["homes"]
-        if not (self.lm.options.cuda_graphs and graphable(self.policy, self.env, self.want_logits)):
-            return None
-        graphs = state["graphs"].get(self.cache_len)
+        graphs = self._graphs(state) if self.lm.options.cuda_graphs else None
         if graphs is None:
-            if state["weights"] is None:
-                state["weights"] = fuse_qkv_weights(self.lm.weight_home, self.env.gpu.dev)
-            graphs = state["graphs"][self.cache_len] = GraphedDecode(state["weights"])
+            return None
         graphs.start_block(self.decode_block())
         return GraphedPipeline(graphs)
+
+    def _graphs(self, state: dict) -> GraphedDecode | None:
+        """This cache length's graphs (made now if new), or None where decode is not graphed."""
+        graphs = state["graphs"].get(self.cache_len)
+        if graphs is not None:
+            return graphs
+        if graphable(self.policy, self.env, self.want_logits):
+            if state["weights"] is None:
+                state["weights"] = fuse_qkv_weights(self.lm.weight_home, self.env.gpu.dev)
+            graphs = GraphedDecode(state["weights"])
+        elif streamable(self.policy, self.env, self.want_logits):
+            if state["slots"] is None:
+                state["slots"] = WeightSlots.create(self.lm.weight_home, self.env.gpu.dev)
+            if state["slots"] is None:
+                return None
+            graphs = StreamedGraphs(state["slots"])
+        else:
+            return None
+        state["graphs"][self.cache_len] = graphs
+        return graphs
 
     def _viewable(self) -> bool:
         """Whether a shorter cache can be a view of a longer one: an uncompressed cache held on

@@ -145,6 +145,7 @@ class BlockSteps:
         # layer j's weights dequantized once per token, shared by its GPU batches (policy.py)
         self.dense: dict[int, dict] | None = {} if dequantize_once(self.policy) else None
         self.prefetch_layers = lm.prefetch_layers
+        self.graphed_decode = False    # decode through captured graphs (set by the driver)
 
     # ---- load_weight ---------------------------------------------------------------------------
     def load_weight(self, j: int) -> None:

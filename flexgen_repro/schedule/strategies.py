@@ -7,7 +7,8 @@ queues, and in which order.
 - OverlapBatches: the same over several GPU batches: one weight load serves every batch, and the
   next batch's cache loads while this one computes.
 - GraphedPipeline: decode (tokens 1..) through captured CUDA graphs, each token queued before the
-  previous one's ids are collected (everything on the GPU; prefill runs with one of the above).
+  previous one's ids are collected (everything on the GPU, or all but weights streamed from
+  pinned host memory; prefill runs with one of the above).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _prefetch_weights(run, i: int, j: int) -> None:
     for ahead in range(j + 1, j + 1 + run.prefetch_layers):
         if ahead < n_layers:
             run.load_weight(ahead)
-        elif i + 1 < run.gen_len:
+        elif i + 1 < run.gen_len and not run.graphed_decode:  # graphs load their own weights
             run.load_weight(ahead - n_layers)
 
 
@@ -65,7 +66,8 @@ class OverlapBatches:
 
 
 class GraphedPipeline:
-    """Decode through one captured CUDA graph per GPU batch, tokens queued back to back."""
+    """Decode through captured CUDA graphs (one per GPU batch, or per layer and GPU batch where
+    the weights stream), tokens queued back to back."""
 
     def __init__(self, graphs: GraphedDecode):
         self.graphs = graphs
@@ -82,8 +84,7 @@ class GraphedPipeline:
         prev = None
         for i in range(start, end + 1):
             if i < end:
-                for k in run.live_batches:
-                    self.graphs.queue(i, k)
+                self.graphs.queue_token(i, run.live_batches)
             if prev is not None:
                 self.graphs.collect(prev)
                 run.finish_token(prev)

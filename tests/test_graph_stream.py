@@ -1,0 +1,200 @@
+"""Streamed-weight graph decode (graph_stream.py): weights copied from host memory into fixed
+slots, one graph per (layer, GPU batch). On the CPU the driver's path runs with "graphs" that
+re-run the captured step eagerly, so the slots' order of loads and reuse decides the output:
+greedy output must equal transformers' at float32 (a layer reading another layer's weights, or a
+slot refilled before its layer ran, changes the tokens of a random model with well-separated
+logits). On a GPU the real graphs must give the same tokens as decode without graphs."""
+from __future__ import annotations
+
+import gc
+import os
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_greedy, make_hf_opt, random_prompts, save_weight_folder
+from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config
+from flexgen_repro.devices.storage import Stored
+from flexgen_repro.graph_stream import StreamedGraphs, WeightSlots, streamable
+from flexgen_repro.options import RuntimeOptions
+from flexgen_repro.policy import Tier
+from flexgen_repro.schedule import driver
+
+GEN = 6
+LAYERS = 4   # two slots per layout: the attention and MLP slots are each reused within a token
+
+
+class EagerStreamed(StreamedGraphs):
+    """StreamedGraphs whose 'graph' re-runs the captured step on each replay, and whose picked
+    ids reach the host by a plain copy: what the CUDA graphs replay, without CUDA."""
+
+    replays = 0
+
+    def _record(self, j: int, k: int):
+        self._body(j, k)
+
+        def replay():
+            EagerStreamed.replays += 1
+            self._body(j, k)
+        return SimpleNamespace(replay=replay)
+
+    def _inputs(self, i: int, k: int) -> dict:
+        # on the CPU `.to(device)` would alias output_ids, which the static inputs advance in place
+        return {name: t.clone() for name, t in super()._inputs(i, k).items()}
+
+    def _to_host(self, i: int, k: int, ids):
+        return ids.clone(), SimpleNamespace(synchronize=lambda: None)
+
+
+@pytest.fixture
+def eager_streamed(monkeypatch):
+    monkeypatch.setattr(driver, "streamable", lambda policy, env, want_logits: not want_logits)
+    monkeypatch.setattr(driver, "StreamedGraphs", EagerStreamed)
+    EagerStreamed.replays = 0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    model = make_hf_opt(layers=LAYERS)
+    weights = os.path.join(root, "weights")
+    save_weight_folder(model, weights, "tiny-opt")
+    ckpt = os.path.join(root, "hf", "tiny-opt")
+    model.save_pretrained(ckpt)
+    config = get_opt_config(ckpt, dtype=np.float32)
+    prompts = random_prompts(6, 7, config.vocab_size, seed=3, pad_rows=3)
+    return config, weights, prompts, hf_greedy(model, prompts, GEN)
+
+
+def streamed(w_gpu: int, k: int, **kw) -> Policy:
+    return Policy(gpu_batch_size=2, num_gpu_batches=k, w_gpu_percent=w_gpu,
+                  w_cpu_percent=100 - w_gpu, cache_gpu_percent=100, cache_cpu_percent=0,
+                  act_gpu_percent=100, act_cpu_percent=0, **kw)
+
+
+@pytest.mark.parametrize("w_gpu,k,sep", [(0, 2, True), (0, 3, False), (50, 3, True)])
+def test_streamed_graphs_match_transformers(setup, tmp_path, eager_streamed, w_gpu, k, sep):
+    config, weights, prompts, expected = setup
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        lm = OptLM(config, env, weights, streamed(w_gpu, k, sep_layer=sep))
+        out = lm.generate(prompts, max_new_tokens=GEN)
+        again = lm.generate(prompts, max_new_tokens=GEN)   # the captures reused across calls
+        graphs = next(iter(lm.block_state["graphs"].values()))
+        slots = lm.block_state["slots"]
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(again, expected)
+    n_layers = len(lm.layers)
+    # 6 prompts in GPU batches of 2: blocks of k batches, those holding prompts decode GEN - 1
+    # tokens through one replay per layer each
+    batches = sum(min(k, 3 - b) for b in range(0, 3, k))
+    assert EagerStreamed.replays == 2 * batches * n_layers * (GEN - 1)
+    assert len(graphs.graphs) == n_layers * min(k, 3)
+    host = [leaves for leaves in slots.host if leaves]
+    assert host and (w_gpu == 0) == all(len(h) == len(lm.weight_home[j])
+                                        for j, h in enumerate(slots.host))
+    # every host-resident weight is read from one of at most two slots per kind of layer
+    per_kind = Counter(kind for kind, _ in slots.slot_of)
+    assert len(slots.buffers) == sum(min(2, n) for n in per_kind.values()) < n_layers
+
+
+def test_streamed_graphs_stop_like_the_driver_without_graphs(setup, tmp_path, eager_streamed):
+    config, weights, prompts, expected = setup
+    stop = int(expected[0, prompts.shape[1] + 2])            # row 0 stops at its third token
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        graphed = OptLM(config, env, weights, streamed(0, 3)).generate(prompts, GEN, stop=stop)
+        plain = OptLM(config, env, weights, streamed(0, 3), RuntimeOptions(cuda_graphs=False)) \
+            .generate(prompts, GEN, stop=stop)
+    assert EagerStreamed.replays > 0
+    np.testing.assert_array_equal(graphed, plain)
+    assert (graphed[0, prompts.shape[1] + 3:] == config.pad_token_id).all()
+
+
+def _home(kinds: str, sizes: list[int]) -> list[dict]:
+    """Layers of host-resident weights: layer j holds one tensor named `kinds[j]` of `sizes[j]`
+    values, every value j."""
+    return [{kind: Stored(Tier.CPU, torch.full((n,), float(j)))}
+            for j, (kind, n) in enumerate(zip(kinds, sizes))]
+
+
+def test_weight_slots_load_in_layer_order_into_free_slots():
+    """Six layers of three kinds (the third held by one layer only), two tokens: each layer
+    computes from its own weights, loads run ahead only into slots whose last layer has been
+    released, and the next token's first layers load behind the last. A slot is as large as the
+    largest of its layers (here the first kind's layers hold 4 and 7 values, both in slot 0)."""
+    slots = WeightSlots.create(_home("ababc", [4, 8, 3, 8, 2]) + _home("a", [7]),
+                               torch.device("cpu"))
+    assert [n for _, n in slots.slot_of] == [0, 0, 1, 1, 0, 0]
+    ahead = []
+    for _ in range(2):
+        for j in range(6):
+            slots.acquire(j)
+            w = slots.weights(j)
+            assert torch.equal(w[slots.slot_of[j][0][0]], next(iter(slots.home[j].values())).data)
+            slots.release(j)
+            ahead.append(sorted(slots.loaded))
+    # after releasing j, the loads queued are the next layers up to the first whose slot is
+    # held: releasing layer 0 frees slot a0 for layer 5, layer 5 frees it for the next token's 0
+    assert ahead[:6] == [[1, 2, 3, 4, 5], [2, 3, 4, 5], [3, 4, 5], [4, 5], [5], [0, 1, 2, 3, 4]]
+    assert ahead[6:] == ahead[:6]
+    assert len(slots.buffers) == 5
+    assert slots.buffers[(("a",), 0)].numel() == 7 * 4 + (512 - 28)   # one aligned float32 tensor
+
+
+def test_weight_slots_restart_forgets_loads_queued_ahead():
+    slots = WeightSlots.create(_home("www", [4, 4, 4]), torch.device("cpu"))
+    slots.acquire(0)
+    slots.release(0)
+    assert sorted(slots.loaded) == [1, 2]       # layer 2 loads into layer 0's slot, freed
+    slots.restart()
+    assert not slots.loaded and not slots.held
+    slots.acquire(0)                            # a new block starts at layer 0 again
+    assert torch.equal(slots.weights(0)["w"], torch.zeros(4))
+
+
+def test_only_weights_in_memory_stream():
+    """Disk-resident weights are read, not copied from a pinned home: no slots for them."""
+    assert WeightSlots.create([{"w": Stored(Tier.DISK, data=object())}], torch.device("cpu")) is None
+    cuda = SimpleNamespace(has_cuda=True)
+    base = dict(gpu_batch_size=4, num_gpu_batches=4, w_gpu_percent=0, w_cpu_percent=100,
+                cache_gpu_percent=100, cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0)
+    assert streamable(Policy(**base), cuda, False)
+    assert not streamable(Policy(**base), cuda, True)                         # logits wanted
+    assert not streamable(Policy(**base), SimpleNamespace(has_cuda=False), False)
+    for change in (dict(w_gpu_percent=100, w_cpu_percent=0),                 # nothing streams
+                   dict(w_cpu_percent=50),                                   # half on disk
+                   dict(pin_weight=False), dict(overlap=False),
+                   dict(cache_gpu_percent=50, cache_cpu_percent=50),
+                   dict(act_gpu_percent=0, act_cpu_percent=100),
+                   dict(compress_cache=True), dict(cpu_cache_compute=True),
+                   dict(attn_sparsity=0.5)):
+        assert not streamable(Policy(**{**base, **change}), cuda, False), change
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streamed_graphs_on_a_gpu_give_the_tokens_of_decode_without_graphs(tmp_path):
+    """OPT-1.3B's dummy weights in pinned host memory, 4x4: the same kernels replayed from graphs
+    over the slots give the very tokens of the same kernels launched one by one (dummy weights
+    leave near-ties between the top logits, so a slot refilled before its layer ran, or read
+    before its copy ended, flips tokens)."""
+    from flexgen_repro import flex_opt
+    outs = {}
+    for graphs in ("true", "false"):
+        args = flex_opt.build_parser().parse_args(
+            ["--model", "opt-1.3b", "--path", "_DUMMY_", "--offload-dir", str(tmp_path),
+             "--percent", "0", "100", "100", "0", "100", "0", "--gpu-batch-size", "4",
+             "--num-gpu-batches", "4", "--prompt-len", "64", "--gen-len", "12",
+             "--cuda-graphs", graphs])
+        try:
+            with flex_opt.prepared(args) as ready:
+                outs[graphs] = [np.asarray(ready.lm.generate(ready.prompts, max_new_tokens=12))
+                                for _ in range(2)]
+                kinds = {type(g).__name__ for g in ready.lm.block_state.get("graphs", {}).values()}
+        finally:
+            gc.unfreeze()          # prepared() freezes the collector for a measured run
+        assert kinds == ({"StreamedGraphs"} if graphs == "true" else set())
+    for run in outs["true"] + outs["false"][1:]:
+        np.testing.assert_array_equal(run, outs["false"][0])
