@@ -27,13 +27,20 @@ SLOTS_PER_KIND = 2
 SLOT_ALIGN = 512
 
 
+def stream_switches(policy: Policy) -> bool:
+    """The switches streamed-weight graphs need, whatever the percentages: overlap, pinned
+    weights, dense attention over an uncompressed cache that the GPU attends, and each batch
+    reading its layer's weights as loaded (not dequantized once for all of them)."""
+    return (policy.overlap and policy.pin_weight and policy.attn_sparsity == 1.0
+            and not policy.compress_cache and not policy.cpu_cache_compute
+            and not dequantize_once(policy))
+
+
 def streamable(policy: Policy, env, want_logits: bool) -> bool:
     """Only the weights move during decode, from pinned host memory (some may stay on the GPU)."""
-    return (env.has_cuda and not want_logits and policy.attn_sparsity == 1.0 and policy.overlap
-            and policy.w_gpu_percent < 100 and policy.w_disk_percent == 0 and policy.pin_weight
-            and policy.cache_gpu_percent == 100 and not policy.compress_cache
-            and policy.act_gpu_percent == 100 and not policy.cpu_cache_compute
-            and not dequantize_once(policy))
+    return (env.has_cuda and not want_logits and stream_switches(policy)
+            and policy.w_gpu_percent < 100 and policy.w_disk_percent == 0
+            and policy.cache_gpu_percent == 100 and policy.act_gpu_percent == 100)
 
 
 def _leaves(home: dict) -> list[tuple[tuple, object]]:

@@ -19,10 +19,10 @@ only hidden states move); new cache entries and hidden states are stored to thei
 is the GPU's matmuls (for each GPU batch the larger of flops / rate and weight bytes / memory
 bandwidth), attention on the GPU (batched matmul) or the CPU, 4-bit dequantization, and the
 profile's fixed cost per (layer, GPU batch) step (launches, the Python driver). Decode
-uses the average cache length s + n/2 over the generated tokens; where everything is on the GPU
-the runtime replays CUDA graphs instead (StepModel.graph_decode: the whole cache buffer is
-attended, and each step costs the graph's floor instead of launches). Totals follow the runtime's
-metric:
+uses the average cache length s + n/2 over the generated tokens; where everything is on the GPU,
+or all but weights that stream from pinned host memory (graph_stream.py), the runtime replays
+CUDA graphs instead (StepModel.graph_decode: the whole cache buffer is attended, and each step
+costs the graph's floor instead of launches). Totals follow the runtime's metric:
 
     prefill = layers * T_pre,  decode = (n - 1) * layers * T_gen,
     throughput = B * n / (prefill + decode)      (the prefill step produces the first token)
@@ -50,6 +50,7 @@ from flexgen_repro.config import OptConfig
 from flexgen_repro.cost_model.hardware import HardwareProfile
 from flexgen_repro.cost_model.placement import compression_ratio, layer_tensors, realized_placement
 from flexgen_repro.devices.disk_io import PAGE_CACHE_SHARE
+from flexgen_repro.graph_stream import stream_switches
 from flexgen_repro.policy import Policy, dequantize_once, prefetch_layers, whole_copies
 
 # The tier name of the page-cache constraints (build_step_model's page_cache).
@@ -123,7 +124,8 @@ class StepModel:
 
     prefill / decode: seconds per layer (whole block) by term (TERMS). graph_decode: the decode
     terms where everything is on the GPU and the runtime replays CUDA graphs (None where it
-    cannot: no CUDA, sparse attention). memory: bytes by constraint name ("gpu_prefill_mlp", ...,
+    cannot: no CUDA, sparse attention); `graph_streamed`: also where weights are off the GPU but
+    not on disk, with the cache and activations on the GPU (the policy's switches allow it). memory: bytes by constraint name ("gpu_prefill_mlp", ...,
     "disk"; tier_of gives the tier; "gpu+cpu_*" on a host-backed GPU); capacity: the limit of
     each. weight_tensors and gpu_batch_size: what `placement` needs to realize percentages.
     """
@@ -136,6 +138,7 @@ class StepModel:
     gen_len: int
     overlap: bool
     graph_decode: dict | None = None
+    graph_streamed: bool = False
     weight_tensors: tuple = ()
     gpu_batch_size: int = 1
     page_cache: bool = False
@@ -152,12 +155,17 @@ class StepModel:
 
     def terms(self, phase: str, x) -> dict:
         """The time terms of `phase` at placement x."""
-        if phase == "decode" and self.graph_decode is not None and all_on_gpu(x):
+        if phase == "decode" and self.graphed(x):
             return self.graph_decode
         terms = getattr(self, phase)
         if phase == "decode" and HOST_CACHE_STEPS in terms and cache_on_gpu(x):
             return self.decode_cache_on_gpu()
         return terms
+
+    def graphed(self, x) -> bool:
+        """Whether the runtime decodes placement x through CUDA graphs."""
+        return self.graph_decode is not None and (
+            all_on_gpu(x) or (self.graph_streamed and streams_weights(x)))
 
     def decode_cache_on_gpu(self) -> dict:
         """The decode terms where the whole cache stays on the GPU (no host cache steps)."""
@@ -190,6 +198,13 @@ def cache_on_gpu(x) -> bool:
 def all_on_gpu(x) -> bool:
     """Weights, cache and hidden states all on the GPU (graph_decode.graphable's placement)."""
     return bool(np.all(np.asarray(x, dtype=float)[[0, 3, 6]] >= 1 - 1e-9))
+
+
+def streams_weights(x) -> bool:
+    """Cache and hidden states all on the GPU, no weights on disk (graph_stream.streamable's
+    placement, weights off the GPU or not)."""
+    x = np.asarray(x, dtype=float)
+    return bool(x[3] >= 1 - 1e-9 and x[6] >= 1 - 1e-9 and x[2] <= 1e-9)
 
 
 @dataclass(frozen=True)
@@ -441,9 +456,10 @@ def _cpu_attention_serial(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes
 
 def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int, n: int,
                         decode: dict) -> dict:
-    """Decode as the runtime replays it in CUDA graphs (graph_decode.py), everything on the GPU:
-    nothing moves between tiers; each (layer, GPU batch) step costs its HBM or flop time plus the
-    graph's per-step floor instead of the launch overhead; attention covers the whole cache buffer
+    """Decode as the runtime replays it in CUDA graphs, everything on the GPU (graph_decode.py;
+    nothing moves between tiers) or all but weights copied from pinned host memory (graph_stream.py;
+    their copies are the decode terms' ctog, kept): each (layer, GPU batch) step costs its HBM or
+    flop time plus the graph's per-step floor instead of the launch overhead; attention covers the whole cache buffer
     (s + n positions, the unwritten ones masked); one driver step per (token, GPU batch) picks
     the token (spread over the layers, as the embedding steps are)."""
     b, k = p.gpu_batch_size, p.num_gpu_batches
@@ -691,5 +707,6 @@ def build_step_model(config: OptConfig, policy: Policy, prompt_len: int, gen_len
                      block_size=policy.block_size, gen_len=gen_len, overlap=policy.overlap,
                      graph_decode=_graph_decode_terms(config, policy, profile, z, prompt_len,
                                                       gen_len, decode) if graphs else None,
+                     graph_streamed=graphs and stream_switches(policy),
                      weight_tensors=tuple(sizes for _, sizes in layer_tensors(config, policy)),
                      gpu_batch_size=policy.gpu_batch_size, page_cache=page_cache)

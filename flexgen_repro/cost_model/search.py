@@ -126,12 +126,18 @@ def solve_placement(model: StepModel, allow_act_disk: bool = False) -> tuple[np.
     """The relaxed optimum (placement vector, generation seconds) of one shape, or None if no
     placement fits. Where a decode term is charged only while some of the cache is off the GPU
     (HOST_CACHE_STEPS), two programs: every placement with the charge, and the cache held on the
-    GPU without it; the faster wins."""
+    GPU without it; where weights may stream into CUDA graphs (StepModel.graph_streamed), one
+    more over the placements that do (cache and activations on the GPU, no weights on disk) with
+    the graphs' decode terms. The fastest wins."""
     found = [_solve(model, model.decode, _bounds(allow_act_disk))]
     if HOST_CACHE_STEPS in model.decode:
         bounds = _bounds(allow_act_disk)
         bounds[3] = (1, 1)                          # cg: the whole cache on the GPU
         found.append(_solve(model, model.decode_cache_on_gpu(), bounds))
+    if model.graph_streamed and model.graph_decode is not None:
+        bounds = _bounds(allow_act_disk)
+        bounds[2], bounds[3], bounds[6] = (0, 0), (1, 1), (1, 1)   # streamed-weight graphs
+        found.append(_solve(model, model.graph_decode, bounds))
     found = [f for f in found if f is not None]
     return min(found, key=lambda f: f[1]) if found else None
 
@@ -162,6 +168,8 @@ def _min_over_simplex(term, allow_act_disk: bool) -> float:
 def _lower_bound(model: StepModel, allow_act_disk: bool) -> float:
     pre = max(_min_over_simplex(t, allow_act_disk) for t in model.prefill.values())
     dec = max(_min_over_simplex(t, allow_act_disk) for t in model.decode_cache_on_gpu().values())
+    if model.graph_decode is not None:   # graphs' decode steps cost less than launches
+        dec = min(dec, max(_min_over_simplex(t, allow_act_disk) for t in model.graph_decode.values()))
     return model.num_layers * (pre + (model.gen_len - 1) * dec)
 
 
