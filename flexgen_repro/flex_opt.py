@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--cuda-graphs", type=str2bool, nargs="?", const=True, default=True,
-                   help="decode through CUDA graphs where everything is on the GPU")
+                   help="decode through CUDA graphs where everything is on the GPU, or all "
+                        "but weights streamed from pinned host memory")
     p.add_argument("--profile", action="store_true",
                    help="print where each token's time went per kind of layer (synchronizes the GPU "
                         "after every layer: slows overlapped runs)")

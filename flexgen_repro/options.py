@@ -15,7 +15,8 @@ DISK_IO_MODES = ("auto", "direct", "buffered", "mmap")
 class RuntimeOptions:
     """Runtime settings. Defaults are what the benchmarks run with.
 
-    - cuda_graphs: all-GPU policies decode through captured CUDA graphs (CUDA only).
+    - cuda_graphs: all-GPU policies, and those that stream only weights from pinned host memory,
+      decode through captured CUDA graphs (CUDA only).
     - disk_io: how the disk tier reads and writes its files. "direct": O_DIRECT into aligned
       buffers, several requests in flight; "buffered": through the page cache; "mmap": reads
       map the file; "auto": on a drive whose filesystem accepts O_DIRECT, files are mapped while
