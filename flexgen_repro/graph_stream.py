@@ -1,13 +1,13 @@
-"""Decode with the weights streamed from pinned host memory, as one CUDA graph per (layer, GPU batch).
+"""Decode with every weight streamed from pinned host memory: one CUDA graph per (layer, GPU batch).
 
 Where the cache and the activations stay on the GPU and only the weights cross each token, decode
 of small GPU batches is bound by the host queueing kernels, not by the link (OPT-1.3B at 4x4:
 about 1.6 ms of host work per layer against 1.0 ms of copies; docs/performance-targets.md).
-Here a layer's host-resident weights are copied into fixed GPU buffers (`WeightSlots`: two per
-kind of layer, taken in turn) on a copy stream that first waits for the compute that last read the
-slot, and each (layer, batch) step is a graph captured at its first decode token over its slot and
-its cache home. The host queues a layer as its copies and one replay per batch, and waits for the
-GPU only for each token's ids, collected one token late as in GraphedDecode.
+Here a layer's weights are copied into fixed GPU buffers (`WeightSlots`: two per kind of layer,
+taken in turn) on a copy stream that first waits for the compute that last read the slot, and
+each (layer, batch) step is a graph captured at its first decode token over its slot and its
+cache home. The host queues a layer as its copies and one replay per batch, and waits for the GPU
+only for each token's ids, collected one token late as in GraphedDecode.
 """
 from __future__ import annotations
 
@@ -37,14 +37,17 @@ def stream_switches(policy: Policy) -> bool:
 
 
 def streamable(policy: Policy, env, want_logits: bool) -> bool:
-    """Only the weights move during decode, from pinned host memory (some may stay on the GPU)."""
+    """Only the weights move during decode: all of them, from pinned host memory. (A share kept on
+    the GPU would leave slots sized by the largest host share of each kind of layer, which whole
+    tensors make much more than the average: memory the cost model could not count.)"""
     return (env.has_cuda and not want_logits and stream_switches(policy)
-            and policy.w_gpu_percent < 100 and policy.w_disk_percent == 0
+            and policy.w_cpu_percent == 100
             and policy.cache_gpu_percent == 100 and policy.act_gpu_percent == 100)
 
 
 def _leaves(home: dict) -> list[tuple[tuple, object]]:
-    """A layer's stored tensors as ((key,) or (key, component), Stored) pairs."""
+    """A layer's stored tensors as ((key,) or (key, component), Stored) pairs: a compressed
+    weight's packed components are tensors of their own."""
     out = []
     for key, stored in home.items():
         if stored.parts:
@@ -59,7 +62,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _offsets(leaves: list) -> tuple[dict, int]:
-    """({path: byte offset in a slot}, bytes the slot needs) for a layer's host-resident tensors."""
+    """({path: byte offset in a slot}, bytes the slot needs) for a layer's tensors."""
     offsets, end = {}, 0
     for path, leaf in leaves:
         offsets[path] = end
@@ -68,12 +71,11 @@ def _offsets(leaves: list) -> tuple[dict, int]:
 
 
 class WeightSlots:
-    """Fixed device buffers that the layers' host-resident weights are copied into in turn.
+    """Fixed device buffers that the layers' weights, all in host memory, are copied into in turn.
 
     Layers of the same kind (the same weight names) share SLOTS_PER_KIND slots, each as large as
-    the largest share of host-resident bytes among its layers (a mixed placement leaves different
-    tensors on the host in different layers); layer j always reads the same views of the same
-    slot, so a graph captured over them stays valid. Loads go in layer order (wrapping to the next
+    the largest of its layers; layer j always reads the same views of the same slot, so a graph
+    captured over them stays valid. Loads go in layer order (wrapping to the next
     token's first layers); a load waits on the device for the compute that last read its slot
     (`release`), and the compute of layer j for its load (`acquire`), so the host never waits.
     """
@@ -82,8 +84,7 @@ class WeightSlots:
         self.home, self.device = weight_home, device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.host = [[(path, leaf) for path, leaf in _leaves(h) if leaf.tier != Tier.GPU]
-                     for h in weight_home]
+        self.host = [_leaves(h) for h in weight_home]
         self.offsets = [_offsets(leaves) for leaves in self.host]   # (offsets, bytes) per layer
         kinds = [tuple(sorted(h)) for h in weight_home]
         count = Counter(kinds)
@@ -103,14 +104,14 @@ class WeightSlots:
 
     @classmethod
     def create(cls, weight_home: list[dict], device: torch.device) -> "WeightSlots | None":
-        """Slots for these weights, or None where one is not a tensor on the device or in pinned
-        host memory (a disk file, or unpinned memory a copy would stage on the host)."""
+        """Slots for these weights, or None where one is not a tensor in host memory, pinned where
+        the device is a GPU (a disk file, or unpinned memory a copy would stage on the host)."""
         for home in weight_home:
             for _, leaf in _leaves(home):
                 data = leaf.data
-                if not isinstance(data, torch.Tensor):
+                if leaf.tier != Tier.CPU or not isinstance(data, torch.Tensor):
                     return None
-                if leaf.tier != Tier.GPU and device.type == "cuda" and not data.is_pinned():
+                if device.type == "cuda" and not data.is_pinned():
                     return None
         return cls(weight_home, device)
 
@@ -121,23 +122,22 @@ class WeightSlots:
         self.next = 0                         # the next layer to load
 
     def weights(self, j: int) -> dict:
-        """Layer j's weights as its graphs read them: views of its slot, GPU-resident tensors."""
+        """Layer j's weights as its graphs read them: views of its slot."""
         if j not in self._weights:
             views = self._slot_views(j)
             w = {}
             for key, stored in self.home[j].items():
                 if stored.parts:
                     from flexgen_repro.compression import CompressedTensor
-                    comps = {name: views.get((key, name), part.data)
-                             for name, part in stored.parts.items()}
+                    comps = {name: views[(key, name)] for name in stored.parts}
                     w[key] = CompressedTensor.from_components(comps, stored.meta)
                 else:
-                    w[key] = views.get((key,), stored.data)
+                    w[key] = views[(key,)]
             self._weights[j] = w
         return self._weights[j]
 
     def _slot_views(self, j: int) -> dict:
-        """{path: view of layer j's slot} for each of its host-resident tensors."""
+        """{path: view of layer j's slot} for each of its tensors."""
         if j not in self._views:
             slot = self.slot_of[j]
             if slot not in self.buffers:
@@ -150,7 +150,8 @@ class WeightSlots:
         return self._views[j]
 
     def acquire(self, j: int) -> None:
-        """Layer j's weights in its slot before the compute queued next (loaded now if not ahead)."""
+        """Layer j's weights in its slot before the compute queued next (loaded now if not
+        queued ahead)."""
         if j not in self.loaded:
             assert self.next == j and self.slot_of[j] not in self.held, "loads go in layer order"
             self._load(j)

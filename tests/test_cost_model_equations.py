@@ -266,14 +266,16 @@ def test_dequantize_once_pays_one_dequantization_per_layer_then_dense_reads(monk
     a decode step dequantizes the model's 16-bit bytes once, then each batch reads them at HBM
     rate; with the rule off, each batch's fused matmul reads the packed bytes at the fused rate.
     Memory-bound (flops free, links instant), so the step is exactly that many bytes over rates.
-    The dequantized layer is held on the GPU while its batches compute: a higher GPU peak."""
+    The dequantized layer is held on the GPU while its batches compute: a higher GPU peak. (The
+    weights are unpinned: pinned, the fused case would decode through streamed-weight graphs,
+    whose slots hold the packed model twice over on the GPU.)"""
     from flexgen_repro import policy as policy_module
     s, n, b, k = 16, 8, 4, 3
     hw = round_profile(gpu_mem_bw_bytes_s=1e9, gpu_mm_decode_flop_s=1e18, gpu_bmm_decode_flop_s=1e18,
                        gpu_fused_kernels=True, gpu_fused_matmul_bytes_s=0.25e9, gpu_dequant_bytes_s=2e9,
-                       cpu_to_gpu_bytes_s=1e18, gpu_to_cpu_cache_bytes_s=1e18,
-                       gpu_to_cpu_hidden_bytes_s=1e18)
-    pol = policy((0, 100, 100, 0, 100, 0), b, k, compress_weight=True)
+                       cpu_to_gpu_bytes_s=1e18, cpu_to_gpu_pageable_bytes_s=1e18,
+                       gpu_to_cpu_cache_bytes_s=1e18, gpu_to_cpu_hidden_bytes_s=1e18)
+    pol = policy((0, 100, 100, 0, 100, 0), b, k, compress_weight=True, pin_weight=False)
     monkeypatch.setattr(policy_module, "DEQUANTIZE_ONCE_MIN_BATCHES", k)
     once = evaluate_policy(TOY, pol, hw, s, n)
     assert once.decode_step_time == pytest.approx(MODEL_BYTES / 2e9 + k * MODEL_BYTES / 1e9, rel=EXACT)
@@ -483,3 +485,74 @@ def test_the_search_weighs_a_cache_split_at_the_whole_host_charge():
     # overlapped, the charge binds every decode step of the split: n - 1 tokens x L layers x k
     assert model.total_time(split)[1] == pytest.approx((n - 1) * L * k * charge, rel=EXACT)
     assert sum(model.total_time(split)) > 3 * seconds
+
+
+def test_streamed_weight_graphs_pay_the_graph_floor_and_the_link():
+    """All weights in pinned host memory, cache and activations on the GPU: decode replays one
+    graph per (layer, GPU batch) over weight slots (graph_stream.py), so a step costs the graph
+    floor rather than launches, as all-GPU graphs do; the weights still cross the link each
+    token. Unpinned weights decode through launches."""
+    s, n, b, k = 16, 8, 4, 3
+    free_link = dict(cpu_to_gpu_bytes_s=1e18, cpu_to_gpu_pageable_bytes_s=1e18)
+    pol = policy((0, 100, 100, 0, 100, 0), b, k)
+    base = evaluate_policy(TOY, pol, round_profile(**free_link), s, n)
+    slow = evaluate_policy(TOY, pol, round_profile(gpu_step_overhead_s=1e-3,
+                                                   gpu_graph_step_overhead_s=1e-5, **free_link), s, n)
+    extra = k * (2 * L + 2) * 1e-5 + k * 1e-3
+    assert slow.decode_step_time - base.decode_step_time == pytest.approx(extra, rel=EXACT)
+    unpinned = policy((0, 100, 100, 0, 100, 0), b, k, pin_weight=False)
+    eager = [evaluate_policy(TOY, unpinned, round_profile(gpu_step_overhead_s=o, **free_link), s, n)
+             for o in (0.0, 1e-3)]
+    assert eager[1].decode_step_time - eager[0].decode_step_time == pytest.approx(
+        k * (2 * L + 2) * 1e-3, rel=EXACT)
+    linked = evaluate_policy(TOY, pol, round_profile(gpu_mm_decode_flop_s=1e18,
+                                                     gpu_bmm_decode_flop_s=1e18), s, n)
+    assert linked.decode_bound == "ctog"
+    assert linked.decode_step_time == pytest.approx(STORED_BYTES / 1e9, rel=EXACT)
+
+
+def test_streamed_weight_slots_hold_two_of_each_kind_of_layer_on_the_gpu():
+    """The slots: two of each transformer sublayer, one of each embedding, every tensor rounded
+    up to 512 bytes. Attention: two layer-norm vectors, four H x H matrices and four biases;
+    MLP: two layer-norm vectors, fc1 and fc2 (H x F) and their biases; input embedding: the
+    token and position tables; output embedding: a layer norm and its own token table."""
+    def up(nbytes):
+        return -(-nbytes // 512) * 512
+    attn = 2 * up(2 * H) + 4 * up(2 * H * H) + 4 * up(2 * H)
+    mlp = 2 * up(2 * H) + 2 * up(2 * H * F) + up(2 * F) + up(2 * H)
+    embed_in, embed_out = up(2 * V * H) + up(2 * (POS + 2) * H), 2 * up(2 * H) + up(2 * V * H)
+    slots = 2 * attn + 2 * mlp + embed_in + embed_out
+    assert slots == 480768
+    s, n = 16, 8
+    model = build_step_model(TOY, policy((0, 100, 100, 0, 100, 0)), s, n, round_profile())
+    assert model.slot_bytes == slots and model.graph_streamed
+    held = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0)), round_profile(), s, n)
+    eager = evaluate_policy(TOY, policy((0, 100, 100, 0, 100, 0), pin_weight=False),
+                            round_profile(), s, n)
+    assert held.peak_memory["gpu"] - eager.peak_memory["gpu"] == pytest.approx(slots, rel=EXACT)
+
+
+def test_the_search_offers_streamed_weight_graphs_where_the_weights_do_not_fit():
+    """A GPU that holds the cache and the weight slots but not the weights (an 8-layer toy, so two
+    slots per kind are a quarter of its layers): where launches are dear, the search picks the
+    weights all on the host, decoded through graphs, at the graphs' time."""
+    from flexgen_repro.cost_model.equations import ALL_ON_GPU, STREAMED
+    from flexgen_repro.cost_model.predict import tier_peaks
+    from flexgen_repro.cost_model.search import SearchSpace, best_policy
+    s, n, b, k = 16, 8, 4, 2
+    deep = dataclasses.replace(TOY, num_hidden_layers=8, vocab_size=100)
+    hw = round_profile(gpu_step_overhead_s=1e-3, gpu_graph_step_overhead_s=1e-6)
+    model = build_step_model(deep, policy((0, 100, 100, 0, 100, 0), b, k), s, n, hw)
+    streamed_peak = tier_peaks(model, STREAMED)[0]["gpu"]
+    spare = tier_peaks(model, ALL_ON_GPU)[0]["gpu"] - streamed_peak   # the weights less the slots
+    assert spare > 0
+    hw = dataclasses.replace(hw, gpu_mem_bytes=streamed_peak + spare / 2)
+    space = SearchSpace(gpu_batch_sizes=(b,), num_gpu_batches=(k,))
+    found = best_policy(deep, hw, s, n, space=space)
+    pct = found.policy
+    assert (pct.w_gpu_percent, pct.w_cpu_percent, pct.cache_gpu_percent, pct.act_gpu_percent) == \
+        (0, 100, 100, 100)
+    assert found.predicted_throughput == pytest.approx(
+        evaluate_policy(deep, pct, hw, s, n).throughput, rel=EXACT)
+    eager = evaluate_policy(deep, dataclasses.replace(pct, pin_weight=False), hw, s, n)
+    assert found.predicted_throughput > 1.5 * eager.throughput

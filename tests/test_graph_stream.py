@@ -69,17 +69,17 @@ def setup(tmp_path_factory):
     return config, weights, prompts, hf_greedy(model, prompts, GEN)
 
 
-def streamed(w_gpu: int, k: int, **kw) -> Policy:
-    return Policy(gpu_batch_size=2, num_gpu_batches=k, w_gpu_percent=w_gpu,
-                  w_cpu_percent=100 - w_gpu, cache_gpu_percent=100, cache_cpu_percent=0,
-                  act_gpu_percent=100, act_cpu_percent=0, **kw)
+def streamed(k: int, **kw) -> Policy:
+    return Policy(gpu_batch_size=2, num_gpu_batches=k, w_gpu_percent=0, w_cpu_percent=100,
+                  cache_gpu_percent=100, cache_cpu_percent=0, act_gpu_percent=100,
+                  act_cpu_percent=0, **kw)
 
 
-@pytest.mark.parametrize("w_gpu,k,sep", [(0, 2, True), (0, 3, False), (50, 3, True)])
-def test_streamed_graphs_match_transformers(setup, tmp_path, eager_streamed, w_gpu, k, sep):
+@pytest.mark.parametrize("k,sep", [(2, True), (3, False)])
+def test_streamed_graphs_match_transformers(setup, tmp_path, eager_streamed, k, sep):
     config, weights, prompts, expected = setup
     with ExecutionEnv.create(str(tmp_path / "offload")) as env:
-        lm = OptLM(config, env, weights, streamed(w_gpu, k, sep_layer=sep))
+        lm = OptLM(config, env, weights, streamed(k, sep_layer=sep))
         out = lm.generate(prompts, max_new_tokens=GEN)
         again = lm.generate(prompts, max_new_tokens=GEN)   # the captures reused across calls
         graphs = next(iter(lm.block_state["graphs"].values()))
@@ -92,20 +92,33 @@ def test_streamed_graphs_match_transformers(setup, tmp_path, eager_streamed, w_g
     batches = sum(min(k, 3 - b) for b in range(0, 3, k))
     assert EagerStreamed.replays == 2 * batches * n_layers * (GEN - 1)
     assert len(graphs.graphs) == n_layers * min(k, 3)
-    host = [leaves for leaves in slots.host if leaves]
-    assert host and (w_gpu == 0) == all(len(h) == len(lm.weight_home[j])
-                                        for j, h in enumerate(slots.host))
-    # every host-resident weight is read from one of at most two slots per kind of layer
+    # every weight is read from one of at most two slots per kind of layer
     per_kind = Counter(kind for kind, _ in slots.slot_of)
     assert len(slots.buffers) == sum(min(2, n) for n in per_kind.values()) < n_layers
+    views = slots.weights(1)
+    assert all(v.data_ptr() != lm.weight_home[1][key].data.data_ptr() for key, v in views.items())
+
+
+def test_streamed_graphs_with_4bit_weights_match_the_driver_without_graphs(
+        setup, tmp_path, eager_streamed):
+    """4-bit weights cross as their packed components, each into its own view of the slot; the
+    dequantized matmuls then see the very values the ungraphed driver loads."""
+    config, weights, prompts, _ = setup
+    policy = streamed(2, compress_weight=True)
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        graphed = OptLM(config, env, weights, policy).generate(prompts, GEN)
+        plain = OptLM(config, env, weights, policy, RuntimeOptions(cuda_graphs=False)) \
+            .generate(prompts, GEN)
+    assert EagerStreamed.replays > 0
+    np.testing.assert_array_equal(graphed, plain)
 
 
 def test_streamed_graphs_stop_like_the_driver_without_graphs(setup, tmp_path, eager_streamed):
     config, weights, prompts, expected = setup
     stop = int(expected[0, prompts.shape[1] + 2])            # row 0 stops at its third token
     with ExecutionEnv.create(str(tmp_path / "offload")) as env:
-        graphed = OptLM(config, env, weights, streamed(0, 3)).generate(prompts, GEN, stop=stop)
-        plain = OptLM(config, env, weights, streamed(0, 3), RuntimeOptions(cuda_graphs=False)) \
+        graphed = OptLM(config, env, weights, streamed(3)).generate(prompts, GEN, stop=stop)
+        plain = OptLM(config, env, weights, streamed(3), RuntimeOptions(cuda_graphs=False)) \
             .generate(prompts, GEN, stop=stop)
     assert EagerStreamed.replays > 0
     np.testing.assert_array_equal(graphed, plain)
@@ -156,7 +169,9 @@ def test_weight_slots_restart_forgets_loads_queued_ahead():
 
 def test_only_weights_in_memory_stream():
     """Disk-resident weights are read, not copied from a pinned home: no slots for them."""
-    assert WeightSlots.create([{"w": Stored(Tier.DISK, data=object())}], torch.device("cpu")) is None
+    cpu = torch.device("cpu")
+    assert WeightSlots.create([{"w": Stored(Tier.DISK, data=object())}], cpu) is None
+    assert WeightSlots.create([{"w": Stored(Tier.GPU, torch.zeros(2))}], cpu) is None
     cuda = SimpleNamespace(has_cuda=True)
     base = dict(gpu_batch_size=4, num_gpu_batches=4, w_gpu_percent=0, w_cpu_percent=100,
                 cache_gpu_percent=100, cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0)
@@ -164,6 +179,7 @@ def test_only_weights_in_memory_stream():
     assert not streamable(Policy(**base), cuda, True)                         # logits wanted
     assert not streamable(Policy(**base), SimpleNamespace(has_cuda=False), False)
     for change in (dict(w_gpu_percent=100, w_cpu_percent=0),                 # nothing streams
+                   dict(w_gpu_percent=50, w_cpu_percent=50),                 # half stays
                    dict(w_cpu_percent=50),                                   # half on disk
                    dict(pin_weight=False), dict(overlap=False),
                    dict(cache_gpu_percent=50, cache_cpu_percent=50),

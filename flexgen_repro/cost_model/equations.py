@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,8 +125,8 @@ class StepModel:
 
     prefill / decode: seconds per layer (whole block) by term (TERMS). graph_decode: the decode
     terms where everything is on the GPU and the runtime replays CUDA graphs (None where it
-    cannot: no CUDA, sparse attention); `graph_streamed`: also where weights are off the GPU but
-    not on disk, with the cache and activations on the GPU (the policy's switches allow it). memory: bytes by constraint name ("gpu_prefill_mlp", ...,
+    cannot: no CUDA, sparse attention); `graph_streamed`: also at STREAMED, the weights all in
+    host memory (the policy's switches allow it), whose slots hold `slot_bytes` of the GPU. memory: bytes by constraint name ("gpu_prefill_mlp", ...,
     "disk"; tier_of gives the tier; "gpu+cpu_*" on a host-backed GPU); capacity: the limit of
     each. weight_tensors and gpu_batch_size: what `placement` needs to realize percentages.
     """
@@ -139,6 +140,7 @@ class StepModel:
     overlap: bool
     graph_decode: dict | None = None
     graph_streamed: bool = False
+    slot_bytes: float = 0.0
     weight_tensors: tuple = ()
     gpu_batch_size: int = 1
     page_cache: bool = False
@@ -200,11 +202,13 @@ def all_on_gpu(x) -> bool:
     return bool(np.all(np.asarray(x, dtype=float)[[0, 3, 6]] >= 1 - 1e-9))
 
 
+STREAMED = np.array([0, 1, 0, 1, 0, 0, 1, 0, 0], dtype=float)
+
+
 def streams_weights(x) -> bool:
-    """Cache and hidden states all on the GPU, no weights on disk (graph_stream.streamable's
-    placement, weights off the GPU or not)."""
-    x = np.asarray(x, dtype=float)
-    return bool(x[3] >= 1 - 1e-9 and x[6] >= 1 - 1e-9 and x[2] <= 1e-9)
+    """Weights all in host memory, cache and hidden states all on the GPU (graph_stream.streamable's
+    placement)."""
+    return bool(np.all(np.asarray(x, dtype=float)[[1, 3, 6]] >= 1 - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,7 @@ class Sizes:
     kv_token_fp: float  # the same uncompressed
     hid_token: float    # hidden-state bytes per token per sequence
     w_in_flight: dict   # step kind -> the most weight bytes loaded at once while one computes
+    w_slots: float      # graph_stream.WeightSlots' bytes: two of each kind of layer (one if alone)
 
 
 def weights_in_flight(layers: list[tuple[str, float]], overlap: bool, ahead: int = 1) -> dict:
@@ -253,7 +258,20 @@ def model_sizes(config: OptConfig, policy: Policy) -> Sizes:
                  flops_token=2.0 * config.layer_params(), flops_logits=logits,
                  kv_token=2 * kv * dt * rc, kv_token_fp=2 * kv * dt, hid_token=h * dt,
                  w_in_flight=weights_in_flight(layers, policy.overlap, prefetch_layers(
-                     policy, max(size for _, size in layers))))
+                     policy, max(size for _, size in layers))),
+                 w_slots=weight_slot_bytes(layer_tensors(config, policy)))
+
+
+def weight_slot_bytes(layers: list[tuple[str, list[float]]]) -> float:
+    """The device bytes of streamed-weight graphs' slots (graph_stream.WeightSlots): for each
+    kind of layer (the same tensors), two slots of its bytes, or one where a single layer has
+    them (the embeddings); each tensor (a compressed one whole) rounded up to the slots'
+    alignment."""
+    from flexgen_repro.graph_stream import SLOT_ALIGN, SLOTS_PER_KIND
+    kinds = Counter((kind, tuple(sizes)) for kind, sizes in layers)
+    return float(sum(min(SLOTS_PER_KIND, n) * sum(-(-size // SLOT_ALIGN) * SLOT_ALIGN
+                                                   for size in sizes)
+                     for (_, sizes), n in kinds.items()))
 
 
 def _host_to_gpu(hw: HardwareProfile, p: Policy) -> tuple[float, float]:
@@ -707,6 +725,6 @@ def build_step_model(config: OptConfig, policy: Policy, prompt_len: int, gen_len
                      block_size=policy.block_size, gen_len=gen_len, overlap=policy.overlap,
                      graph_decode=_graph_decode_terms(config, policy, profile, z, prompt_len,
                                                       gen_len, decode) if graphs else None,
-                     graph_streamed=graphs and stream_switches(policy),
+                     graph_streamed=graphs and stream_switches(policy), slot_bytes=z.w_slots,
                      weight_tensors=tuple(sizes for _, sizes in layer_tensors(config, policy)),
                      gpu_batch_size=policy.gpu_batch_size, page_cache=page_cache)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from flexgen_repro.config import OptConfig
-from flexgen_repro.cost_model.equations import PAGE_CACHE, StepModel, build_step_model, tier_of
+from flexgen_repro.cost_model.equations import (PAGE_CACHE, StepModel, build_step_model,
+                                               streams_weights, tier_of)
 from flexgen_repro.cost_model.hardware import GIB, HardwareProfile
 from flexgen_repro.policy import Policy
 
@@ -67,6 +68,8 @@ def tier_peaks(model: StepModel, x) -> tuple[dict, dict]:
             continue
         peak[tier] = max(peak.get(tier, 0.0), term(x))
         cap[tier] = model.capacity[name]
+    if model.graph_streamed and streams_weights(x) and "gpu" in peak:
+        peak["gpu"] += model.slot_bytes   # held beside the loads in flight of prefill
     return peak, cap
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import linprog
 
 from flexgen_repro.config import OptConfig
-from flexgen_repro.cost_model.equations import (ALL_ON_GPU, HOST_CACHE_STEPS, StepModel,
+from flexgen_repro.cost_model.equations import (ALL_ON_GPU, HOST_CACHE_STEPS, STREAMED, StepModel,
                                                 build_step_model, model_sizes, tier_of)
 from flexgen_repro.cost_model.hardware import GIB, HardwareProfile
 from flexgen_repro.cost_model.placement import row_percent, rows_of
@@ -126,18 +126,12 @@ def solve_placement(model: StepModel, allow_act_disk: bool = False) -> tuple[np.
     """The relaxed optimum (placement vector, generation seconds) of one shape, or None if no
     placement fits. Where a decode term is charged only while some of the cache is off the GPU
     (HOST_CACHE_STEPS), two programs: every placement with the charge, and the cache held on the
-    GPU without it; where weights may stream into CUDA graphs (StepModel.graph_streamed), one
-    more over the placements that do (cache and activations on the GPU, no weights on disk) with
-    the graphs' decode terms. The fastest wins."""
+    GPU without it; the faster wins."""
     found = [_solve(model, model.decode, _bounds(allow_act_disk))]
     if HOST_CACHE_STEPS in model.decode:
         bounds = _bounds(allow_act_disk)
         bounds[3] = (1, 1)                          # cg: the whole cache on the GPU
         found.append(_solve(model, model.decode_cache_on_gpu(), bounds))
-    if model.graph_streamed and model.graph_decode is not None:
-        bounds = _bounds(allow_act_disk)
-        bounds[2], bounds[3], bounds[6] = (0, 0), (1, 1), (1, 1)   # streamed-weight graphs
-        found.append(_solve(model, model.graph_decode, bounds))
     found = [f for f in found if f is not None]
     return min(found, key=lambda f: f[1]) if found else None
 
@@ -168,8 +162,6 @@ def _min_over_simplex(term, allow_act_disk: bool) -> float:
 def _lower_bound(model: StepModel, allow_act_disk: bool) -> float:
     pre = max(_min_over_simplex(t, allow_act_disk) for t in model.prefill.values())
     dec = max(_min_over_simplex(t, allow_act_disk) for t in model.decode_cache_on_gpu().values())
-    if model.graph_decode is not None:   # graphs' decode steps cost less than launches
-        dec = min(dec, max(_min_over_simplex(t, allow_act_disk) for t in model.graph_decode.values()))
     return model.num_layers * (pre + (model.gen_len - 1) * dec)
 
 
@@ -255,16 +247,16 @@ def repair(model: StepModel, pct, allow_act_disk: bool = False):
     return None
 
 
-def _all_on_gpu_seconds(model: StepModel) -> float | None:
-    """Generation seconds with everything on the GPU, where the runtime decodes with CUDA graphs
-    (the LP sees only the launch-bound decode terms), or None if that does not fit or graphs do
-    not apply."""
-    if model.graph_decode is None:
+def _graphed_seconds(model: StepModel, x: np.ndarray) -> float | None:
+    """Generation seconds at a placement the runtime decodes with CUDA graphs (the LP sees only
+    the launch-bound decode terms): everything on the GPU (ALL_ON_GPU), or the weights all
+    streamed from host memory (STREAMED); None if it does not fit or graphs do not apply."""
+    if not model.graphed(x):
         return None
-    peaks, caps = tier_peaks(model, ALL_ON_GPU)
+    peaks, caps = tier_peaks(model, x)
     if any(peaks[t] > caps[t] * (1 + 1e-9) for t in peaks):
         return None
-    return sum(model.total_time(ALL_ON_GPU))
+    return sum(model.total_time(x))
 
 
 def _relaxed_candidates(config, profile, prompt_len, gen_len, compress, space):
@@ -292,11 +284,12 @@ def _relaxed_candidates(config, profile, prompt_len, gen_len, compress, space):
                 if _surely_infeasible(model, space.allow_act_disk):
                     break
                 tokens = b * k * gen_len
-                graphed = _all_on_gpu_seconds(model)
-                if graphed is not None:     # CUDA-graph decode: faster than the LP's terms say
-                    row_fits = True
-                    keep(graphed / tokens)
-                    found.append((graphed / tokens, ALL_ON_GPU, shape, model))
+                for x in (ALL_ON_GPU, STREAMED):   # CUDA-graph decode: faster than the LP says
+                    graphed = _graphed_seconds(model, x)
+                    if graphed is not None:
+                        row_fits = True
+                        keep(graphed / tokens)
+                        found.append((graphed / tokens, x, shape, model))
                 if _lower_bound(model, space.allow_act_disk) / tokens >= cutoff():
                     row_fits = True
                     continue
