@@ -3,6 +3,7 @@ weight folder (fp16 files, as prepare-weights writes them)."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -98,3 +99,73 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0, pad_rows: int
 
 # two xdist workers on two cores: one intra-op thread each avoids oversubscription
 torch.set_num_threads(1)
+
+
+class EagerReplay:
+    """For graph-decode classes (GraphedDecode, StreamedGraphs): 'graphs' that re-run the captured
+    step on each replay, and picked ids that reach the host by a plain copy: what the CUDA graphs
+    replay, without CUDA. `replays` counts the replays on the class."""
+
+    replays = 0
+
+    def _record(self, *step):
+        self._body(*step)                   # the warm-up run, as at capture
+
+        def replay():
+            type(self).replays += 1
+            self._body(*step)
+        return SimpleNamespace(replay=replay)
+
+    def _inputs(self, i: int, k: int) -> dict:
+        # on the GPU the ids are copied from output_ids; on the CPU `.to(device)` would alias it,
+        # and the static inputs (advanced in place) would write into the output
+        return {name: t.clone() for name, t in super()._inputs(i, k).items()}
+
+    def _to_host(self, i: int, k: int, ids):
+        return ids.clone(), SimpleNamespace(synchronize=lambda: None)
+
+
+def _eager(graphs: type) -> type:
+    return type(f"Eager{graphs.__name__}", (EagerReplay, graphs), {"replays": 0})
+
+
+def _eager_graph_decode(monkeypatch, graphs: type, gate: str) -> type:
+    """Make the block driver decode through an EagerReplay form of `graphs` (GraphedDecode or
+    StreamedGraphs) wherever no logits are wanted, whatever the placement; return that class,
+    whose `replays` count from 0."""
+    from flexgen_repro.schedule import driver
+    cls = _eager(graphs)
+    monkeypatch.setattr(driver, gate, lambda policy, env, want_logits: not want_logits)
+    monkeypatch.setattr(driver, graphs.__name__, cls)
+    return cls
+
+
+@pytest.fixture
+def eager_graphs(monkeypatch) -> type:
+    """All-GPU graph decode, eagerly (graph_decode.GraphedDecode)."""
+    from flexgen_repro.graph_decode import GraphedDecode
+    return _eager_graph_decode(monkeypatch, GraphedDecode, "graphable")
+
+
+@pytest.fixture
+def eager_streamed(monkeypatch) -> type:
+    """Streamed-weight graph decode, eagerly (graph_stream.StreamedGraphs)."""
+    from flexgen_repro.graph_stream import StreamedGraphs
+    return _eager_graph_decode(monkeypatch, StreamedGraphs, "streamable")
+
+
+def check_graphed_stop(setup, offload: str, policy, eager: type, gen: int) -> None:
+    """With `stop` at row 0's third token, graph decode (the `eager` fixture's class) gives the
+    very output of the driver without graphs, padding after the stop. `setup`: (config, weight
+    folder, prompts, the reference greedy output)."""
+    from flexgen_repro import ExecutionEnv, OptLM
+    from flexgen_repro.options import RuntimeOptions
+    config, weights, prompts, expected = setup
+    stop = int(expected[0, prompts.shape[1] + 2])
+    with ExecutionEnv.create(offload) as env:
+        graphed = OptLM(config, env, weights, policy).generate(prompts, gen, stop=stop)
+        plain = OptLM(config, env, weights, policy, RuntimeOptions(cuda_graphs=False)) \
+            .generate(prompts, gen, stop=stop)
+    assert eager.replays > 0
+    np.testing.assert_array_equal(graphed, plain)
+    assert (graphed[0, prompts.shape[1] + 3:] == config.pad_token_id).all()

@@ -5,48 +5,14 @@ must equal transformers' at float32, over two blocks (the second reuses the capt
 `stop` it must equal the unGraphed driver's output token for token."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from conftest import hf_greedy, random_prompts
+from conftest import check_graphed_stop, hf_greedy, random_prompts
 from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config
-from flexgen_repro.graph_decode import GraphedDecode
-from flexgen_repro.options import RuntimeOptions
-from flexgen_repro.schedule import driver
 
 GEN = 6
-
-
-class EagerGraphs(GraphedDecode):
-    """GraphedDecode whose 'graph' runs the captured body again on each replay, and whose picked
-    ids reach the host by a plain copy: what a CUDA graph replays, without CUDA."""
-
-    replays = 0
-
-    def _record(self, k: int):
-        self._body(k)                       # the warm-up run, as at capture
-
-        def replay():
-            EagerGraphs.replays += 1
-            self._body(k)
-        return SimpleNamespace(replay=replay)
-
-    def _inputs(self, i: int, k: int) -> dict:
-        # on the GPU the ids are copied from output_ids; on the CPU `.to(device)` would alias it,
-        # and the static inputs (advanced in place) would write into the output
-        return {name: t.clone() for name, t in super()._inputs(i, k).items()}
-
-    def _to_host(self, i: int, k: int, ids):
-        return ids.clone(), SimpleNamespace(synchronize=lambda: None)
-
-
-@pytest.fixture
-def eager_graphs(monkeypatch):
-    monkeypatch.setattr(driver, "graphable", lambda policy, env, want_logits: not want_logits)
-    monkeypatch.setattr(driver, "GraphedDecode", EagerGraphs)
-    EagerGraphs.replays = 0
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +41,9 @@ def test_graphed_pipeline_matches_transformers(setup, tmp_path, eager_graphs, k)
     np.testing.assert_array_equal(again, expected)
     # two calls of 6 prompts in GPU batches of 2: 3 batches hold prompts in each call (a batch of
     # filler rows only, as in the second block with k = 2, decodes nothing)
-    assert EagerGraphs.replays == 2 * 3 * (GEN - 1)          # every decode token of those batches
+    assert eager_graphs.replays == 2 * 3 * (GEN - 1)          # every decode token of those batches
     assert fused is not None and fused.shape[0] == 3 * config.hidden_size   # q, k, v as one buffer
 
 
 def test_graphed_stop_matches_the_driver_without_graphs(setup, tmp_path, eager_graphs):
-    config, weights, prompts, expected = setup
-    stop = int(expected[0, prompts.shape[1] + 2])            # row 0 stops at its third token
-    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
-        graphed = OptLM(config, env, weights, all_gpu(2)).generate(prompts, GEN, stop=stop)
-        plain = OptLM(config, env, weights, all_gpu(2), RuntimeOptions(cuda_graphs=False)) \
-            .generate(prompts, GEN, stop=stop)
-    assert EagerGraphs.replays > 0
-    np.testing.assert_array_equal(graphed, plain)
-    assert (graphed[0, prompts.shape[1] + 3:] == config.pad_token_id).all()
+    check_graphed_stop(setup, str(tmp_path / "offload"), all_gpu(2), eager_graphs, GEN)

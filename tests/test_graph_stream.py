@@ -15,45 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import hf_greedy, make_hf_opt, random_prompts, save_weight_folder
+from conftest import check_graphed_stop, hf_greedy, make_hf_opt, random_prompts, save_weight_folder
 from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config
 from flexgen_repro.devices.storage import Stored
-from flexgen_repro.graph_stream import StreamedGraphs, WeightSlots, streamable
+from flexgen_repro.graph_stream import WeightSlots, streamable
 from flexgen_repro.options import RuntimeOptions
 from flexgen_repro.policy import Tier
-from flexgen_repro.schedule import driver
 
 GEN = 6
-LAYERS = 4   # two slots per layout: the attention and MLP slots are each reused within a token
-
-
-class EagerStreamed(StreamedGraphs):
-    """StreamedGraphs whose 'graph' re-runs the captured step on each replay, and whose picked
-    ids reach the host by a plain copy: what the CUDA graphs replay, without CUDA."""
-
-    replays = 0
-
-    def _record(self, j: int, k: int):
-        self._body(j, k)
-
-        def replay():
-            EagerStreamed.replays += 1
-            self._body(j, k)
-        return SimpleNamespace(replay=replay)
-
-    def _inputs(self, i: int, k: int) -> dict:
-        # on the CPU `.to(device)` would alias output_ids, which the static inputs advance in place
-        return {name: t.clone() for name, t in super()._inputs(i, k).items()}
-
-    def _to_host(self, i: int, k: int, ids):
-        return ids.clone(), SimpleNamespace(synchronize=lambda: None)
-
-
-@pytest.fixture
-def eager_streamed(monkeypatch):
-    monkeypatch.setattr(driver, "streamable", lambda policy, env, want_logits: not want_logits)
-    monkeypatch.setattr(driver, "StreamedGraphs", EagerStreamed)
-    EagerStreamed.replays = 0
+LAYERS = 4   # two slots per kind: the attention and MLP slots are each reused within a token
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +60,7 @@ def test_streamed_graphs_match_transformers(setup, tmp_path, eager_streamed, k, 
     # 6 prompts in GPU batches of 2: blocks of k batches, those holding prompts decode GEN - 1
     # tokens through one replay per layer each
     batches = sum(min(k, 3 - b) for b in range(0, 3, k))
-    assert EagerStreamed.replays == 2 * batches * n_layers * (GEN - 1)
+    assert eager_streamed.replays == 2 * batches * n_layers * (GEN - 1)
     assert len(graphs.graphs) == n_layers * min(k, 3)
     # every weight is read from one of at most two slots per kind of layer
     per_kind = Counter(kind for kind, _ in slots.slot_of)
@@ -109,20 +79,12 @@ def test_streamed_graphs_with_4bit_weights_match_the_driver_without_graphs(
         graphed = OptLM(config, env, weights, policy).generate(prompts, GEN)
         plain = OptLM(config, env, weights, policy, RuntimeOptions(cuda_graphs=False)) \
             .generate(prompts, GEN)
-    assert EagerStreamed.replays > 0
+    assert eager_streamed.replays > 0
     np.testing.assert_array_equal(graphed, plain)
 
 
 def test_streamed_graphs_stop_like_the_driver_without_graphs(setup, tmp_path, eager_streamed):
-    config, weights, prompts, expected = setup
-    stop = int(expected[0, prompts.shape[1] + 2])            # row 0 stops at its third token
-    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
-        graphed = OptLM(config, env, weights, streamed(3)).generate(prompts, GEN, stop=stop)
-        plain = OptLM(config, env, weights, streamed(3), RuntimeOptions(cuda_graphs=False)) \
-            .generate(prompts, GEN, stop=stop)
-    assert EagerStreamed.replays > 0
-    np.testing.assert_array_equal(graphed, plain)
-    assert (graphed[0, prompts.shape[1] + 3:] == config.pad_token_id).all()
+    check_graphed_stop(setup, str(tmp_path / "offload"), streamed(3), eager_streamed, GEN)
 
 
 def _home(kinds: str, sizes: list[int]) -> list[dict]:
