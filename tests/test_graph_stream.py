@@ -69,6 +69,26 @@ def test_streamed_graphs_match_transformers(setup, tmp_path, eager_streamed, k, 
     assert all(v.data_ptr() != lm.weight_home[1][key].data.data_ptr() for key, v in views.items())
 
 
+def test_a_gpu_batch_first_seen_in_a_later_block_captures_every_graph_again(
+        setup, tmp_path, eager_streamed):
+    """Two prompts in two GPU batches of two leave the second batch all filler: its graphs are not
+    captured. Four prompts then decode both; the graphs are captured again, all in (layer, batch)
+    order, rather than the second batch's after the first's (graph_stream.StreamedGraphs)."""
+    config, weights, prompts, expected = setup
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        lm = OptLM(config, env, weights, streamed(2))
+        first = lm.generate(prompts[:2], max_new_tokens=GEN)
+        graphs = next(iter(lm.block_state["graphs"].values()))
+        captured = dict(graphs.graphs)
+        second = lm.generate(prompts[:4], max_new_tokens=GEN)
+    n_layers = len(lm.layers)
+    np.testing.assert_array_equal(first, expected[:2])
+    np.testing.assert_array_equal(second, expected[:4])
+    assert sorted(captured) == [(j, 0) for j in range(n_layers)]
+    assert sorted(graphs.graphs) == [(j, k) for j in range(n_layers) for k in range(2)]
+    assert not any(graphs.graphs[key] is graph for key, graph in captured.items())
+
+
 def test_streamed_graphs_with_4bit_weights_match_the_driver_without_graphs(
         setup, tmp_path, eager_streamed):
     """4-bit weights cross as their packed components, each into its own view of the slot; the
