@@ -11,6 +11,7 @@ only for each token's ids, collected one token late as in GraphedDecode.
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import torch
@@ -70,6 +71,20 @@ def _offsets(leaves: list) -> tuple[dict, int]:
     return offsets, end
 
 
+def _slots(weight_home: list[dict], sizes: list[int]) -> tuple[list[tuple], Counter]:
+    """(each layer's slot, each slot's bytes) for layers of `sizes` bytes: a layer's kind is its
+    weight names; the kind's layers take its SLOTS_PER_KIND slots in turn."""
+    kinds = [tuple(sorted(home)) for home in weight_home]
+    count, seen = Counter(kinds), Counter()
+    slot_of, slot_bytes = [], Counter()
+    for kind, nbytes in zip(kinds, sizes):
+        slot = (kind, seen[kind] % min(SLOTS_PER_KIND, count[kind]))
+        seen[kind] += 1
+        slot_of.append(slot)
+        slot_bytes[slot] = max(slot_bytes[slot], nbytes)
+    return slot_of, slot_bytes
+
+
 class WeightSlots:
     """Fixed device buffers that the layers' weights, all in host memory, are copied into in turn.
 
@@ -86,17 +101,10 @@ class WeightSlots:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.host = [_leaves(h) for h in weight_home]
         self.offsets = [_offsets(leaves) for leaves in self.host]   # (offsets, bytes) per layer
-        kinds = [tuple(sorted(h)) for h in weight_home]
-        count = Counter(kinds)
-        seen: Counter = Counter()
-        self.slot_of: list[tuple] = []
-        for kind in kinds:
-            self.slot_of.append((kind, seen[kind] % min(SLOTS_PER_KIND, count[kind])))
-            seen[kind] += 1
-        self.slot_bytes: Counter = Counter()
-        for slot, (_, nbytes) in zip(self.slot_of, self.offsets):
-            self.slot_bytes[slot] = max(self.slot_bytes[slot], nbytes)
-        self.buffers: dict[tuple, torch.Tensor] = {}   # slot -> its bytes on the device
+        self.slot_of, self.slot_bytes = _slots(weight_home, [n for _, n in self.offsets])
+        # every slot now: a GPU short of them fails here, before the block starts, not mid-decode
+        self.buffers = {slot: torch.empty(n, dtype=torch.uint8, device=device)
+                        for slot, n in self.slot_bytes.items()}
         self._views: dict[int, dict] = {}
         self._weights: dict[int, dict] = {}
         self.free: dict[tuple, object] = {}    # slot -> event after the compute that read it last
@@ -105,7 +113,9 @@ class WeightSlots:
     @classmethod
     def create(cls, weight_home: list[dict], device: torch.device) -> "WeightSlots | None":
         """Slots for these weights, or None where one is not a tensor in host memory, pinned where
-        the device is a GPU (a disk file, or unpinned memory a copy would stage on the host)."""
+        the device is a GPU (a disk file, or unpinned memory a copy would stage on the host), or
+        where the device cannot hold the slots (a warning says so; decode then runs without
+        graphs, as the policy would without them)."""
         for home in weight_home:
             for _, leaf in _leaves(home):
                 data = leaf.data
@@ -113,7 +123,15 @@ class WeightSlots:
                     return None
                 if device.type == "cuda" and not data.is_pinned():
                     return None
-        return cls(weight_home, device)
+        try:
+            return cls(weight_home, device)
+        except torch.OutOfMemoryError:
+            sizes = [_offsets(_leaves(home))[1] for home in weight_home]
+            need = sum(_slots(weight_home, sizes)[1].values())
+            warnings.warn(f"the GPU cannot hold the {need / 2**30:.2f} GiB of weight slots that "
+                          f"graph decode of streamed weights needs: decoding without CUDA graphs "
+                          f"(a smaller --gpu-batch-size or fewer GPU batches leave room for them)")
+            return None
 
     def restart(self) -> None:
         """Forget loads queued ahead (a new block starts at layer 0; the slots keep their bytes)."""
@@ -139,11 +157,7 @@ class WeightSlots:
     def _slot_views(self, j: int) -> dict:
         """{path: view of layer j's slot} for each of its tensors."""
         if j not in self._views:
-            slot = self.slot_of[j]
-            if slot not in self.buffers:
-                self.buffers[slot] = torch.empty(self.slot_bytes[slot], dtype=torch.uint8,
-                                                 device=self.device)
-            flat, offsets = self.buffers[slot], self.offsets[j][0]
+            flat, offsets = self.buffers[self.slot_of[j]], self.offsets[j][0]
             self._views[j] = {path: flat[offsets[path]:offsets[path] + _nbytes(leaf.data)]
                               .view(leaf.data.dtype).view(leaf.data.shape)
                               for path, leaf in self.host[j]}

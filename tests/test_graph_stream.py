@@ -89,6 +89,26 @@ def test_a_gpu_batch_first_seen_in_a_later_block_captures_every_graph_again(
     assert not any(graphs.graphs[key] is graph for key, graph in captured.items())
 
 
+def test_a_gpu_short_of_the_slots_decodes_without_graphs_and_says_so(
+        setup, tmp_path, eager_streamed, monkeypatch):
+    """The slots are allocated before the block starts; where that runs out of memory the run
+    warns once, naming the fix, and decodes the driver's way (same tokens), block after block."""
+    config, weights, prompts, expected = setup
+
+    def short(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(WeightSlots, "__init__", short)
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        lm = OptLM(config, env, weights, streamed(2))
+        with pytest.warns(UserWarning, match="decoding without CUDA graphs.*--gpu-batch-size") \
+                as warned:
+            out = lm.generate(prompts, max_new_tokens=GEN)       # two blocks, one warning
+        assert len(warned) == 1
+        assert lm.block_state["slots"] is False and not lm.block_state["graphs"]
+    np.testing.assert_array_equal(out, expected)
+    assert eager_streamed.replays == 0
+
+
 def test_streamed_graphs_with_4bit_weights_match_the_driver_without_graphs(
         setup, tmp_path, eager_streamed):
     """4-bit weights cross as their packed components, each into its own view of the slot; the

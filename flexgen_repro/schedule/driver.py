@@ -58,9 +58,9 @@ class BlockRun(BlockSteps):
                 state["weights"] = fuse_qkv_weights(self.lm.weight_home, self.env.gpu.dev)
             graphs = GraphedDecode(state["weights"])
         elif streamable(self.policy, self.env, self.want_logits):
-            if state["slots"] is None:
-                state["slots"] = WeightSlots.create(self.lm.weight_home, self.env.gpu.dev)
-            if state["slots"] is None:
+            if state["slots"] is None:   # False once the weights cannot stream into slots
+                state["slots"] = WeightSlots.create(self.lm.weight_home, self.env.gpu.dev) or False
+            if not state["slots"]:
                 return None
             graphs = StreamedGraphs(state["slots"])
         else:
