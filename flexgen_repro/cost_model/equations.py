@@ -51,7 +51,7 @@ from flexgen_repro.config import OptConfig
 from flexgen_repro.cost_model.hardware import HardwareProfile
 from flexgen_repro.cost_model.placement import compression_ratio, layer_tensors, realized_placement
 from flexgen_repro.devices.disk_io import PAGE_CACHE_SHARE
-from flexgen_repro.graph_stream import stream_switches
+from flexgen_repro.graph_stream import SLOT_ALIGN, SLOTS_PER_KIND, stream_switches
 from flexgen_repro.policy import Policy, dequantize_once, prefetch_layers, whole_copies
 
 # The tier name of the page-cache constraints (build_step_model's page_cache).
@@ -125,10 +125,11 @@ class StepModel:
 
     prefill / decode: seconds per layer (whole block) by term (TERMS). graph_decode: the decode
     terms where everything is on the GPU and the runtime replays CUDA graphs (None where it
-    cannot: no CUDA, sparse attention); `graph_streamed`: also at STREAMED, the weights all in
-    host memory (the policy's switches allow it), whose slots hold `slot_bytes` of the GPU. memory: bytes by constraint name ("gpu_prefill_mlp", ...,
-    "disk"; tier_of gives the tier; "gpu+cpu_*" on a host-backed GPU); capacity: the limit of
-    each. weight_tensors and gpu_batch_size: what `placement` needs to realize percentages.
+    cannot: no CUDA, sparse attention); graph_streamed: also at STREAMED, the weights all in
+    host memory (the policy's switches allow it), whose slots hold slot_bytes of the GPU.
+    memory: bytes by constraint name ("gpu_prefill_mlp", ..., "disk"; tier_of gives the tier;
+    "gpu+cpu_*" on a host-backed GPU); capacity: the limit of each. weight_tensors and
+    gpu_batch_size: what `placement` needs to realize percentages.
     """
     prefill: dict
     decode: dict
@@ -267,7 +268,6 @@ def weight_slot_bytes(layers: list[tuple[str, list[float]]]) -> float:
     kind of layer (the same tensors), two slots of its bytes, or one where a single layer has
     them (the embeddings); each tensor (a compressed one whole) rounded up to the slots'
     alignment."""
-    from flexgen_repro.graph_stream import SLOT_ALIGN, SLOTS_PER_KIND
     kinds = Counter((kind, tuple(sizes)) for kind, sizes in layers)
     return float(sum(min(SLOTS_PER_KIND, n) * sum(-(-size // SLOT_ALIGN) * SLOT_ALIGN
                                                    for size in sizes)
@@ -475,11 +475,12 @@ def _cpu_attention_serial(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes
 def _graph_decode_terms(c: OptConfig, p: Policy, hw: HardwareProfile, z: Sizes, s: int, n: int,
                         decode: dict) -> dict:
     """Decode as the runtime replays it in CUDA graphs, everything on the GPU (graph_decode.py;
-    nothing moves between tiers) or all but weights copied from pinned host memory (graph_stream.py;
-    their copies are the decode terms' ctog, kept): each (layer, GPU batch) step costs its HBM or
-    flop time plus the graph's per-step floor instead of the launch overhead; attention covers the whole cache buffer
-    (s + n positions, the unwritten ones masked); one driver step per (token, GPU batch) picks
-    the token (spread over the layers, as the embedding steps are)."""
+    nothing moves between tiers) or all but weights copied from pinned host memory
+    (graph_stream.py; their copies are the decode terms' ctog, kept): each (layer, GPU batch)
+    step costs its HBM or flop time plus the graph's per-step floor instead of the launch
+    overhead; attention covers the whole cache buffer (s + n positions, the unwritten ones
+    masked); one driver step per (token, GPU batch) picks the token (spread over the layers, as
+    the embedding steps are)."""
     b, k = p.gpu_batch_size, p.num_gpu_batches
     flops = b * (z.flops_token + z.flops_logits)
     steps = (2 if p.sep_layer else 1) + 2 / c.num_hidden_layers
