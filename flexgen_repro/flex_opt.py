@@ -24,7 +24,7 @@ from flexgen_repro import envs
 from flexgen_repro.config import get_model_config
 from flexgen_repro.devices.env import ExecutionEnv
 from flexgen_repro.graph_decode import graphable
-from flexgen_repro.graph_stream import streamable
+from flexgen_repro.graph_stream import StreamedGraphs, streamable
 from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_outputs
 from flexgen_repro.model.weight_home import DUMMY
 from flexgen_repro.opt_lm import OptLM
@@ -203,6 +203,15 @@ def prepared(args):
         yield Prepared(config, policy, options, env, lm, prompts)
 
 
+def decode_graphs(lm: OptLM) -> str:
+    """How the model's last generation decoded: "all-gpu" (graph_decode.py), "streamed-weights"
+    (graph_stream.py) or "none" (the block driver's steps)."""
+    graphs = list(lm.block_state.get("graphs", {}).values())
+    if any(isinstance(g, StreamedGraphs) for g in graphs):
+        return "streamed-weights"
+    return "all-gpu" if graphs else "none"
+
+
 def run(args) -> dict:
     with prepared(args) as ready:
         config, policy, options, env, lm = ready.config, ready.policy, ready.options, ready.env, ready.lm
@@ -225,7 +234,8 @@ def run(args) -> dict:
         compress_cache=policy.compress_cache, cpu_cache_compute=policy.cpu_cache_compute,
         overlap=policy.overlap, sep_layer=policy.sep_layer, pin_weight=policy.pin_weight,
         attn_sparsity=policy.attn_sparsity, dtype=args.dtype, gpu_mem_cap_gb=args.gpu_mem_gb,
-        cuda_graphs=options.cuda_graphs, disk_io=options.disk_io, disk_io_used=env.disk.describe(),
+        cuda_graphs=options.cuda_graphs, decode_graphs=decode_graphs(lm),
+        disk_io=options.disk_io, disk_io_used=env.disk.describe(),
         disk_io_bytes=dict(env.disk.bytes_by_mode),
         cpu_attention_threads=options.cpu_attention_threads,
         staged_weights=not policy.pin_weight and env.has_cuda,

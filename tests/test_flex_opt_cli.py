@@ -41,6 +41,7 @@ def test_a_traced_profiled_run_writes_its_trace_and_record(tmp_path, capsys, mon
     rec = json.loads(record.read_text())
     assert rec["gen_len"] == 3
     assert rec["traced"] is True and set(rec["trace_summary"]) == set(summary)
+    assert rec["decode_graphs"] == "none"                 # graphs need CUDA
     assert rec["trace_summary"]["decode"]["wall"] == pytest.approx(summary["decode"]["wall"], abs=1e-4)
     # the host-side events of the run: without CUDA no copy thread polls and the allocator has
     # no counters; with it, each counter is there

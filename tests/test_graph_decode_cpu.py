@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import check_graphed_stop, hf_greedy, random_prompts
-from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config
+from flexgen_repro import ExecutionEnv, OptLM, Policy, flex_opt, get_opt_config
 
 GEN = 6
 
@@ -37,6 +37,7 @@ def test_graphed_pipeline_matches_transformers(setup, tmp_path, eager_graphs, k)
         out = lm.generate(prompts, max_new_tokens=GEN)
         again = lm.generate(prompts, max_new_tokens=GEN)      # captures reused across calls
         fused = lm.weight_home[1]["w_q"].data._base
+        assert flex_opt.decode_graphs(lm) == "all-gpu"       # as flex_opt's record says
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(again, expected)
     # two calls of 6 prompts in GPU batches of 2: 3 batches hold prompts in each call (a batch of

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import check_graphed_stop, hf_greedy, make_hf_opt, random_prompts, save_weight_folder
-from flexgen_repro import ExecutionEnv, OptLM, Policy, get_opt_config
+from flexgen_repro import ExecutionEnv, OptLM, Policy, flex_opt, get_opt_config
 from flexgen_repro.devices.storage import Stored
 from flexgen_repro.graph_stream import WeightSlots, streamable
 from flexgen_repro.options import RuntimeOptions
@@ -54,6 +54,7 @@ def test_streamed_graphs_match_transformers(setup, tmp_path, eager_streamed, k, 
         again = lm.generate(prompts, max_new_tokens=GEN)   # the captures reused across calls
         graphs = next(iter(lm.block_state["graphs"].values()))
         slots = lm.block_state["slots"]
+        assert flex_opt.decode_graphs(lm) == "streamed-weights"   # as flex_opt's record says
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(again, expected)
     n_layers = len(lm.layers)
@@ -198,7 +199,6 @@ def test_streamed_graphs_on_a_gpu_give_the_tokens_of_decode_without_graphs(tmp_p
     over the slots give the very tokens of the same kernels launched one by one (dummy weights
     leave near-ties between the top logits, so a slot refilled before its layer ran, or read
     before its copy ended, flips tokens)."""
-    from flexgen_repro import flex_opt
     outs = {}
     for graphs in ("true", "false"):
         args = flex_opt.build_parser().parse_args(
@@ -210,9 +210,9 @@ def test_streamed_graphs_on_a_gpu_give_the_tokens_of_decode_without_graphs(tmp_p
             with flex_opt.prepared(args) as ready:
                 outs[graphs] = [np.asarray(ready.lm.generate(ready.prompts, max_new_tokens=12))
                                 for _ in range(2)]
-                kinds = {type(g).__name__ for g in ready.lm.block_state.get("graphs", {}).values()}
+                kind = flex_opt.decode_graphs(ready.lm)
         finally:
             gc.unfreeze()          # prepared() freezes the collector for a measured run
-        assert kinds == ({"StreamedGraphs"} if graphs == "true" else set())
+        assert kind == ("streamed-weights" if graphs == "true" else "none")
     for run in outs["true"] + outs["false"][1:]:
         np.testing.assert_array_equal(run, outs["false"][0])
