@@ -128,6 +128,23 @@ def test_streamed_graphs_stop_like_the_driver_without_graphs(setup, tmp_path, ea
     check_graphed_stop(setup, str(tmp_path / "offload"), streamed(3), eager_streamed, GEN)
 
 
+def test_the_text_job_through_streamed_graphs_equals_transformers(tmp_path, eager_streamed):
+    """The text job (prompts of 1 to about 40 tokens, several blocks, the last one partial, cache
+    lengths by block) decoded through streamed-weight graphs: each completion is transformers'
+    greedy one."""
+    from flexgen_repro.llm import LLM
+    from text_checkpoint import corpus_lines, hf_greedy_text, make_text_checkpoint
+    ckpt = make_text_checkpoint(str(tmp_path / "tiny-text"))
+    lines = corpus_lines()
+    prompts = [lines[i % len(lines)][: 1 + (i * 53) % 160] for i in range(11)]
+    with LLM(ckpt, path=str(tmp_path / "w"), policy=streamed(2), dtype="float32",
+             offload_dir=str(tmp_path / "off")) as llm:
+        out = llm.generate(prompts, max_new_tokens=GEN)
+        assert llm.stats.blocks > 1
+    assert [c.token_ids for c in out] == hf_greedy_text(ckpt, prompts, GEN)
+    assert eager_streamed.replays > 0
+
+
 def _home(kinds: str, sizes: list[int]) -> list[dict]:
     """Layers of host-resident weights: layer j holds one tensor named `kinds[j]` of `sizes[j]`
     values, every value j."""
