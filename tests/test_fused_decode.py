@@ -58,6 +58,29 @@ def _general(attn, w, x, k_home, v_home, mask):
     return out, k, v
 
 
+def test_decode_hands_the_store_the_host_copies_where_every_row_was_attended_on_the_cpu():
+    """General decode over parts attended on the CPU returns the new keys and values as copied
+    there for the attention (the cache store writes them without a copy from the GPU); where a
+    part is attended elsewhere (here a buffer with room, attended in place as a GPU segment is),
+    it returns none, and the store takes the projections themselves."""
+    attn, w, x, k_home, v_home, mask = _case()
+    gen = torch.Generator().manual_seed(1)
+    d = CFG.hidden_size // CFG.n_head
+    q, k_new, v_new = (torch.randn(B, CFG.n_head, 1, d, generator=gen, dtype=torch.float64)
+                       for _ in range(3))
+    step = StepInfo(1, N_PREV, mask[:, :N_PREV + 1], torch.zeros(B, 1, dtype=torch.long))
+    cpu = torch.device("cpu")
+    prev = [CachePart(a, b, cpu, k_home[a:b, :, :N_PREV].clone(), v_home[a:b, :, :N_PREV].clone())
+            for a, b in ((0, 1), (1, B))]
+    out, host_kv = attn._decode(q, k_new, v_new, step, prev)
+    assert torch.equal(host_kv[0], k_new) and torch.equal(host_kv[1], v_new)
+    assert host_kv[0].device.type == "cpu"
+    room = CachePart(1, B, cpu, k_home[1:].clone(), v_home[1:].clone(), valid=N_PREV, in_place=True)
+    split, none = attn._decode(q, k_new, v_new, step, [prev[0], room])
+    assert none is None
+    torch.testing.assert_close(split, out, rtol=GENERAL_TOL, atol=GENERAL_TOL)
+
+
 def _reference(w, x, k_home, v_home, mask):
     """Written out in float64: layer norm, projections, softmax over real positions, output."""
     h, nh = CFG.hidden_size, CFG.n_head

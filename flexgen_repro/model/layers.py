@@ -89,7 +89,8 @@ class SelfAttention(Layer):
         return families.attention_specs(self.config, self.index)
 
     def forward(self, x, w, step: StepInfo, cache: list[CachePart] | None = None):
-        """x: (b, s, h) -> (out (b, s, h), (k, v) each (b, kv_heads, s, d) for the cache)."""
+        """x: (b, s, h) -> (out (b, s, h), (k, v) each (b, kv_heads, s, d) for the cache: in host
+        memory where decode attended every row there)."""
         c = self.config
         hn = norm(x, w, "ln_attn", c)
         if (not step.is_prefill and cache is not None and len(cache) == 1 and cache[0].resident
@@ -104,15 +105,17 @@ class SelfAttention(Layer):
             q, k = rope.rotate(to_heads(q, c.n_head), cos, sin) * scale, rope.rotate(k, cos, sin)
         else:
             q = to_heads(q * scale, c.n_head)
+        kv = (k, v)
         if step.is_prefill:
             attn = prefill_attention(q, k, v, step.mask, self.window,
                                      step.prefill_allowed(self.window))
         else:
-            attn = self._decode(q, k, v, self._windowed(step), cache)
+            attn, staged = self._decode(q, k, v, self._windowed(step), cache)
+            kv = staged or kv            # the host's copies, where CPU attention made them
             if isinstance(attn, Deferred):  # CPU attention running on step.cpu_pool
-                return Deferred(lambda: (linear(attn.result(), w["w_out"], w.get("b_out")) + x, (k, v)))
+                return Deferred(lambda: (linear(attn.result(), w["w_out"], w.get("b_out")) + x, kv))
         out = linear(attn, w["w_out"], w.get("b_out")) + x
-        return out, (k, v)
+        return out, kv
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         dev = positions.device
@@ -167,10 +170,13 @@ class SelfAttention(Layer):
             return mask
         return mask & window_columns(mask.shape[1], index, self.window, mask.device)[None]
 
-    def _decode(self, q, k_new, v_new, step: StepInfo, cache: list[CachePart]):
-        """Attention of the new token over each cache part, on the device that part is computed.
-        With `step.cpu_pool`, parts on the CPU are attended there and the result is Deferred."""
-        outs = []
+    def _decode(self, q, k_new, v_new, step: StepInfo, cache: list[CachePart]) -> tuple:
+        """(attention of the new token over each cache part, on the device that part is computed;
+        with `step.cpu_pool`, parts on the CPU are attended there and the result is Deferred;
+        where every part is an uncompressed cache attended on the CPU, the new keys and values as
+        copied there for it, else None). The cache store writes those host copies as they are: it
+        then neither copies from the GPU again nor waits for it."""
+        outs, staged = [], []
         for part in cache:
             rows, dev = slice(part.start, part.stop), part.device
             if part.resident:  # the home buffer itself: write the new token, attend in place
@@ -192,6 +198,8 @@ class SelfAttention(Layer):
                     slot = step.host_stage.take(q[rows].shape, q.dtype)
                     with trace.span("to_cpu"):
                         slot.stage(q[rows], k_new[rows], v_new[rows])
+                    if isinstance(k, torch.Tensor):   # a compressed home quantizes on the GPU
+                        staged.append((slot.k_new, slot.v_new))
                     job = functools.partial(_staged_attend, slot, k, v, mask.to(dev), step.attn_sparsity,
                                             part.valid, step.options)
                     slot.future = step.cpu_pool.submit(job)
@@ -199,6 +207,8 @@ class SelfAttention(Layer):
                     continue
                 with trace.span(f"to_{dev.type}"):
                     args = q[rows].to(dev), k_new[rows].to(dev), v_new[rows].to(dev), mask.to(dev)
+                if dev.type == "cpu" and isinstance(k, torch.Tensor):
+                    staged.append(args[1:3])
                 job = functools.partial(_traced_attend, f"attention_{dev.type}", args[0], k, v,
                                         args[3], step.attn_sparsity, args[1], args[2], part.valid,
                                         options=step.options)
@@ -207,9 +217,12 @@ class SelfAttention(Layer):
                     continue
                 out = job()
             outs.append(out.to(q.device))
+        host_kv = None
+        if len(staged) == len(cache):   # parts in row order, covering every row
+            host_kv = tuple(parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*staged))
         if any(isinstance(o, (Future, Staged)) for o in outs):
-            return Deferred(lambda: _gather(outs, q.device))
-        return _gather(outs, q.device)
+            return Deferred(lambda: _gather(outs, q.device)), host_kv
+        return _gather(outs, q.device), host_kv
 
 
 def _attend_in_place(q, k_new, v_new, part: CachePart, mask: torch.Tensor) -> torch.Tensor:

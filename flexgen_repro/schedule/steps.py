@@ -232,7 +232,10 @@ class BlockSteps:
             self.cache_home[(j, k)] = self.new_cache_home(j, k)
         pos = 0 if i == 0 else self.prompt_len + i - 1
         home = self.cache_home[(j, k)]
-        fut = self.ch["cache_store"].submit(self._write_cache, home, pos, kv, i > 0)
+        # keys and values already in host memory (copied there for CPU attention) are complete:
+        # their store waits for no compute
+        fut = self.ch["cache_store"].submit(self._write_cache, home, pos, kv, i > 0,
+                                            after_compute=any(t.is_cuda for t in kv))
         self.cache_stores[(j, k)] = fut
         size = kv[0].numel() * kv[0].element_size() * 2
         self.pending_stores.append((fut, size))
