@@ -19,6 +19,17 @@ from flexgen_repro.devices.copy_engine import LinkGate
 SLOTS = 8   # per shape: at most num_gpu_batches attentions are in flight at once
 
 
+def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors (one dtype) in host memory, contiguous: from the GPU as one synchronous copy
+    of their bytes gathered there (a decode step's query, key and value: one wait, not three);
+    host tensors as they are."""
+    if not any(t.is_cuda for t in tensors):
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to("cpu")
+    pieces = flat.split([t.numel() for t in tensors])
+    return tuple(piece.view(t.shape) for piece, t in zip(pieces, tensors))
+
+
 class Slot:
     """One batch's q, k_new, v_new (b, heads, 1, d) on the host and its pinned output
     (b, 1, heads * d)."""
@@ -39,8 +50,8 @@ class Slot:
         self.future = self.read = None
 
     def stage(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        """The inputs on the host (synchronous copies to pageable memory)."""
-        self.q, self.k_new, self.v_new = (t.to("cpu") for t in (q, k_new, v_new))
+        """The inputs on the host (to_host)."""
+        self.q, self.k_new, self.v_new = to_host(q, k_new, v_new)
 
     def wait_ready(self) -> None:
         """On the worker, before attending: the inputs are on the host once `stage` returned."""

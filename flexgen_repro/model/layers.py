@@ -24,7 +24,7 @@ from flexgen_repro.model import families, rope
 from flexgen_repro.model.attention_math import (DECODE_GPU_BACKENDS, decode_attention, gpu_kernels,
                                                 prefill_attention, to_heads, window_columns)
 from flexgen_repro.model.base import CachePart, Deferred, Layer, StepInfo, WeightSpec
-from flexgen_repro.devices.host_stage import Staged
+from flexgen_repro.devices.host_stage import Staged, to_host
 from flexgen_repro.model.norms import layer_norm, rms_norm
 from flexgen_repro.options import RuntimeOptions
 
@@ -206,7 +206,9 @@ class SelfAttention(Layer):
                     outs.append(Staged(slot))
                     continue
                 with trace.span(f"to_{dev.type}"):
-                    args = q[rows].to(dev), k_new[rows].to(dev), v_new[rows].to(dev), mask.to(dev)
+                    moved = (to_host(q[rows], k_new[rows], v_new[rows]) if dev.type == "cpu" else
+                             (q[rows].to(dev), k_new[rows].to(dev), v_new[rows].to(dev)))
+                    args = (*moved, mask.to(dev))
                 if dev.type == "cpu" and isinstance(k, torch.Tensor):
                     staged.append(args[1:3])
                 job = functools.partial(_traced_attend, f"attention_{dev.type}", args[0], k, v,
