@@ -105,6 +105,9 @@ class WeightSlots:
         # every slot now: a GPU short of them fails here, before the block starts, not mid-decode
         self.buffers = {slot: torch.empty(n, dtype=torch.uint8, device=device)
                         for slot, n in self.slot_bytes.items()}
+        if self.cuda:   # freed (the model's cache released), not reused before the copies end
+            for buf in self.buffers.values():
+                buf.record_stream(self.stream)
         self._views: dict[int, dict] = {}
         self._weights: dict[int, dict] = {}
         self.free: dict[tuple, object] = {}    # slot -> event after the compute that read it last
