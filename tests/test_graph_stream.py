@@ -211,18 +211,20 @@ def test_only_weights_in_memory_stream():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_streamed_graphs_on_a_gpu_give_the_tokens_of_decode_without_graphs(tmp_path):
-    """OPT-1.3B's dummy weights in pinned host memory, 4x4: the same kernels replayed from graphs
-    over the slots give the very tokens of the same kernels launched one by one (dummy weights
-    leave near-ties between the top logits, so a slot refilled before its layer ran, or read
-    before its copy ended, flips tokens)."""
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_streamed_graphs_on_a_gpu_give_the_tokens_of_decode_without_graphs(tmp_path, four_bit):
+    """OPT-1.3B's dummy weights in pinned host memory, 4x4 (16-bit, and 4-bit read by the fused
+    matmul from the slots' packed components): the same kernels replayed from graphs over the
+    slots give the very tokens of the same kernels launched one by one (dummy weights leave
+    near-ties between the top logits, so a slot refilled before its layer ran, or read before its
+    copy ended, flips tokens)."""
     outs = {}
     for graphs in ("true", "false"):
         args = flex_opt.build_parser().parse_args(
             ["--model", "opt-1.3b", "--path", "_DUMMY_", "--offload-dir", str(tmp_path),
              "--percent", "0", "100", "100", "0", "100", "0", "--gpu-batch-size", "4",
              "--num-gpu-batches", "4", "--prompt-len", "64", "--gen-len", "12",
-             "--cuda-graphs", graphs])
+             "--cuda-graphs", graphs] + (["--compress-weight"] if four_bit else []))
         try:
             with flex_opt.prepared(args) as ready:
                 outs[graphs] = [np.asarray(ready.lm.generate(ready.prompts, max_new_tokens=12))
