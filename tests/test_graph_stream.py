@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_graphed_stop, hf_greedy, make_hf_opt, random_prompts, save_weight_folder
+from conftest import (check_graphed_stop, hf_greedy, hf_logits, make_hf_opt, random_prompts,
+                      save_weight_folder)
 from flexgen_repro import ExecutionEnv, OptLM, Policy, flex_opt, get_opt_config
 from flexgen_repro.devices.storage import Stored
 from flexgen_repro.graph_stream import WeightSlots, streamable
@@ -88,6 +89,26 @@ def test_a_gpu_batch_first_seen_in_a_later_block_captures_every_graph_again(
     assert sorted(captured) == [(j, 0) for j in range(n_layers)]
     assert sorted(graphs.graphs) == [(j, k) for j in range(n_layers) for k in range(2)]
     assert not any(graphs.graphs[key] is graph for key, graph in captured.items())
+
+
+def test_a_logits_call_after_a_generation_of_its_cache_length_takes_no_graphs(
+        setup, tmp_path, eager_streamed):
+    """Graphs are kept per cache length; a logits call of that length (one token after the
+    prompt) is not graphed, and leaves them as they were. Its logits are transformers' at every
+    real position, within 1e-4 (float32 rounding of a 4-layer, 32-wide model is ~1e-6)."""
+    config, weights, prompts, _ = setup
+    with ExecutionEnv.create(str(tmp_path / "offload")) as env:
+        lm = OptLM(config, env, weights, streamed(2))
+        lm.generate(prompts, max_new_tokens=1)
+        graphs = dict(lm.block_state["graphs"])
+        started = []
+        for g in graphs.values():
+            g.start_block = lambda block, g=g: started.append(g)
+        logits = lm.logits(prompts)
+        assert lm.block_state["graphs"] == graphs and not started
+    want = hf_logits(make_hf_opt(layers=LAYERS), prompts)   # the model setup saved (seeded)
+    real = prompts != config.pad_token_id
+    np.testing.assert_allclose(logits[real], want[real], atol=1e-4, rtol=0)
 
 
 def test_a_gpu_short_of_the_slots_decodes_without_graphs_and_says_so(

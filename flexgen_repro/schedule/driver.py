@@ -50,21 +50,22 @@ class BlockRun(BlockSteps):
 
     def _graphs(self, state: dict) -> GraphedDecode | None:
         """This cache length's graphs (made now if new), or None where decode is not graphed."""
+        resident = graphable(self.policy, self.env, self.want_logits)
+        if not (resident or streamable(self.policy, self.env, self.want_logits)):
+            return None
         graphs = state["graphs"].get(self.cache_len)
         if graphs is not None:
             return graphs
-        if graphable(self.policy, self.env, self.want_logits):
+        if resident:
             if state["weights"] is None:
                 state["weights"] = fuse_qkv_weights(self.lm.weight_home, self.env.gpu.dev)
             graphs = GraphedDecode(state["weights"])
-        elif streamable(self.policy, self.env, self.want_logits):
+        else:
             if state["slots"] is None:   # False once the weights cannot stream into slots
                 state["slots"] = WeightSlots.create(self.lm.weight_home, self.env.gpu.dev) or False
             if not state["slots"]:
                 return None
             graphs = StreamedGraphs(state["slots"])
-        else:
-            return None
         state["graphs"][self.cache_len] = graphs
         return graphs
 
