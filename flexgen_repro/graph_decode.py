@@ -118,23 +118,30 @@ class GraphedDecode:
                     index=torch.tensor([blk.prompt_len + i - 1], device=blk.device))
 
     def _body(self, k: int) -> None:
-        blk, st = self.block, self.static[k]
-        step = StepInfo(1, blk.prompt_len, st["mask"], st["pos"], 1.0, pick=lambda logits: logits)
+        st = self.static[k]
         x = st["ids"]
-        for j, layer in enumerate(blk.layers):
-            w = self.weights[j]
-            if layer.has_cache:
-                k_home, v_home = st["homes"][j]
-                part = CachePart(0, blk.batch, blk.device, k_home, v_home, True, st["index"])
-                x, _ = layer.forward(x, w, step, [part])
-            else:
-                x = layer.forward(x, w, step)
+        for j in range(len(self.block.layers)):
+            x = self._layer(j, k, x, self.weights[j])
         st["logits"] = x
 
+    def _layer(self, j: int, k: int, x, w: dict):
+        """Layer j of batch k on its static inputs: attention writes the new token into its home
+        buffer in place and attends over all of it; the last layer returns the logits."""
+        blk, st = self.block, self.static[k]
+        step = StepInfo(1, blk.prompt_len, st["mask"], st["pos"], 1.0, pick=lambda logits: logits)
+        layer = blk.layers[j]
+        if not layer.has_cache:
+            return layer.forward(x, w, step)
+        k_home, v_home = st["homes"][j]
+        part = CachePart(0, blk.batch, blk.device, k_home, v_home, True, st["index"])
+        return layer.forward(x, w, step, [part])[0]
+
+    def _homes(self, k: int) -> dict:
+        """{layer j: (k, v) home buffers} of batch k, which the graphs write and attend."""
+        return {j: tuple(t.buffer() for t in home) for j, home in self.block.cache_homes(k).items()}
+
     def _capture(self, k: int) -> None:
-        st = self.static[k]
-        st["homes"] = {j: tuple(t.buffer() for t in home)
-                       for j, home in self.block.cache_homes(k).items()}
+        self.static[k]["homes"] = self._homes(k)
         self.graphs[k] = self._record(k)
 
     def _record(self, k: int):

@@ -17,7 +17,6 @@ from collections import Counter
 import torch
 
 from flexgen_repro.graph_decode import GraphedDecode
-from flexgen_repro.model.base import CachePart, StepInfo
 from flexgen_repro.policy import Policy, Tier, dequantize_once
 
 # Slots per kind of layer: a layer's copy into one runs while the previous layer of its kind
@@ -230,8 +229,7 @@ class StreamedGraphs(GraphedDecode):
             self._drop_graphs()  # a batch not captured before: capture all again, in order
         for k in batches:
             if k not in self.static:
-                self.static[k] = {"homes": {j: tuple(t.buffer() for t in home)
-                                            for j, home in blk.cache_homes(k).items()}}
+                self.static[k] = {"homes": self._homes(k)}
             self._set_inputs(i, k)
         for j in range(last + 1):
             self.slots.acquire(j)
@@ -250,16 +248,8 @@ class StreamedGraphs(GraphedDecode):
         self.pool = None
 
     def _body(self, j: int, k: int) -> None:
-        blk, st = self.block, self.static[k]
-        step = StepInfo(1, blk.prompt_len, st["mask"], st["pos"], 1.0, pick=lambda logits: logits)
-        x = st["ids"] if j == 0 else self.outs[(j - 1, k)]
-        layer, w = blk.layers[j], self.slots.weights(j)
-        if layer.has_cache:
-            k_home, v_home = st["homes"][j]
-            part = CachePart(0, blk.batch, blk.device, k_home, v_home, True, st["index"])
-            self.outs[(j, k)], _ = layer.forward(x, w, step, [part])
-        else:
-            self.outs[(j, k)] = layer.forward(x, w, step)
+        x = self.static[k]["ids"] if j == 0 else self.outs[(j - 1, k)]
+        self.outs[(j, k)] = self._layer(j, k, x, self.slots.weights(j))
 
     def _record(self, j: int, k: int):
         """Run step (j, k) once for real on a side stream, then capture it. torch.cuda.graph
