@@ -11,11 +11,13 @@ only for each token's ids, collected one token late as in GraphedDecode.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
 
 import torch
 
+from flexgen_repro.devices.storage import carve, packed_layout
 from flexgen_repro.graph_decode import GraphedDecode
 from flexgen_repro.policy import Policy, Tier, dequantize_once
 
@@ -57,19 +59,6 @@ def _leaves(home: dict) -> list[tuple[tuple, object]]:
     return out
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _offsets(leaves: list) -> tuple[dict, int]:
-    """({path: byte offset in a slot}, bytes the slot needs) for a layer's tensors."""
-    offsets, end = {}, 0
-    for path, leaf in leaves:
-        offsets[path] = end
-        end += -(-_nbytes(leaf.data) // SLOT_ALIGN) * SLOT_ALIGN
-    return offsets, end
-
-
 def _slots(weight_home: list[dict], sizes: list[int]) -> tuple[list[tuple], Counter]:
     """(each layer's slot, each slot's bytes) for layers of `sizes` bytes: a layer's kind is its
     weight names; the kind's layers take its SLOTS_PER_KIND slots in turn."""
@@ -95,29 +84,37 @@ class WeightSlots:
     """
 
     def __init__(self, weight_home: list[dict], device: torch.device):
+        """The plan: each layer's tensors laid out in its slot, and each slot's bytes
+        (`allocate` makes the slots)."""
         self.home, self.device = weight_home, device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.host = [_leaves(h) for h in weight_home]
-        self.offsets = [_offsets(leaves) for leaves in self.host]   # (offsets, bytes) per layer
-        self.slot_of, self.slot_bytes = _slots(weight_home, [n for _, n in self.offsets])
-        # every slot now: a GPU short of them fails here, before the block starts, not mid-decode
-        self.buffers = {slot: torch.empty(n, dtype=torch.uint8, device=device)
-                        for slot, n in self.slot_bytes.items()}
-        if self.cuda:   # freed (the model's cache released), not reused before the copies end
-            for buf in self.buffers.values():
-                buf.record_stream(self.stream)
+        self.layouts = [packed_layout([(path, leaf.data.shape, leaf.data.dtype)
+                                       for path, leaf in leaves], SLOT_ALIGN)
+                        for leaves in self.host]       # (layout, bytes) per layer
+        self.slot_of, self.slot_bytes = _slots(weight_home, [n for _, n in self.layouts])
+        self.buffers: dict[tuple, torch.Tensor] = {}
         self._views: dict[int, dict] = {}
         self._weights: dict[int, dict] = {}
         self.free: dict[tuple, object] = {}    # slot -> event after the compute that read it last
         self.restart()
 
+    def allocate(self) -> None:
+        """Every slot on the device (torch.OutOfMemoryError where they do not fit)."""
+        self.buffers = {slot: torch.empty(n, dtype=torch.uint8, device=self.device)
+                        for slot, n in self.slot_bytes.items()}
+        if self.cuda:   # freed (the model's cache released), not reused before the copies end
+            for buf in self.buffers.values():
+                buf.record_stream(self.stream)
+
     @classmethod
     def create(cls, weight_home: list[dict], device: torch.device) -> "WeightSlots | None":
-        """Slots for these weights, or None where one is not a tensor in host memory, pinned where
-        the device is a GPU (a disk file, or unpinned memory a copy would stage on the host), or
-        where the device cannot hold the slots (a warning says so; decode then runs without
-        graphs, as the policy would without them)."""
+        """Slots for these weights, allocated now (a GPU short of them fails here, before the
+        block starts, not mid-decode); or None where one is not a tensor in host memory, pinned
+        where the device is a GPU (a disk file, or unpinned memory a copy would stage on the
+        host), or where the device cannot hold the slots (a warning says so; decode then runs
+        without graphs, as the policy would without them)."""
         for home in weight_home:
             for _, leaf in _leaves(home):
                 data = leaf.data
@@ -125,15 +122,16 @@ class WeightSlots:
                     return None
                 if device.type == "cuda" and not data.is_pinned():
                     return None
+        slots = cls(weight_home, device)
         try:
-            return cls(weight_home, device)
+            slots.allocate()
         except torch.OutOfMemoryError:
-            sizes = [_offsets(_leaves(home))[1] for home in weight_home]
-            need = sum(_slots(weight_home, sizes)[1].values())
+            need = sum(slots.slot_bytes.values())
             warnings.warn(f"the GPU cannot hold the {need / 2**30:.2f} GiB of weight slots that "
                           f"graph decode of streamed weights needs: decoding without CUDA graphs "
                           f"(a smaller --gpu-batch-size or fewer GPU batches leave room for them)")
             return None
+        return slots
 
     def restart(self) -> None:
         """Forget loads queued ahead (a new block starts at layer 0; the slots keep their bytes)."""
@@ -159,10 +157,7 @@ class WeightSlots:
     def _slot_views(self, j: int) -> dict:
         """{path: view of layer j's slot} for each of its tensors."""
         if j not in self._views:
-            flat, offsets = self.buffers[self.slot_of[j]], self.offsets[j][0]
-            self._views[j] = {path: flat[offsets[path]:offsets[path] + _nbytes(leaf.data)]
-                              .view(leaf.data.dtype).view(leaf.data.shape)
-                              for path, leaf in self.host[j]}
+            self._views[j] = carve(self.buffers[self.slot_of[j]], self.layouts[j][0])
         return self._views[j]
 
     def acquire(self, j: int) -> None:
@@ -191,18 +186,15 @@ class WeightSlots:
         slot, buffers = self.slot_of[j], self._slot_views(j)
         self.held[slot] = j
         self.next = (j + 1) % len(self.home)
-        if not self.cuda:
-            for path, leaf in self.host[j]:
-                buffers[path].copy_(leaf.data)
-            self.loaded[j] = None
-            return
-        with torch.cuda.stream(self.stream):
-            if slot in self.free:
+        self.loaded[j] = None                 # the host's copies are done when they return
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+            if slot in self.free:             # recorded only where CUDA is
                 self.stream.wait_event(self.free[slot])
             for path, leaf in self.host[j]:
-                buffers[path].copy_(leaf.data, non_blocking=True)
-            self.loaded[j] = torch.cuda.Event()
-            self.loaded[j].record(self.stream)
+                buffers[path].copy_(leaf.data, non_blocking=self.cuda)
+            if self.cuda:
+                self.loaded[j] = torch.cuda.Event()
+                self.loaded[j].record(self.stream)
 
 
 class StreamedGraphs(GraphedDecode):

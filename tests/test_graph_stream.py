@@ -119,7 +119,7 @@ def test_a_gpu_short_of_the_slots_decodes_without_graphs_and_says_so(
 
     def short(self, *args):
         raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(WeightSlots, "__init__", short)
+    monkeypatch.setattr(WeightSlots, "allocate", short)
     with ExecutionEnv.create(str(tmp_path / "offload")) as env:
         lm = OptLM(config, env, weights, streamed(2))
         with pytest.warns(UserWarning, match="decoding without CUDA graphs.*--gpu-batch-size") \

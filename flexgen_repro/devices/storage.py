@@ -257,17 +257,18 @@ def on_host(value: torch.Tensor, engine: CopyEngine | None = None) -> torch.Tens
 BUFFER_ALIGN = 64   # bytes: every component of a packed buffer starts at a multiple of this
 
 
-def packed_layout(components: list[tuple[str, tuple, torch.dtype]]) -> tuple[list, int]:
+def packed_layout(components: list[tuple[object, tuple, torch.dtype]],
+                  align: int = BUFFER_ALIGN) -> tuple[list, int]:
     """(name, shape, dtype) of each component -> (layout for `carve`, the buffer's bytes): the
-    components one after the other, each at an offset aligned to BUFFER_ALIGN."""
+    components one after the other, each at an offset aligned to `align` bytes."""
     layout, offset = [], 0
     for name, shape, dtype in components:
         layout.append((name, tuple(shape), dtype, offset))
-        offset += -(-nbytes_of(shape, dtype) // BUFFER_ALIGN) * BUFFER_ALIGN
+        offset += -(-nbytes_of(shape, dtype) // align) * align
     return layout, offset
 
 
-def carve(buffer: torch.Tensor, layout: list) -> dict[str, torch.Tensor]:
+def carve(buffer: torch.Tensor, layout: list) -> dict:
     """The components laid out in a one-dimensional uint8 `buffer` (packed_layout), as views."""
     out = {}
     for name, shape, dtype, offset in layout:
