@@ -23,8 +23,7 @@ import torch
 from flexgen_repro import envs
 from flexgen_repro.config import get_model_config
 from flexgen_repro.devices.env import ExecutionEnv
-from flexgen_repro.graph_decode import graphable
-from flexgen_repro.graph_stream import StreamedGraphs, streamable
+from flexgen_repro.graph_stream import StreamedGraphs, graph_kind
 from flexgen_repro.metrics import GB, PeakMemory, RunMetrics, log_text, write_outputs
 from flexgen_repro.model.weight_home import DUMMY
 from flexgen_repro.opt_lm import OptLM
@@ -192,8 +191,7 @@ def prepared(args):
         lm = OptLM(config, env, args.path, policy, options)
         _progress(args, f"weights at home in {time.perf_counter() - t0:.1f} s")
         if args.warmup:  # prefill only (buffers allocated for the full run and kept for it);
-            graphed = args.cuda_graphs and (graphable(policy, env, False)  # or capture the graphs
-                                            or streamable(policy, env, False))
+            graphed = args.cuda_graphs and graph_kind(policy, env, False) is not None  # or graphs
             lm.generate(prompts, max_new_tokens=args.gen_len, max_steps=None if graphed else 1)
             _progress(args, f"warm-up done at {time.perf_counter() - t0:.1f} s")
         # the weights, caches and the warm-up's objects stay alive for the whole run: take them

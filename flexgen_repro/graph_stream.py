@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 
 from flexgen_repro.devices.storage import carve, packed_layout
-from flexgen_repro.graph_decode import GraphedDecode
+from flexgen_repro.graph_decode import GraphedDecode, graphable
 from flexgen_repro.policy import Policy, Tier, dequantize_once
 
 # Slots per kind of layer: a layer's copy into one runs while the previous layer of its kind
@@ -45,6 +45,14 @@ def streamable(policy: Policy, env, want_logits: bool) -> bool:
     return (env.has_cuda and not want_logits and stream_switches(policy)
             and policy.w_cpu_percent == 100
             and policy.cache_gpu_percent == 100 and policy.act_gpu_percent == 100)
+
+
+def graph_kind(policy: Policy, env, want_logits: bool) -> str | None:
+    """How decode goes through CUDA graphs: "all-gpu" (everything on the GPU,
+    graph_decode.graphable), "streamed-weights" (only the weights move, streamable), or None."""
+    if graphable(policy, env, want_logits):
+        return "all-gpu"
+    return "streamed-weights" if streamable(policy, env, want_logits) else None
 
 
 def _leaves(home: dict) -> list[tuple[tuple, object]]:

@@ -133,9 +133,10 @@ def _eager_graph_decode(monkeypatch, graphs: type, gate: str) -> type:
     """Make the block driver decode through an EagerReplay form of `graphs` (GraphedDecode or
     StreamedGraphs) wherever no logits are wanted, whatever the placement; return that class,
     whose `replays` count from 0."""
+    from flexgen_repro import graph_stream
     from flexgen_repro.schedule import driver
     cls = _eager(graphs)
-    monkeypatch.setattr(driver, gate, lambda policy, env, want_logits: not want_logits)
+    monkeypatch.setattr(graph_stream, gate, lambda policy, env, want_logits: not want_logits)
     monkeypatch.setattr(driver, graphs.__name__, cls)
     return cls
 

@@ -8,8 +8,8 @@ import contextlib
 import numpy as np
 import torch
 
-from flexgen_repro.graph_decode import DecodeBlock, GraphedDecode, fuse_qkv_weights, graphable
-from flexgen_repro.graph_stream import StreamedGraphs, WeightSlots, streamable
+from flexgen_repro.graph_decode import DecodeBlock, GraphedDecode, fuse_qkv_weights
+from flexgen_repro.graph_stream import StreamedGraphs, WeightSlots, graph_kind
 from flexgen_repro.schedule.steps import BlockSteps, torch_threads
 from flexgen_repro.schedule.strategies import GraphedPipeline, layer_strategy
 
@@ -50,13 +50,13 @@ class BlockRun(BlockSteps):
 
     def _graphs(self, state: dict) -> GraphedDecode | None:
         """This cache length's graphs (made now if new), or None where decode is not graphed."""
-        resident = graphable(self.policy, self.env, self.want_logits)
-        if not (resident or streamable(self.policy, self.env, self.want_logits)):
+        kind = graph_kind(self.policy, self.env, self.want_logits)
+        if kind is None:
             return None
         graphs = state["graphs"].get(self.cache_len)
         if graphs is not None:
             return graphs
-        if resident:
+        if kind == "all-gpu":
             if state["weights"] is None:
                 state["weights"] = fuse_qkv_weights(self.lm.weight_home, self.env.gpu.dev)
             graphs = GraphedDecode(state["weights"])
