@@ -123,9 +123,9 @@ def decode_config(m: int, out_units: int, group_dim: int, num_sms: int, p: int =
     grouped along out (the default) and 32 along in; then 64 up to 64, else 128. Along out the
     32-row tile (4 warps) issues more work per packed byte than the 64-row wgmma tile (8 warps),
     5600 against 4800 SASS instructions per program, and read 294 GB/s of packed weights at 32
-    rows on an H100 where the 64-row tile reads 431 (docs/cost-model.md); along in it issues less (5280 against
-    7104; `scripts/kernel_resources.py --rows 32 --sweep`). Chosen so that ptxas (sm_90, Triton
-    3.6) reports no register spills (scripts/kernel_resources.py checks);
+    rows on an H100 where the 64-row tile reads 431 (docs/cost-model.md); along in it issues less
+    (5280 against 7104; `scripts/kernel_resources.py --rows 32 --sweep`). Chosen so that ptxas
+    (sm_90, Triton 3.6) reports no register spills (scripts/kernel_resources.py checks);
     `scripts/bench_kernels.py --sweep` times the alternatives on a real GPU."""
     block_m = 16 if m <= 16 else 32 if m <= 32 and group_dim == 1 else 64 if m <= 64 else 128
     block_out = p if group_dim == 0 else (32 if m <= 16 else 64)
