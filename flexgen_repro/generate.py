@@ -57,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", nargs="+", default=None, help="strings that end a completion")
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="compute dtype (default: float16 on a GPU, float32 without one)")
     p.add_argument("--truncate", default=None, choices=["left"],
                    help="keep the tail of prompts too long for the model")
     for flag in ("--compress-weight", "--compress-cache", "--cpu-cache-compute"):

@@ -48,7 +48,7 @@ class LLM:
     "_DUMMY_" for dummy weights (then `tokenizer` is required); `policy`: a Policy, or None /
     "auto" for the cost model's choice (`hardware`: its profile; default: the measured `local`
     profile or the shipped one nearest this machine); `dtype`: "float16", "bfloat16" or
-    "float32" (default: the model's)."""
+    "float32" (default: float16 on a GPU, float32 without one; text_model.default_dtype)."""
 
     def __init__(self, model: str, path: str = "~/opt_weights", policy: Policy | str | None = None,
                  offload_dir: str | None = None, dtype: str | None = None,
@@ -58,7 +58,7 @@ class LLM:
         if not (policy is None or policy == "auto" or isinstance(policy, Policy)):
             raise TextJobError(f"policy must be a Policy, None or 'auto', got {policy!r}")
         self.model, self.path, self.offload_dir, self.hardware = model, path, offload_dir, hardware
-        self.config = text_model.model_config(model, **({"dtype": dtype} if dtype else {}))
+        self.config = text_model.model_config(model, dtype=dtype or text_model.default_dtype())
         self.dummy = path == DUMMY
         self.tokenizer = text_model.load_tokenizer(model, self.config, tokenizer, self.dummy)
         self.policy = policy if isinstance(policy, Policy) else None

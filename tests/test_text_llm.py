@@ -10,8 +10,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from flexgen_repro import LLM, Policy
+from flexgen_repro.cost_model.search import SearchSpace
+from flexgen_repro.text.model import block_cap, fit_block
 from text_checkpoint import corpus_lines, hf_greedy_text, make_text_checkpoint
 
 GEN = 8
@@ -65,8 +68,39 @@ def test_auto_policy_and_real_token_equal_to_pad_id(ckpt, tmp_path):
     with LLM(ckpt, path=str(tmp_path / "w"), policy="auto", dtype="float32") as llm:
         assert 1 in llm.tokenize(prompts)[0][1:]
         out = llm.generate(prompts, max_new_tokens=GEN)
-        assert llm.policy.block_size >= 1
+        # one block for the three prompts, padded by less than a row per GPU batch
+        assert 3 <= llm.policy.block_size < 3 + llm.policy.num_gpu_batches
     assert [c.token_ids for c in out] == hf_greedy_text(ckpt, prompts, GEN)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the default dtype is float16")
+def test_default_dtype_without_a_gpu_is_float32(ckpt, expected, tmp_path):
+    """No dtype given and no GPU: float32 (16-bit matmuls on a CPU are slower and round), so the
+    completions are transformers' float32 ones."""
+    with LLM(ckpt, path=str(tmp_path / "w"), policy=make_policy("gpu")) as llm:
+        assert llm.config.torch_dtype == torch.float32
+        out = llm.generate(mixed_prompts(), max_new_tokens=GEN)
+    assert [c.token_ids for c in out] == expected
+
+
+def test_block_cap_and_fit_block():
+    """The search for n prompts goes up to the smallest GPU batch size holding them, else the
+    smallest block, else the space's largest; the pick's block then shrinks to the prompts with
+    as few GPU batches as its batch size allows, rows shared evenly."""
+    space = SearchSpace()
+    assert [block_cap(n, space) for n in (1, 3, 8, 9, 600, 9000)] == [1, 4, 8, 12, 640, 8192]
+    # 600: past the largest GPU batch (512); 640 = 80 x 8 is the smallest block holding it
+
+    def shape(b, k, prompts):
+        fitted = fit_block(Policy(
+            gpu_batch_size=b, num_gpu_batches=k, w_gpu_percent=100, w_cpu_percent=0,
+            cache_gpu_percent=100, cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0),
+            prompts)
+        return fitted.gpu_batch_size, fitted.num_gpu_batches
+    assert shape(192, 32, 8) == (8, 1)      # one GPU batch holds them
+    assert shape(4, 3, 9) == (3, 3)         # three batches of four needed; nine rows in three
+    assert shape(2, 2, 3) == (2, 2)
+    assert shape(4, 2, 8) == (4, 2) and shape(4, 2, 20) == (4, 2)   # full or short: unchanged
 
 
 def test_eos_ends_a_completion(ckpt, expected, tmp_path):

@@ -20,6 +20,14 @@ class TextJobError(ValueError):
     """Bad input to the text job: the message says what to change."""
 
 
+def default_dtype() -> str:
+    """The compute dtype where none is given: float16 on a GPU (the original's), float32 without
+    one (a CPU multiplies 16-bit matrices through conversions, slower than float32, and rounds
+    what transformers' default float32 would not)."""
+    import torch
+    return "float16" if torch.cuda.is_available() else "float32"
+
+
 def model_config(model: str, **overrides):
     """The config of a known name or a local checkpoint folder (any family the runtime knows)."""
     from flexgen_repro import config as cfg
@@ -101,17 +109,20 @@ def default_hardware() -> str:
 
 def auto_policy(config, prompt_len: int, gen_len: int, prompts: int,
                 hardware: str | None = None, compress: bool = False) -> Policy:
-    """The cost model's best policy for these lengths, its block shrunk to `prompts` rows."""
+    """The cost model's best policy for these lengths among blocks no larger than `prompts` rows
+    need (block_cap), its block then shrunk to them (fit_block)."""
     import torch
     from flexgen_repro.cost_model.hardware import load_profile
-    from flexgen_repro.cost_model.search import DoesNotFit, best_policy
+    from flexgen_repro.cost_model.search import DoesNotFit, SearchSpace, best_policy
     hardware = hardware or default_hardware()
     try:
         profile = load_profile(hardware)
         gpu_gb = None
         if torch.cuda.is_available():
             gpu_gb = min(profile.gpu_mem_bytes, torch.cuda.mem_get_info()[1]) / 2**30
-        found = best_policy(config, profile, prompt_len, gen_len, compress=compress, gpu_mem_gb=gpu_gb)
+        space = SearchSpace(max_block_size=block_cap(prompts, SearchSpace()))
+        found = best_policy(config, profile, prompt_len, gen_len, compress=compress, gpu_mem_gb=gpu_gb,
+                            space=space)
     except (DoesNotFit, FileNotFoundError) as e:
         raise TextJobError(f"no policy for {config.name} on profile {hardware}: {e}; pass "
                            "--percent with six numbers") from None
@@ -121,12 +132,26 @@ def auto_policy(config, prompt_len: int, gen_len: int, prompts: int,
     return policy
 
 
+def block_cap(prompts: int, space) -> int:
+    """The largest block worth searching for `prompts` rows: the smallest GPU batch size the
+    space offers that holds them all (so one GPU batch is among the shapes), else its smallest
+    block that does, else its largest block. A larger block would be padding."""
+    blocks = [b * k for b in space.gpu_batch_sizes for k in space.num_gpu_batches]
+    for sizes in (space.gpu_batch_sizes, blocks):
+        holding = [n for n in sizes if prompts <= n <= space.max_block_size]
+        if holding:
+            return min(holding)
+    return space.max_block_size
+
+
 def fit_block(policy: Policy, prompts: int) -> Policy:
-    """`policy` with a block no larger than needed for `prompts` rows (less padding, less memory)."""
+    """`policy` with a block no larger than needed for `prompts` rows (less padding, less memory):
+    as few GPU batches as its GPU batch size allows, the rows shared evenly among them (no GPU
+    batch larger than the policy's)."""
     if prompts >= policy.block_size:
         return policy
     import dataclasses
-    batches = min(policy.num_gpu_batches, prompts)
+    batches = min(policy.num_gpu_batches, math.ceil(prompts / policy.gpu_batch_size))
     return dataclasses.replace(policy, num_gpu_batches=batches,
                                gpu_batch_size=math.ceil(prompts / batches))
 
