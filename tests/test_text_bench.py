@@ -81,6 +81,33 @@ def test_tiny_text_case_counts_useful_tokens(tmp_path):
     assert sum(b[3] for b in blocks) == pytest.approx(ours["decode_latency_s"], abs=1e-4)
 
 
+def test_real_checkpoint_text_and_hf_count_the_same_tokens(tmp_path):
+    """A real checkpoint folder (weights prepared from it, its own tokenizer) through both
+    runners: the same greedy tokens at float32, counted alike, each row up to its first eos (the
+    eos is the second token greedy picks for the first prompt, so some rows end early)."""
+    import torch
+    from transformers import AutoTokenizer, OPTForCausalLM
+    plain = make_text_checkpoint(str(tmp_path / "plain"))
+    first = text_bench._prompt_ids(AutoTokenizer.from_pretrained(plain), 48, 1)[0]
+    with torch.no_grad():
+        ids = torch.tensor([first])
+        greedy = OPTForCausalLM.from_pretrained(plain).eval().generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=2, pad_token_id=1)
+    ckpt = make_text_checkpoint(str(tmp_path / "ckpt"), eos=int(greedy[0, -1]))
+    made = {}
+    for name in ("text", "text-hf"):
+        out = tmp_path / f"{name}.json"
+        argv = ["--runner", name, "--model", ckpt, "--path", str(tmp_path / "w"), "--prompt-len", "48",
+                "--gen-len", "4", "--percent", "100", "0", "100", "0", "100", "0",
+                "--gpu-batch-size", "3", "--num-gpu-batches", "2", "--prompts", "12",
+                "--dtype", "float32", "--offload-dir", str(tmp_path / "off"), "--json-file", str(out)]
+        assert text_bench.main(argv) == 0
+        r = json.loads(out.read_text())
+        assert r["weights"] == "real" and r["prompts"] == 12
+        made[name] = r["generated_tokens"]
+    assert made["text"] == made["text-hf"] < 12 * 4
+
+
 def test_text_fixed_runs_the_job_on_equal_prompts(tmp_path):
     tok = make_text_checkpoint(str(tmp_path / "tok"))
     out = tmp_path / "fixed.json"

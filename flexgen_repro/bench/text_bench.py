@@ -151,13 +151,18 @@ def run_transformers(args, tokenizer: str) -> dict:
     from flexgen_repro.text.batching import longest_first
     tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
     model = _hf_model(args)
+    eos = model.generation_config.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else eos or [])
     batch = args.gpu_batch_size * args.num_gpu_batches
     ids = _prompt_ids(tok, args.prompt_len, args.prompts)
     ids = [w[i] for w in windows(ids, batch) for i in longest_first(w)]
     dev = next(model.parameters()).device
     pad = model.config.pad_token_id
+    pad = min(eos) if pad is None else pad      # a model without a pad id pads with an eos id
 
     def generate(rows: list[list[int]], new_tokens: int) -> int:
+        """Tokens generated, counted as our job counts them: each row's up to its first eos,
+        that one included (a finished row is padded after it)."""
         width = max(map(len, rows))
         x = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros_like(x)
@@ -167,7 +172,8 @@ def run_transformers(args, tokenizer: str) -> dict:
         with torch.no_grad():
             out = model.generate(x.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
                                  do_sample=False, pad_token_id=pad)
-        return int((out[:, width:] != pad).sum())
+        return sum(next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+                   for row in out[:, width:].tolist())
 
     def timed(rows: list[list[int]], new_tokens: int) -> tuple[int, float]:
         if torch.cuda.is_available():
@@ -191,16 +197,25 @@ def run_transformers(args, tokenizer: str) -> dict:
                 hf_batch_size=batch)
 
 
+def checkpoint(model: str) -> str:
+    """The local checkpoint folder of a model name or folder (any family the runtime knows)."""
+    from flexgen_repro.text import model as text_model
+    found = text_model.checkpoint_dir(model, text_model.model_config(model))
+    if found is None:
+        raise FileNotFoundError(f"no local checkpoint of {model}: pass --model with its folder")
+    return found
+
+
 def _hf_model(args):
-    """The case's model in transformers: its checkpoint, or (dummy weights) random in place."""
+    """The case's model in transformers: its checkpoint, or (dummy weights, OPT) random in place."""
     import torch
-    from transformers import OPTForCausalLM
+    from transformers import AutoModelForCausalLM, OPTForCausalLM
     from flexgen_repro.bench.baselines import hf_opt_config
     from flexgen_repro.config import get_opt_config
     dtype = getattr(torch, args.dtype)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if args.path != DUMMY:
-        return OPTForCausalLM.from_pretrained(args.model, torch_dtype=dtype).to(dev).eval()
+        return AutoModelForCausalLM.from_pretrained(checkpoint(args.model), dtype=dtype).to(dev).eval()
     with torch.device("meta"):
         model = OPTForCausalLM(hf_opt_config(get_opt_config(args.model)))
     model = model.to_empty(device=dev).to(dtype)
@@ -266,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     from flexgen_repro.metrics import write_outputs
     args = parser().parse_args(argv)
     try:
-        tokenizer = args.tokenizer or (text_corpus.build_tokenizer() if args.path == DUMMY else args.model)
+        tokenizer = args.tokenizer or (text_corpus.build_tokenizer() if args.path == DUMMY
+                                       else checkpoint(args.model))
         policy = None
         if args.runner != "text-hf" and [v.lower() for v in args.percent] != ["auto"]:
             flags = [f"--percent {' '.join(args.percent)}", f"--gpu-batch-size {args.gpu_batch_size}",
