@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import platform
 import sys
 import time
 
@@ -256,6 +255,7 @@ def record(args, run: dict, tokenizer: str) -> dict:
     """The JSON record: the run's counts, useful throughput and the context tables need."""
     import torch
     from flexgen_repro import envs
+    from flexgen_repro.flex_opt import device_name
     wall = run["wall_s"]
     useful = run["generated_tokens"] / wall if wall else 0.0
     padded = run.get("padded_positions")
@@ -269,7 +269,7 @@ def record(args, run: dict, tokenizer: str) -> dict:
         decode_throughput=(run["generated_tokens"] - run["prompts"]) / decode_s if decode_s else None,
         compress_weight=args.compress_weight, compress_cache=args.compress_cache,
         cpu_cache_compute=args.cpu_cache_compute, gpu_mem_cap_gb=args.gpu_mem_gb,
-        device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        device=device_name(),
         torch_version=torch.__version__, commit=envs.checkout_commit(), measured=True,
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         log_text=(f"{run['prompts']} prompts ({run['prompt_tokens']} prompt tokens), "
