@@ -329,3 +329,36 @@ def test_windows_of_growing_and_shrinking_lengths_share_the_gpu_cache(ckpt, expe
         (short_len, short), (long_len, long), (mid_len, mid) = held
         assert short_len < long_len == mid_len          # grown once, then kept
         assert all(mid[key] is long[key] for key in long)  # the same homes, not new ones
+
+
+def test_without_a_gpu_the_tiers_share_host_memory(monkeypatch, tmp_path):
+    """Without CUDA the "GPU" tier is host memory too: a profile measured here and the text job's
+    cost-model pick count the available memory once (the shipped profile's 15 + 204 GiB would let
+    a long job's pick outgrow this machine), the GPU tier taking HOST_ONLY_GPU_SHARE of it."""
+    import types
+    from flexgen_repro.config import get_opt_config
+    from flexgen_repro.cost_model import profile
+    from flexgen_repro.cost_model.hardware import load_profile
+    from flexgen_repro.cost_model.predict import evaluate_policy
+    from flexgen_repro.text.model import auto_policy
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(profile.psutil, "virtual_memory",
+                        lambda: types.SimpleNamespace(available=10 * gib, total=16 * gib))
+    usable = 10 * gib * profile.CPU_HEADROOM
+    m = profile.measure_memory(str(tmp_path), None)
+    assert m["gpu_mem"] == pytest.approx(usable * profile.HOST_ONLY_GPU_SHARE)
+    assert m["gpu_mem"] + m["cpu_mem"] == pytest.approx(usable)
+    config = get_opt_config("opt-1.3b", dtype=np.float32)
+    unbounded = evaluate_policy(config, _t4_pick(config), load_profile("t4-paper"), 512, 256)
+    assert sum(unbounded.peak_memory[t] for t in ("gpu", "cpu")) > usable   # would not fit here
+    pick = auto_policy(config, 512, 256, 2000, "t4-paper")
+    peaks = evaluate_policy(config, pick, load_profile("t4-paper"), 512, 256).peak_memory
+    assert peaks["gpu"] <= m["gpu_mem"] and peaks["cpu"] <= m["cpu_mem"]
+
+
+def _t4_pick(config):
+    """The shipped t4-paper profile's own pick, with its own memory sizes."""
+    from flexgen_repro.cost_model.hardware import load_profile
+    from flexgen_repro.cost_model.search import best_policy
+    return best_policy(config, load_profile("t4-paper"), 512, 256).policy

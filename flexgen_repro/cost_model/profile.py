@@ -37,6 +37,7 @@ from flexgen_repro.cost_model.hardware import (GIB, GRAPH_STEP_OVERHEAD_S, LOCAL
 GPU_HEADROOM = 0.94      # of free (or capped) GPU memory usable for tensors: allocator slack, cuBLAS
 CPU_HEADROOM = 0.8  # leave room for the process itself, page cache and transient copies
 DISK_HEADROOM = 0.95     # of free disk space
+HOST_ONLY_GPU_SHARE = 0.75  # without a GPU: the "GPU" tier's share of the host memory both tiers use
 GRAPH_LAYERS = 8         # decode layers captured in the graph that measures a step's floor
 
 
@@ -374,16 +375,24 @@ def measure_cpu(big: bool, reps: int, dev: torch.device | None = None) -> dict:
     return out
 
 
+def host_only_tiers() -> tuple[float, float]:
+    """(GPU tier, CPU tier) usable bytes on a machine without a GPU. Both tiers are its host
+    memory, so they share what is available (after CPU_HEADROOM), counted once, not once per
+    tier; the "GPU" tier takes HOST_ONLY_GPU_SHARE (what it holds is computed on where it is)."""
+    usable = psutil.virtual_memory().available * CPU_HEADROOM
+    return usable * HOST_ONLY_GPU_SHARE, usable * (1 - HOST_ONLY_GPU_SHARE)
+
+
 def measure_memory(offload_dir: str, gpu_mem_gb: float | None) -> dict:
     """Usable bytes of each tier (after the headrooms above)."""
-    cpu = psutil.virtual_memory().available * CPU_HEADROOM
     disk = shutil.disk_usage(offload_dir).free * DISK_HEADROOM
     if torch.cuda.is_available():
+        cpu = psutil.virtual_memory().available * CPU_HEADROOM
         free, total = torch.cuda.mem_get_info()
         gpu = min(free, gpu_mem_gb * GIB) if gpu_mem_gb else free
         gpu *= GPU_HEADROOM
     else:
-        gpu, total = cpu, psutil.virtual_memory().total
+        (gpu, cpu), total = host_only_tiers(), psutil.virtual_memory().total
     return {"gpu_mem": gpu, "cpu_mem": cpu, "disk_mem": disk, "gpu_total": total}
 
 

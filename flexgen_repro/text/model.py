@@ -117,12 +117,14 @@ def auto_policy(config, prompt_len: int, gen_len: int, prompts: int,
     hardware = hardware or default_hardware()
     try:
         profile = load_profile(hardware)
-        gpu_gb = None
         if torch.cuda.is_available():
-            gpu_gb = min(profile.gpu_mem_bytes, torch.cuda.mem_get_info()[1]) / 2**30
+            gpu_gb, cpu_gb = min(profile.gpu_mem_bytes, torch.cuda.mem_get_info()[1]) / 2**30, None
+        else:  # both tiers are this machine's host memory (a shipped profile's are another's)
+            from flexgen_repro.cost_model.profile import host_only_tiers
+            gpu_gb, cpu_gb = (n / 2**30 for n in host_only_tiers())
         space = SearchSpace(max_block_size=block_cap(prompts, SearchSpace()))
         found = best_policy(config, profile, prompt_len, gen_len, compress=compress, gpu_mem_gb=gpu_gb,
-                            space=space)
+                            cpu_mem_gb=cpu_gb, space=space)
     except (DoesNotFit, FileNotFoundError) as e:
         raise TextJobError(f"no policy for {config.name} on profile {hardware}: {e}; pass "
                            "--percent with six numbers") from None
