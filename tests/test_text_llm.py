@@ -334,7 +334,8 @@ def test_windows_of_growing_and_shrinking_lengths_share_the_gpu_cache(ckpt, expe
 def test_without_a_gpu_the_tiers_share_host_memory(monkeypatch, tmp_path):
     """Without CUDA the "GPU" tier is host memory too: a profile measured here and the text job's
     cost-model pick count the available memory once (the shipped profile's 15 + 204 GiB would let
-    a long job's pick outgrow this machine), the GPU tier taking HOST_ONLY_GPU_SHARE of it."""
+    a long job's pick outgrow this machine), the GPU tier taking HOST_ONLY_GPU_SHARE of it. With
+    one, the pick's tiers are no larger than this machine's either."""
     import types
     from flexgen_repro.config import get_opt_config
     from flexgen_repro.cost_model import profile
@@ -355,6 +356,13 @@ def test_without_a_gpu_the_tiers_share_host_memory(monkeypatch, tmp_path):
     pick = auto_policy(config, 512, 256, 2000, "t4-paper")
     peaks = evaluate_policy(config, pick, load_profile("t4-paper"), 512, 256).peak_memory
     assert peaks["gpu"] <= m["gpu_mem"] and peaks["cpu"] <= m["cpu_mem"]
+    # with a GPU (of 4 GiB here), neither tier larger than this machine's: the host's 8 usable
+    # GiB, not the profile's 204
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (4 * gib, 4 * gib))
+    peaks = evaluate_policy(config, auto_policy(config, 512, 256, 2000, "t4-paper"),
+                            load_profile("t4-paper"), 512, 256).peak_memory
+    assert peaks["gpu"] <= 4 * gib and peaks["cpu"] <= usable
 
 
 def _t4_pick(config):

@@ -375,11 +375,16 @@ def measure_cpu(big: bool, reps: int, dev: torch.device | None = None) -> dict:
     return out
 
 
+def host_usable() -> float:
+    """Bytes of host memory usable for tensors: what is available, after CPU_HEADROOM."""
+    return psutil.virtual_memory().available * CPU_HEADROOM
+
+
 def host_only_tiers() -> tuple[float, float]:
     """(GPU tier, CPU tier) usable bytes on a machine without a GPU. Both tiers are its host
-    memory, so they share what is available (after CPU_HEADROOM), counted once, not once per
-    tier; the "GPU" tier takes HOST_ONLY_GPU_SHARE (what it holds is computed on where it is)."""
-    usable = psutil.virtual_memory().available * CPU_HEADROOM
+    memory, so they share host_usable(), counted once, not once per tier; the "GPU" tier takes
+    HOST_ONLY_GPU_SHARE (what it holds is computed on where it is)."""
+    usable = host_usable()
     return usable * HOST_ONLY_GPU_SHARE, usable * (1 - HOST_ONLY_GPU_SHARE)
 
 
@@ -387,7 +392,7 @@ def measure_memory(offload_dir: str, gpu_mem_gb: float | None) -> dict:
     """Usable bytes of each tier (after the headrooms above)."""
     disk = shutil.disk_usage(offload_dir).free * DISK_HEADROOM
     if torch.cuda.is_available():
-        cpu = psutil.virtual_memory().available * CPU_HEADROOM
+        cpu = host_usable()
         free, total = torch.cuda.mem_get_info()
         gpu = min(free, gpu_mem_gb * GIB) if gpu_mem_gb else free
         gpu *= GPU_HEADROOM

@@ -117,11 +117,14 @@ def auto_policy(config, prompt_len: int, gen_len: int, prompts: int,
     hardware = hardware or default_hardware()
     try:
         profile = load_profile(hardware)
+        # a shipped profile's memory is another machine's: no tier larger than this machine's
+        from flexgen_repro.cost_model.profile import host_only_tiers, host_usable
         if torch.cuda.is_available():
-            gpu_gb, cpu_gb = min(profile.gpu_mem_bytes, torch.cuda.mem_get_info()[1]) / 2**30, None
-        else:  # both tiers are this machine's host memory (a shipped profile's are another's)
-            from flexgen_repro.cost_model.profile import host_only_tiers
-            gpu_gb, cpu_gb = (n / 2**30 for n in host_only_tiers())
+            gpu = min(profile.gpu_mem_bytes, torch.cuda.mem_get_info()[1])
+            cpu = min(profile.cpu_mem_bytes, host_usable())
+        else:  # both tiers are host memory, whatever the profile's GPU
+            gpu, cpu = host_only_tiers()
+        gpu_gb, cpu_gb = gpu / 2**30, cpu / 2**30
         space = SearchSpace(max_block_size=block_cap(prompts, SearchSpace()))
         found = best_policy(config, profile, prompt_len, gen_len, compress=compress, gpu_mem_gb=gpu_gb,
                             cpu_mem_gb=cpu_gb, space=space)
