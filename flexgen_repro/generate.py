@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(record, f, indent=1)
     print(f"generate: {totals['prompts']} prompts, {totals['generated_tokens']} tokens in "
           f"{totals['wall_s']:.1f} s ({totals['throughput']:.1f} tok/s), policy "
-          f"{record.get('policy', 'none (nothing left to do)')}",
+          f"{record.get('policy', 'none (nothing left to do)')}, {record['dtype']}",
           file=sys.stderr)
     return 0
 
