@@ -32,9 +32,11 @@ def gpu_kernels(q: torch.Tensor, backends: list):
 
 
 def to_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """(b, s, heads * d) -> contiguous (b, heads, s, d)."""
+    """(b, s, heads * d) -> (b, heads, s, d), a view (head_dim contiguous). No copy: attention
+    reads it strided, a cache store copies it into its home anyway, and for one token (decode) the
+    view is contiguous already; a copy here was one more kernel per projection in prefill."""
     b, s, h = x.shape
-    return x.view(b, s, n_head, h // n_head).transpose(1, 2).contiguous()
+    return x.view(b, s, n_head, h // n_head).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
