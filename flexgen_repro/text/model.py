@@ -156,7 +156,7 @@ def fit_block(policy: Policy, prompts: int) -> Policy:
     if prompts >= policy.block_size:
         return policy
     import dataclasses
-    batches = min(policy.num_gpu_batches, math.ceil(prompts / policy.gpu_batch_size))
+    batches = math.ceil(prompts / policy.gpu_batch_size)   # fewer than the policy's: prompts < block
     return dataclasses.replace(policy, num_gpu_batches=batches,
                                gpu_batch_size=math.ceil(prompts / batches))
 
